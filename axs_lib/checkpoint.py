@@ -1,0 +1,242 @@
+"""Checkpoint files: atomic writes, a content checksum, and loading that never runs code.
+
+A checkpoint is a plain ``torch.save`` archive of a nested dict, so ``torch.load(path,
+weights_only=True)`` opens it with no allow-list. On top of that we add:
+
+* ``format_version`` and ``content_sha256`` top-level keys. The checksum covers the whole nested
+  content (every key, every tensor's dtype, shape and bytes, every scalar), so bit-rot inside
+  tensor data, which the zip container does not catch on load, is reported by name.
+* Atomic writes: temp file in the same directory, flush, fsync, rename, fsync the directory. A
+  crash at any instant leaves either the old file or the complete new one.
+* Byte-identical output for identical content: the archive is written through a file object, so
+  its internal record names do not depend on the file name or directory.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import pickle
+import struct
+import tempfile
+import warnings
+import zipfile
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+
+from axs_lib.errors import CheckpointError
+
+FORMAT_VERSION = 1
+FORMAT_KEY = "format_version"
+CHECKSUM_KEY = "content_sha256"
+LATEST_POINTER = "latest"
+
+
+# --------------------------------------------------------------------------- content digest
+
+
+def iter_leaves(obj: Any, prefix: str = "") -> Iterator[tuple[str, Any]]:
+    """Yield ``(dotted_path, leaf)`` for every leaf of a nested dict/list/tuple, in sorted key order.
+
+    Dict keys are visited sorted by their string form, so two dicts with the same items in
+    another insertion order give the same sequence.
+    """
+    if isinstance(obj, dict):
+        for key in sorted(obj, key=lambda k: (type(k).__name__, str(k))):
+            yield from iter_leaves(obj[key], f"{prefix}.{key}" if prefix else str(key))
+    elif isinstance(obj, (list, tuple)):
+        if not obj:
+            yield prefix, obj
+        for i, item in enumerate(obj):
+            yield from iter_leaves(item, f"{prefix}[{i}]")
+    else:
+        yield prefix, obj
+
+
+def tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a tensor in C order, without copying when it is already contiguous on CPU."""
+    t = tensor.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    t = t.contiguous()
+    if t.numel() == 0:
+        return memoryview(b"")
+    return memoryview(t.view(torch.uint8).reshape(-1).numpy())
+
+
+def content_digest(obj: Any) -> str:
+    """SHA-256 over the structure and values of a nested checkpoint dict.
+
+    Each leaf contributes its path, its type and its value: dtype, shape and raw bytes for a
+    tensor, ``repr`` for python scalars and strings. Container types are part of the path
+    (``a[0]`` for a list item), so a list and a dict with the same values differ.
+    """
+    h = hashlib.sha256()
+    for path, leaf in iter_leaves(obj):
+        h.update(path.encode("utf-8") + b"\0")
+        if isinstance(leaf, torch.Tensor):
+            h.update(f"tensor:{leaf.dtype}:{tuple(leaf.shape)}\0".encode())
+            data = tensor_bytes(leaf)
+            h.update(struct.pack("<Q", data.nbytes))
+            h.update(data)
+        else:
+            h.update(f"{type(leaf).__name__}:{leaf!r}\0".encode("utf-8"))
+    return h.hexdigest()
+
+
+# --------------------------------------------------------------------------- atomic files
+
+
+def fsync_dir(directory: os.PathLike | str) -> None:
+    """fsync a directory so a rename inside it survives a power loss (no-op where unsupported)."""
+    with contextlib.suppress(OSError):
+        fd = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_open(path: os.PathLike | str, mode: str = "wb"):
+    """Open a temp file beside ``path``; on clean exit fsync it and rename it over ``path``.
+
+    On any exception the temp file is removed and ``path`` is untouched.
+    """
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_write_text(path: os.PathLike | str, text: str) -> None:
+    """Write a small text file atomically."""
+    with atomic_open(path, "w") as f:
+        f.write(text)
+
+
+# --------------------------------------------------------------------------- save / load
+
+
+def save_checkpoint(checkpoint: dict, path: os.PathLike | str) -> str:
+    """Write ``checkpoint`` atomically with ``format_version`` and ``content_sha256``; return the digest.
+
+    The caller's dict is not modified. Keys named like ours are overwritten in the file.
+    """
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f"checkpoint must be a dict, got {type(checkpoint).__name__}")
+    body = {k: v for k, v in checkpoint.items() if k not in (FORMAT_KEY, CHECKSUM_KEY)}
+    body[FORMAT_KEY] = FORMAT_VERSION
+    digest = content_digest(body)
+    body[CHECKSUM_KEY] = digest
+    with atomic_open(path) as f:
+        torch.save(body, f)
+    return digest
+
+
+def _describe_load_failure(exc: BaseException) -> str:
+    text = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return text[:200]
+
+
+def load_checkpoint(
+    path: os.PathLike | str,
+    *,
+    trust: bool = False,
+    verify: bool = True,
+    mmap: bool = False,
+    map_location: Any = "cpu",
+) -> dict:
+    """Load a checkpoint safely and check its checksum.
+
+    * Missing, empty, truncated or non-checkpoint files raise `CheckpointError` naming the file.
+    * Files that hold pickled Python objects beyond tensors and plain containers (which can run
+      arbitrary code when unpickled) are refused unless ``trust=True``; with it they load with a
+      warning. Only pass ``trust`` for files you made yourself.
+    * A ``content_sha256`` that does not match the content raises `CheckpointError`. Files
+      without one (written by other tools) load without the check.
+    """
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(path, "no such file")
+    if path.is_dir():
+        raise CheckpointError(path, "is a directory, not a checkpoint file")
+    try:
+        size = path.stat().st_size
+    except OSError as exc:
+        raise CheckpointError(path, f"cannot read: {exc.strerror}") from None
+    if size == 0:
+        raise CheckpointError(path, "empty file (0 bytes), not a checkpoint")
+    if not zipfile.is_zipfile(path) and not _looks_like_pickle(path):
+        raise CheckpointError(path, "truncated or not a PyTorch checkpoint (no zip archive found)")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+    except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, ... for bad files
+        if "Weights only load failed" not in str(exc):
+            raise CheckpointError(path, f"truncated or corrupted checkpoint: {_describe_load_failure(exc)}") from None
+        if not trust:
+            raise CheckpointError(
+                path,
+                "holds pickled Python objects that can run code when loaded; refused "
+                "(pass --trust / trust=True only if you made this file yourself)",
+            ) from None
+        warnings.warn(
+            f"{path}: loading with trust: unpickling may run code embedded in the file",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        try:
+            obj = torch.load(path, map_location=map_location, weights_only=False)
+        except Exception as exc2:  # noqa: BLE001 - any failure here is a bad file
+            raise CheckpointError(path, f"cannot load: {_describe_load_failure(exc2)}") from None
+    if verify and isinstance(obj, dict) and CHECKSUM_KEY in obj:
+        check_content(obj, path)
+    return obj
+
+
+def check_content(obj: dict, path: os.PathLike | str = "<checkpoint>") -> None:
+    """Raise `CheckpointError` when ``obj``'s content does not match its ``content_sha256``."""
+    stored = obj.get(CHECKSUM_KEY)
+    body = {k: v for k, v in obj.items() if k != CHECKSUM_KEY}
+    actual = content_digest(body)
+    if stored != actual:
+        raise CheckpointError(path, f"checksum mismatch: content is corrupted (stored {str(stored)[:12]}..., actual {actual[:12]}...)")
+
+
+def _looks_like_pickle(path: Path) -> bool:
+    with open(path, "rb") as f:
+        head = f.read(2)
+    # protocol 2+ pickles start with PROTO (0x80); torch's legacy format is a pickle stream too
+    return len(head) == 2 and head[0] == 0x80 and head[1] <= pickle.HIGHEST_PROTOCOL
+
+
+# --------------------------------------------------------------------------- latest pointer
+
+
+def write_latest(checkpoint_dir: os.PathLike | str, filename: str) -> None:
+    """Point ``checkpoint_dir/latest`` at ``filename`` (a name inside that directory), atomically."""
+    atomic_write_text(Path(checkpoint_dir) / LATEST_POINTER, filename + "\n")
+
+
+def read_latest(checkpoint_dir: os.PathLike | str) -> Path | None:
+    """The checkpoint the ``latest`` pointer names, or None if there is no pointer."""
+    pointer = Path(checkpoint_dir) / LATEST_POINTER
+    try:
+        name = pointer.read_text().strip()
+    except FileNotFoundError:
+        return None
+    if not name or "/" in name or name.startswith("."):
+        raise CheckpointError(pointer, f"malformed latest pointer {name!r}")
+    return Path(checkpoint_dir) / name

@@ -1,0 +1,83 @@
+"""The ``axs`` command: one entry point, a subcommand per module in `axs_lib.commands`.
+
+Each module in ``axs_lib/commands/`` defines ``register(subparsers)``, which adds its parser and
+sets ``func`` to a handler ``(args) -> int``. Modules are found by name, so adding a command is
+adding a file. Errors derived from `AxsError` become one line on stderr and their exit status;
+``--debug`` shows the traceback instead.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import pkgutil
+import sys
+from typing import Sequence
+
+from axs_lib import __version__, commands
+from axs_lib.errors import AxsError
+
+EPILOG = """examples:
+  axs verify --seed 42                      check that training here is bit-reproducible
+  axs env                                   print the environment fingerprint
+  axs tiles demo tiles/                     write the real BigEarthNet demo tiles
+  axs train stage1 --data-dir tiles/ --output-dir runs/exp1/ --seed 42 --steps 100
+  axs compare runs/exp1 runs/exp2           do two runs match, and if not, where and why
+"""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="axs",
+        description="Bit-exact reproducible training for SAR-to-optical models.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"axs {__version__}")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
+        importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``axs`` command line and return its exit status."""
+    parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+        return int(exc.code or 0)
+    if not getattr(args, "func", None):
+        parser.print_help()
+        return 2
+    return run_handler(args.func, args, debug=args.debug)
+
+
+def run_handler(func, args, *, debug: bool = False) -> int:
+    """Call a command handler, turning `AxsError` into one line on stderr and its exit status."""
+    try:
+        return int(func(args) or 0)
+    except AxsError as exc:
+        if debug:
+            raise
+        print(f"axs: error: {exc}", file=sys.stderr)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        print("axs: interrupted", file=sys.stderr)
+        return 130
+
+
+def add_debug_flag(parser: argparse.ArgumentParser) -> None:
+    """Let ``--debug`` be given after the subcommand too (``axs verify --debug``)."""
+    parser.add_argument("--debug", action="store_true", default=argparse.SUPPRESS, help="show tracebacks")
+
+
+def main_entry() -> None:
+    """Console-script entry point: ``axs``."""
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    main_entry()

@@ -1,0 +1,1 @@
+"""Subcommands of ``axs``: one module each, each with ``register(subparsers)``."""

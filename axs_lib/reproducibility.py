@@ -83,8 +83,8 @@ def derive_seed(seed: int, *keys: str | int) -> int:
 def seed_globals(seed64: int) -> None:
     """Seed python ``random``, numpy's global generator, torch CPU and every CUDA device.
 
-    Takes a 64-bit seed (as from `derive_seed`); numpy's legacy seeder only takes 32 bits, so it
-    gets the low 32. The trainer calls this at every optimizer step with ``step/<step>/<rank>``,
+    Takes a 64-bit seed (as from `derive_seed`). numpy's legacy seeder takes 32 bits and gets the
+    low 32; torch's CPU generator (mt19937) also keeps only the low 32 bits, CUDA's uses all 64. The trainer calls this at every optimizer step with ``step/<step>/<rank>``,
     so code that draws from the global generators (dropout) is exact after a resume.
     """
     random.seed(seed64)
@@ -291,5 +291,8 @@ if __name__ == "__main__":
 
     from axs_lib.cli import main
 
-    argv = [a for a in sys.argv[1:] if a != "--verify"]
-    sys.exit(main(["verify", *argv]))
+    if "--verify" not in sys.argv[1:]:
+        print("usage: python axs_lib/reproducibility.py --verify [--seed N] [--iterations N] "
+              "[--no-deterministic] [--show-state]", file=sys.stderr)
+        sys.exit(2)
+    sys.exit(main(["verify", *(a for a in sys.argv[1:] if a != "--verify")]))

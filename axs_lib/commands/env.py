@@ -1,0 +1,39 @@
+"""``axs env``: print the environment fingerprint (the guide's "save environment info" step)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from axs_lib.fingerprint.environment import environment_fingerprint, environment_report
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "env",
+        help="print the environment fingerprint",
+        description="Print what about this machine and software can change a run's bits.",
+        epilog="example:\n  axs env --json --packages > environment.json",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--packages", action="store_true", help="include every installed package and its version")
+    p.set_defaults(func=run)
+
+
+def run(args: argparse.Namespace) -> int:
+    report = environment_report() if args.packages else {"fingerprint": environment_fingerprint()}
+    if args.json:
+        print(json.dumps(report, indent=2, sort_keys=False))
+        return 0
+    rows = dict(report["fingerprint"])
+    rows["gpus"] = "; ".join(f"{g['name']} (sm {g['capability']})" for g in rows["gpus"]) or "none"
+    rows["env"] = " ".join(f"{k}={v}" for k, v in rows["env"].items()) or "(none set)"
+    width = max(len(k) for k in rows)
+    for key, value in rows.items():
+        print(f"{key:<{width}}  {value}")
+    if args.packages:
+        print()
+        for name, version in report["packages"].items():
+            print(f"{name}=={version}")
+    return 0

@@ -1,0 +1,216 @@
+"""Checkpoint files: weights-only loading, byte identity, checksum, atomicity, unsafe pickles."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+from axs_lib.checkpoint import (
+    CHECKSUM_KEY,
+    FORMAT_KEY,
+    FORMAT_VERSION,
+    atomic_open,
+    content_digest,
+    load_checkpoint,
+    read_latest,
+    save_checkpoint,
+    write_latest,
+)
+from axs_lib.errors import CheckpointError
+from axs_lib.reproducibility import add_seed_to_checkpoint, set_seed
+
+
+def _ckpt(scale: float = 1.0) -> dict:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(8, 4)
+    opt = torch.optim.AdamW(model.parameters())
+    model(torch.randn(2, 8)).sum().backward()
+    opt.step()
+    ckpt = {
+        "model_state_dict": {k: v * scale for k, v in model.state_dict().items()},
+        "optimizer_state_dict": opt.state_dict(),
+        "step": 3,
+        "epoch": 0,
+        "config": {"lr": 1e-3, "name": "x", "flags": [1, 2]},
+    }
+    return add_seed_to_checkpoint(ckpt, set_seed(42))
+
+
+def sha(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def test_plain_weights_only_load_with_no_allow_list(tmp_path):
+    path = tmp_path / "a.pt"
+    save_checkpoint(_ckpt(), path)
+    loaded = torch.load(path, weights_only=True)
+    assert loaded[FORMAT_KEY] == FORMAT_VERSION
+    assert set(_ckpt()) <= set(loaded)
+
+
+def test_same_content_same_bytes_in_any_directory(tmp_path):
+    (tmp_path / "run1" / "deep").mkdir(parents=True)
+    (tmp_path / "other").mkdir()
+    a, b = tmp_path / "run1" / "deep" / "x.pt", tmp_path / "other" / "y.pt"
+    save_checkpoint(_ckpt(), a)
+    save_checkpoint(_ckpt(), b)
+    assert sha(a) == sha(b)
+    save_checkpoint(_ckpt(scale=2.0), b)
+    assert sha(a) != sha(b)
+
+
+def test_save_does_not_modify_callers_dict(tmp_path):
+    ckpt = _ckpt()
+    keys = set(ckpt)
+    save_checkpoint(ckpt, tmp_path / "a.pt")
+    assert set(ckpt) == keys
+
+
+def test_round_trip_verifies_checksum(tmp_path):
+    path = tmp_path / "a.pt"
+    digest = save_checkpoint(_ckpt(), path)
+    loaded = load_checkpoint(path)
+    assert loaded[CHECKSUM_KEY] == digest
+    assert torch.equal(loaded["model_state_dict"]["weight"], _ckpt()["model_state_dict"]["weight"])
+
+
+def test_bit_rot_in_tensor_data_is_reported_by_name(tmp_path):
+    path = tmp_path / "rot.pt"
+    ckpt = _ckpt()
+    save_checkpoint(ckpt, path)
+    raw = bytearray(path.read_bytes())
+    weight = ckpt["model_state_dict"]["weight"].numpy().tobytes()
+    at = bytes(raw).index(weight)  # the tensor's bytes are stored verbatim in the archive
+    raw[at + 5] ^= 0x01
+    path.write_bytes(bytes(raw))
+    with pytest.raises(CheckpointError, match=r"rot\.pt: checksum mismatch"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize("keep", [0.5, 0.9, 0.99])
+def test_truncation_is_reported_by_name(tmp_path, keep):
+    path = tmp_path / "cut.pt"
+    save_checkpoint(_ckpt(), path)
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(len(raw) * keep)])
+    with pytest.raises(CheckpointError, match=r"cut\.pt: truncated"):
+        load_checkpoint(path)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [(None, "no such file"), (b"", "empty file"), (b"hello world, not a checkpoint", "not a PyTorch checkpoint")],
+)
+def test_missing_empty_garbage(tmp_path, content, problem):
+    path = tmp_path / "bad.pt"
+    if content is not None:
+        path.write_bytes(content)
+    with pytest.raises(CheckpointError, match=problem):
+        load_checkpoint(path)
+
+
+def test_directory_is_not_a_checkpoint(tmp_path):
+    with pytest.raises(CheckpointError, match="is a directory"):
+        load_checkpoint(tmp_path)
+
+
+class _Payload:
+    """Unpickling this writes a marker file: proof that code ran."""
+
+    def __init__(self, marker: str):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path(self.marker).write_text, ("pwned",))
+
+
+@pytest.mark.parametrize("zip_format", [True, False])
+def test_code_running_pickle_is_refused_and_never_runs(tmp_path, zip_format):
+    marker = tmp_path / "marker"
+    path = tmp_path / "evil.pt"
+    obj = {"model_state_dict": {}, "x": _Payload(str(marker))}
+    torch.save(obj, path, _use_new_zipfile_serialization=zip_format)  # False: legacy pickle format
+    with pytest.raises(CheckpointError, match=r"evil\.pt: .*can run code.*--trust"):
+        load_checkpoint(path)
+    assert not marker.exists()
+    with pytest.warns(RuntimeWarning, match="trust"):
+        load_checkpoint(path, trust=True)
+    assert marker.read_text() == "pwned"  # trust is the only way in, and it does run code
+
+
+def test_foreign_checkpoint_without_checksum_loads(tmp_path):
+    path = tmp_path / "guide.pt"
+    torch.save({"model_state_dict": {"w": torch.ones(3)}, "epoch": 10, "loss": 0.123}, path)
+    assert load_checkpoint(path)["epoch"] == 10
+
+
+def test_content_digest_ignores_key_order_but_not_values():
+    a = {"x": torch.ones(2), "y": 1}
+    b = {"y": 1, "x": torch.ones(2)}
+    assert content_digest(a) == content_digest(b)
+    assert content_digest(a) != content_digest({"x": torch.ones(2, dtype=torch.float64), "y": 1})
+    assert content_digest(a) != content_digest({"x": torch.ones(1, 2), "y": 1})
+    assert content_digest({"l": [1, 2]}) != content_digest({"l": {"0": 1, "1": 2}})
+
+
+def test_atomic_open_leaves_old_file_on_error(tmp_path):
+    path = tmp_path / "f.txt"
+    path.write_text("old")
+    with pytest.raises(RuntimeError):
+        with atomic_open(path, "w") as f:
+            f.write("new half")
+            raise RuntimeError("boom")
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["f.txt"]
+
+
+def test_kill_during_save_leaves_previous_checkpoint_intact(tmp_path):
+    """SIGKILL a process in the middle of writing a large checkpoint over an existing one."""
+    path = tmp_path / "ckpt.pt"
+    save_checkpoint({"w": torch.zeros(10)}, path)
+    before = sha(path)
+    script = textwrap.dedent(f"""
+        import os, sys, torch
+        from axs_lib import checkpoint
+        real_save = torch.save
+        def slow_save(obj, f):
+            real_save(obj, f)
+            f.flush()
+            print("written", flush=True)
+            sys.stdin.readline()  # wait here, mid-write, to be killed
+        checkpoint.torch.save = slow_save
+        checkpoint.save_checkpoint({{"w": torch.ones(2_000_000)}}, {str(path)!r})
+    """)
+    proc = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    assert proc.stdout.readline().strip() == "written"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert sha(path) == before
+    assert torch.equal(load_checkpoint(path)["w"], torch.zeros(10))
+
+
+def test_latest_pointer(tmp_path):
+    assert read_latest(tmp_path) is None
+    write_latest(tmp_path, "checkpoint_step_10.pt")
+    assert read_latest(tmp_path) == tmp_path / "checkpoint_step_10.pt"
+    (tmp_path / "latest").write_text("../../etc/passwd\n")
+    with pytest.raises(CheckpointError, match="malformed latest pointer"):
+        read_latest(tmp_path)
+
+
+def test_guide_save_and_plain_load_round_trip(tmp_path):
+    """The guide saves with plain torch.save and loads with plain torch.load (weights-only by default)."""
+    ckpt = add_seed_to_checkpoint({"model_state_dict": {"w": torch.ones(2)}, "epoch": 10, "loss": 0.123}, set_seed(42))
+    path = tmp_path / "model.pt"
+    torch.save(ckpt, path)
+    loaded = torch.load(path)
+    assert loaded["seed_info"]["seed"] == 42 and "rng_state" in loaded
+    assert os.path.getsize(path) > 0

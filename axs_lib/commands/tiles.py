@@ -1,0 +1,150 @@
+"""``axs tiles``: validate, summarise and make tiles (from BigEarthNet, the embedded demo, synthetic)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+
+from axs_lib.errors import EXIT_FAILURE, EXIT_OK, UsageError
+from axs_lib.ingest import IngestReport, convert_bigearthnet, write_demo_tiles, write_synthetic_tiles
+from axs_lib.reproducibility import check_seed
+from axs_lib.tiles import scan_tiles, summarize, validate_tile
+
+_RAW = argparse.RawDescriptionHelpFormatter
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    tiles = sub.add_parser(
+        "tiles",
+        help="validate, summarise and make NPZ tiles",
+        description="Check tiles against the tile contract, summarise their metadata, or make tiles.",
+        epilog="examples:\n  axs tiles demo tiles/\n  axs tiles validate tiles/\n  axs tiles summary tiles/ --json",
+        formatter_class=_RAW,
+    )
+    tiles.set_defaults(func=lambda args: tiles.print_help() or 2)
+    cmds = tiles.add_subparsers(dest="tiles_command", metavar="ACTION")
+
+    p = cmds.add_parser(
+        "validate",
+        help="check every tile and sidecar in a directory",
+        description=(
+            "Check every <stem>.npz tile and <stem>.json sidecar in DIR: arrays, 2-D, one shape, dtypes, "
+            "inf and all-NaN bands, plausible SAR dB and reflectance scale, valid-pixel fraction, sidecar "
+            "JSON and field types. Prints one line per bad tile, then a summary. "
+            "Exit 0 when every tile is good, 1 when any is bad, 2 on usage errors."
+        ),
+        epilog="example:\n  axs tiles validate tiles/",
+        formatter_class=_RAW,
+    )
+    p.add_argument("dir", metavar="DIR", help="directory of tiles")
+    p.set_defaults(func=run_validate)
+
+    p = cmds.add_parser(
+        "summary",
+        help="what the tiles' metadata says",
+        description="Count tiles by split, country, platform, label and size, and give the acquisition date range.",
+        epilog="example:\n  axs tiles summary tiles/ --json > tiles_summary.json",
+        formatter_class=_RAW,
+    )
+    p.add_argument("dir", metavar="DIR", help="directory of tiles")
+    p.add_argument("--json", action="store_true", help="print JSON instead of text")
+    p.set_defaults(func=run_summary)
+
+    p = cmds.add_parser(
+        "from-bigearthnet",
+        help="convert BigEarthNet S1/S2 patch folders to tiles",
+        description=(
+            "Convert BigEarthNet v1.0 patch folders (one GeoTIFF per band; each S1 folder's "
+            "*_labels_metadata.json names its S2 partner) into tiles named after the S2 patch, with "
+            "dates, product names, CRS, bounds, labels and official split in the sidecar. Unpaired or "
+            "unreadable patches are reported and skipped (exit 1). Existing different files in "
+            "OUT_DIR are never overwritten (exit 2)."
+        ),
+        epilog="example:\n  axs tiles from-bigearthnet BigEarthNet-S1-v1.0/ BigEarthNet-v1.0/ tiles/",
+        formatter_class=_RAW,
+    )
+    p.add_argument("s1_root", metavar="S1_ROOT", help="directory of BigEarthNet-S1 patch folders")
+    p.add_argument("s2_root", metavar="S2_ROOT", help="directory of BigEarthNet-S2 patch folders")
+    p.add_argument("out_dir", metavar="OUT_DIR", help="where to write tiles")
+    p.set_defaults(func=run_from_bigearthnet)
+
+    p = cmds.add_parser(
+        "demo",
+        help="write the six real BigEarthNet demo tiles",
+        description=(
+            "Write the six real Sentinel-1/Sentinel-2 pairs shipped inside the bigearthnet-common wheel "
+            "as tiles (no network). Repeating it into the same directory is a no-op."
+        ),
+        epilog="example:\n  axs tiles demo tiles/",
+        formatter_class=_RAW,
+    )
+    p.add_argument("out_dir", metavar="OUT_DIR", help="where to write tiles")
+    p.set_defaults(func=run_demo)
+
+    p = cmds.add_parser(
+        "synth",
+        help="write synthetic tiles (for scale tests and benchmarks)",
+        description="Write plausible synthetic tiles synth_00000.npz, ...; their sidecars say \"synthetic\": true.",
+        epilog="example:\n  axs tiles synth /tmp/synth --count 1000 --size 64 --seed 0",
+        formatter_class=_RAW,
+    )
+    p.add_argument("out_dir", metavar="OUT_DIR", help="where to write tiles")
+    p.add_argument("--count", type=int, required=True, help="number of tiles")
+    p.add_argument("--size", type=int, default=120, help="tile side in pixels (default 120, as BigEarthNet)")
+    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.set_defaults(func=run_synth)
+
+
+def run_validate(args: argparse.Namespace) -> int:
+    paths = scan_tiles(args.dir)
+    bad = 0
+    for path in paths:
+        problems = validate_tile(path)
+        if problems:
+            bad += 1
+            print(f"{path}: {'; '.join(problems)}")
+    print(f"{len(paths)} tiles checked in {args.dir}: {len(paths) - bad} good, {bad} bad")
+    return EXIT_FAILURE if bad else EXIT_OK
+
+
+def run_summary(args: argparse.Namespace) -> int:
+    summary = summarize(args.dir)
+    if args.json:
+        print(json.dumps(summary, indent=2))
+        return EXIT_OK
+    print(f"{summary['num_tiles']} tiles in {summary['directory']} ({summary['unreadable']} unreadable, {summary['synthetic']} synthetic)")
+    for key in ("by_split", "tile_sizes", "countries", "platforms"):
+        print(f"{key.replace('_', ' ')}: " + (", ".join(f"{k} {v}" for k, v in summary[key].items()) or "none"))
+    dates = summary["date_range"]
+    print(f"dates: {dates[0]} to {dates[1]}" if dates else "dates: none")
+    print(f"labels ({len(summary['labels'])}):")
+    for label, count in summary["labels"].items():
+        print(f"  {count:6d}  {label}")
+    return EXIT_OK
+
+
+def _print_report(report: IngestReport, out_dir: str) -> int:
+    for patch, reason in report.skipped:
+        print(f"skipped {patch}: {reason}")
+    print(f"{len(report.written)} tiles written, {len(report.unchanged)} already present, {len(report.skipped)} patches skipped -> {out_dir}")
+    return EXIT_FAILURE if report.skipped else EXIT_OK
+
+
+def run_from_bigearthnet(args: argparse.Namespace) -> int:
+    return _print_report(convert_bigearthnet(args.s1_root, args.s2_root, args.out_dir), args.out_dir)
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    paths = write_demo_tiles(args.out_dir)
+    print(f"{len(paths)} real BigEarthNet demo tiles in {args.out_dir}")
+    return EXIT_OK
+
+
+def run_synth(args: argparse.Namespace) -> int:
+    try:
+        seed = check_seed(args.seed)
+    except ValueError as exc:
+        raise UsageError(f"--seed: {exc}") from None
+    paths = write_synthetic_tiles(args.out_dir, args.count, args.size, seed)
+    print(f"{len(paths)} synthetic {args.size}x{args.size} tiles in {args.out_dir} (seed {seed})")
+    return EXIT_OK

@@ -1,0 +1,107 @@
+"""The train/validation split, reproducible and recorded in a manifest (``split.json``).
+
+Sources:
+
+* ``random``: the reproducibility guide's split, ``random_split(tiles, [1 - f, f],
+  generator=create_reproducible_generator(seed))`` over the tiles sorted by name, with one change:
+  when there are at least two tiles, validation gets at least one (torch's fractional lengths give
+  0 validation tiles for n < 10 at f = 0.1). Whenever torch's lengths already give validation a
+  tile, the split is exactly the guide's. With a single tile, validation is empty.
+* ``sidecar``: each tile's sidecar ``split`` field decides (``train`` or ``val``; ``test`` tiles
+  are left out of both). Every tile must have the field.
+* ``auto``: ``sidecar`` when every tile has a ``split`` field and both train and val are
+  non-empty, otherwise ``random``.
+
+The manifest holds tile stems only (never absolute paths: two runs from different directories
+must agree), the seed, the fraction and the source actually used.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from torch.utils.data import random_split
+
+from axs_lib.checkpoint import atomic_write_text
+from axs_lib.errors import InputError, UsageError
+from axs_lib.reproducibility import create_reproducible_generator
+from axs_lib.tiles import read_sidecar, sidecar_path
+
+SOURCES = ("auto", "sidecar", "random")
+
+
+@dataclass
+class Split:
+    """Train and validation tiles, the tiles left out (sidecar ``test``), and how they were chosen."""
+
+    train: list[Path]
+    val: list[Path]
+    source: str
+    seed: int
+    val_fraction: float
+    excluded: list[Path] = field(default_factory=list)
+
+    def manifest(self) -> dict:
+        """The split as ``split.json`` stores it: stems, seed, fraction, source."""
+        return {
+            "source": self.source,
+            "seed": self.seed,
+            "val_fraction": self.val_fraction,
+            "train": [p.stem for p in self.train],
+            "val": [p.stem for p in self.val],
+            "excluded": [p.stem for p in self.excluded],
+        }
+
+    def write(self, path: os.PathLike | str) -> None:
+        """Write the manifest atomically as canonical JSON."""
+        atomic_write_text(path, json.dumps(self.manifest(), indent=2, sort_keys=True) + "\n")
+
+
+def split_lengths(n: int, val_fraction: float) -> tuple[int, int]:
+    """``(train, val)`` sizes: torch's ``random_split`` lengths for ``[1 - f, f]``, val at least 1 when n >= 2.
+
+    torch floors each fraction and hands the remainder out round-robin from the first subset, so
+    with two subsets validation gets ``floor(n * f)`` tiles.
+    """
+    val = math.floor(n * val_fraction)
+    if n >= 2:
+        val = max(1, val)
+    return n - val, val
+
+
+def make_split(paths: list[Path], seed: int, val_fraction: float = 0.1, source: str = "auto") -> Split:
+    """Split ``paths`` into train and validation tiles; see the module docstring for the sources."""
+    if source not in SOURCES:
+        raise UsageError(f"--split-source must be one of {', '.join(SOURCES)}, got {source!r}")
+    if not 0.0 < val_fraction < 1.0:
+        raise UsageError(f"validation fraction must be between 0 and 1 (exclusive), got {val_fraction}")
+    if not paths:
+        raise UsageError("no tiles to split")
+    paths = sorted((Path(p) for p in paths), key=lambda p: p.name)
+    if source == "random":
+        return _random_split(paths, seed, val_fraction)
+    labelled = {p: read_sidecar(p).get("split") for p in paths}
+    if source == "sidecar" or (None not in labelled.values() and {"train", "val"} <= set(labelled.values())):
+        return _sidecar_split(labelled, seed, val_fraction)
+    return _random_split(paths, seed, val_fraction)
+
+
+def _sidecar_split(labelled: dict[Path, str | None], seed: int, val_fraction: float) -> Split:
+    for path, split in labelled.items():
+        if split is None:
+            raise InputError(sidecar_path(path), "no 'split' field, needed by --split-source sidecar (use --split-source random)")
+    groups: dict[str, list[Path]] = {"train": [], "val": [], "test": []}
+    for path, split in labelled.items():
+        groups[split].append(path)
+    if not groups["train"]:
+        raise UsageError("no tile has split 'train' in its sidecar; nothing to train on")
+    return Split(groups["train"], groups["val"], "sidecar", seed, val_fraction, excluded=groups["test"])
+
+
+def _random_split(paths: list[Path], seed: int, val_fraction: float) -> Split:
+    train, val = random_split(paths, list(split_lengths(len(paths), val_fraction)), generator=create_reproducible_generator(seed))
+    return Split([paths[i] for i in train.indices], [paths[i] for i in val.indices], "random", seed, val_fraction)

@@ -64,7 +64,7 @@ class IngestReport:
 
 def encode_tile(arrays: dict[str, np.ndarray]) -> bytes:
     """The ``.npz`` bytes of a tile: contract arrays in contract order, then any extras by name."""
-    ordered = {k: arrays[k] for k in (*S1_KEYS, *S2_KEYS)}
+    ordered = {k: arrays[k] for k in (*S1_KEYS, *S2_KEYS) if k in arrays}
     ordered.update({k: arrays[k] for k in sorted(arrays) if k not in ordered})
     buf = io.BytesIO()
     np.savez(buf, **ordered)
@@ -256,20 +256,29 @@ def convert_bigearthnet(s1_root: os.PathLike | str, s2_root: os.PathLike | str, 
     return report
 
 
+def extract_examples(dest: os.PathLike | str) -> tuple[Path, Path]:
+    """Unpack the example archives of the ``bigearthnet-common`` wheel into ``dest``; return (S1 root, S2 root).
+
+    Read straight from the installed package: ``bigearthnet_common.example_data`` would write
+    into the user's home directory when imported.
+    """
+    package = importlib.resources.files(_PACKAGE)
+    roots = []
+    for archive in _EXAMPLE_ARCHIVES:
+        with importlib.resources.as_file(package.joinpath(archive)) as path, tarfile.open(path) as tar:
+            tar.extractall(dest, filter="data")
+        roots.append(Path(dest) / archive.removesuffix(".tar.bz2"))
+    return roots[0], roots[1]
+
+
 def write_demo_tiles(out_dir: os.PathLike | str) -> list[Path]:
     """Write the six real S1/S2 pairs shipped inside the ``bigearthnet-common`` wheel as tiles.
 
     The archives are unpacked into a temporary directory (never the user's home) and go through
     `convert_bigearthnet`. Safe to repeat into the same directory: identical tiles are left alone.
     """
-    package = importlib.resources.files(_PACKAGE)
     with tempfile.TemporaryDirectory(prefix="axs-bigearthnet-") as tmp:
-        roots = []
-        for archive in _EXAMPLE_ARCHIVES:
-            with importlib.resources.as_file(package.joinpath(archive)) as path, tarfile.open(path) as tar:
-                tar.extractall(tmp, filter="data")
-            roots.append(Path(tmp) / archive.removesuffix(".tar.bz2"))
-        report = convert_bigearthnet(roots[0], roots[1], out_dir)
+        report = convert_bigearthnet(*extract_examples(tmp), out_dir)
     if report.skipped:
         raise RuntimeError(f"demo conversion skipped patches: {report.skipped}")
     return report.tiles

@@ -558,14 +558,14 @@ class CheckpointComparison:
                  _fmt_num(t.max_abs), _fmt_num(t.max_rel), _fmt_num(t.max_ulp), _fmt_shape(t.first_index))
                 for t in diffs[:max_rows]
             ]
-            lines += _table(("path", "dtype", "shape", "differ", "max abs", "max rel", "max ULP", "first at"), rows)
+            lines += format_table(("path", "dtype", "shape", "differ", "max abs", "max rel", "max ULP", "first at"), rows)
             if len(diffs) > max_rows:
                 rest = diffs[max_rows:]
                 lines.append(f"  ... and {len(rest)} more, with max abs diff up to {_fmt_num(rest[0].max_abs)} (see --json)")
         lines.append(f"{len(self.tensors) - len(diffs)} of {len(self.tensors)} tensors bit-identical.")
         if self.value_diffs:
             lines += ["", "other values that differ:"]
-            lines += _table(("path", "A", "B"), [(v.path, _short(v.a), _short(v.b)) for v in self.value_diffs[:max_rows]])
+            lines += format_table(("path", "A", "B"), [(v.path, short_repr(v.a), short_repr(v.b)) for v in self.value_diffs[:max_rows]])
             if len(self.value_diffs) > max_rows:
                 lines.append(f"  ... and {len(self.value_diffs) - max_rows} more (see --json)")
         for side, keys in (("A", self.only_in_a), ("B", self.only_in_b)):
@@ -576,7 +576,7 @@ class CheckpointComparison:
         differing = [m for m in self.metadata if not m.equal]
         shown = differing + [m for m in self.metadata if m.equal and m.key in _HEADLINE_META]
         shown.sort(key=lambda m: self.metadata.index(m))
-        lines += _table(("key", "A", "B", ""), [(m.key, _short(m.a), _short(m.b), "" if m.equal else "*") for m in shown[: 3 * max_rows]])
+        lines += format_table(("key", "A", "B", ""), [(m.key, short_repr(m.a), short_repr(m.b), "" if m.equal else "*") for m in shown[: 3 * max_rows]])
         lines.append(f"  ({len(self.metadata) - len(differing)} of {len(self.metadata)} metadata fields equal)")
         if self.verdict not in (IDENTICAL_BYTES, IDENTICAL_CONTENT):
             lines += ["", "what can explain the difference:"] + [f"  - {e}" for e in self.explanations]
@@ -587,12 +587,16 @@ _HEADLINE_META = {"step", "epoch", CHECKSUM_KEY, "seed_info.seed", "seed_info.de
                   "data_fingerprint.sha256", "environment.torch", "environment.cuda"}
 
 
-def _load(path: Path, trust: bool, notes: list[str]) -> Any:
+def load_noting_trust(path: os.PathLike | str, *, trust: bool, verify: bool = False) -> tuple[Any, list[str]]:
+    """Load a checkpoint memory-mapped; return it with the warnings a ``--trust`` load gave.
+
+    An empty list means the file loaded weights-only, i.e. safely. Damaged, unsafe (without
+    ``trust``) and foreign files raise `CheckpointError`.
+    """
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        obj = load_checkpoint(path, trust=trust, verify=False, mmap=True)
-    notes += [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
-    return obj
+        obj = load_checkpoint(path, trust=trust, verify=verify, mmap=True)
+    return obj, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
 
 
 def files_equal(a: Path, b: Path, block: int = 1 << 20) -> bool:
@@ -612,7 +616,8 @@ def compare_checkpoints(a: os.PathLike | str, b: os.PathLike | str, options: Opt
     """Compare two checkpoint files leaf by leaf; see the module docstring."""
     a, b = Path(a), Path(b)
     result = CheckpointComparison(str(a), str(b), options)
-    ca, cb = _load(a, options.trust, result.notes), _load(b, options.trust, result.notes)
+    (ca, notes_a), (cb, notes_b) = (load_noting_trust(p, trust=options.trust) for p in (a, b))
+    result.notes += notes_a + notes_b
     pages = (_MappedPages(a), _MappedPages(b))
     la, lb = dict(iter_leaves(ca)), dict(iter_leaves(cb))
     for lv in (la, lb):
@@ -711,7 +716,7 @@ class RunComparison:
         head = f"first diverging step: {first}" if first is not None else "every shared step matches"
         lines = [f"verdict: {self.verdict.upper()} - {head} ({len(self.steps)} shared checkpoint steps)",
                  f"  A: {self.a}", f"  B: {self.b}", ""]
-        lines += _table(("step", "verdict"), [(str(s), v) for s, v in self.steps])
+        lines += format_table(("step", "verdict"), [(str(s), v) for s, v in self.steps])
         for side, steps in (("A", self.only_in_a), ("B", self.only_in_b)):
             if steps:
                 lines.append(f"steps only in {side} (not compared): {', '.join(map(str, steps))}")
@@ -776,14 +781,14 @@ def _fmt_shape(shape: Sequence[int] | None) -> str:
     return "-" if shape is None else "(" + ", ".join(map(str, shape)) + ")"
 
 
-def _short(value: Any, width: int = 40) -> str:
+def short_repr(value: Any, width: int = 40) -> str:
     text = repr(value) if not isinstance(value, str) else value
     if isinstance(value, torch.Tensor):
         text = jsonable(value)
     return text if len(text) <= width else text[: width - 3] + "..."
 
 
-def _table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
     """Left-aligned columns, two spaces apart, indented by two."""
     widths = [max(len(str(r[i])) for r in (headers, *rows)) for i in range(len(headers))]
     return ["  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in (headers, *rows)]

@@ -1,0 +1,148 @@
+"""``axs runs DIR...``: one row per experiment, and a warning when they are not comparable.
+
+The reproducibility guide's "Compare Experiments" example as a command: it collects each
+experiment's seed, steps, best metric, data fingerprint and environment from ``run.json`` (or,
+for a directory without one or a checkpoint file, from its latest checkpoint) and warns when the
+experiments used different seeds or different data, or do not record them.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+from axs_lib.checkpoint import read_latest
+from axs_lib.cli import add_debug_flag
+from axs_lib.compare import checkpoint_steps, format_table, load_noting_trust
+from axs_lib.errors import EXIT_OK, InputError
+
+EPILOG = """example:
+  axs runs experiments/exp1_seed42 experiments/exp2_seed123 experiments/exp3_seed42
+  axs runs exp1/model.pt exp2/model.pt --json
+"""
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "runs",
+        help="list experiments (seed, steps, best metric, data, environment) and warn when they differ",
+        description=(
+            "One row per experiment directory (or checkpoint file): seed, status, steps, best metric, "
+            "data fingerprint and environment, then a warning when the experiments used different seeds "
+            "or different data. Exit 0, or 2 when an experiment cannot be read."
+        ),
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("experiments", nargs="+", metavar="DIR", help="run directory (with run.json or checkpoints/) or checkpoint file")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--trust", action="store_true",
+                   help="load legacy checkpoint pickles that can run code (only for files you made yourself)")
+    add_debug_flag(p)
+    p.set_defaults(func=run)
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _from_manifest(path: Path) -> dict:
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise InputError(path, f"not a readable run manifest: {exc}") from None
+    if not isinstance(manifest, dict):
+        raise InputError(path, "not a run manifest (expected a JSON object)")
+    best = _dict(manifest.get("best"))
+    return {
+        "seed": manifest.get("seed", _dict(manifest.get("config")).get("seed")),
+        "status": manifest.get("status"),
+        "step": manifest.get("final_step"),
+        "best": {k: best.get(k) for k in ("metric", "value", "step")} if best else None,
+        "data": _dict(manifest.get("data_fingerprint")).get("sha256"),
+        "environment": _dict(manifest.get("environment")),
+        "source": str(path),
+    }
+
+
+def _latest_checkpoint(run_dir: Path) -> Path:
+    folder = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
+    latest = read_latest(folder)
+    if latest is not None:
+        return latest
+    steps = checkpoint_steps(run_dir)
+    if steps:
+        return steps[max(steps)]
+    raise InputError(run_dir, "no run.json and no checkpoints: not an experiment directory")
+
+
+def _from_checkpoint(path: Path, trust: bool) -> dict:
+    ckpt, _ = load_noting_trust(path, trust=trust)
+    ckpt = _dict(ckpt)
+    return {
+        "seed": _dict(ckpt.get("seed_info")).get("seed"),
+        "status": None,
+        "step": ckpt.get("step", ckpt.get("epoch")),
+        "best": None,
+        "data": _dict(ckpt.get("data_fingerprint")).get("sha256"),
+        "environment": _dict(ckpt.get("environment")),
+        "source": str(path),
+    }
+
+
+def describe_experiment(path: Path, *, trust: bool = False) -> dict:
+    """The row ``axs runs`` shows for one experiment directory or checkpoint file."""
+    if not path.exists():
+        raise InputError(path, "no such file or directory")
+    if path.is_dir() and (path / "run.json").is_file():
+        row = _from_manifest(path / "run.json")
+    else:
+        row = _from_checkpoint(_latest_checkpoint(path) if path.is_dir() else path, trust)
+    env = _dict(row["environment"].get("fingerprint", row["environment"]))
+    gpus = env.get("gpus") or []
+    device = (gpus[0].get("name") if isinstance(gpus[0], dict) else str(gpus[0])) if gpus else env.get("cpu")
+    row["environment"] = f"torch {env['torch']} on {device or '?'}" if env.get("torch") else None
+    return {"experiment": str(path), **row}
+
+
+def consistency_warnings(rows: list[dict]) -> list[str]:
+    """Warnings when experiments used different seeds or data, or do not record them."""
+    warnings = [f"{r['experiment']}: no seed info" for r in rows if r["seed"] is None]
+    warnings += [f"{r['experiment']}: no data fingerprint" for r in rows if r["data"] is None]
+    seeds = {r["seed"] for r in rows if r["seed"] is not None}
+    data = {r["data"] for r in rows if r["data"] is not None}
+    if len(seeds) > 1:
+        warnings.append(f"different seeds used: {', '.join(map(str, sorted(seeds)))}")
+    if len(data) > 1:
+        warnings.append(f"different data used: {', '.join(sorted(d[:12] for d in data))}")
+    return warnings
+
+
+def _fmt_best(best: dict | None) -> str:
+    if not best or best.get("value") is None:
+        return "-"
+    value = best["value"]
+    value = f"{value:.4g}" if isinstance(value, (int, float)) else str(value)
+    return f"{best.get('metric') or 'best'}={value}@{best.get('step', '?')}"
+
+
+def run(args: argparse.Namespace) -> int:
+    rows = [describe_experiment(Path(p), trust=args.trust) for p in args.experiments]
+    warnings = consistency_warnings(rows) if len(rows) > 1 else []
+    if args.json:
+        print(json.dumps({"experiments": rows, "warnings": warnings}, indent=2))
+        return EXIT_OK
+    table = [
+        (r["experiment"], str(r["seed"]), r["status"] or "-", str(r["step"]), _fmt_best(r["best"]),
+         (r["data"] or "-")[:12], r["environment"] or "-")
+        for r in rows
+    ]
+    print("\n".join(format_table(("experiment", "seed", "status", "step", "best", "data", "environment"), table)))
+    for w in warnings:
+        print(f"warning: {w}")
+    seeds = {r["seed"] for r in rows}
+    if len(rows) > 1 and not warnings:
+        print(f"all experiments use seed {seeds.pop()} and the same data")
+    return EXIT_OK

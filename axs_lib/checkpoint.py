@@ -27,6 +27,7 @@ from typing import Any, Iterator
 
 import torch
 
+from axs_lib import faults
 from axs_lib.errors import CheckpointError
 
 FORMAT_VERSION = 1
@@ -111,6 +112,7 @@ def atomic_open(path: os.PathLike | str, mode: str = "wb"):
     try:
         with os.fdopen(fd, mode) as f:
             yield f
+            faults.before_commit(path, f)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)

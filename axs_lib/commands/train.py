@@ -1,0 +1,151 @@
+"""``axs train stage1`` (also ``python scripts/train_stage1.py``): train the SAR-to-optical model."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from axs_lib.reproducibility import check_seed
+from axs_lib.stage1.config import FIELD_NAMES, build_config, read_config_file
+from axs_lib.stage1.train import ResumeRequest, train_stage1
+
+EXAMPLES = """examples:
+  axs train stage1 --data-dir tiles/ --output-dir runs/exp1/ --seed 42 --steps 100 --max-tiles 10
+  axs train stage1 --data-dir tiles/ --output-dir runs/exp1/ --seed 42 --steps 100 --resume auto
+  axs train stage1 --config exp.toml --num-workers 2 --early-stopping --patience 3
+
+Two runs with the same seed, tiles and config write byte-identical checkpoints, whatever
+--num-workers is and however often a run is killed and resumed with --resume auto.
+"""
+
+
+def _seed(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    try:
+        return check_seed(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _int(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def add_train_arguments(p: argparse.ArgumentParser) -> None:
+    """The trainer's flags. Defaults are suppressed so that we know which flags were given."""
+    S = argparse.SUPPRESS
+    data = p.add_argument_group("data")
+    data.add_argument("--data-dir", default=S, help="directory of <stem>.npz tiles (default: tiles)")
+    data.add_argument("--max-tiles", type=_int, default=S, help="use the first N tiles in name order")
+    data.add_argument("--split-source", choices=("auto", "sidecar", "random"), default=S,
+                      help="train/val split from tile sidecars or random 0.9/0.1 (default auto: sidecar when complete)")
+    data.add_argument("--val-fraction", type=_float, default=S, help="validation fraction of a random split (default 0.1)")
+    data.add_argument("--no-augment", dest="augment", action="store_false", default=S, help="no flips or rotations")
+    data.add_argument("--speckle-std", type=_float, default=S, help="std of multiplicative SAR speckle (default 0: off)")
+    train = p.add_argument_group("training")
+    train.add_argument("--seed", type=_seed, default=S, help="root seed (default 42; pass it explicitly)")
+    train.add_argument("--steps", type=_int, default=S, help="optimizer steps (default 1000)")
+    train.add_argument("--batch-size", type=_int, default=S, help="tiles per batch (default 4)")
+    train.add_argument("--accum-steps", type=_int, default=S, help="batches accumulated per optimizer step (default 1)")
+    train.add_argument("--lr", type=_float, default=S, help="peak AdamW learning rate (default 1e-3)")
+    train.add_argument("--weight-decay", type=_float, default=S, help="AdamW weight decay (default 1e-4)")
+    train.add_argument("--warmup-steps", type=_int, default=S, help="linear warm-up before cosine decay (default 50)")
+    train.add_argument("--grad-clip", type=_float, default=S, help="max gradient norm, 0 for none (default 1.0)")
+    train.add_argument("--width", type=_int, default=S, help="U-Net base channels (default 16)")
+    train.add_argument("--dropout", type=_float, default=S, help="bottleneck dropout (default 0.1)")
+    train.add_argument("--l1-weight", type=_float, default=S, help="weight of the masked L1 loss (default 1.0)")
+    train.add_argument("--ssim-weight", type=_float, default=S, help="weight of 1 - SSIM (default 0.5)")
+    val = p.add_argument_group("validation and early stopping")
+    val.add_argument("--val-every", type=_int, default=S, help="validate every N steps and at the end (default 50)")
+    val.add_argument("--early-stopping", action="store_true", default=S, help="stop when the metric stops improving")
+    val.add_argument("--patience", type=_int, default=S, help="validations without improvement before stopping (default 5)")
+    val.add_argument("--min-delta", type=_float, default=S, help="smallest change that counts as improvement (default 0)")
+    val.add_argument("--es-metric", choices=("val_loss", "psnr", "ssim", "sam"), default=S, help="monitored metric (default val_loss)")
+    val.add_argument("--es-mode", choices=("min", "max"), default=S, help="min: lower is better (default); max: higher")
+    det = p.add_argument_group("determinism and hardware")
+    det.add_argument("--no-deterministic", dest="deterministic", action="store_false", default=S,
+                     help="allow nondeterministic kernels (faster on GPU, not reproducible)")
+    det.add_argument("--benchmark", action="store_true", default=S, help="cuDNN autotuning (not reproducible)")
+    det.add_argument("--device", default=S, help="auto (default), cpu, cuda or cuda:N")
+    run = p.add_argument_group("run")
+    run.add_argument("--output-dir", default=S, help="run directory (default runs/stage1_seed<SEED>)")
+    run.add_argument("--num-workers", type=_int, default=S, help="DataLoader workers; results do not depend on it (default 0)")
+    run.add_argument("--checkpoint-every", type=_int, default=S, help="checkpoint every N steps and at the end (default 50)")
+    run.add_argument("--log-every", type=_int, default=S, help="log training loss every N steps (default 10)")
+    run.add_argument("--no-plots", dest="plots", action="store_false", default=S, help="skip loss and sample plots")
+    run.add_argument("--quiet", action="store_true", default=S, help="no progress bar or progress lines")
+    run.add_argument("--config", metavar="FILE", help="JSON or TOML file of options; explicit flags win")
+    run.add_argument("--resume", nargs="?", const="auto", metavar="PATH|auto",
+                     help="continue from the run's newest valid checkpoint (auto) or from PATH")
+    run.add_argument("--force-resume", action="store_true",
+                     help="resume even if seed, config, tiles, world size or format differ (bits will not match)")
+    run.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --output-dir")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train a model", description="Train a model reproducibly.")
+    models = p.add_subparsers(dest="model", metavar="MODEL", required=True)
+    stage1 = models.add_parser(
+        "stage1",
+        help="Sentinel-1 SAR (VV, VH) to Sentinel-2 optical (B2, B3, B4, B8)",
+        description="Train the Stage-1 U-Net on NPZ tiles with bit-exact reproducibility.",
+        epilog=EXAMPLES,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add_train_arguments(stage1)
+    stage1.set_defaults(func=run)
+
+
+def _log(quiet: bool):
+    def log(line: str) -> None:
+        if line.startswith("warning:"):
+            print(line, file=sys.stderr)
+        elif not quiet:
+            print(line)
+    return log
+
+
+def run(args: argparse.Namespace) -> int:
+    explicit = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
+    file_values = read_config_file(args.config) if args.config else {}
+    given = {**file_values, **explicit}
+    config = build_config(explicit, file_values)
+    config.data_dir = given.get("data_dir", "tiles")
+    config.output_dir = given.get("output_dir") or f"runs/stage1_seed{config.seed}"
+    log = _log(config.quiet)
+    if "seed" not in given and not args.resume:
+        log(f"notice: no --seed given, using the default {config.seed}; pass --seed explicitly so the run "
+            "can be reproduced from its command line")
+
+    def for_resume(stored: dict):
+        """On resume, flags not given take the checkpoint's values; given ones are checked against them."""
+        resumed = build_config(explicit, file_values, base=stored)
+        resumed.output_dir = config.output_dir
+        resumed.data_dir = given.get("data_dir") or _previous_data_dir(Path(config.output_dir)) or config.data_dir
+        return resumed
+
+    result = train_stage1(config, ResumeRequest(args.resume, args.force_resume), overwrite=args.overwrite,
+                          log=log, config_for_resume=for_resume)
+    return result.exit_code
+
+
+def _previous_data_dir(output_dir: Path) -> str | None:
+    try:
+        return json.loads((output_dir / "run.json").read_text())["config"]["data_dir"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None

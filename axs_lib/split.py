@@ -103,5 +103,7 @@ def _sidecar_split(labelled: dict[Path, str | None], seed: int, val_fraction: fl
 
 
 def _random_split(paths: list[Path], seed: int, val_fraction: float) -> Split:
+    if len(paths) == 1:  # nothing to draw (and random_split warns about the empty subset)
+        return Split(list(paths), [], "random", seed, val_fraction)
     train, val = random_split(paths, list(split_lengths(len(paths), val_fraction)), generator=create_reproducible_generator(seed))
     return Split([paths[i] for i in train.indices], [paths[i] for i in val.indices], "random", seed, val_fraction)

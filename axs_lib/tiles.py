@@ -99,26 +99,30 @@ class Tile:
 # --------------------------------------------------------------------------- listing
 
 
-def scan_tiles(data_dir: os.PathLike | str) -> list[Path]:
-    """Every ``*.npz`` entry directly in ``data_dir``, sorted by name, readable or not.
-
-    Not recursive, so directory symlink loops cannot trap it. Used by `list_tiles` and by
-    ``axs tiles validate`` (which must report broken entries rather than stop at the first).
-    """
+def _scan(data_dir: os.PathLike | str) -> list[os.DirEntry]:
     data_dir = Path(data_dir)
     if not data_dir.exists():
         raise InputError(data_dir, "no such directory")
     if not data_dir.is_dir():
         raise InputError(data_dir, "not a directory")
     try:
-        names = [e.name for e in os.scandir(data_dir) if e.name.endswith(TILE_SUFFIX)]
+        with os.scandir(data_dir) as it:
+            entries = sorted((e for e in it if e.name.endswith(TILE_SUFFIX)), key=lambda e: e.name)
     except OSError as exc:
         raise InputError(data_dir, f"cannot list: {exc.strerror}") from None
-    if not names:
+    if not entries:
         raise InputError(data_dir, f"no {TILE_SUFFIX} tiles found")
-    paths = [data_dir / name for name in sorted(names)]
-    _check_stems_unique(data_dir, paths)
-    return paths
+    _check_stems_unique(data_dir, [e.name for e in entries])
+    return entries
+
+
+def scan_tiles(data_dir: os.PathLike | str) -> list[Path]:
+    """Every ``*.npz`` entry directly in ``data_dir``, sorted by name, readable or not.
+
+    Not recursive, so directory symlink loops cannot trap it. Used by ``axs tiles validate``,
+    which must report broken entries rather than stop at the first.
+    """
+    return [Path(data_dir) / e.name for e in _scan(data_dir)]
 
 
 def list_tiles(data_dir: os.PathLike | str, max_tiles: int | None = None) -> list[Path]:
@@ -130,14 +134,19 @@ def list_tiles(data_dir: os.PathLike | str, max_tiles: int | None = None) -> lis
     """
     if max_tiles is not None and max_tiles < 1:
         raise InputError(data_dir, f"--max-tiles must be >= 1, got {max_tiles}")
-    paths = scan_tiles(data_dir)
-    if max_tiles is not None:
-        paths = paths[:max_tiles]
-    for path in paths:
-        problem = _not_a_regular_file(path)
-        if problem:
-            raise InputError(path, problem)
+    entries = _scan(data_dir)[:max_tiles]
+    paths = [Path(data_dir) / e.name for e in entries]
+    for entry, path in zip(entries, paths):
+        if not _is_file(entry):  # cheap: no system call for a plain file on most filesystems
+            raise InputError(path, _not_a_regular_file(path) or "not a regular file")
     return paths
+
+
+def _is_file(entry: os.DirEntry) -> bool:
+    try:
+        return entry.is_file()
+    except OSError:  # a symlink loop raises instead of answering
+        return False
 
 
 def _not_a_regular_file(path: Path) -> str | None:
@@ -152,15 +161,15 @@ def _not_a_regular_file(path: Path) -> str | None:
     return None
 
 
-def _check_stems_unique(data_dir: Path, paths: list[Path]) -> None:
+def _check_stems_unique(data_dir: Path, names: list[str]) -> None:
     """Refuse stems that differ only in letter case: they collide on case-insensitive filesystems
     and would make the split manifest (which records stems) ambiguous."""
     seen: dict[str, str] = {}
-    for path in paths:
-        key = path.stem.casefold()
+    for name in names:
+        key = name.casefold()
         if key in seen:
-            raise InputError(data_dir, f"tile names {seen[key]!r} and {path.name!r} differ only in letter case; rename one")
-        seen[key] = path.name
+            raise InputError(data_dir, f"tile names {seen[key]!r} and {name!r} differ only in letter case; rename one")
+        seen[key] = name
 
 
 def sidecar_path(tile_path: os.PathLike | str) -> Path:

@@ -1,0 +1,154 @@
+"""`axs inspect` and `axs runs`: what a checkpoint holds, and whether experiments are comparable."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from axs_lib.checkpoint import save_checkpoint
+from axs_lib.cli import main
+from test_compare import make_checkpoint
+
+
+@pytest.fixture(scope="module")
+def ckpt() -> dict:
+    return make_checkpoint(seed=42, step=3)
+
+
+def write_run(root: Path, ckpt: dict, *, seed: int = 42, data: str = "d" * 64, manifest: bool = True) -> Path:
+    (root / "checkpoints").mkdir(parents=True)
+    save_checkpoint(dict(ckpt, seed_info=dict(ckpt["seed_info"], seed=seed)), root / "checkpoints" / "checkpoint_step_3.pt")
+    (root / "checkpoints" / "latest").write_text("checkpoint_step_3.pt\n")
+    if manifest:
+        run = {
+            "config": {"seed": seed}, "seed": seed, "environment": ckpt["environment"],
+            "data_fingerprint": {"sha256": data}, "started_at": "2026-01-01T00:00:00Z",
+            "ended_at": "2026-01-01T00:01:00Z", "status": "completed", "final_step": 3,
+            "best": {"metric": "val_loss", "value": 0.25, "step": 2},
+        }
+        (root / "run.json").write_text(json.dumps(run))
+    return root
+
+
+# --------------------------------------------------------------------------- inspect
+
+
+def test_inspect_reports_step_seed_flags_fingerprints_and_tensors(tmp_path, ckpt, capsys):
+    path = tmp_path / "c.pt"
+    save_checkpoint(ckpt, path)
+    assert main(["inspect", str(path)]) == 0
+    out = capsys.readouterr().out
+    for expected in ("loads safely: yes", "checksum: verified", "step: 3", "seed: 42", "sha256: dddd",
+                     "seed_info.use_deterministic_algorithms: True", "val_loss: 0.5", "lr: 0.001"):
+        assert expected in out
+    assert main(["inspect", str(path), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    n_tensors = sum(isinstance(v, torch.Tensor) for v in _leaves(ckpt))
+    assert info["tensors"]["count"] == n_tensors
+    assert info["tensors"]["by_section"]["model_state_dict"]["bytes"] == sum(
+        t.numel() * t.element_size() for t in ckpt["model_state_dict"].values())
+    assert (info["step"], info["seed_info"]["seed"], info["loads_safely"]) == (3, 42, True)
+    assert info["environment"]["torch"] == torch.__version__
+
+
+def _leaves(obj):
+    if isinstance(obj, dict):
+        for v in obj.values():
+            yield from _leaves(v)
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _leaves(v)
+    else:
+        yield obj
+
+
+def test_inspect_plain_guide_checkpoint_and_unsafe_pickle(tmp_path, capsys):
+    plain = tmp_path / "model.pt"
+    torch.save({"model_state_dict": {"w": torch.ones(2)}, "epoch": 10, "loss": 0.123}, plain)
+    assert main(["inspect", str(plain)]) == 0
+    out = capsys.readouterr().out
+    assert "checksum: none recorded" in out and "epoch: 10" in out and "tensors: 1 " in out
+
+    unsafe = tmp_path / "unsafe.pt"
+    torch.save({"model_state_dict": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=0.1)}, unsafe)
+    assert main(["inspect", str(unsafe)]) == 2
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "--trust" in err[0]
+    assert main(["inspect", str(unsafe), "--trust", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["loads_safely"] is False
+
+
+def test_inspect_damaged_checkpoint_is_one_line_exit_2(tmp_path, ckpt, capsys):
+    path = tmp_path / "c.pt"
+    save_checkpoint(ckpt, path)
+    data = bytearray(path.read_bytes())
+    at = data.find(ckpt["model_state_dict"]["0.weight"].numpy().tobytes())
+    data[at] ^= 0x10
+    path.write_bytes(bytes(data))
+    assert main(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and "checksum mismatch" in err and "Traceback" not in err
+
+
+# --------------------------------------------------------------------------- runs
+
+
+def test_runs_lists_experiments_and_warns_on_different_seeds(tmp_path, ckpt, capsys):
+    exp1 = write_run(tmp_path / "exp1_seed42", ckpt)
+    exp2 = write_run(tmp_path / "exp2_seed123", ckpt, seed=123)
+    exp3 = write_run(tmp_path / "exp3_seed42", ckpt, manifest=False)  # falls back to the latest checkpoint
+    assert main(["runs", str(exp1), str(exp2), str(exp3)]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:5] == ["experiment", "seed", "status", "step", "best"]
+    row1 = lines[1].split()
+    assert row1[:5] == [str(exp1), "42", "completed", "3", "val_loss=0.25@2"]
+    assert lines[3].split()[:2] == [str(exp3), "42"]
+    assert "warning: different seeds used: 42, 123" in lines
+    assert not any("different data" in line for line in lines)
+
+
+def test_runs_same_seed_and_data_is_confirmed_different_data_warned(tmp_path, ckpt, capsys):
+    a = write_run(tmp_path / "a", ckpt)
+    b = write_run(tmp_path / "b", ckpt)
+    c = write_run(tmp_path / "c", ckpt, data="e" * 64)
+    assert main(["runs", str(a), str(b)]) == 0
+    assert "all experiments use seed 42 and the same data" in capsys.readouterr().out
+    assert main(["runs", str(a), str(c), "--json"]) == 0
+    data = json.loads(capsys.readouterr().out)
+    assert [e["seed"] for e in data["experiments"]] == [42, 42]
+    assert data["warnings"] == ["different data used: dddddddddddd, eeeeeeeeeeee"]
+
+
+def test_runs_accepts_the_guides_checkpoint_files(tmp_path, capsys):
+    paths = []
+    for name, seed in (("exp1", 42), ("exp2", None)):
+        (tmp_path / name).mkdir()
+        ckpt = {"model_state_dict": {"w": torch.ones(2)}, "epoch": 10, "loss": 0.1}
+        if seed is not None:
+            ckpt["seed_info"] = {"seed": seed}
+        torch.save(ckpt, tmp_path / name / "model.pt")
+        paths.append(str(tmp_path / name / "model.pt"))
+    assert main(["runs", *paths]) == 0
+    out = capsys.readouterr().out
+    assert f"warning: {paths[1]}: no seed info" in out
+
+
+def test_runs_bad_input_is_one_line_exit_2(tmp_path, capsys):
+    (tmp_path / "empty_dir").mkdir()
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "run.json").write_text("{not json")
+    for bad in ("missing", "empty_dir", "broken"):
+        assert main(["runs", str(tmp_path / bad)]) == 2
+        err = capsys.readouterr().err
+        assert len(err.splitlines()) == 1 and err.startswith(f"axs: error: {tmp_path / bad}") and "Traceback" not in err
+
+
+@pytest.mark.parametrize("command", ["compare", "inspect", "runs"])
+def test_help_shows_an_example(command, capsys):
+    assert main([command, "--help"]) == 0
+    out = capsys.readouterr().out
+    assert "example" in out and f"axs {command} " in out

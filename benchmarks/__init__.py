@@ -1,0 +1,1 @@
+"""Ratio benchmarks: run them all with ``python -m benchmarks``."""

@@ -101,7 +101,9 @@ def test_second_run_hashes_nothing_and_a_changed_file_is_hashed_again(tiles, tmp
 
 def test_recently_modified_files_are_not_cached(synth_tiles, tmp_path, hashed):
     fresh = tmp_path / "fresh"
-    shutil.copytree(synth_tiles, fresh)  # mtimes are now
+    shutil.copytree(synth_tiles, fresh)
+    for path in fresh.iterdir():
+        os.utime(path)  # modified just now
     paths = list_tiles(fresh)
     data_fingerprint(paths, MANIFEST, cache_dir=tmp_path / "cache")
     hashed.clear()

@@ -34,12 +34,6 @@ def normalize(values: np.ndarray, value_range: tuple[float, float]) -> np.ndarra
     return ((np.clip(values, lo, hi) - np.float32(lo)) / np.float32(hi - lo)).astype(np.float32)
 
 
-def denormalize(values: torch.Tensor, value_range: tuple[float, float]) -> torch.Tensor:
-    """Inverse of `normalize` on the unclipped part of the range (e.g. optical back to reflectance x 10000)."""
-    lo, hi = value_range
-    return values * (hi - lo) + lo
-
-
 class TileDataset(Dataset):
     """Tiles as dicts of tensors: ``sar`` (2,H,W), ``optical`` (4,H,W), ``mask`` (1,H,W), and the key.
 

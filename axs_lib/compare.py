@@ -244,7 +244,7 @@ def compare_tensors(path: str, a: torch.Tensor, b: torch.Tensor, options: Option
         return report
     report.numel = a.numel()
     fa, fb = _prepare(a), _prepare(b)
-    width = fa.element_size()
+    width, per_item = fa.element_size(), 2 if a.is_complex() else 1
     if fa.is_floating_point():
         report.max_ulp = 0
     step = max(1, CHUNK_BYTES // width)
@@ -252,7 +252,7 @@ def compare_tensors(path: str, a: torch.Tensor, b: torch.Tensor, options: Option
         ca, cb = fa[start : start + step], fb[start : start + step]
         ia, ib = ca.view(_INT_OF_WIDTH[width]), cb.view(_INT_OF_WIDTH[width])
         if not torch.equal(ia, ib):
-            _add_chunk_stats(report, ca, cb, ia, ib, start, width, options)
+            _add_chunk_stats(report, ca, cb, ia, ib, start, width, per_item, options)
         for p, chunk in zip(pages, (ca, cb)):
             p.release_chunk(chunk)
     for p, t in zip(pages, (a, b)):
@@ -260,17 +260,22 @@ def compare_tensors(path: str, a: torch.Tensor, b: torch.Tensor, options: Option
     return report
 
 
-def _add_chunk_stats(report: TensorReport, ca, cb, ia, ib, start: int, width: int, options: Options) -> None:
-    """Fold the differing elements of one chunk (values ``ca``/``cb``, bits ``ia``/``ib``) into ``report``."""
+def _add_chunk_stats(report: TensorReport, ca, cb, ia, ib, start: int, width: int, per_item: int, options: Options) -> None:
+    """Fold the differing elements of one chunk (values ``ca``/``cb``, bits ``ia``/``ib``) into ``report``.
+
+    ``start`` is the chunk's offset in the flattened tensor, of which ``per_item`` values make one
+    element of the original (2 for complex numbers, seen as pairs of reals).
+    """
     where = (ia != ib).nonzero().reshape(-1)
     if report.first_index is None:
-        report.first_index = _unravel(start + int(where[0]), report.shape_a)
+        report.first_index = _unravel((start + int(where[0])) // per_item, report.shape_a)
     report.n_differ += where.numel()
     va, vb = ca[where].double(), cb[where].double()
-    if not ca.is_floating_point():
+    if not ca.is_floating_point():  # integers and bools: exact only; max abs exact beyond 2**53 too
         report.n_outside += where.numel()
         abs_diff = (va - vb).abs()
-        report.max_abs = max(report.max_abs, float(abs_diff.max()))
+        i = int(abs_diff.argmax())
+        report.max_abs = max(report.max_abs, float(abs(int(ca[where[i]]) - int(cb[where[i]]))))
         report.max_rel = max(report.max_rel, float((abs_diff / torch.maximum(va.abs(), vb.abs())).max()))
         return
     keep = ~(va.isnan() & vb.isnan())  # NaN against NaN: same place, no numeric difference
@@ -517,7 +522,8 @@ class CheckpointComparison:
         diffs = self.tensor_diffs
         parts = [f"{len(diffs)} of {len(self.tensors)} tensors differ"]
         if self.options.tolerant:
-            parts[0] += f" ({sum(not t.within_tolerance for t in diffs)} beyond tolerance)"
+            beyond = sum(not t.within_tolerance for t in diffs)
+            parts[0] += f" ({beyond} beyond atol={self.options.atol:g} rtol={self.options.rtol:g})"
         parts.append(f"{len(self.value_diffs)} of {self.values_compared} other values differ")
         if self.only_in_a or self.only_in_b:
             parts.append(f"{len(self.only_in_a)} keys only in A, {len(self.only_in_b)} only in B")
@@ -624,7 +630,7 @@ def compare_checkpoints(a: os.PathLike | str, b: os.PathLike | str, options: Opt
         lv.pop(CHECKSUM_KEY, None)
     kept_a = [p for p in la if not options.ignores(p)]
     kept_b = {p for p in lb if not options.ignores(p)}
-    result.ignored = len(la) - len(kept_a) + len(lb) - len(kept_b)
+    result.ignored = len({*la, *lb}) - len({*kept_a, *kept_b})
     result.only_in_a = _one_sided((p for p in kept_a if p not in lb), set(lb))
     result.only_in_b = _one_sided((p for p in lb if p in kept_b and p not in la), set(la))
     for path in kept_a:

@@ -424,3 +424,12 @@ def test_guide_command_works_as_written(tmp_path, base, capsys):
     helped = capsys.readouterr().out
     assert "examples:" in helped and "--ignore" in helped
 
+
+
+def test_integer_complex_and_bool_tensors_are_compared_exactly():
+    big = compare_tensors("i", torch.tensor([2**62, 5]), torch.tensor([2**62 + 1, 5]), Options(atol=10.0))
+    assert (big.max_abs, big.n_outside, big.max_ulp) == (1.0, 1, None)  # exact beyond 2**53, never tolerated
+    cplx = compare_tensors("c", torch.tensor([1 + 2j, 3 + 0j, 5j]), torch.tensor([1 + 2j, 4 + 0j, 5j]), Options())
+    assert (cplx.n_differ, cplx.first_index, cplx.max_abs) == (1, (1,), 1.0)
+    flags = compare_tensors("b", torch.tensor([True, False]), torch.tensor([True, True]), Options())
+    assert (flags.n_differ, flags.first_index) == (1, (1,))

@@ -9,16 +9,19 @@ weights_only=True)`` opens it with no allow-list. On top of that we add:
 * Atomic writes: temp file in the same directory, flush, fsync, rename, fsync the directory. A
   crash at any instant leaves either the old file or the complete new one.
 * Byte-identical output for identical content: the archive is written through a file object, so
-  its internal record names do not depend on the file name or directory.
+  its internal record names do not depend on the file name or directory, and the content is
+  put in a canonical form first (`canonical`), so pickle's memo does not depend on object history.
 """
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import hashlib
 import os
 import pickle
 import struct
+import sys
 import tempfile
 import warnings
 import zipfile
@@ -88,6 +91,55 @@ def content_digest(obj: Any) -> str:
     return h.hexdigest()
 
 
+# Types that torch.load(weights_only=True) accepts with no allow-list.
+_SAFE_SCALARS = (int, float, bool, str, bytes, type(None), torch.dtype, torch.device)
+_SAFE_CONTAINERS = (dict, collections.OrderedDict, list, tuple, torch.Size)
+
+
+def unsafe_leaves(obj: Any, prefix: str = "") -> list[str]:
+    """Paths of values that ``torch.load(weights_only=True)`` would refuse (``path: type``).
+
+    Subclasses count as unsafe (``torch.__version__`` is a ``str`` subclass that is), except
+    tensors and parameters.
+    """
+    if isinstance(obj, torch.Tensor):
+        return []
+    kind = type(obj)
+    if kind in _SAFE_CONTAINERS:
+        items = obj.items() if isinstance(obj, dict) else enumerate(obj)
+        found = []
+        for key, value in items:
+            if isinstance(obj, dict) and type(key) not in _SAFE_SCALARS:
+                found.append(f"{prefix}: key of type {type(key).__name__}")
+            found += unsafe_leaves(value, f"{prefix}.{key}" if prefix else str(key))
+        return found
+    return [] if kind in _SAFE_SCALARS else [f"{prefix or '<root>'}: {kind.__module__}.{kind.__qualname__}"]
+
+
+def canonical(obj: Any) -> Any:
+    """A copy of a nested checkpoint whose pickle bytes depend only on its content.
+
+    Pickle memoises objects by identity: a string or tuple that appears twice is written once and
+    then referenced, and whether two equal strings are one object depends on history (a key
+    loaded from a checkpoint is a new object; a literal in our code is interned). So a resumed
+    run would write other bytes for the same content. Here every string is interned (always
+    shared) and every container is rebuilt (never shared); tensors are kept as they are.
+    """
+    if isinstance(obj, str):
+        return sys.intern(str(obj))
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, dict):
+        copy = type(obj)((canonical(k), canonical(v)) for k, v in obj.items())
+        metadata = getattr(obj, "_metadata", None)  # module state_dict version info
+        if metadata is not None:
+            copy._metadata = canonical(metadata)
+        return copy
+    if type(obj) in (list, tuple):
+        return type(obj)(canonical(v) for v in obj)
+    return obj
+
+
 # --------------------------------------------------------------------------- atomic files
 
 
@@ -135,14 +187,19 @@ def atomic_write_text(path: os.PathLike | str, text: str) -> None:
 def save_checkpoint(checkpoint: dict, path: os.PathLike | str) -> str:
     """Write ``checkpoint`` atomically with ``format_version`` and ``content_sha256``; return the digest.
 
-    The caller's dict is not modified. Keys named like ours are overwritten in the file.
+    Refuses (TypeError naming the keys) content that ``torch.load(weights_only=True)`` could not
+    read back, so every file we write is safe to load. The caller's dict is not modified.
     """
     if not isinstance(checkpoint, dict):
         raise TypeError(f"checkpoint must be a dict, got {type(checkpoint).__name__}")
+    unsafe = unsafe_leaves(checkpoint)
+    if unsafe:
+        raise TypeError(f"checkpoint would not load with weights_only=True: {'; '.join(unsafe[:5])}")
     body = {k: v for k, v in checkpoint.items() if k not in (FORMAT_KEY, CHECKSUM_KEY)}
     body[FORMAT_KEY] = FORMAT_VERSION
     digest = content_digest(body)
     body[CHECKSUM_KEY] = digest
+    body = canonical(body)
     with atomic_open(path) as f:
         torch.save(body, f)
     return digest

@@ -10,6 +10,7 @@ import sys
 import textwrap
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -22,6 +23,7 @@ from axs_lib.checkpoint import (
     load_checkpoint,
     read_latest,
     save_checkpoint,
+    unsafe_leaves,
     write_latest,
 )
 from axs_lib.errors import CheckpointError
@@ -214,3 +216,50 @@ def test_guide_save_and_plain_load_round_trip(tmp_path):
     loaded = torch.load(path)
     assert loaded["seed_info"]["seed"] == 42 and "rng_state" in loaded
     assert os.path.getsize(path) > 0
+
+
+@pytest.mark.parametrize(
+    ("value", "named"),
+    [
+        (torch.__version__, "meta.version: torch.torch_version.TorchVersion"),
+        (np.float32(1.0), "meta.version: numpy.float32"),
+        (np.zeros(2), "meta.version: numpy.ndarray"),
+        (Path("x"), "meta.version: pathlib.PosixPath"),
+    ],
+)
+def test_content_that_weights_only_would_refuse_is_not_written(tmp_path, value, named):
+    path = tmp_path / "x.pt"
+    with pytest.raises(TypeError, match=named.replace(".", r"\.")):
+        save_checkpoint({"meta": {"version": value}}, path)
+    assert not path.exists() and not list(tmp_path.iterdir())
+
+
+def test_unsafe_leaves_accepts_what_weights_only_accepts(tmp_path):
+    import collections
+
+    ok = {"a": collections.OrderedDict(w=torch.ones(1)), "b": (1, 2.0, "s", None, True), "c": [torch.float32, torch.Size([2])]}
+    assert unsafe_leaves(ok) == []
+    torch.save(ok, tmp_path / "ok.pt")
+    torch.load(tmp_path / "ok.pt", weights_only=True)
+
+
+def test_same_content_with_other_object_identity_gives_same_bytes(tmp_path):
+    """A resumed run holds equal strings and tuples as distinct objects; the bytes must not change."""
+    key = "step"
+    betas = (0.9, 0.999)
+    shared = {"step": 1, "opt": {"state": {0: {key: torch.ones(1)}}, "groups": [{"betas": betas}, {"betas": betas}]}}
+    fresh = {
+        "step": 1,
+        "opt": {"state": {0: {"".join(["st", "ep"]): torch.ones(1)}}, "groups": [{"betas": (0.9, 0.999)}, {"betas": tuple([0.9, 0.999])}]},
+    }
+    save_checkpoint(shared, tmp_path / "a.pt")
+    save_checkpoint(fresh, tmp_path / "b.pt")
+    assert sha(tmp_path / "a.pt") == sha(tmp_path / "b.pt")
+
+
+def test_module_state_dict_metadata_survives(tmp_path):
+    model = torch.nn.Linear(2, 2)
+    save_checkpoint({"m": model.state_dict()}, tmp_path / "m.pt")
+    loaded = load_checkpoint(tmp_path / "m.pt")["m"]
+    assert loaded._metadata == model.state_dict()._metadata
+    torch.nn.Linear(2, 2).load_state_dict(loaded)

@@ -113,7 +113,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _log(quiet: bool):
     def log(line: str) -> None:
-        if line.startswith("warning:"):
+        if line.startswith(("warning:", "notice:")):
             print(line, file=sys.stderr)
         elif not quiet:
             print(line)

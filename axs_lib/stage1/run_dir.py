@@ -80,13 +80,17 @@ def remove_outputs(output_dir: Path) -> None:
 
 @contextlib.contextmanager
 def locked(output_dir: Path) -> Iterator[None]:
-    """Hold an exclusive lock on ``output_dir`` for the life of a run (released even on SIGKILL)."""
+    """Hold an exclusive lock on ``output_dir`` for the life of a run (released even on SIGKILL).
+
+    A POSIX record lock (``lockf``), not ``flock``: forked DataLoader workers do not inherit it,
+    so workers still shutting down after their parent was killed do not block the resume.
+    """
     path = output_dir / LOCK
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
             holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
             raise UsageError(f"{output_dir}: another run (pid {holder}) is using this output directory") from None
         os.ftruncate(fd, 0)

@@ -1,0 +1,286 @@
+"""The Stage-1 trainer on the real demo tiles: byte-identical across reruns, kills, signals and workers."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from axs_lib.checkpoint import CHECKSUM_KEY, FORMAT_KEY, content_digest, load_checkpoint, read_latest
+from axs_lib.cli import main
+from axs_lib.stage1 import run_dir
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 10
+
+
+def args(data: Path, out: Path, *extra: str, steps: int = STEPS) -> list[str]:
+    return [
+        "--data-dir", str(data), "--output-dir", str(out), "--seed", "42", "--steps", str(steps),
+        "--batch-size", "2", "--width", "8", "--checkpoint-every", "2", "--val-every", "4",
+        "--log-every", "1", "--no-plots", "--quiet", *extra,
+    ]
+
+
+def train(*argv: str) -> int:
+    return main(["train", "stage1", *argv])
+
+
+def spawn(argv: list[str], env: dict | None = None) -> subprocess.Popen:
+    return subprocess.Popen(
+        [sys.executable, str(ROOT / "scripts" / "train_stage1.py"), *argv],
+        cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+        text=True, start_new_session=True,
+    )
+
+
+def shas(out: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((out / "checkpoints").glob("*.pt"))}
+
+
+def wait_for_step(out: Path, proc: subprocess.Popen, step: int, timeout: float = 120) -> None:
+    """Wait until the run has logged ``step`` (metrics are logged every step in these tests)."""
+    deadline = time.monotonic() + timeout
+    log = out / "metrics.jsonl"
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()}")
+        if log.exists() and any(json.loads(l).get("step", 0) >= step for l in log.read_text().splitlines() if l.endswith("}")):
+            return
+        time.sleep(0.02)
+    raise AssertionError(f"step {step} not reached")
+
+
+@pytest.fixture(scope="module")
+def reference(demo_tiles, tmp_path_factory):
+    """An uninterrupted run with 0 workers: the bits every other run must reproduce."""
+    out = tmp_path_factory.mktemp("reference") / "run"
+    assert train(*args(demo_tiles, out, "--num-workers", "0")) == 0
+    return out
+
+
+def test_run_writes_what_it_promises(reference):
+    names = set(shas(reference))
+    assert {f"checkpoint_step_{s}.pt" for s in range(2, STEPS + 1, 2)} | {"best.pt"} == names
+    assert read_latest(reference / "checkpoints").name == f"checkpoint_step_{STEPS}.pt"
+    run = json.loads((reference / "run.json").read_text())
+    assert run["status"] == "completed" and run["final_step"] == STEPS and run["seed"] == 42
+    assert run["data_fingerprint"]["num_tiles"] == 6
+    assert json.loads((reference / "split.json").read_text())["val"]
+    assert "packages" in json.loads((reference / "environment.json").read_text())
+    records = [json.loads(l) for l in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, STEPS + 1))
+    assert {"val_loss", "psnr", "ssim", "sam"} <= set(next(r for r in records if r["split"] == "val"))
+
+
+def test_checkpoint_schema_loads_weights_only(reference):
+    ckpt = torch.load(reference / "checkpoints" / f"checkpoint_step_{STEPS}.pt", weights_only=True)
+    for key in ("model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "seed_info", "rng_state",
+                "step", "epoch", "sampler_state", "early_stopping", "config", "environment", "data_fingerprint",
+                FORMAT_KEY, CHECKSUM_KEY):
+        assert key in ckpt, key
+    assert ckpt["step"] == STEPS and ckpt["seed_info"]["seed"] == 42
+    text = json.dumps(ckpt["config"]) + json.dumps(ckpt["environment"])
+    assert str(reference) not in text and "output_dir" not in ckpt["config"]
+
+
+def test_rerun_is_byte_identical(reference, demo_tiles, tmp_path):
+    out = tmp_path / "again"
+    assert train(*args(demo_tiles, out)) == 0
+    assert shas(out) == shas(reference)
+
+
+def test_another_seed_gives_other_weights(reference, demo_tiles, tmp_path):
+    out = tmp_path / "seed43"
+    argv = args(demo_tiles, out)
+    argv[argv.index("--seed") + 1] = "43"
+    assert train(*argv) == 0
+    a = load_checkpoint(out / "checkpoints" / f"checkpoint_step_{STEPS}.pt")["model_state_dict"]
+    b = load_checkpoint(reference / "checkpoints" / f"checkpoint_step_{STEPS}.pt")["model_state_dict"]
+    assert any(not torch.equal(a[k], b[k]) for k in a)
+
+
+def test_sigkill_mid_epoch_with_workers_then_resume(reference, demo_tiles, tmp_path):
+    out = tmp_path / "killed"
+    proc = spawn(args(demo_tiles, out, "--num-workers", "2"))
+    wait_for_step(out, proc, 5)  # 5 train tiles, batch 2: step 5 ends mid-epoch
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert train(*args(demo_tiles, out, "--num-workers", "2", "--resume", "auto")) == 0
+    assert shas(out) == shas(reference)
+    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    assert steps == list(range(1, STEPS + 1))  # no duplicated or lost log lines
+
+
+def test_kill_during_checkpoint_write_then_resume(reference, demo_tiles, tmp_path):
+    out = tmp_path / "killed_in_write"
+    proc = spawn(args(demo_tiles, out, "--num-workers", "2"), env={"AXS_FAULT": "kill:checkpoint_step_6.pt"})
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    ckpts = out / "checkpoints"
+    assert not (ckpts / "checkpoint_step_6.pt").exists()
+    assert list(ckpts.glob(".checkpoint_step_6.pt.*.tmp"))  # the half-written temp file
+    assert read_latest(ckpts).name == "checkpoint_step_4.pt"
+    load_checkpoint(ckpts / "checkpoint_step_4.pt")
+    assert train(*args(demo_tiles, out, "--resume", "auto")) == 0
+    assert not list(ckpts.glob(".*.tmp"))
+    assert shas(out) == shas(reference)
+
+
+def test_sigterm_checkpoints_current_step_and_resumes_exactly(reference, demo_tiles, tmp_path):
+    out = tmp_path / "terminated"
+    proc = spawn(args(demo_tiles, out, "--num-workers", "2", "--checkpoint-every", "100"))
+    wait_for_step(out, proc, 3)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143
+    stopped = read_latest(out / "checkpoints")
+    assert stopped is not None and stopped.exists()
+    step = load_checkpoint(stopped)["step"]
+    assert 3 <= step < STEPS
+    assert train(*args(demo_tiles, out, "--num-workers", "2", "--checkpoint-every", "100", "--resume", "auto")) == 0
+    final = f"checkpoint_step_{STEPS}.pt"
+    assert shas(out)[final] == shas(reference)[final]
+    assert shas(out)[f"checkpoint_step_{step}.pt"] == shas(reference).get(f"checkpoint_step_{step}.pt", shas(out)[f"checkpoint_step_{step}.pt"])
+
+
+def test_full_disk_keeps_earlier_checkpoints_and_resume_is_exact(reference, demo_tiles, tmp_path, monkeypatch, capsys):
+    out = tmp_path / "full"
+    monkeypatch.setenv("AXS_FAULT", "enospc:checkpoint_step_4.pt")
+    assert train(*args(demo_tiles, out)) == 1
+    assert "No space left on device" in capsys.readouterr().err
+    assert read_latest(out / "checkpoints").name == "checkpoint_step_2.pt"
+    assert set(shas(out)) <= {"checkpoint_step_2.pt", "best.pt"}
+    monkeypatch.delenv("AXS_FAULT")
+    assert train(*args(demo_tiles, out, "--resume", "auto")) == 0
+    assert shas(out) == shas(reference)
+
+
+def test_corrupt_latest_falls_back_to_newest_valid(reference, demo_tiles, tmp_path, capsys):
+    out = tmp_path / "corrupt"
+    shutil.copytree(reference, out)
+    latest = out / "checkpoints" / f"checkpoint_step_{STEPS}.pt"
+    latest.write_bytes(latest.read_bytes()[:-100])
+    assert train(*args(demo_tiles, out, "--resume", "auto")) == 0
+    captured = capsys.readouterr()
+    assert f"checkpoint_step_{STEPS}.pt" in captured.err and "skipping" in captured.err
+    assert shas(out) == shas(reference)
+
+
+def test_early_stopping_resumed_run_stops_at_the_same_step(demo_tiles, tmp_path):
+    es = ("--early-stopping", "--patience", "2", "--min-delta", "0.003", "--val-every", "2", "--lr", "0.003")
+    full = tmp_path / "es_full"
+    assert train(*args(demo_tiles, full, *es, steps=60)) == 0
+    run = json.loads((full / "run.json").read_text())
+    stop = run["final_step"]
+    assert run["status"] == "early_stopped" and 6 <= stop < 60
+    resumed = tmp_path / "es_resumed"
+    proc = spawn(args(demo_tiles, resumed, *es, steps=60), env={"AXS_FAULT": f"kill:checkpoint_step_{stop - 2}.pt"})
+    proc.wait(timeout=120)
+    assert proc.returncode == -signal.SIGKILL
+    assert train(*args(demo_tiles, resumed, *es, "--resume", "auto", steps=60)) == 0
+    assert json.loads((resumed / "run.json").read_text())["final_step"] == stop
+    assert shas(resumed) == shas(full)
+
+
+@pytest.mark.parametrize(
+    ("change", "named"),
+    [
+        (["--seed", "43"], "seed: checkpoint 42, now 43"),
+        (["--lr", "0.01"], "lr: checkpoint 0.001, now 0.01"),
+        (["--max-tiles", "5"], "tile set: checkpoint 6 tiles"),
+    ],
+)
+def test_resume_with_a_difference_is_refused_and_named(reference, demo_tiles, tmp_path, capsys, change, named):
+    out = tmp_path / "mismatch"
+    shutil.copytree(reference, out)
+    before = shas(out)
+    argv = args(demo_tiles, out, "--resume", "auto", steps=STEPS + 2)
+    argv[argv.index("--steps") + 1] = str(STEPS)
+    for flag, value in zip(change[::2], change[1::2]):
+        if flag in argv:
+            argv[argv.index(flag) + 1] = value
+        else:
+            argv += [flag, value]
+    assert train(*argv) == 2
+    err = capsys.readouterr().err
+    assert named in err and err.count("\n") == 1 and "--force-resume" in err
+    assert shas(out) == before
+
+
+def test_resume_of_another_format_version_is_refused(reference, demo_tiles, tmp_path, capsys):
+    out = tmp_path / "format"
+    shutil.copytree(reference, out)
+    path = out / "checkpoints" / f"checkpoint_step_{STEPS}.pt"
+    ckpt = load_checkpoint(path)
+    ckpt[FORMAT_KEY] = 99
+    ckpt[CHECKSUM_KEY] = content_digest({k: v for k, v in ckpt.items() if k != CHECKSUM_KEY})
+    torch.save(ckpt, path)
+    assert train(*args(demo_tiles, out, "--resume", "auto")) == 2
+    assert "checkpoint format: checkpoint 99" in capsys.readouterr().err
+
+
+def test_resume_takes_unspecified_settings_from_the_checkpoint(reference, demo_tiles, tmp_path):
+    out = tmp_path / "short_resume"
+    shutil.copytree(reference, out)
+    (out / "checkpoints" / f"checkpoint_step_{STEPS}.pt").unlink()
+    (out / "checkpoints" / "latest").write_text("checkpoint_step_8.pt\n")
+    # only --output-dir, --data-dir and run settings: everything else comes from the checkpoint
+    assert train("--output-dir", str(out), "--resume", "auto", "--quiet", "--no-plots", "--checkpoint-every", "2") == 0
+    assert shas(out) == shas(reference)
+
+
+def test_second_run_into_used_dir_is_refused(reference, demo_tiles, tmp_path, capsys):
+    out = tmp_path / "used"
+    shutil.copytree(reference, out)
+    before = shas(out)
+    assert train(*args(demo_tiles, out)) == 2
+    err = capsys.readouterr().err
+    assert "not empty" in err and "--resume" in err and "--overwrite" in err
+    assert shas(out) == before
+    (out / "notes.txt").write_text("mine")
+    assert train(*args(demo_tiles, out, "--overwrite")) == 0
+    assert shas(out) == before and (out / "notes.txt").read_text() == "mine"
+
+
+def test_live_lock_stops_a_second_run(demo_tiles, tmp_path):
+    out = tmp_path / "locked"
+    out.mkdir()
+    with run_dir.locked(out):
+        proc = spawn(args(demo_tiles, out, "--resume", "auto"))
+        _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 2
+    assert f"another run (pid {os.getpid()})" in err and "Traceback" not in err
+
+
+def test_guide_command_and_default_output_dir(demo_tiles, tmp_path):
+    """The guide's quick test, and --output-dir defaulting to runs/stage1_seed<SEED>."""
+    work = tmp_path / "cwd"
+    work.mkdir()
+    (work / "tiles").symlink_to(demo_tiles)
+    cmd = [sys.executable, str(ROOT / "scripts" / "train_stage1.py"), "--seed", "7", "--steps", "2", "--max-tiles", "10",
+           "--width", "8", "--no-plots", "--quiet"]
+    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (work / "runs" / "stage1_seed7" / "checkpoints" / "checkpoint_step_2.pt").exists()
+    proc = subprocess.run(cmd[:2] + cmd[4:], cwd=work, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "notice: no --seed given" in proc.stderr  # shown even with --quiet
+    assert (work / "runs" / "stage1_seed42").is_dir()
+
+
+def test_plots_and_samples_are_written(demo_tiles, tmp_path):
+    out = tmp_path / "plots"
+    argv = [a for a in args(demo_tiles, out, steps=4) if a != "--no-plots"]
+    assert train(*argv) == 0
+    assert (out / "plots" / "loss.png").stat().st_size > 1000
+    assert (out / "samples" / "step_4.png").stat().st_size > 1000

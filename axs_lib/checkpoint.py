@@ -153,6 +153,12 @@ def fsync_dir(directory: os.PathLike | str) -> None:
             os.close(fd)
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 @contextlib.contextmanager
 def atomic_open(path: os.PathLike | str, mode: str = "wb"):
     """Open a temp file beside ``path``; on clean exit fsync it and rename it over ``path``.
@@ -162,6 +168,7 @@ def atomic_open(path: os.PathLike | str, mode: str = "wb"):
     path = Path(path)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_umask())  # mkstemp makes 0600; a result file gets the usual mode
         with os.fdopen(fd, mode) as f:
             yield f
             faults.before_commit(path, f)

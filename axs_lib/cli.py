@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import pkgutil
 import sys
 from typing import Sequence
@@ -67,6 +68,9 @@ def run_handler(func, args, *, debug: bool = False) -> int:
     except KeyboardInterrupt:
         print("axs: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # output piped into `head` and closed early: not an error
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return 0
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:

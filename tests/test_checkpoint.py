@@ -263,3 +263,12 @@ def test_module_state_dict_metadata_survives(tmp_path):
     loaded = load_checkpoint(tmp_path / "m.pt")["m"]
     assert loaded._metadata == model.state_dict()._metadata
     torch.nn.Linear(2, 2).load_state_dict(loaded)
+
+
+def test_written_files_get_the_usual_mode(tmp_path):
+    old = os.umask(0o022)
+    try:
+        save_checkpoint({"w": torch.ones(1)}, tmp_path / "m.pt")
+    finally:
+        os.umask(old)
+    assert (tmp_path / "m.pt").stat().st_mode & 0o777 == 0o644

@@ -1,0 +1,68 @@
+"""Kill harness (axs_lib.killtest): SIGKILL at random moments, resume, demand byte-identical checkpoints.
+
+CI mode runs 5 kills with a fresh random seed each time (printed; set AXS_KILLTEST_SEED to replay
+one); ``make soak`` runs 20. The self-test proves the harness can fail: a resume that changes the
+seed (with --force-resume) must be reported as not byte-identical.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+
+import pytest
+
+from axs_lib import killtest
+
+CI_KILLS = 5
+SOAK_KILLS = 20
+
+
+def _seed() -> int:
+    env = os.environ.get("AXS_KILLTEST_SEED")
+    return int(env) if env else random.SystemRandom().randrange(2**32)
+
+
+def test_plan_is_a_pure_function_of_the_seed_with_both_kinds():
+    for seed in range(50):
+        plan = killtest.plan(seed, 5)
+        assert plan == killtest.plan(seed, 5)
+        assert {k.kind for k in plan} == {"write", "clock"}
+        assert all(k.offset in (1, 2) and 0 <= k.delay <= killtest.MAX_DELAY_S for k in plan)
+    assert killtest.plan(1, 5) != killtest.plan(2, 5)
+    assert killtest.default_steps(SOAK_KILLS) >= 2 * SOAK_KILLS
+
+
+def test_kills_in_ci_mode_change_no_bit(demo_tiles, tmp_path, capsys):
+    """Through the CLI, as a user replays it: ``python -m axs_lib.killtest --kills N --seed S``."""
+    seed = _seed()
+    code = killtest.main(["--kills", str(CI_KILLS), "--seed", str(seed), "--data-dir", str(demo_tiles),
+                          "--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    print(out)
+    assert code == 0, out
+    assert f"kill harness: seed {seed}, {CI_KILLS} kills" in out and f"--kills {CI_KILLS} --seed {seed}" in out
+    assert f"kills survived {CI_KILLS} / kills made {CI_KILLS}" in out and "files byte-identical" in out
+    assert "write at checkpoint_step_" in out and "clock at step" in out
+
+
+def test_harness_reports_a_resume_with_another_seed_as_different(demo_tiles, tmp_path):
+    """The harness can fail: resuming with --seed 43 --force-resume must not pass as identical."""
+    lines = []
+    result = killtest.run_harness(demo_tiles, tmp_path, kills=1, seed=7, steps=6, log=lines.append,
+                                  resume_args=["--seed", "43", "--force-resume"])
+    report = "\n".join(lines)
+    assert result.kills_made == 1, report
+    assert not result.identical and not result.ok, report
+    assert "checkpoint_step_6.pt" in result.mismatches, report
+    assert "NOT byte-identical" in result.summary()
+
+
+@pytest.mark.slow
+def test_kills_in_soak_mode_change_no_bit(demo_tiles, tmp_path):
+    lines = []
+    result = killtest.run_harness(demo_tiles, tmp_path, kills=SOAK_KILLS, seed=_seed(), log=lines.append)
+    report = "\n".join(lines)
+    print(report)
+    assert result.ok, report
+    assert result.kills_made == result.kills_survived == SOAK_KILLS

@@ -27,8 +27,17 @@ EPILOG = """examples:
 """
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """An argparse parser whose usage errors are one line (exit 2), not the usage block and then the error.
+
+    Subcommand parsers are made of the same class, so this holds for every ``axs`` command."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="axs",
         description="Bit-exact reproducible training for SAR-to-optical models.",
         epilog=EPILOG,

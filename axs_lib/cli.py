@@ -15,7 +15,7 @@ import pkgutil
 import sys
 from typing import Sequence
 
-from axs_lib import __version__, commands
+from axs_lib import __version__, commands, errors
 from axs_lib.errors import AxsError
 
 EPILOG = """examples:
@@ -77,9 +77,35 @@ def run_handler(func, args, *, debug: bool = False) -> int:
     except KeyboardInterrupt:
         print("axs: interrupted", file=sys.stderr)
         return 130
+    except RuntimeError as exc:
+        error = worker_error(exc)
+        if error is None or debug:
+            raise
+        print(f"axs: error: {error}", file=sys.stderr)
+        return error.exit_code
     except BrokenPipeError:  # output piped into `head` and closed early: not an error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return 0
+
+
+def worker_error(exc: BaseException) -> AxsError | None:
+    """The `AxsError` a DataLoader worker raised, recovered from the RuntimeError torch re-raises it as.
+
+    torch cannot rebuild our errors in the main process (their constructors take more than a
+    message), so it raises ``RuntimeError("Caught InputError in DataLoader worker process 0.
+    Original Traceback ... axs_lib.errors.InputError: <message>")``. Without this a bad tile read by
+    a worker would end the run with a traceback instead of one line and exit 2.
+    """
+    text = str(exc)
+    lines = [line for line in text.splitlines() if line.strip()]
+    if not lines or not (lines[0].startswith("Caught ") and "DataLoader worker" in lines[0]):
+        return None
+    name, sep, message = lines[-1].partition(": ")
+    module, _, cls_name = name.rpartition(".")
+    cls = getattr(errors, cls_name, None)
+    if not sep or module != errors.__name__ or not (isinstance(cls, type) and issubclass(cls, AxsError)):
+        return None
+    return AxsError(message.strip(), exit_code=cls.exit_code)
 
 
 def add_debug_flag(parser: argparse.ArgumentParser) -> None:

@@ -58,8 +58,11 @@ def prepare(output_dir: Path, *, resume: bool, overwrite: bool) -> None:
         output_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise InputError(output_dir, f"cannot create output directory: {exc.strerror}") from None
-    if not os.access(output_dir, os.W_OK | os.X_OK):
-        raise InputError(output_dir, "output directory is not writable")
+    # a real write, not os.access: as root os.access says yes even on a read-only filesystem
+    try:
+        os.close(os.open(output_dir / LOCK, os.O_RDWR | os.O_CREAT, 0o644))
+    except OSError as exc:
+        raise InputError(output_dir, f"output directory is not writable: {exc.strerror}") from None
     used = sorted(p.name for p in output_dir.iterdir() if p.name != LOCK)
     if used and not resume and not overwrite:
         raise UsageError(
@@ -86,7 +89,10 @@ def locked(output_dir: Path) -> Iterator[None]:
     so workers still shutting down after their parent was killed do not block the resume.
     """
     path = output_dir / LOCK
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise InputError(output_dir, f"output directory is not writable (cannot create {LOCK}): {exc.strerror}") from None
     try:
         try:
             fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

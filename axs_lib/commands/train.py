@@ -15,6 +15,7 @@ EXAMPLES = """examples:
   axs train stage1 --data-dir tiles/ --output-dir runs/exp1/ --seed 42 --steps 100 --max-tiles 10
   axs train stage1 --data-dir tiles/ --output-dir runs/exp1/ --seed 42 --steps 100 --resume auto
   axs train stage1 --config exp.toml --num-workers 2 --early-stopping --patience 3
+  torchrun --standalone --nproc_per_node=2 scripts/train_stage1.py --data-dir tiles/ --seed 42 --steps 100
 
 Two runs with the same seed, tiles and config write byte-identical checkpoints, whatever
 --num-workers is and however often a run is killed and resumed with --resume auto.
@@ -94,6 +95,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                      help="continue from the run's newest valid checkpoint (auto) or from PATH")
     run.add_argument("--force-resume", action="store_true",
                      help="resume even if seed, config, tiles, world size or format differ (bits will not match)")
+    run.add_argument("--allow-world-size-change", action="store_true",
+                     help="resume on another number of torchrun ranks, re-sharding the current epoch (other bits)")
     run.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --output-dir")
 
 
@@ -139,7 +142,7 @@ def run(args: argparse.Namespace) -> int:
         resumed.data_dir = given.get("data_dir") or _previous_data_dir(Path(config.output_dir)) or config.data_dir
         return resumed
 
-    result = train_stage1(config, ResumeRequest(args.resume, args.force_resume), overwrite=args.overwrite,
+    result = train_stage1(config, ResumeRequest(args.resume, args.force_resume, args.allow_world_size_change), overwrite=args.overwrite,
                           log=log, config_for_resume=for_resume)
     return result.exit_code
 

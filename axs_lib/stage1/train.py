@@ -9,6 +9,11 @@ model, optimizer, scheduler, sampler position and early-stopping state to contin
 killed at any moment and resumed ends byte-identical to one that never stopped, whatever the
 number of DataLoader workers.
 
+Under ``torchrun`` each rank trains on its shard of every epoch with its own ``step/<step>/<rank>``
+stream, gradients are averaged in a fixed layout (`axs_lib.distributed`), every rank validates
+(same weights, same result, so all agree on early stopping) and rank 0 writes files. Results
+depend on the world size, not on timing.
+
 Order of work at optimizer step N: train step -> (validation, ``best.pt``) -> checkpoint ->
 ``latest`` pointer. A checkpoint is written at every ``checkpoint_every`` steps, at the last step,
 when early stopping triggers, and when SIGINT or SIGTERM asks the run to stop.
@@ -16,6 +21,7 @@ when early stopping triggers, and when SIGINT or SIGTERM asks the run to stop.
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import math
 import signal
@@ -35,7 +41,8 @@ from axs_lib.data import TileDataset, make_loader
 from axs_lib.errors import EXIT_FAILURE, AxsError, UsageError
 from axs_lib.fingerprint.data import data_fingerprint
 from axs_lib.fingerprint.environment import diff_environments, environment_fingerprint, environment_report
-from axs_lib.reproducibility import add_seed_to_checkpoint, derive_seed, seed_globals, set_seed
+from axs_lib.distributed import any_rank, average_gradients, gather, init_world, main_first, shutdown
+from axs_lib.reproducibility import add_seed_to_checkpoint, derive_seed, get_seed_state, seed_globals, set_seed
 from axs_lib.sampling import EpochSampler
 from axs_lib.split import make_split
 from axs_lib.stage1 import plots, run_dir
@@ -47,7 +54,6 @@ from axs_lib.tiles import list_tiles
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 SAMPLE_TILES = 3  # validation tiles shown in samples/step_<N>.png
-RANK, WORLD_SIZE = 0, 1
 
 
 @dataclass
@@ -56,6 +62,7 @@ class ResumeRequest:
 
     target: str | None = None  # None, "auto" or a checkpoint path
     force: bool = False  # continue despite a changed seed, config, tile set, world size or format
+    allow_world_size_change: bool = False  # continue on another number of ranks, re-sharding the epoch
 
 
 @dataclass
@@ -110,7 +117,7 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def check_resume(ckpt: dict, config: TrainConfig, data_fp: dict, path: Path) -> list[str]:
+def check_resume(ckpt: dict, config: TrainConfig, data_fp: dict, world_size: int, allow_world_size_change: bool = False) -> list[str]:
     """Every reason this checkpoint cannot continue this run exactly (empty when it can)."""
     problems = []
     if ckpt.get(FORMAT_KEY) != FORMAT_VERSION:
@@ -122,8 +129,9 @@ def check_resume(ckpt: dict, config: TrainConfig, data_fp: dict, path: Path) -> 
             f"tile set: checkpoint {stored_fp.get('num_tiles')} tiles ({str(stored_fp.get('sha256'))[:12]}), "
             f"now {data_fp['num_tiles']} tiles ({data_fp['sha256'][:12]})"
         )
-    if ckpt.get("world_size", 1) != WORLD_SIZE:
-        problems.append(f"world size: checkpoint {ckpt.get('world_size')}, now {WORLD_SIZE}")
+    if ckpt.get("world_size", 1) != world_size and not allow_world_size_change:
+        problems.append(f"world size: checkpoint {ckpt.get('world_size', 1)}, now {world_size} "
+                        "(--allow-world-size-change re-shards deterministically, with other bits)")
     return problems
 
 
@@ -147,140 +155,168 @@ def evaluate(model: nn.Module, loader, device: torch.device, config: TrainConfig
     return {k: v / count for k, v in totals.items()}
 
 
+def reshard(position: int, old_size: int, new_size: int, shard_size: int) -> int:
+    """Sampler position after a world-size change: the same share of the epoch already consumed.
+
+    ``position`` counts samples within one rank's shard, so ``position * old_size`` samples of the
+    epoch were consumed; each of ``new_size`` ranks continues at ``that // new_size``.
+    """
+    return min(position * old_size // new_size, shard_size - 1)
+
+
 def train_stage1(config: TrainConfig, resume: ResumeRequest, *, overwrite: bool = False,
                  log: Callable[[str], None] = print, config_for_resume: Callable[[dict], TrainConfig] | None = None) -> RunResult:
     """Run (or continue) a Stage-1 training described by ``config`` in ``config.output_dir``.
 
     ``config_for_resume`` rebuilds the config on top of a checkpoint's stored result fields, so
     flags not given on a resume take the checkpoint's values; see `axs_lib.commands.train`.
+    Under ``torchrun`` every rank calls this; rank 0 owns the output directory.
     """
     output_dir = Path(config.output_dir)
-    run_dir.prepare(output_dir, resume=resume.target is not None, overwrite=overwrite)
-    with run_dir.locked(output_dir):
-        if overwrite and resume.target is None:
-            run_dir.remove_outputs(output_dir)
-        for name in run_dir.remove_stale_temp_files(output_dir):
-            log(f"removed {name}, left by a write that was interrupted")
+    device = _device(config.device)
+    world = init_world(device)
+    if world.distributed and device.type == "cuda":
+        device = torch.device("cuda", world.local_rank)
+    if not world.is_main:
+        log = lambda line: None  # noqa: E731 - rank 0 speaks for the job
+    with contextlib.ExitStack() as owned:
+        owned.callback(shutdown, world)
 
-        # ---------------------------------------------------------------- checkpoint to resume from
-        ckpt, ckpt_path = None, None
-        if resume.target == "auto":
-            found = run_dir.find_resume_checkpoint(output_dir, log)
-            if found is None:
-                log(f"no valid checkpoint in {output_dir / run_dir.CHECKPOINTS}: starting from step 0")
-            else:
-                ckpt_path, ckpt = found
-        elif resume.target is not None:
-            ckpt_path = Path(resume.target)
-            ckpt = load_checkpoint(ckpt_path)
-        if ckpt is not None and config_for_resume is not None:
-            config = config_for_resume(ckpt.get("config", {}))
+        def open_run_dir() -> None:
+            run_dir.prepare(output_dir, resume=resume.target is not None, overwrite=overwrite)
+            owned.enter_context(run_dir.locked(output_dir))
+            if overwrite and resume.target is None:
+                run_dir.remove_outputs(output_dir)
+            for name in run_dir.remove_stale_temp_files(output_dir):
+                log(f"removed {name}, left by a write that was interrupted")
 
-        # ---------------------------------------------------------------- seeds, flags, device
-        seed_info = set_seed(config.seed, deterministic=config.deterministic, benchmark=config.benchmark)
-        device = _device(config.device)
+        main_first(open_run_dir, world)
+        return _train(config, resume, output_dir, device, world, log, config_for_resume)
 
-        # ---------------------------------------------------------------- data
-        paths = list_tiles(config.data_dir, config.max_tiles)
-        split = make_split(paths, config.seed, config.val_fraction, config.split_source)
-        if config.batch_size > len(split.train):
-            raise UsageError(f"--batch-size {config.batch_size} is larger than the {len(split.train)} training tiles")
-        data_fp = data_fingerprint(paths, split.manifest())
-        env_fp = environment_fingerprint()
 
-        if ckpt is not None:
-            problems = check_resume(ckpt, config, data_fp, ckpt_path)
-            if problems and not resume.force:
-                raise UsageError(f"{ckpt_path}: cannot resume exactly: " + "; ".join(problems) + " (pass --force-resume to continue anyway)")
-            for line in problems:
-                log(f"warning: resuming despite a difference: {line}")
-            for d in diff_environments(ckpt.get("environment"), env_fp):
-                log(f"warning: environment differs from the checkpoint's, bits may differ: {d['key']}: {d['a']!r} -> {d['b']!r}")
+def _train(config, resume, output_dir, device, world, log, config_for_resume) -> RunResult:
+    # -------------------------------------------------------------------- checkpoint to resume from
+    ckpt, ckpt_path = None, None
+    if resume.target == "auto":
+        found = run_dir.find_resume_checkpoint(output_dir, log)
+        if found is None:
+            log(f"no valid checkpoint in {output_dir / run_dir.CHECKPOINTS}: starting from step 0")
+        else:
+            ckpt_path, ckpt = found
+    elif resume.target is not None:
+        ckpt_path = Path(resume.target)
+        ckpt = load_checkpoint(ckpt_path)
+    if ckpt is not None and config_for_resume is not None:
+        config = config_for_resume(ckpt.get("config", {}))
 
+    # -------------------------------------------------------------------- seeds, flags, data
+    seed_info = set_seed(config.seed, deterministic=config.deterministic, benchmark=config.benchmark)
+    paths = list_tiles(config.data_dir, config.max_tiles)
+    split = make_split(paths, config.seed, config.val_fraction, config.split_source)
+    if config.batch_size * world.size > len(split.train):
+        raise UsageError(f"--batch-size {config.batch_size} x {world.size} ranks is larger than the {len(split.train)} training tiles")
+    data_fp = data_fingerprint(paths, split.manifest())
+    env_fp = environment_fingerprint()
+    if ckpt is not None:
+        problems = check_resume(ckpt, config, data_fp, world.size, resume.allow_world_size_change)
+        if problems and not resume.force:
+            raise UsageError(f"{ckpt_path}: cannot resume exactly: " + "; ".join(problems) + " (pass --force-resume to continue anyway)")
+        for line in problems:
+            log(f"warning: resuming despite a difference: {line}")
+        for d in diff_environments(ckpt.get("environment"), env_fp):
+            log(f"warning: environment differs from the checkpoint's, bits may differ: {d['key']}: {d['a']!r} -> {d['b']!r}")
+
+    ckpt_dir = output_dir / run_dir.CHECKPOINTS
+    metrics_log = run_dir.MetricsLog(output_dir / "metrics.jsonl")
+    if world.is_main:
         split.write(output_dir / "split.json")
         run_dir.write_json(output_dir / "environment.json", environment_report())
-        metrics_log = run_dir.MetricsLog(output_dir / "metrics.jsonl")
-        ckpt_dir = output_dir / run_dir.CHECKPOINTS
         ckpt_dir.mkdir(exist_ok=True)
+    train_set = TileDataset(split.train, config.seed, augment=config.augment, speckle_std=config.speckle_std)
+    val_set = TileDataset(split.val, config.seed, augment=False) if split.val else None
+    if val_set is None:
+        log("warning: no validation tiles: no validation metrics, best.pt or early stopping")
 
-        train_set = TileDataset(split.train, config.seed, augment=config.augment, speckle_std=config.speckle_std)
-        val_set = TileDataset(split.val, config.seed, augment=False) if split.val else None
-        if val_set is None:
-            log("warning: no validation tiles: no validation metrics, best.pt or early stopping")
-
-        # ---------------------------------------------------------------- model and optimizer
-        seed_globals(derive_seed(config.seed, "init"))
-        model = UNet(width=config.width, dropout=config.dropout).to(device)
-        optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps))
-        stopper = EarlyStopping(config.patience, config.min_delta, config.es_mode, config.es_metric)
-        step, sampler_state, last_metrics = 0, (0, 0), {}
-        if ckpt is not None:
-            model.load_state_dict(ckpt["model_state_dict"])
-            optimizer.load_state_dict(ckpt["optimizer_state_dict"])
-            scheduler.load_state_dict(ckpt["scheduler_state_dict"])
-            stopper.load_state_dict(ckpt["early_stopping"])
-            step = int(ckpt["step"])
-            sampler_state = (int(ckpt["sampler_state"]["epoch"]), int(ckpt["sampler_state"]["position"]))
-            last_metrics = dict(ckpt.get("metrics") or {})
-            log(f"resuming from {ckpt_path} at step {step}")
+    # -------------------------------------------------------------------- model and optimizer
+    seed_globals(derive_seed(config.seed, "init"))
+    model = UNet(width=config.width, dropout=config.dropout).to(device)
+    parameters = list(model.parameters())
+    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps))
+    stopper = EarlyStopping(config.patience, config.min_delta, config.es_mode, config.es_metric)
+    step, sampler_state, last_metrics = 0, (0, 0), {}
+    if ckpt is not None:
+        model.load_state_dict(ckpt["model_state_dict"])
+        optimizer.load_state_dict(ckpt["optimizer_state_dict"])
+        scheduler.load_state_dict(ckpt["scheduler_state_dict"])
+        stopper.load_state_dict(ckpt["early_stopping"])
+        step = int(ckpt["step"])
+        epoch, position = int(ckpt["sampler_state"]["epoch"]), int(ckpt["sampler_state"]["position"])
+        old_size = int(ckpt.get("world_size", 1))
+        if old_size != world.size:
+            position = reshard(position, old_size, world.size, math.ceil(len(train_set) / world.size))
+            log(f"notice: world size {old_size} -> {world.size}: epoch {epoch} continues at position {position} of each rank's shard")
+        sampler_state = (epoch, position)
+        last_metrics = dict(ckpt.get("metrics") or {})
+        log(f"resuming from {ckpt_path} at step {step}")
+    sampler = EpochSampler(len(train_set), config.seed, start=sampler_state, rank=world.rank, world_size=world.size)
+    if world.is_main:
         metrics_log.truncate_after(step)  # drop what a killed run logged after its last checkpoint
 
-        run_info = {
-            "status": "running", "config": config.to_dict(), "seed": config.seed, "seed_info": seed_info,
-            "environment": env_fp, "data_fingerprint": data_fp, "world_size": WORLD_SIZE,
-            "paths": {"data_dir": str(Path(config.data_dir).resolve()), "output_dir": str(output_dir.resolve())},
-            "resumed_from": {"path": str(ckpt_path), "step": step} if ckpt is not None else None,
-            "started_at": _now(), "ended_at": None, "final_step": step, "best": None,
+    run_info = {
+        "status": "running", "config": config.to_dict(), "seed": config.seed, "seed_info": seed_info,
+        "environment": env_fp, "data_fingerprint": data_fp, "world_size": world.size,
+        "paths": {"data_dir": str(Path(config.data_dir).resolve()), "output_dir": str(output_dir.resolve())},
+        "resumed_from": {"path": str(ckpt_path), "step": step} if ckpt is not None else None,
+        "started_at": _now(), "ended_at": None, "final_step": step, "best": None,
+    }
+
+    def save_run_info(**changes) -> None:
+        run_info.update(changes)
+        if world.is_main:
+            run_dir.write_json(output_dir / "run.json", run_info)
+
+    save_run_info()
+
+    def make_checkpoint() -> dict:
+        """The full training state; every rank's RNG state included (a collective: all ranks call it)."""
+        rank_states = gather(get_seed_state(), world)
+        checkpoint = {
+            "step": step,
+            "epoch": sampler_state[0],
+            "model_state_dict": model.state_dict(),
+            "optimizer_state_dict": optimizer.state_dict(),
+            "scheduler_state_dict": scheduler.state_dict(),
+            "sampler_state": {"epoch": sampler_state[0], "position": sampler_state[1]},
+            "early_stopping": stopper.state_dict(),
+            "metrics": last_metrics,
+            "config": config.result_fields(),
+            "environment": env_fp,
+            "data_fingerprint": data_fp,
+            "world_size": world.size,
+            "rank_rng_states": rank_states,
         }
-        run_dir.write_json(output_dir / "run.json", run_info)
+        return add_seed_to_checkpoint(checkpoint, seed_info)
 
-        def make_checkpoint() -> dict:
-            checkpoint = {
-                "step": step,
-                "epoch": sampler_state[0],
-                "model_state_dict": model.state_dict(),
-                "optimizer_state_dict": optimizer.state_dict(),
-                "scheduler_state_dict": scheduler.state_dict(),
-                "sampler_state": {"epoch": sampler_state[0], "position": sampler_state[1]},
-                "early_stopping": stopper.state_dict(),
-                "metrics": last_metrics,
-                "config": config.result_fields(),
-                "environment": env_fp,
-                "data_fingerprint": data_fp,
-                "world_size": WORLD_SIZE,
-            }
-            return add_seed_to_checkpoint(checkpoint, seed_info)
+    def write(name: str, *, latest: bool) -> None:
+        checkpoint = make_checkpoint()
+        main_first(lambda: _write_checkpoint(ckpt_dir, name, checkpoint, latest), world)
 
-        def write(name: str, checkpoint: dict, *, latest: bool) -> None:
-            path = ckpt_dir / name
-            try:
-                save_checkpoint(checkpoint, path)
-                if latest:
-                    write_latest(ckpt_dir, name)
-            except OSError as exc:
-                hint = "free some space, then " if exc.errno == errno.ENOSPC else ""
-                raise AxsError(
-                    f"{path}: cannot write checkpoint: {exc.strerror or exc}; earlier checkpoints and the latest "
-                    f"pointer are intact; {hint}rerun with --resume auto to continue from the latest one",
-                    exit_code=EXIT_FAILURE,
-                ) from None
+    # -------------------------------------------------------------------- loaders
+    pin = device.type == "cuda"
+    train_iter = iter(make_loader(train_set, sampler, config.batch_size, config.num_workers, config.seed, pin))
+    val_loader = make_loader(val_set, None, config.batch_size, config.num_workers, config.seed, pin) if val_set else None
 
-        # ---------------------------------------------------------------- loaders
-        sampler = EpochSampler(len(train_set), config.seed, start=sampler_state, rank=RANK, world_size=WORLD_SIZE)
-        pin = device.type == "cuda"
-        train_iter = iter(make_loader(train_set, sampler, config.batch_size, config.num_workers, config.seed, pin))
-        val_loader = make_loader(val_set, None, config.batch_size, config.num_workers, config.seed, pin) if val_set else None
-
-        status, exit_code = "completed", 0
-        start_step, started = step, time.perf_counter()
-        bar = tqdm(total=config.steps, initial=step, desc="train", unit="step",
-                   disable=config.quiet or not sys.stderr.isatty(), dynamic_ncols=True)
-        model.train()
+    status, exit_code = "completed", 0
+    start_step, started = step, time.perf_counter()
+    bar = tqdm(total=config.steps, initial=step, desc="train", unit="step",
+               disable=config.quiet or not world.is_main or not sys.stderr.isatty(), dynamic_ncols=True)
+    model.train()
+    try:
         with _StopRequest() as stop_request, bar:
             while step < config.steps:
                 # ------------------------------------------------ one optimizer step
-                seed_globals(derive_seed(config.seed, "step", step, RANK))
+                seed_globals(derive_seed(config.seed, "step", step, world.rank))
                 optimizer.zero_grad(set_to_none=True)
                 step_loss = 0.0
                 for _ in range(config.accum_steps):
@@ -290,52 +326,71 @@ def train_stage1(config: TrainConfig, resume: ResumeRequest, *, overwrite: bool 
                     loss.backward()
                     step_loss += loss.item()
                     sampler_state = sampler.state_after(batch)
+                average_gradients(parameters, world)
                 if config.grad_clip:
-                    nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+                    nn.utils.clip_grad_norm_(parameters, config.grad_clip)
                 optimizer.step()
                 scheduler.step()
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}")
-                if step % config.log_every == 0 or step == config.steps:
+                if world.is_main and (step % config.log_every == 0 or step == config.steps):
                     metrics_log.append({"step": step, "split": "train", "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
 
-                # ------------------------------------------------ validation
+                # ------------------------------------------------ validation (every rank: same weights, same result)
                 if val_loader is not None and (step % config.val_every == 0 or step == config.steps):
                     last_metrics = evaluate(model, val_loader, device, config)
-                    metrics_log.append({"step": step, "split": "val", **last_metrics})
                     if stopper.update(last_metrics[config.es_metric], step):
-                        write("best.pt", make_checkpoint(), latest=False)
-                    if not bar.disable:
-                        bar.write(_metrics_line(step, config.steps, step_loss, last_metrics))
-                    elif not config.quiet:
-                        log(_metrics_line(step, config.steps, step_loss, last_metrics))
-                    if config.plots:
-                        plots.refresh(output_dir, metrics_log.read(), model, val_set, device, step, SAMPLE_TILES)
+                        write("best.pt", latest=False)
+                    if world.is_main:
+                        metrics_log.append({"step": step, "split": "val", **last_metrics})
+                        line = _metrics_line(step, config.steps, step_loss, last_metrics)
+                        bar.write(line) if not bar.disable else log(line)
+                        if config.plots:
+                            plots.refresh(output_dir, metrics_log.read(), model, val_set, device, step, SAMPLE_TILES)
 
                 # ------------------------------------------------ checkpoint
                 early_stop = config.early_stopping and stopper.should_stop
-                if step % config.checkpoint_every == 0 or step == config.steps or early_stop or stop_request.signum:
-                    write(run_dir.checkpoint_name(step), make_checkpoint(), latest=True)
+                interrupted = any_rank(stop_request.signum is not None, world)
+                if step % config.checkpoint_every == 0 or step == config.steps or early_stop or interrupted:
+                    write(run_dir.checkpoint_name(step), latest=True)
                 if early_stop:
                     status = "early_stopped"
                     log(f"early stopping at step {step}: no {config.es_metric} improvement > {config.min_delta} "
                         f"in {config.patience} validations (best {stopper.best:.6g} at step {stopper.best_step})")
                     break
-                if stop_request.signum:
-                    status, exit_code = "interrupted", EXIT_INTERRUPTED[stop_request.signum]
+                if interrupted:
+                    status, exit_code = "interrupted", EXIT_INTERRUPTED.get(stop_request.signum, 143)
                     log(f"interrupted at step {step}: checkpoint written; continue with the same command plus --resume auto")
                     break
+    except BaseException:
+        save_run_info(status="failed", ended_at=_now(), final_step=step)
+        raise
+    finally:
         del train_iter
 
-        elapsed = time.perf_counter() - started
-        best = {"metric": config.es_metric, "value": stopper.best, "step": stopper.best_step} if stopper.best is not None else None
-        run_info.update(status=status, ended_at=_now(), final_step=step, best=best,
-                        steps_per_second=round((step - start_step) / elapsed, 3) if elapsed > 0 else None)
-        run_dir.write_json(output_dir / "run.json", run_info)
-        if not config.quiet:
-            log(f"{status} at step {step}; checkpoints in {ckpt_dir}" + (f"; plots in {output_dir / 'plots'}" if config.plots and val_set else ""))
-        return RunResult(exit_code, step, output_dir, status, best, sorted(p.name for p in ckpt_dir.glob("*.pt")))
+    elapsed = time.perf_counter() - started
+    best = {"metric": config.es_metric, "value": stopper.best, "step": stopper.best_step} if stopper.best is not None else None
+    save_run_info(status=status, ended_at=_now(), final_step=step, best=best,
+                  steps_per_second=round((step - start_step) / elapsed, 3) if elapsed > 0 else None)
+    log(f"{status} at step {step}; checkpoints in {ckpt_dir}" + (f"; plots in {output_dir / 'plots'}" if config.plots and val_set else ""))
+    return RunResult(exit_code, step, output_dir, status, best, sorted(p.name for p in ckpt_dir.glob("*.pt")))
+
+
+def _write_checkpoint(ckpt_dir: Path, name: str, checkpoint: dict, latest: bool) -> None:
+    """Write one checkpoint (and move ``latest`` to it); a failed write is one clear error, exit 1."""
+    path = ckpt_dir / name
+    try:
+        save_checkpoint(checkpoint, path)
+        if latest:
+            write_latest(ckpt_dir, name)
+    except OSError as exc:
+        hint = "free some space, then " if exc.errno == errno.ENOSPC else ""
+        raise AxsError(
+            f"{path}: cannot write checkpoint: {exc.strerror or exc}; earlier checkpoints and the latest "
+            f"pointer are intact; {hint}rerun with --resume auto to continue from the latest one",
+            exit_code=EXIT_FAILURE,
+        ) from None
 
 
 def _metrics_line(step: int, total: int, loss: float, metrics: dict[str, float]) -> str:

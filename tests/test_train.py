@@ -278,9 +278,15 @@ def test_guide_command_and_default_output_dir(demo_tiles, tmp_path):
     assert (work / "runs" / "stage1_seed42").is_dir()
 
 
-def test_plots_and_samples_are_written(demo_tiles, tmp_path):
+def test_plots_samples_and_tensorboard_events_are_written(demo_tiles, tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
     out = tmp_path / "plots"
     argv = [a for a in args(demo_tiles, out, steps=4) if a != "--no-plots"]
     assert train(*argv) == 0
     assert (out / "plots" / "loss.png").stat().st_size > 1000
     assert (out / "samples" / "step_4.png").stat().st_size > 1000
+    events = EventAccumulator(str(out / "tensorboard"))
+    events.Reload()
+    assert {"train/loss", "train/lr", "val/val_loss", "val/psnr", "val/ssim", "val/sam"} <= set(events.Tags()["scalars"])
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3, 4]

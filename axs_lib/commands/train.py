@@ -89,6 +89,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--checkpoint-every", type=_int, default=S, help="checkpoint every N steps and at the end (default 50)")
     run.add_argument("--log-every", type=_int, default=S, help="log training loss every N steps (default 10)")
     run.add_argument("--no-plots", dest="plots", action="store_false", default=S, help="skip loss and sample plots")
+    run.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=S,
+                     help="no TensorBoard event files (written to <run>/tensorboard when tensorboard is installed)")
     run.add_argument("--quiet", action="store_true", default=S, help="no progress bar or progress lines")
     run.add_argument("--config", metavar="FILE", help="JSON or TOML file of options; explicit flags win")
     run.add_argument("--resume", nargs="?", const="auto", metavar="PATH|auto",

@@ -68,6 +68,7 @@ class TrainConfig:
     checkpoint_every: int = field(default=50, metadata={"run": True})
     log_every: int = field(default=10, metadata={"run": True})
     plots: bool = field(default=True, metadata={"run": True})
+    tensorboard: bool = field(default=True, metadata={"run": True})
     quiet: bool = field(default=False, metadata={"run": True})
 
     def result_fields(self) -> dict[str, Any]:

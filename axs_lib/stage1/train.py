@@ -48,6 +48,8 @@ from axs_lib.split import make_split
 from axs_lib.stage1 import plots, run_dir
 from axs_lib.stage1.config import TrainConfig, diff_result_fields
 from axs_lib.stage1.early_stopping import EarlyStopping
+from axs_lib.stage1.events import EventLog
+from axs_lib.stage1.events import available as events_available
 from axs_lib.stage1.losses import masked_ssim, psnr, spectral_angle, stage1_loss
 from axs_lib.stage1.model import UNet
 from axs_lib.tiles import list_tiles
@@ -260,8 +262,14 @@ def _train(config, resume, output_dir, device, world, log, config_for_resume) ->
         last_metrics = dict(ckpt.get("metrics") or {})
         log(f"resuming from {ckpt_path} at step {step}")
     sampler = EpochSampler(len(train_set), config.seed, start=sampler_state, rank=world.rank, world_size=world.size)
+    events = EventLog(output_dir, step) if world.is_main and config.tensorboard and events_available() else None
     if world.is_main:
         metrics_log.truncate_after(step)  # drop what a killed run logged after its last checkpoint
+
+    def record(entry: dict) -> None:
+        metrics_log.append(entry)
+        if events is not None:
+            events.add(entry)
 
     run_info = {
         "status": "running", "config": config.to_dict(), "seed": config.seed, "seed_info": seed_info,
@@ -335,7 +343,7 @@ def _train(config, resume, output_dir, device, world, log, config_for_resume) ->
                 bar.update(1)
                 bar.set_postfix(loss=f"{step_loss:.4f}")
                 if world.is_main and (step % config.log_every == 0 or step == config.steps):
-                    metrics_log.append({"step": step, "split": "train", "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
+                    record({"step": step, "split": "train", "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
 
                 # ------------------------------------------------ validation (every rank: same weights, same result)
                 if val_loader is not None and (step % config.val_every == 0 or step == config.steps):
@@ -343,7 +351,7 @@ def _train(config, resume, output_dir, device, world, log, config_for_resume) ->
                     if stopper.update(last_metrics[config.es_metric], step):
                         write("best.pt", latest=False)
                     if world.is_main:
-                        metrics_log.append({"step": step, "split": "val", **last_metrics})
+                        record({"step": step, "split": "val", **last_metrics})
                         line = _metrics_line(step, config.steps, step_loss, last_metrics)
                         bar.write(line) if not bar.disable else log(line)
                         if config.plots:
@@ -368,6 +376,8 @@ def _train(config, resume, output_dir, device, world, log, config_for_resume) ->
         raise
     finally:
         del train_iter
+        if events is not None:
+            events.close()
 
     elapsed = time.perf_counter() - started
     best = {"metric": config.es_metric, "value": stopper.best, "step": stopper.best_step} if stopper.best is not None else None

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from axs_lib.cli import add_debug_flag
 from axs_lib.fingerprint.environment import environment_fingerprint, environment_report
 
 
@@ -18,6 +19,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.add_argument("--packages", action="store_true", help="include every installed package and its version")
+    add_debug_flag(p)
     p.set_defaults(func=run)
 
 

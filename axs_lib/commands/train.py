@@ -9,6 +9,7 @@ from pathlib import Path
 
 from axs_lib.reproducibility import check_seed
 from axs_lib.stage1.config import FIELD_NAMES, build_config, read_config_file
+from axs_lib.cli import add_debug_flag
 from axs_lib.stage1.train import ResumeRequest, train_stage1
 
 EXAMPLES = """examples:
@@ -113,6 +114,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     add_train_arguments(stage1)
+    add_debug_flag(stage1)
     stage1.set_defaults(func=run)
 
 

@@ -6,6 +6,7 @@ import argparse
 
 from axs_lib.errors import EXIT_FAILURE, EXIT_OK
 from axs_lib.reproducibility import check_seed
+from axs_lib.cli import add_debug_flag
 from axs_lib.verify import describe_state, run_verification
 
 
@@ -44,6 +45,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers in the probe (default 2)")
     p.add_argument("--no-deterministic", action="store_true", help="verify with deterministic algorithms off")
     p.add_argument("--show-state", action="store_true", help="print every tensor of the final state with its hash")
+    add_debug_flag(p)
     p.set_defaults(func=run)
 
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 
+from axs_lib import argtypes
 from axs_lib.cli import add_debug_flag
 from axs_lib.compare import Options, compare_paths, to_json
 from axs_lib.errors import EXIT_FAILURE, EXIT_OK
@@ -16,16 +17,6 @@ EPILOG = """examples:
 exit status: 0 they match (bit for bit by default, or within --atol/--rtol),
              1 they differ, 2 bad arguments or a missing, damaged or unsafe file
 """
-
-
-def _non_negative(text: str) -> float:
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-    if not (value >= 0 and value != float("inf")):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -43,8 +34,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("a", metavar="A", help="checkpoint file or run directory")
     p.add_argument("b", metavar="B", help="checkpoint file or run directory")
-    p.add_argument("--atol", type=_non_negative, default=0.0, help="absolute tolerance for float tensors (default 0: exact)")
-    p.add_argument("--rtol", type=_non_negative, default=0.0, help="relative tolerance for float tensors, against max(|a|, |b|) (default 0)")
+    p.add_argument("--atol", type=argtypes.non_negative_number, default=0.0, help="absolute tolerance for float tensors (default 0: exact)")
+    p.add_argument("--rtol", type=argtypes.non_negative_number, default=0.0, help="relative tolerance for float tensors, against max(|a|, |b|) (default 0)")
     p.add_argument("--ignore", action="append", default=[], metavar="GLOB",
                    help="skip leaves whose dotted path (or a parent's) matches, e.g. 'rng_state.*'; repeatable")
     p.add_argument("--json", action="store_true", help="print the full result as JSON")

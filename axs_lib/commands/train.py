@@ -7,8 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from axs_lib.reproducibility import check_seed
 from axs_lib.stage1.config import FIELD_NAMES, build_config, read_config_file
+from axs_lib import argtypes
 from axs_lib.cli import add_debug_flag
 from axs_lib.stage1.train import ResumeRequest, train_stage1
 
@@ -23,60 +23,35 @@ Two runs with the same seed, tiles and config write byte-identical checkpoints, 
 """
 
 
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    try:
-        return check_seed(value)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def _int(text: str) -> int:
-    try:
-        return int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-
-
-def _float(text: str) -> float:
-    try:
-        return float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
-
-
 def add_train_arguments(p: argparse.ArgumentParser) -> None:
     """The trainer's flags. Defaults are suppressed so that we know which flags were given."""
     S = argparse.SUPPRESS
     data = p.add_argument_group("data")
     data.add_argument("--data-dir", default=S, help="directory of <stem>.npz tiles (default: tiles)")
-    data.add_argument("--max-tiles", type=_int, default=S, help="use the first N tiles in name order")
+    data.add_argument("--max-tiles", type=argtypes.integer, default=S, help="use the first N tiles in name order")
     data.add_argument("--split-source", choices=("auto", "sidecar", "random"), default=S,
                       help="train/val split from tile sidecars or random 0.9/0.1 (default auto: sidecar when complete)")
-    data.add_argument("--val-fraction", type=_float, default=S, help="validation fraction of a random split (default 0.1)")
+    data.add_argument("--val-fraction", type=argtypes.number, default=S, help="validation fraction of a random split (default 0.1)")
     data.add_argument("--no-augment", dest="augment", action="store_false", default=S, help="no flips or rotations")
-    data.add_argument("--speckle-std", type=_float, default=S, help="std of multiplicative SAR speckle (default 0: off)")
+    data.add_argument("--speckle-std", type=argtypes.number, default=S, help="std of multiplicative SAR speckle (default 0: off)")
     train = p.add_argument_group("training")
-    train.add_argument("--seed", type=_seed, default=S, help="root seed (default 42; pass it explicitly)")
-    train.add_argument("--steps", type=_int, default=S, help="optimizer steps (default 1000)")
-    train.add_argument("--batch-size", type=_int, default=S, help="tiles per batch (default 4)")
-    train.add_argument("--accum-steps", type=_int, default=S, help="batches accumulated per optimizer step (default 1)")
-    train.add_argument("--lr", type=_float, default=S, help="peak AdamW learning rate (default 1e-3)")
-    train.add_argument("--weight-decay", type=_float, default=S, help="AdamW weight decay (default 1e-4)")
-    train.add_argument("--warmup-steps", type=_int, default=S, help="linear warm-up before cosine decay (default 50)")
-    train.add_argument("--grad-clip", type=_float, default=S, help="max gradient norm, 0 for none (default 1.0)")
-    train.add_argument("--width", type=_int, default=S, help="U-Net base channels (default 16)")
-    train.add_argument("--dropout", type=_float, default=S, help="bottleneck dropout (default 0.1)")
-    train.add_argument("--l1-weight", type=_float, default=S, help="weight of the masked L1 loss (default 1.0)")
-    train.add_argument("--ssim-weight", type=_float, default=S, help="weight of 1 - SSIM (default 0.5)")
+    train.add_argument("--seed", type=argtypes.seed, default=S, help="root seed (default 42; pass it explicitly)")
+    train.add_argument("--steps", type=argtypes.integer, default=S, help="optimizer steps (default 1000)")
+    train.add_argument("--batch-size", type=argtypes.integer, default=S, help="tiles per batch (default 4)")
+    train.add_argument("--accum-steps", type=argtypes.integer, default=S, help="batches accumulated per optimizer step (default 1)")
+    train.add_argument("--lr", type=argtypes.number, default=S, help="peak AdamW learning rate (default 1e-3)")
+    train.add_argument("--weight-decay", type=argtypes.number, default=S, help="AdamW weight decay (default 1e-4)")
+    train.add_argument("--warmup-steps", type=argtypes.integer, default=S, help="linear warm-up before cosine decay (default 50)")
+    train.add_argument("--grad-clip", type=argtypes.number, default=S, help="max gradient norm, 0 for none (default 1.0)")
+    train.add_argument("--width", type=argtypes.integer, default=S, help="U-Net base channels (default 16)")
+    train.add_argument("--dropout", type=argtypes.number, default=S, help="bottleneck dropout (default 0.1)")
+    train.add_argument("--l1-weight", type=argtypes.number, default=S, help="weight of the masked L1 loss (default 1.0)")
+    train.add_argument("--ssim-weight", type=argtypes.number, default=S, help="weight of 1 - SSIM (default 0.5)")
     val = p.add_argument_group("validation and early stopping")
-    val.add_argument("--val-every", type=_int, default=S, help="validate every N steps and at the end (default 50)")
+    val.add_argument("--val-every", type=argtypes.integer, default=S, help="validate every N steps and at the end (default 50)")
     val.add_argument("--early-stopping", action="store_true", default=S, help="stop when the metric stops improving")
-    val.add_argument("--patience", type=_int, default=S, help="validations without improvement before stopping (default 5)")
-    val.add_argument("--min-delta", type=_float, default=S, help="smallest change that counts as improvement (default 0)")
+    val.add_argument("--patience", type=argtypes.integer, default=S, help="validations without improvement before stopping (default 5)")
+    val.add_argument("--min-delta", type=argtypes.number, default=S, help="smallest change that counts as improvement (default 0)")
     val.add_argument("--es-metric", choices=("val_loss", "psnr", "ssim", "sam"), default=S, help="monitored metric (default val_loss)")
     val.add_argument("--es-mode", choices=("min", "max"), default=S, help="min: lower is better (default); max: higher")
     det = p.add_argument_group("determinism and hardware")
@@ -86,9 +61,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     det.add_argument("--device", default=S, help="auto (default), cpu, cuda or cuda:N")
     run = p.add_argument_group("run")
     run.add_argument("--output-dir", default=S, help="run directory (default runs/stage1_seed<SEED>)")
-    run.add_argument("--num-workers", type=_int, default=S, help="DataLoader workers; results do not depend on it (default 0)")
-    run.add_argument("--checkpoint-every", type=_int, default=S, help="checkpoint every N steps and at the end (default 50)")
-    run.add_argument("--log-every", type=_int, default=S, help="log training loss every N steps (default 10)")
+    run.add_argument("--num-workers", type=argtypes.integer, default=S, help="DataLoader workers; results do not depend on it (default 0)")
+    run.add_argument("--checkpoint-every", type=argtypes.integer, default=S, help="checkpoint every N steps and at the end (default 50)")
+    run.add_argument("--log-every", type=argtypes.integer, default=S, help="log training loss every N steps (default 10)")
     run.add_argument("--no-plots", dest="plots", action="store_false", default=S, help="skip loss and sample plots")
     run.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=S,
                      help="no TensorBoard event files (written to <run>/tensorboard when tensorboard is installed)")

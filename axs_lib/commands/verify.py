@@ -4,27 +4,10 @@ from __future__ import annotations
 
 import argparse
 
-from axs_lib.errors import EXIT_FAILURE, EXIT_OK
-from axs_lib.reproducibility import check_seed
+from axs_lib import argtypes
 from axs_lib.cli import add_debug_flag
+from axs_lib.errors import EXIT_FAILURE, EXIT_OK
 from axs_lib.verify import describe_state, run_verification
-
-
-def _seed(text: str) -> int:
-    try:
-        return check_seed(int(text))
-    except (TypeError, ValueError) as exc:
-        raise argparse.ArgumentTypeError(str(exc) if text.strip().lstrip("-").isdigit() else f"not an integer: {text!r}") from None
-
-
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
-    return value
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -40,8 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example:\n  axs verify --seed 42 --iterations 10",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("--seed", type=_seed, default=42, help="root seed (default 42)")
-    p.add_argument("--iterations", type=_positive, default=10, help="number of training repeats (default 10)")
+    p.add_argument("--seed", type=argtypes.seed, default=42, help="root seed (default 42)")
+    p.add_argument("--iterations", type=argtypes.positive_int, default=10, help="number of training repeats (default 10)")
     p.add_argument("--num-workers", type=int, default=2, help="DataLoader workers in the probe (default 2)")
     p.add_argument("--no-deterministic", action="store_true", help="verify with deterministic algorithms off")
     p.add_argument("--show-state", action="store_true", help="print every tensor of the final state with its hash")

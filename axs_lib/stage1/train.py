@@ -38,10 +38,10 @@ from tqdm import tqdm
 
 from axs_lib.checkpoint import FORMAT_KEY, FORMAT_VERSION, load_checkpoint, save_checkpoint, write_latest
 from axs_lib.data import TileDataset, make_loader
+from axs_lib.distributed import any_rank, average_gradients, gather, init_world, main_first, shutdown
 from axs_lib.errors import EXIT_FAILURE, AxsError, UsageError
 from axs_lib.fingerprint.data import data_fingerprint
 from axs_lib.fingerprint.environment import diff_environments, environment_fingerprint, environment_report
-from axs_lib.distributed import any_rank, average_gradients, gather, init_world, main_first, shutdown
 from axs_lib.reproducibility import add_seed_to_checkpoint, derive_seed, get_seed_state, seed_globals, set_seed
 from axs_lib.sampling import EpochSampler
 from axs_lib.split import make_split

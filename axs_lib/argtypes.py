@@ -1,0 +1,47 @@
+"""Value parsers for ``argparse`` ``type=``: one wording for every command's bad numbers.
+
+Each raises ``argparse.ArgumentTypeError``, which argparse reports as one usage line and exit 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+
+from axs_lib.reproducibility import check_seed
+
+
+def integer(text: str) -> int:
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+
+
+def positive_int(text: str) -> int:
+    value = integer(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def number(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def non_negative_number(text: str) -> float:
+    value = number(text)
+    if not (value >= 0 and math.isfinite(value)):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def seed(text: str) -> int:
+    """A seed: an integer in [0, 2**32 - 1]."""
+    try:
+        return check_seed(integer(text))
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None

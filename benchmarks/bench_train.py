@@ -106,6 +106,11 @@ def _load() -> str:
     return "n/a"
 
 
+def _progress(message: str) -> None:
+    """A line on stderr while the benchmark runs (the table goes to stdout at the end)."""
+    print(f"  [bench_train] {message}", file=sys.stderr, flush=True)
+
+
 def trainer_argv(s: SimpleNamespace, data_dir: Path, out_dir: Path, *, deterministic: bool = True,
                  steps: int | None = None, width: int | None = None, batch_size: int | None = None,
                  checkpoint_every: int | None = None) -> list[str]:
@@ -176,6 +181,7 @@ def measure_throughput(s: SimpleNamespace, data_dir: Path, work: Path) -> dict:
     runs: dict[str, list[dict]] = {"trainer": [], "plain": [], "nondet": []}
     for r in range(s.repeats):
         for mode in _rotated(list(runs), r):
+            _progress(f"repeat {r + 1}/{s.repeats}: {mode}, {s.steps} steps")
             if mode == "plain":
                 runs[mode].append(plain_loop(s, data_dir, s.steps))
             else:
@@ -244,6 +250,7 @@ def _bare_save_fsync(state: dict, path: Path) -> None:
 
 def measure_checkpoint_write(checkpoint_file: Path, work: Path, repeats: int) -> dict:
     """``save_checkpoint`` of the trainer's checkpoint dict vs bare ``torch.save`` of model + optimizer."""
+    _progress(f"checkpoint writes of {checkpoint_file.name} ({checkpoint_file.parent.parent.name}), {repeats} of each")
     checkpoint = load_checkpoint(checkpoint_file)  # the trainer's full checkpoint dict
     bare_state = {"model_state_dict": checkpoint["model_state_dict"], "optimizer_state_dict": checkpoint["optimizer_state_dict"]}
     work.mkdir(parents=True, exist_ok=True)
@@ -319,6 +326,7 @@ def measure_startup(s: SimpleNamespace, data_dir: Path, base_run: Path, work: Pa
     times: dict[str, list[float]] = {"fresh": [], "resume": [], "imports": []}
     for r in range(s.startup_repeats):
         for mode in _rotated(list(times), r):
+            _progress(f"start-up repeat {r + 1}/{s.startup_repeats}: {mode}")
             out = work / f"{mode}_{r}"
             if mode == "imports":
                 cmd = [sys.executable, "-c", "import axs_lib.cli, axs_lib.stage1.train, axs_lib.commands.train"]
@@ -368,7 +376,9 @@ def parse_args(argv=None) -> SimpleNamespace:
     p.add_argument("--startup-repeats", type=int, help="launches of each start-up mode (default 3; quick 1)")
     p.add_argument("--write-repeats", type=int, help="writes of each checkpoint method (default 15; quick 5)")
     p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for both loops (default 0)")
-    p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="torch intra-op threads for all (default: torch's)")
+    p.add_argument("--threads", type=int, default=1,
+                   help="torch intra-op threads for everything measured (default 1: on a busy 2-core machine two "
+                        "OpenMP threads wait on each other and the noise swamps the ratios)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda, for trainer and plain loop alike")
     p.add_argument("--skip-default-width", action="store_true",
                    help=f"skip the checkpoint-write figure at the trainer's default width {DEFAULT_WIDTH}")

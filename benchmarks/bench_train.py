@@ -323,7 +323,7 @@ def measure_startup(s: SimpleNamespace, data_dir: Path, base_run: Path, work: Pa
         raise RuntimeError(f"need a checkpoint before the last step to resume from (steps {s.steps}, every {s.checkpoint_every})")
     python = [sys.executable, "-m", "axs_lib.cli"]
     work.mkdir(parents=True, exist_ok=True)
-    times: dict[str, list[float]] = {"fresh": [], "resume": [], "imports": []}
+    times: dict[str, list[float]] = {"fresh": [], "resume": []} if s.no_import_baseline else {"fresh": [], "resume": [], "imports": []}
     for r in range(s.startup_repeats):
         for mode in _rotated(list(times), r):
             _progress(f"start-up repeat {r + 1}/{s.startup_repeats}: {mode}")
@@ -351,7 +351,7 @@ def measure_startup(s: SimpleNamespace, data_dir: Path, base_run: Path, work: Pa
     return {
         "fresh_s": _median(times["fresh"]),
         "resume_s": _median(times["resume"]),
-        "imports_s": _median(times["imports"]),
+        "imports_s": _median(times["imports"]) if times.get("imports") else None,
         "ratio": _median(a / b for a, b in zip(times["resume"], times["fresh"])),
         "resume_step": resume_step,
     }
@@ -380,6 +380,7 @@ def parse_args(argv=None) -> SimpleNamespace:
                    help="torch intra-op threads for everything measured (default 1: on a busy 2-core machine two "
                         "OpenMP threads wait on each other and the noise swamps the ratios)")
     p.add_argument("--device", default="auto", help="auto (default), cpu or cuda, for trainer and plain loop alike")
+    p.add_argument("--no-import-baseline", action="store_true", help="do not time python + imports beside the start-ups")
     p.add_argument("--skip-default-width", action="store_true",
                    help=f"skip the checkpoint-write figure at the trainer's default width {DEFAULT_WIDTH}")
     args = p.parse_args(argv)
@@ -467,6 +468,7 @@ def main(argv=None) -> dict:
     print(f"  machine: {os.cpu_count()} CPU cores ({_cpu_name()}), device {device}, torch {torch.__version__}, "
           f"{s.threads} threads; load average {load_before} before, {_load()} after; {total:.0f} s in all")
     print(f"  medians of {s.repeats} (order rotated); ratios are medians of the runs made side by side")
+    print("  every run (steps/s): " + "; ".join(f"{m} " + ", ".join(f"{v:.2f}" for v in vs) for m, vs in tp["all_steps_per_s"].items()))
     print(f"  trainer vs plain loop:     {tp['trainer_vs_plain']:6.3f}x steps/s  "
           f"(trainer {tp['trainer_steps_per_s']:.2f}, plain {tp['plain_steps_per_s']:.2f} steps/s; target >= {TRAINER_TARGET}: "
           f"{verdict(tp['trainer_vs_plain'] >= TRAINER_TARGET)})")
@@ -483,7 +485,8 @@ def main(argv=None) -> dict:
         print("      where save_checkpoint's time goes: " + ", ".join(f"{k} {v:.1f} ms" for k, v in w["stages_ms"].items()))
     print(f"  resume vs fresh start-up:  {startup['ratio']:6.3f}x time     "
           f"(to the end of the first step: resume from step {startup['resume_step']} {startup['resume_s']:.2f} s, "
-          f"fresh {startup['fresh_s']:.2f} s; python + imports alone {startup['imports_s']:.2f} s; median of {s.startup_repeats})")
+          f"fresh {startup['fresh_s']:.2f} s; " + (f"python + imports alone {startup['imports_s']:.2f} s; " if startup["imports_s"] else "")
+          + f"median of {s.startup_repeats})")
     return results
 
 

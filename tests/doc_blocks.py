@@ -117,3 +117,68 @@ def shell_commands(block: Block) -> list[str]:
     if pending is not None:
         raise ValueError(f"{block.where}: command ends with a line continuation")
     return commands
+
+
+# --------------------------------------------------------------------------- running examples
+
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import os  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+import warnings  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+VENV_BIN = str(Path(sys.executable).parent)
+# `python`, `pip` and `axs` are this venv's. One intra-op thread per process unless set: under
+# pytest -n 2 on two cores, processes that each spin a thread per core run several times slower
+# (both runs of any comparison get the same setting, and it is recorded in the fingerprint).
+EXAMPLE_ENV = {
+    **os.environ,
+    "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""),
+    "PYTHONUNBUFFERED": "1",
+    "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1"),
+}
+
+
+def make_workspace(path: Path, tiles: Path) -> Path:
+    """A working directory laid out as the docs assume: tiles/ (demo tiles), axs_lib/, scripts/, tools/."""
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "tiles").symlink_to(tiles)
+    for name in ("axs_lib", "scripts", "tools", "benchmarks"):
+        (path / name).symlink_to(REPO / name)
+    return path
+
+
+def run_shell(script: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
+    return subprocess.run(["bash", "-c", script], cwd=cwd, env=EXAMPLE_ENV, capture_output=True, text=True, timeout=timeout)
+
+
+def exec_python(code: str, where: str, namespace: dict, cwd: Path) -> tuple[str, list[str]]:
+    """exec ``code`` with cwd ``cwd``; return its stdout and the messages of the warnings it raised."""
+    out = io.StringIO()
+    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        exec(compile(code, where, "exec"), namespace)
+    return out.getvalue(), [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
+
+
+@contextlib.contextmanager
+def process_state_restored():
+    """Undo what an executed example does to this process: seeds, determinism flags, environment."""
+    import torch
+
+    from axs_lib.reproducibility import get_seed_state, restore_seed_state
+
+    state = get_seed_state()
+    flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
+             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
+    env = dict(os.environ)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags[2], flags[3]
+        restore_seed_state({k: v for k, v in state.items() if k != "cuda_rng_state"})
+        os.environ.clear()
+        os.environ.update(env)

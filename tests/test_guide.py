@@ -52,15 +52,14 @@ import torch
 import axs_lib.reproducibility as repro
 from axs_lib.checkpoint import load_checkpoint
 from axs_lib.cli import main
-from doc_blocks import Block, parse_blocks, shell_commands
+from doc_blocks import EXAMPLE_ENV, Block, exec_python, make_workspace, parse_blocks, process_state_restored, run_shell, shell_commands
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = Path(__file__).parent / "data" / "reproducibility-guide.md"
 SHARED_GUIDE = ROOT.parent / "shared" / "reproducibility-guide.md"
 AS_WRITTEN = os.environ.get("AXS_GUIDE_AS_WRITTEN") == "1"
 FAST_STEPS = "2"
-VENV_BIN = str(Path(sys.executable).parent)
-ENV = {**os.environ, "PATH": VENV_BIN + os.pathsep + os.environ.get("PATH", ""), "PYTHONUNBUFFERED": "1"}
+ENV = EXAMPLE_ENV
 
 
 def block_ids(blocks: list[Block]) -> list[str]:
@@ -538,25 +537,14 @@ def trainer_checkpoint(demo_tiles, tmp_path_factory) -> Path:
 @pytest.fixture
 def workspace(tmp_path, demo_tiles) -> Path:
     """A working directory laid out like the guide assumes: tiles/, axs_lib/, scripts/, tools/."""
-    (tmp_path / "tiles").symlink_to(demo_tiles)
-    for name in ("axs_lib", "scripts", "tools"):
-        (tmp_path / name).symlink_to(ROOT / name)
-    return tmp_path
+    return make_workspace(tmp_path / "work", demo_tiles)
 
 
 @pytest.fixture
-def isolated(monkeypatch):
-    """Undo what a block does to this process: seeds, determinism flags, environment, cwd."""
-    state = repro.get_seed_state()
-    flags = (torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled(),
-             torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-    env = dict(os.environ)
-    yield
-    torch.use_deterministic_algorithms(flags[0], warn_only=flags[1])
-    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags[2], flags[3]
-    repro.restore_seed_state({k: v for k, v in state.items() if k != "cuda_rng_state"})
-    os.environ.clear()
-    os.environ.update(env)
+def isolated():
+    """Undo what a block does to this process: seeds, determinism flags, environment."""
+    with process_state_restored():
+        yield
 
 
 def substituted(block_id: str) -> str:
@@ -566,18 +554,6 @@ def substituted(block_id: str) -> str:
             assert sub.old in code, f"{block_id}: substitution target {sub.old!r} is no longer in the guide"
             code = code.replace(sub.old, sub.new)
     return code
-
-
-def run_shell(command: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-c", command], cwd=cwd, env=ENV, capture_output=True, text=True, timeout=timeout)
-
-
-def exec_python(code: str, where: str, namespace: dict, cwd: Path) -> tuple[str, list[str]]:
-    out = io.StringIO()
-    with contextlib.chdir(cwd), contextlib.redirect_stdout(out), warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        exec(compile(code, where, "exec"), namespace)
-    return out.getvalue(), [str(w.message) for w in caught if not issubclass(w.category, DeprecationWarning)]
 
 
 # --------------------------------------------------------------------------- tests

@@ -59,7 +59,9 @@ def test_harness_reports_a_resume_with_another_seed_as_different(demo_tiles, tmp
 
 
 @pytest.mark.slow
-def test_kills_in_soak_mode_change_no_bit(demo_tiles, tmp_path):
+def test_kills_in_soak_mode_change_no_bit(demo_tiles, tmp_path, request):
+    if "slow" not in (request.config.getoption("markexpr") or "") and not os.environ.get("AXS_SOAK"):
+        pytest.skip("long mode (about 4 minutes): run with `make soak` (pytest -m slow) or AXS_SOAK=1")
     lines = []
     result = killtest.run_harness(demo_tiles, tmp_path, kills=SOAK_KILLS, seed=_seed(), log=lines.append)
     report = "\n".join(lines)

@@ -30,16 +30,13 @@ Beyond running, each block has a check that fails when the behaviour the guide d
 
 from __future__ import annotations
 
-import contextlib
 import fcntl
 import inspect
-import io
 import os
 import re
 import shutil
 import subprocess
 import sys
-import warnings
 from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path

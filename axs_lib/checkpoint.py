@@ -20,6 +20,7 @@ import contextlib
 import hashlib
 import os
 import pickle
+import shutil
 import struct
 import sys
 import tempfile
@@ -178,6 +179,29 @@ def atomic_open(path: os.PathLike | str, mode: str = "wb"):
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
+        raise
+    fsync_dir(path.parent)
+
+
+def atomic_link(source: os.PathLike | str, path: os.PathLike | str) -> None:
+    """Make ``path`` name the same file as ``source`` (a hard link; a copy where links fail), atomically.
+
+    For a second name of a file that was just written (``best.pt`` and the step checkpoint of the
+    same step): no second serialisation, and ``path`` is replaced in one rename.
+    """
+    source, path = Path(source), Path(path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.link.tmp"
+    try:
+        tmp.unlink(missing_ok=True)
+        try:
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
+        faults.before_commit(path)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
         raise
     fsync_dir(path.parent)
 

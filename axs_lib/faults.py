@@ -1,10 +1,10 @@
 """Fault injection for the reliability tests: make one named file write fail as a real machine would.
 
-Set ``AXS_FAULT=<kind>:<file name>`` in a run's environment. When an atomic write of a file with
-that name has put its bytes in the temp file but not yet renamed it:
+Set ``AXS_FAULT=<kind>:<file name>`` in a run's environment. When an atomic write (or link) of a
+file with that name has put its bytes in the temp file but not yet renamed it:
 
-* ``kill``: the temp file is cut to half its length and the process SIGKILLs itself, as a crash
-  in the middle of a checkpoint write would leave it;
+* ``kill``: the temp file is cut to half its length (when it is a written file, not a link) and
+  the process SIGKILLs itself, as a crash in the middle of a checkpoint write would leave it;
 * ``enospc``: the write fails with ``OSError(ENOSPC)``, as on a full disk.
 
 Unset (the normal case), this costs one environment lookup per write.
@@ -21,8 +21,11 @@ from typing import IO
 ENV = "AXS_FAULT"
 
 
-def before_commit(path: os.PathLike | str, f: IO) -> None:
-    """Called by `axs_lib.checkpoint.atomic_open` after writing ``f`` and before renaming it to ``path``."""
+def before_commit(path: os.PathLike | str, f: IO | None = None) -> None:
+    """Called by `axs_lib.checkpoint` just before a new ``path`` is renamed into place.
+
+    ``f`` is the temp file that was written (None when the new file is a link to another).
+    """
     spec = os.environ.get(ENV)
     if not spec:
         return
@@ -30,10 +33,11 @@ def before_commit(path: os.PathLike | str, f: IO) -> None:
     if Path(path).name != name:
         return
     if kind == "kill":
-        f.flush()
-        f.truncate(f.tell() // 2)
-        f.flush()
-        os.fsync(f.fileno())
+        if f is not None:
+            f.flush()
+            f.truncate(f.tell() // 2)
+            f.flush()
+            os.fsync(f.fileno())
         os.kill(os.getpid(), signal.SIGKILL)
     elif kind == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))

@@ -36,7 +36,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from axs_lib.checkpoint import FORMAT_KEY, FORMAT_VERSION, load_checkpoint, save_checkpoint, write_latest
+from axs_lib.checkpoint import FORMAT_KEY, FORMAT_VERSION, atomic_link, load_checkpoint, save_checkpoint, write_latest
 from axs_lib.data import TileDataset, make_loader
 from axs_lib.distributed import any_rank, average_gradients, gather, init_world, main_first, shutdown
 from axs_lib.errors import EXIT_FAILURE, AxsError, UsageError
@@ -306,9 +306,9 @@ def _train(config, resume, output_dir, device, world, log, config_for_resume) ->
         }
         return add_seed_to_checkpoint(checkpoint, seed_info)
 
-    def write(name: str, *, latest: bool) -> None:
+    def write(names: list[str], *, latest: str | None) -> None:
         checkpoint = make_checkpoint()
-        main_first(lambda: _write_checkpoint(ckpt_dir, name, checkpoint, latest), world)
+        main_first(lambda: _write_checkpoints(ckpt_dir, names, checkpoint, latest), world)
 
     # -------------------------------------------------------------------- loaders
     pin = device.type == "cuda"
@@ -346,10 +346,10 @@ def _train(config, resume, output_dir, device, world, log, config_for_resume) ->
                     record({"step": step, "split": "train", "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
 
                 # ------------------------------------------------ validation (every rank: same weights, same result)
+                new_best = False
                 if val_loader is not None and (step % config.val_every == 0 or step == config.steps):
                     last_metrics = evaluate(model, val_loader, device, config)
-                    if stopper.update(last_metrics[config.es_metric], step):
-                        write("best.pt", latest=False)
+                    new_best = stopper.update(last_metrics[config.es_metric], step)
                     if world.is_main:
                         record({"step": step, "split": "val", **last_metrics})
                         line = _metrics_line(step, config.steps, step_loss, last_metrics)
@@ -360,8 +360,10 @@ def _train(config, resume, output_dir, device, world, log, config_for_resume) ->
                 # ------------------------------------------------ checkpoint
                 early_stop = config.early_stopping and stopper.should_stop
                 interrupted = any_rank(stop_request.signum is not None, world)
-                if step % config.checkpoint_every == 0 or step == config.steps or early_stop or interrupted:
-                    write(run_dir.checkpoint_name(step), latest=True)
+                due = step % config.checkpoint_every == 0 or step == config.steps or early_stop or interrupted
+                names = (["best.pt"] if new_best else []) + ([run_dir.checkpoint_name(step)] if due else [])
+                if names:  # best.pt first: a resume from this step's checkpoint would not write it again
+                    write(names, latest=names[-1] if due else None)
                 if early_stop:
                     status = "early_stopped"
                     log(f"early stopping at step {step}: no {config.es_metric} improvement > {config.min_delta} "
@@ -387,13 +389,19 @@ def _train(config, resume, output_dir, device, world, log, config_for_resume) ->
     return RunResult(exit_code, step, output_dir, status, best, sorted(p.name for p in ckpt_dir.glob("*.pt")))
 
 
-def _write_checkpoint(ckpt_dir: Path, name: str, checkpoint: dict, latest: bool) -> None:
-    """Write one checkpoint (and move ``latest`` to it); a failed write is one clear error, exit 1."""
-    path = ckpt_dir / name
+def _write_checkpoints(ckpt_dir: Path, names: list[str], checkpoint: dict, latest: str | None) -> None:
+    """Write one checkpoint under each of ``names`` (saved once, then linked) and move ``latest``.
+
+    A failed write is one clear error with exit status 1; what was there before stays intact.
+    """
+    path = ckpt_dir / names[0]
     try:
         save_checkpoint(checkpoint, path)
+        for name in names[1:]:
+            path = ckpt_dir / name
+            atomic_link(ckpt_dir / names[0], path)
         if latest:
-            write_latest(ckpt_dir, name)
+            write_latest(ckpt_dir, latest)
     except OSError as exc:
         hint = "free some space, then " if exc.errno == errno.ENOSPC else ""
         raise AxsError(

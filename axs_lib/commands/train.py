@@ -79,7 +79,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("train", help="train a model", description="Train a model reproducibly.")
+    p = sub.add_parser("train", help="train a model", description="Train a model reproducibly.",
+                       epilog="example:\n  axs train stage1 --data-dir tiles/ --output-dir runs/exp1/ --seed 42 --steps 100",
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
     models = p.add_subparsers(dest="model", metavar="MODEL", required=True)
     stage1 = models.add_parser(
         "stage1",

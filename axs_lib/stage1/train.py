@@ -52,7 +52,7 @@ from axs_lib.stage1.events import EventLog
 from axs_lib.stage1.events import available as events_available
 from axs_lib.stage1.losses import masked_ssim, psnr, spectral_angle, stage1_loss
 from axs_lib.stage1.model import UNet
-from axs_lib.tiles import list_tiles
+from axs_lib.tiles import list_tiles, read_tile
 
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
 SAMPLE_TILES = 3  # validation tiles shown in samples/step_<N>.png
@@ -215,6 +215,8 @@ def _train(config, resume, output_dir, device, world, log, config_for_resume) ->
     seed_info = set_seed(config.seed, deterministic=config.deterministic, benchmark=config.benchmark)
     paths = list_tiles(config.data_dir, config.max_tiles)
     split = make_split(paths, config.seed, config.val_fraction, config.split_source)
+    for path in [*split.train, *split.val]:
+        read_tile(path)  # every tile checked before anything is written, not when the sampler reaches it
     if config.batch_size * world.size > len(split.train):
         raise UsageError(f"--batch-size {config.batch_size} x {world.size} ranks is larger than the {len(split.train)} training tiles")
     data_fp = data_fingerprint(paths, split.manifest())

@@ -20,7 +20,7 @@ RGB_GAIN = 3.0  # reflectance is dark; brighten for display
 
 
 def _rgb(optical: torch.Tensor) -> torch.Tensor:
-    return (optical[list(RGB)] * RGB_GAIN).clamp(0, 1).permute(1, 2, 0).cpu()
+    return (optical[list(RGB)] * RGB_GAIN).clamp(0, 1).permute(1, 2, 0).cpu().numpy()
 
 
 def loss_curves(path: Path, records: list[dict]) -> None:
@@ -51,7 +51,7 @@ def sample_panel(path: Path, model: torch.nn.Module, dataset, device: torch.devi
         for row in range(count):
             sample = dataset[row]
             pred = model(sample["sar"][None].to(device))[0]
-            panels = [(sample["sar"][0].cpu(), "SAR VV", "gray"), (_rgb(pred), "predicted RGB", None),
+            panels = [(sample["sar"][0].cpu().numpy(), "SAR VV", "gray"), (_rgb(pred), "predicted RGB", None),
                       (_rgb(sample["optical"]), "true RGB", None)]
             for ax, (image, title, cmap) in zip(axes[row], panels):
                 ax.imshow(image, cmap=cmap)

@@ -140,7 +140,7 @@ def train_argv(data_dir: Path, out: Path, steps: int, *extra: str, num_workers: 
                checkpoint_every: int = 2, seed: int = 42) -> list[str]:
     return [
         "--data-dir", str(data_dir), "--output-dir", str(out), "--seed", str(seed), "--steps", str(steps),
-        "--batch-size", "2", "--width", "8", "--checkpoint-every", str(checkpoint_every), "--val-every", "4",
+        "--batch-size", "3", "--width", "8", "--checkpoint-every", str(checkpoint_every), "--val-every", "4",
         "--log-every", "1", "--no-plots", "--quiet", "--num-workers", str(num_workers), *extra,
     ]
 

@@ -10,7 +10,8 @@ Sources:
 * ``sidecar``: each tile's sidecar ``split`` field decides (``train`` or ``val``; ``test`` tiles
   are left out of both). Every tile must have the field.
 * ``auto``: ``sidecar`` when every tile has a ``split`` field and both train and val are
-  non-empty, otherwise ``random``.
+  non-empty, otherwise ``random`` over the tiles whose sidecar does not say ``test``: a tile held
+  out for testing never trains, even when the other sidecars are incomplete.
 
 The manifest holds tile stems only (never absolute paths: two runs from different directories
 must agree), the seed, the fraction and the source actually used.
@@ -87,7 +88,11 @@ def make_split(paths: list[Path], seed: int, val_fraction: float = 0.1, source: 
     labelled = {p: read_sidecar(p).get("split") for p in paths}
     if source == "sidecar" or (None not in labelled.values() and {"train", "val"} <= set(labelled.values())):
         return _sidecar_split(labelled, seed, val_fraction)
-    return _random_split(paths, seed, val_fraction)
+    held_out = [p for p, split in labelled.items() if split == "test"]
+    usable = [p for p in paths if labelled[p] != "test"] or paths
+    split = _random_split(usable, seed, val_fraction)
+    split.excluded = held_out if usable is not paths else []
+    return split
 
 
 def _sidecar_split(labelled: dict[Path, str | None], seed: int, val_fraction: float) -> Split:

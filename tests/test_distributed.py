@@ -18,7 +18,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def args(data: Path, out: Path, *extra: str) -> list[str]:
-    return ["--data-dir", str(data), "--output-dir", str(out), "--seed", "42", "--steps", "6", "--batch-size", "2",
+    return ["--data-dir", str(data), "--output-dir", str(out), "--seed", "42", "--steps", "6", "--batch-size", "1",
             "--width", "8", "--checkpoint-every", "2", "--val-every", "2", "--log-every", "1", "--no-plots", "--quiet", *extra]
 
 

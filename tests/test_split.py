@@ -17,14 +17,14 @@ from axs_lib.tiles import list_tiles
 # Pinned: changing the split algorithm silently changes what every run trains on.
 DEMO_SPLIT_SEED_42 = {
     "train": [
-        "S2A_MSIL2A_20170613T101031_87_48",
         "S2A_MSIL2A_20171221T112501_56_35",
-        "S2A_MSIL2A_20170617T113321_4_55",
+        "S2B_MSIL2A_20180204T94161_57_38",
         "S2B_MSIL2A_20170924T93020_69_24",
         "S2A_MSIL2A_20170617T113321_36_85",
     ],
-    "val": ["S2B_MSIL2A_20180204T94161_57_38"],
+    "val": ["S2A_MSIL2A_20170617T113321_4_55"],
 }
+DEMO_TEST_TILE = "S2A_MSIL2A_20170613T101031_87_48"  # in BigEarthNet's official test list
 
 
 def fake_paths(tmp_path, n):
@@ -49,12 +49,22 @@ def synth_copy(synth_tiles, tmp_path):
 
 
 def test_demo_split_is_pinned(demo_tiles):
-    # One demo tile is in no official list, so "auto" falls back to the seeded random split.
+    # One demo tile is in no official list, so "auto" falls back to the seeded random split,
+    # over the tiles that are not held out for testing.
     split = make_split(list_tiles(demo_tiles), seed=42)
     manifest = split.manifest()
     assert split.source == "random"
     assert {"train": manifest["train"], "val": manifest["val"]} == DEMO_SPLIT_SEED_42
-    assert manifest == {"source": "random", "seed": 42, "val_fraction": 0.1, "excluded": [], **DEMO_SPLIT_SEED_42}
+    assert manifest == {"source": "random", "seed": 42, "val_fraction": 0.1, "excluded": [DEMO_TEST_TILE],
+                        **DEMO_SPLIT_SEED_42}
+
+
+def test_auto_never_trains_on_a_sidecar_test_tile(demo_tiles):
+    for seed in range(20):
+        split = make_split(list_tiles(demo_tiles), seed=seed)
+        assert DEMO_TEST_TILE not in {p.stem for p in split.train + split.val}
+    explicit = make_split(list_tiles(demo_tiles), seed=42, source="random")  # the guide's split: every tile
+    assert len(explicit.train) + len(explicit.val) == 6 and explicit.excluded == []
 
 
 def test_ten_tiles_match_the_guides_random_split_exactly(tmp_path):

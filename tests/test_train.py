@@ -26,7 +26,7 @@ STEPS = 10
 def args(data: Path, out: Path, *extra: str, steps: int = STEPS) -> list[str]:
     return [
         "--data-dir", str(data), "--output-dir", str(out), "--seed", "42", "--steps", str(steps),
-        "--batch-size", "2", "--width", "8", "--checkpoint-every", "2", "--val-every", "4",
+        "--batch-size", "3", "--width", "8", "--checkpoint-every", "2", "--val-every", "4",
         "--log-every", "1", "--no-plots", "--quiet", *extra,
     ]
 
@@ -112,7 +112,7 @@ def test_another_seed_gives_other_weights(reference, demo_tiles, tmp_path):
 def test_sigkill_mid_epoch_with_workers_then_resume(reference, demo_tiles, tmp_path):
     out = tmp_path / "killed"
     proc = spawn(args(demo_tiles, out, "--num-workers", "2"))
-    wait_for_step(out, proc, 5)  # 5 train tiles, batch 2: step 5 ends mid-epoch
+    wait_for_step(out, proc, 5)  # 4 train tiles, batch 3: epochs end mid-batch, checkpoints fall mid-epoch
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert train(*args(demo_tiles, out, "--num-workers", "2", "--resume", "auto")) == 0

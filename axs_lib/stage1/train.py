@@ -69,6 +69,8 @@ class ResumeRequest:
 
 @dataclass
 class RunResult:
+    """How a run ended, for code that calls `train_stage1` as a library (the CLI uses ``exit_code``)."""
+
     exit_code: int
     final_step: int
     output_dir: Path

@@ -288,7 +288,9 @@ def verify_reproducibility(num_iterations: int = 10, seed: int | None = None, de
 
 if __name__ == "__main__":
     import sys
+    from pathlib import Path
 
+    sys.path[0] = str(Path(__file__).resolve().parents[1])  # import axs_lib from this checkout, not axs_lib/
     from axs_lib.cli import main
 
     if "--verify" not in sys.argv[1:]:

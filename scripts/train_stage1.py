@@ -4,11 +4,9 @@
 import sys
 from pathlib import Path
 
-try:
-    from axs_lib.cli import main
-except ImportError:  # run from a checkout without installing
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from axs_lib.cli import main
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the axs_lib beside this script, not another install
+
+from axs_lib.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["train", "stage1", *sys.argv[1:]]))

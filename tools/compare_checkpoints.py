@@ -3,12 +3,9 @@
 import sys
 from pathlib import Path
 
-try:
-    import axs_lib  # noqa: F401
-except ImportError:  # run from a checkout without the package installed
-    sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the axs_lib beside this script, not another install
 
-from axs_lib.cli import main
+from axs_lib.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main(["compare", *sys.argv[1:]]))

@@ -30,7 +30,12 @@ EPILOG = """examples:
 class OneLineParser(argparse.ArgumentParser):
     """An argparse parser whose usage errors are one line (exit 2), not the usage block and then the error.
 
-    Subcommand parsers are made of the same class, so this holds for every ``axs`` command."""
+    Subcommand parsers are made of the same class, so this holds for every ``axs`` command. Flags
+    must be spelled out: an abbreviation (``--no-plot``) would keep a stale command working."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")

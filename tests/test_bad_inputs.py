@@ -305,6 +305,7 @@ CASES = [
     ("tiles-validate-empty", entries(), ["tiles", "validate", BAD], 2, BAD, "no .npz tiles found"),
     # ---- arguments
     ("steps-zero", nothing, T("--steps", "0"), 2, "--steps", "positive integer, got 0"),
+    ("abbreviated-flag", nothing, T("--no-plot"), 2, "--no-plot", "unrecognized arguments"),
     ("steps-negative", nothing, T("--steps", "-5"), 2, "--steps", "positive integer, got -5"),
     ("steps-not-a-number", nothing, T("--steps", "ten"), 2, "--steps", "not an integer: 'ten'"),
     ("seed-too-large", nothing, T("--seed", str(2**32)), 2, "--seed", "seed must be in [0, 4294967295]"),

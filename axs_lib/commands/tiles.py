@@ -5,9 +5,9 @@ from __future__ import annotations
 import argparse
 import json
 
-from axs_lib.errors import EXIT_FAILURE, EXIT_OK, UsageError
+from axs_lib import argtypes
+from axs_lib.errors import EXIT_FAILURE, EXIT_OK
 from axs_lib.ingest import IngestReport, convert_bigearthnet, write_demo_tiles, write_synthetic_tiles
-from axs_lib.reproducibility import check_seed
 from axs_lib.tiles import scan_tiles, summarize, validate_tile
 
 _RAW = argparse.RawDescriptionHelpFormatter
@@ -91,7 +91,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("out_dir", metavar="OUT_DIR", help="where to write tiles")
     p.add_argument("--count", type=int, required=True, help="number of tiles")
     p.add_argument("--size", type=int, default=120, help="tile side in pixels (default 120, as BigEarthNet)")
-    p.add_argument("--seed", type=int, default=0, help="seed (default 0)")
+    p.add_argument("--seed", type=argtypes.seed, default=0, help="seed (default 0)")
     p.set_defaults(func=run_synth)
 
 
@@ -141,10 +141,6 @@ def run_demo(args: argparse.Namespace) -> int:
 
 
 def run_synth(args: argparse.Namespace) -> int:
-    try:
-        seed = check_seed(args.seed)
-    except ValueError as exc:
-        raise UsageError(f"--seed: {exc}") from None
-    paths = write_synthetic_tiles(args.out_dir, args.count, args.size, seed)
-    print(f"{len(paths)} synthetic {args.size}x{args.size} tiles in {args.out_dir} (seed {seed})")
+    paths = write_synthetic_tiles(args.out_dir, args.count, args.size, args.seed)
+    print(f"{len(paths)} synthetic {args.size}x{args.size} tiles in {args.out_dir} (seed {args.seed})")
     return EXIT_OK

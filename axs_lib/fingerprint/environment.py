@@ -144,10 +144,13 @@ def installed_packages() -> dict[str, str]:
     return dict(sorted(packages.items(), key=lambda kv: kv[0].lower()))
 
 
-def environment_report() -> dict[str, Any]:
-    """The fingerprint plus what only a person needs (interpreter path, packages): ``environment.json``."""
+def environment_report(fingerprint: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The fingerprint plus what only a person needs (interpreter path, packages): ``environment.json``.
+
+    Pass a ``fingerprint`` already taken to avoid probing the machine (``nvidia-smi``) twice.
+    """
     return {
-        "fingerprint": environment_fingerprint(),
+        "fingerprint": environment_fingerprint() if fingerprint is None else fingerprint,
         "python_executable": sys.executable,
         "platform": platform.platform(),
         "packages": installed_packages(),

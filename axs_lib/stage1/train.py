@@ -236,7 +236,7 @@ def _train(config, resume, output_dir, device, world, log, config_for_resume) ->
     metrics_log = run_dir.MetricsLog(output_dir / "metrics.jsonl")
     if world.is_main:
         split.write(output_dir / "split.json")
-        run_dir.write_json(output_dir / "environment.json", environment_report())
+        run_dir.write_json(output_dir / "environment.json", environment_report(env_fp))
         ckpt_dir.mkdir(exist_ok=True)
     train_set = TileDataset(split.train, config.seed, augment=config.augment, speckle_std=config.speckle_std)
     val_set = TileDataset(split.val, config.seed, augment=False) if split.val else None

@@ -1,0 +1,565 @@
+"""The run directory: its layout, its lock, the manifest of what a run wrote, and the checkpoint manager.
+
+This module is the one place that knows file names. Layout::
+
+    <run>/run.json              effective config, seed, fingerprints, paths, times, status, manifest
+    <run>/config.yaml           the effective config, in a form ``--config`` accepts
+    <run>/environment.json      environment fingerprint plus installed packages
+    <run>/split.json            which tiles went to train and val
+    <run>/metrics.jsonl         one line per logged step and per validation
+    <run>/checkpoints/checkpoint_step_<N>.pt, best.pt, latest
+    <run>/plots/loss.png, <run>/samples/step_<N>.png, <run>/tensorboard/
+    <run>/.lock                 held (lockf) while a run is live
+
+Two users: the Stage-1 trainer (`RunDir` for the whole directory, `CheckpointManager` for
+``checkpoints/``) and any training loop of the user's own (`CheckpointManager` alone, on any
+directory).
+
+Rules that protect the user's files:
+
+* A run never starts over someone else's results: a non-empty directory needs ``resume`` or
+  ``overwrite``, and the lock stops two live runs sharing a directory.
+* ``overwrite`` removes only what an earlier run recorded in its manifest (``run.json``'s
+  ``"written"`` list), only in a directory that is a run, and only when the caller has checked every
+  input (the trainer calls `RunDir.clear_previous` after its checks). A name is added to the manifest
+  *before* the file is written, so a kill can leave the manifest listing a file that is missing,
+  never a written file that is unlisted.
+* A resume never writes over a checkpoint it could not load: such a file is renamed to
+  ``<name>.unloadable`` (bytes kept) before the run continues, and when checkpoints exist but none
+  loads, the resume is refused instead of quietly starting from step 0.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import logging
+import os
+import re
+import stat
+from pathlib import Path
+from typing import Any, Callable
+
+from axs_lib.errors import CheckpointError, InputError, UsageError
+
+log = logging.getLogger(__name__)
+
+CHECKPOINTS = "checkpoints"
+RUN_JSON = "run.json"
+CONFIG_FILE = "config.yaml"
+ENVIRONMENT_JSON = "environment.json"
+SPLIT_JSON = "split.json"
+METRICS = "metrics.jsonl"
+PLOTS = "plots"
+SAMPLES = "samples"
+TENSORBOARD = "tensorboard"
+LOCK = ".lock"
+BEST = "best.pt"
+LATEST = "latest"
+UNLOADABLE_SUFFIX = ".unloadable"
+STEP_FILE = re.compile(r"^checkpoint_step_(\d+)\.pt$")
+RUN_MARKER = "axs_run"  # run.json key that says "this directory is a run of ours"
+# Names an earlier version's run wrote, for a run.json without a manifest (no directory removed whole).
+_LEGACY_FILES = (RUN_JSON, ENVIRONMENT_JSON, SPLIT_JSON, METRICS)
+_LEGACY_PATTERNS = {CHECKPOINTS: re.compile(r"^(checkpoint_step_\d+\.pt|best\.pt|latest)$"),
+                    PLOTS: re.compile(r"^loss\.png$"), SAMPLES: re.compile(r"^step_\d+\.png$"),
+                    TENSORBOARD: re.compile(r"^events\.out\.tfevents\..*$")}
+MAX_RUN_JSON_BYTES = 16 * 2**20
+
+
+def checkpoint_name(step: int) -> str:
+    return f"checkpoint_step_{int(step)}.pt"
+
+
+def step_of(name: str) -> int | None:
+    """The step of a ``checkpoint_step_<N>.pt`` file name, or None for any other name."""
+    m = STEP_FILE.match(name)
+    return int(m.group(1)) if m else None
+
+
+def checkpoint_folder(path: os.PathLike | str) -> Path:
+    """``<run>/checkpoints`` when ``path`` is a run directory, else ``path`` itself."""
+    path = Path(path)
+    return path / CHECKPOINTS if (path / CHECKPOINTS).is_dir() else path
+
+
+def step_checkpoints(path: os.PathLike | str) -> list[tuple[int, Path]]:
+    """``(step, file)`` of every ``checkpoint_step_<N>.pt`` of a run (or checkpoint folder), newest first."""
+    folder = checkpoint_folder(path)
+    found = []
+    if folder.is_dir():
+        for p in folder.iterdir():
+            step = step_of(p.name)
+            if step is not None and p.is_file():
+                found.append((step, p))
+    return sorted(found, reverse=True)
+
+
+def write_json(path: Path, data: Any) -> None:
+    from axs_lib.checkpoint import atomic_write_text
+
+    atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
+
+
+def read_run_json(run: os.PathLike | str) -> dict | None:
+    """``run.json`` of a run directory as a dict, None when absent; InputError when it is not ours."""
+    path = Path(run) / RUN_JSON
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(path, "is not a regular file")
+    if st.st_size > MAX_RUN_JSON_BYTES:
+        raise InputError(path, f"is {st.st_size} bytes, larger than any run.json we write")
+    try:
+        data = json.loads(path.read_bytes().decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise InputError(path, f"not a run manifest (not valid JSON: {str(exc)[:80]})") from None
+    if not isinstance(data, dict):
+        raise InputError(path, "not a run manifest (not a JSON object)")
+    return data
+
+
+def is_run(data: dict | None) -> bool:
+    """Whether a parsed ``run.json`` is one a run of ours wrote (this version or an earlier one)."""
+    return isinstance(data, dict) and (data.get(RUN_MARKER) is not None or {"config", "seed", "status"} <= set(data))
+
+
+# --------------------------------------------------------------------------- the whole directory
+
+
+class RunDir:
+    """A run's output directory: checks before use, the lock, the manifest, ``--overwrite``.
+
+    Order of use (the trainer's): `check` (read-only, may run before any input is checked),
+    `open` (create, lock), `clear_previous` (only after every input passed), then `record` each
+    name before writing it and `save_manifest` with ``run.json``.
+    """
+
+    def __init__(self, root: os.PathLike | str):
+        self.root = Path(root)
+        self.checkpoints = self.root / CHECKPOINTS
+        self.previous: dict | None = None  # the run.json found here before this run started
+        self.written: set[str] = set()
+        self._lock_fd: int | None = None
+
+    def path(self, name: str) -> Path:
+        return self.root / name
+
+    # ------------------------------------------------------------------ checks (read-only)
+    def check(self, *, resume: bool, overwrite: bool) -> None:
+        """Refuse a directory this run may not use, without creating or changing anything."""
+        root = self.root
+        if root.is_symlink() and not root.exists():
+            raise InputError(root, "output path is a dangling symbolic link")
+        if root.exists() and not root.is_dir():
+            raise InputError(root, "output path exists and is not a directory")
+        if not root.exists():
+            return
+        lock = root / LOCK
+        if lock.is_symlink() or (lock.exists() and not lock.is_file()):
+            raise InputError(lock, "is not a regular file (a link or special file where the run's lock belongs)")
+        ckpt = self.checkpoints
+        if ckpt.exists() and not ckpt.is_dir():
+            raise InputError(ckpt, "exists and is not a directory")
+        self.previous = read_run_json(root)
+        used = sorted(p.name for p in root.iterdir() if p.name != LOCK)
+        if not used:
+            return
+        if not resume and not overwrite:
+            raise UsageError(
+                f"{root}: output directory is not empty ({', '.join(used[:4])}{', ...' if len(used) > 4 else ''}); "
+                "pass --resume auto to continue that run or --overwrite to replace it"
+            )
+        if not is_run(self.previous) and (overwrite or any(n in used for n in (RUN_JSON, METRICS))):
+            what = f"its {RUN_JSON} is not a run manifest" if self.previous is not None else f"it has no {RUN_JSON}"
+            raise UsageError(f"{root}: not a training run directory ({what}); refusing to "
+                             f"{'overwrite' if overwrite else 'resume'} in it: choose an empty or new --output-dir")
+
+    # ------------------------------------------------------------------ create and lock
+    def open(self) -> "RunDir":
+        """Create the directory and take its lock (released when the process dies, even by SIGKILL)."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise InputError(self.root, f"cannot create output directory: {exc.strerror}") from None
+        self._lock_fd = _take_lock(self.root)
+        if self.previous is not None:
+            self.written = set(self.previous.get("written") or []) if isinstance(self.previous.get("written"), list) else set()
+        return self
+
+    def close(self) -> None:
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)
+            self._lock_fd = None
+
+    def __enter__(self) -> "RunDir":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ --overwrite
+    def clear_previous(self) -> list[str]:
+        """Remove what the earlier run here wrote (its manifest), keeping every other file; return the names."""
+        previous = self.previous
+        if not is_run(previous):
+            return []
+        listed = previous.get("written")
+        names = [n for n in listed if isinstance(n, str)] if isinstance(listed, list) else _legacy_outputs(self.root)
+        removed = []
+        for name in sorted(set(names), key=lambda n: (n.count("/"), n), reverse=True):
+            target = self.root / name
+            if ".." in Path(name).parts or Path(name).is_absolute():
+                continue  # a manifest never names anything outside the run
+            if target.is_file() or target.is_symlink():
+                target.unlink()
+                removed.append(name)
+        for folder in (CHECKPOINTS, PLOTS, SAMPLES, TENSORBOARD):
+            with contextlib.suppress(OSError):
+                (self.root / folder).rmdir()  # only when now empty: a user's own file keeps its folder
+        self.written = set()
+        self.previous = None
+        return removed
+
+    # ------------------------------------------------------------------ manifest
+    def record(self, *names: str) -> None:
+        """Add names (relative to the run) to the manifest; call `save_manifest` before writing them."""
+        self.written.update(names)
+
+    def manifest(self) -> list[str]:
+        return sorted(self.written)
+
+    def remove_stale_temp_files(self) -> list[str]:
+        """Delete temp files left by a write that was killed (``.<name>.<random>.tmp``)."""
+        removed = []
+        for folder in (self.root, self.checkpoints):
+            if folder.is_dir():
+                for p in folder.glob(".*.tmp"):
+                    if p.is_file() and not p.is_symlink():
+                        p.unlink(missing_ok=True)
+                        removed.append(p.name)
+        return removed
+
+
+def _legacy_outputs(root: Path) -> list[str]:
+    names = [n for n in _LEGACY_FILES if (root / n).is_file()]
+    for folder, pattern in _LEGACY_PATTERNS.items():
+        if (root / folder).is_dir():
+            names += [f"{folder}/{p.name}" for p in (root / folder).iterdir() if pattern.match(p.name)]
+    return names
+
+
+def _take_lock(root: Path) -> int:
+    """Open ``<root>/.lock`` (never through a link) and hold a POSIX record lock on it.
+
+    ``lockf``, not ``flock``: forked DataLoader workers do not inherit it, so workers still
+    shutting down after their parent was killed do not block the resume.
+    """
+    path = root / LOCK
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise InputError(path, "is a symbolic link; refusing to use it as the run's lock") from None
+        raise InputError(root, f"output directory is not writable (cannot create {LOCK}): {exc.strerror}") from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise InputError(path, "is not a regular file")
+        try:
+            fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "unknown"
+            raise UsageError(f"{root}: another run (pid {holder}) is using this output directory") from None
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError as exc:
+            raise InputError(root, f"output directory is not writable: {exc.strerror}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def lock_is_held(run: os.PathLike | str) -> bool:
+    """Whether a live process holds ``<run>/.lock`` (a probe: takes the lock and lets it go at once).
+
+    POSIX record locks belong to the process, so call this from a process that is not the run
+    itself (``axs runs``): closing any descriptor of the file drops the caller's own lock.
+    """
+    try:
+        fd = os.open(Path(run) / LOCK, os.O_RDWR | os.O_NOFOLLOW)
+    except OSError:
+        return False
+    try:
+        fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        return True
+    finally:
+        os.close(fd)  # releases the probe's lock, if it got one
+    return False
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def diff_fields(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """Human lines naming every field whose value differs between two flat dicts."""
+    keys = sorted(set(stored) | set(current))
+    return [f"{k}: checkpoint {stored.get(k)!r}, now {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
+
+
+def check_resume(ckpt: dict, *, seed: int | None = None, config: dict | None = None, data_fingerprint: dict | None = None,
+                 world_size: int = 1, allow_world_size_change: bool = False) -> list[str]:
+    """Every reason ``ckpt`` cannot continue this run exactly (empty when it can).
+
+    Compares what is given: the checkpoint format, the seed, a flat dict of result-changing config
+    fields, the data fingerprint (``sha256`` of tiles and split) and the number of ranks.
+    """
+    from axs_lib import checkpoint
+
+    readable = getattr(checkpoint, "READABLE_FORMATS", {checkpoint.FORMAT_VERSION})
+    problems = []
+    if ckpt.get(checkpoint.FORMAT_KEY) not in readable:
+        problems.append(f"checkpoint format: checkpoint {ckpt.get(checkpoint.FORMAT_KEY)!r}, this version reads {sorted(readable)}")
+    if seed is not None:
+        stored = (ckpt.get("seed_info") or {}).get("seed", ckpt.get("seed"))
+        if stored != seed:
+            problems.append(f"seed: checkpoint {stored!r}, now {seed!r}")
+    if config is not None:
+        problems += diff_fields(ckpt.get("config") or {}, config)
+    if data_fingerprint is not None:
+        stored_fp = ckpt.get("data_fingerprint") or {}
+        if stored_fp.get("sha256") != data_fingerprint.get("sha256"):
+            problems.append(
+                f"tile set: checkpoint {stored_fp.get('num_tiles')} tiles ({str(stored_fp.get('sha256'))[:12]}), "
+                f"now {data_fingerprint.get('num_tiles')} tiles ({str(data_fingerprint.get('sha256'))[:12]})"
+            )
+    if ckpt.get("world_size", 1) != world_size and not allow_world_size_change:
+        problems.append(f"world size: checkpoint {ckpt.get('world_size', 1)}, now {world_size} "
+                        "(--allow-world-size-change re-shards deterministically, with other bits)")
+    return problems
+
+
+def _write_checkpoint_files(folder: Path, names: list[str], checkpoint: dict, latest: str | None) -> None:
+    try:
+        from axs_lib.checkpoint_writer import write_checkpoint_files
+    except ImportError:  # pragma: no cover - until the writer module lands
+        from axs_lib.checkpoint import atomic_link, save_checkpoint, write_latest
+
+        def write_checkpoint_files(folder, names, checkpoint, latest=None):
+            save_checkpoint(checkpoint, folder / names[0])
+            for name in names[1:]:
+                atomic_link(folder / names[0], folder / name)
+            if latest:
+                write_latest(folder, latest)
+    write_checkpoint_files(folder, names, checkpoint, latest=latest)
+
+
+class CheckpointManager:
+    """Checkpoints of one run in ``<output_dir>/checkpoints``: save, retention, resume, cleanup.
+
+    ``save(checkpoint, step)`` writes ``checkpoint_step_<step>.pt`` atomically with a checksum (and
+    ``best.pt`` as a second name of the same file when ``best=True``), then moves ``latest``. With
+    ``checkpoint_mode="async"`` the write runs in a background thread after a host snapshot; at
+    most one write is in flight and `close` waits for it. ``keep_last=N`` deletes older step
+    checkpoints after each save, never the one ``latest`` or ``best.pt`` names.
+
+    ``resume("auto")`` returns the newest checkpoint that loads and passes its checksum (``latest``
+    first, then step files newest first), logging every file it skips and why.
+    """
+
+    def __init__(self, output_dir: os.PathLike | str, *, keep_last: int | None = None, keep_best: bool = True,
+                 checkpoint_mode: str = "sync", on_write: Callable[[list[str]], None] | None = None):
+        if keep_last is not None and (isinstance(keep_last, bool) or not isinstance(keep_last, int) or keep_last < 1):
+            raise ValueError(f"keep_last must be a positive int or None, got {keep_last!r}")
+        if checkpoint_mode not in ("sync", "async"):
+            raise ValueError(f"checkpoint_mode must be 'sync' or 'async', got {checkpoint_mode!r}")
+        self.root = Path(output_dir)
+        self.folder = self.root / CHECKPOINTS
+        self.keep_last = keep_last
+        self.keep_best = keep_best
+        self.checkpoint_mode = checkpoint_mode
+        self.on_write = on_write  # told the run-relative names about to be written (the run's manifest)
+        self.best_step: int | None = None
+        self._writer = None
+
+    # ------------------------------------------------------------------ resume
+    def resume(self, target: str | os.PathLike | None = "auto", *, log: Callable[[str], None] | None = None,
+               adopt: bool = False) -> tuple[Path, dict] | None:
+        """The checkpoint to continue from: ``(path, dict)``, or None for a fresh start.
+
+        ``target``: None (fresh), ``"auto"`` (newest valid here) or a checkpoint file. A file
+        outside this run's ``checkpoints/`` belongs to another run: refused unless ``adopt``.
+        """
+        from axs_lib.checkpoint import load_checkpoint
+
+        say = log or (lambda line: logging.getLogger(__name__).warning(line))
+        if target is None:
+            return None
+        if target != "auto":
+            path = Path(target)
+            if not adopt and path.resolve().parent != self.folder.resolve():
+                raise UsageError(f"{path}: checkpoint of another run (not in {self.folder}); continuing it here "
+                                 "would mix two runs in one directory: pass --adopt-checkpoint to do it anyway, "
+                                 "or resume in that run's own directory")
+            return path, load_checkpoint(path)
+        skipped: list[Path] = []
+        for path in self._candidates(say):
+            try:
+                found = path, load_checkpoint(path)
+            except CheckpointError as exc:
+                say(f"warning: skipping {exc}")
+                skipped.append(path)
+                continue
+            self._set_aside(skipped, found[0], say)
+            return found
+        if skipped:
+            raise CheckpointError(self.folder, f"none of the {len(skipped)} checkpoints loads ({', '.join(p.name for p in skipped[:3])}"
+                                  f"{', ...' if len(skipped) > 3 else ''}); refusing to start again from step 0 over them: "
+                                  "move them away or use another --output-dir")
+        return None
+
+    def _candidates(self, say) -> list[Path]:
+        from axs_lib.checkpoint import read_latest
+
+        candidates: list[Path] = []
+        try:
+            latest = read_latest(self.folder) if self.folder.is_dir() else None
+        except CheckpointError as exc:
+            say(f"warning: {exc}; looking for the newest valid checkpoint")
+            latest = None
+        if latest is not None and latest.exists():
+            candidates.append(latest)
+        elif latest is not None:
+            say(f"warning: {self.folder / LATEST} names {latest.name}, which does not exist; looking for the newest valid checkpoint")
+        candidates += [p for _, p in step_checkpoints(self.folder) if p != latest]
+        return candidates
+
+    def _set_aside(self, skipped: list[Path], resumed: Path, say) -> None:
+        """Rename unloadable step checkpoints that the continued run would write again (bytes kept)."""
+        resumed_step = step_of(resumed.name)
+        for path in skipped:
+            step = step_of(path.name)
+            if step is None or resumed_step is None or step <= resumed_step:
+                continue
+            target = path.with_name(path.name + UNLOADABLE_SUFFIX)
+            os.replace(path, target)
+            say(f"warning: renamed {path.name} to {target.name}: it does not load, and the resumed run writes step {step} again")
+
+    # ------------------------------------------------------------------ save
+    def save(self, checkpoint: dict, step: int, *, best: bool = False, write_step: bool = True) -> list[str]:
+        """Write the checkpoint of ``step`` (and ``best.pt`` when ``best``); move ``latest`` to the step file.
+
+        ``write_step=False`` with ``best=True`` writes only ``best.pt`` (a validation improvement
+        at a step that is not a checkpoint step; ``latest`` does not move). Returns the names written.
+        """
+        names = ([BEST] if best and self.keep_best else []) + ([checkpoint_name(step)] if write_step else [])
+        if not names:
+            return []
+        latest = names[-1] if write_step else None
+        # best.pt first: a resume from this step's checkpoint would not write it again
+        if self.on_write is not None:
+            self.on_write([f"{CHECKPOINTS}/{n}" for n in names] + ([f"{CHECKPOINTS}/{LATEST}"] if latest else []))
+        self.folder.mkdir(parents=True, exist_ok=True)
+        if self.checkpoint_mode == "async":
+            if self._writer is None:
+                from axs_lib.checkpoint_writer import AsyncCheckpointWriter
+
+                self._writer = AsyncCheckpointWriter()
+            self._writer.submit(self.folder, names, checkpoint, latest=latest)
+        else:
+            _write_checkpoint_files(self.folder, names, checkpoint, latest=latest)
+        if best:
+            self.best_step = step
+        if write_step and self.keep_last is not None:
+            if self._writer is not None:
+                self._writer.wait()  # retention looks at what is durable
+            self.prune(step)
+        return names
+
+    def prune(self, newest: int) -> list[str]:
+        """Delete step checkpoints beyond the ``keep_last`` newest, never the one ``latest`` names."""
+        from axs_lib.checkpoint import read_latest
+
+        if self.keep_last is None:
+            return []
+        with contextlib.suppress(CheckpointError):
+            latest = read_latest(self.folder)
+        protected = {latest.name} if latest is not None else set()
+        removed = []
+        for i, (step, path) in enumerate(step_checkpoints(self.folder)):
+            if i >= self.keep_last and step <= newest and path.name not in protected:
+                path.unlink(missing_ok=True)
+                removed.append(path.name)
+        return removed
+
+    def wait(self) -> None:
+        """Block until a background write in flight is durable (raises its error, if it failed)."""
+        if self._writer is not None:
+            self._writer.wait()
+
+    def close(self) -> None:
+        if self._writer is not None:
+            writer, self._writer = self._writer, None
+            writer.close()
+
+    def __enter__(self) -> "CheckpointManager":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    check_resume = staticmethod(check_resume)
+
+
+class MetricsLog:
+    """``metrics.jsonl``: appended line by line; cut back to a step when a run resumes."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def _lines(self) -> list[str]:
+        try:
+            st = self.path.lstat()
+        except FileNotFoundError:
+            return []
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(self.path, "is not a regular file")
+        return self.path.read_bytes().decode("utf-8", errors="replace").splitlines()
+
+    @staticmethod
+    def _parse(line: str) -> dict | None:
+        try:
+            record = json.loads(line)
+        except (json.JSONDecodeError, RecursionError):
+            return None  # a line cut short by a kill, or not ours
+        return record if isinstance(record, dict) else None
+
+    def truncate_after(self, step: int) -> None:
+        """Drop records past ``step`` (written by the killed run after its last checkpoint)."""
+        from axs_lib.checkpoint import atomic_write_text
+
+        if not self.path.exists():
+            return
+        kept = []
+        for line in self._lines():
+            record = self._parse(line)
+            if record is None:
+                continue
+            rstep = record.get("step", 0)
+            if isinstance(rstep, int) and not isinstance(rstep, bool) and rstep <= step:
+                kept.append(line)
+        atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
+
+    def append(self, record: dict[str, Any]) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record, sort_keys=True) + "\n")
+            f.flush()
+
+    def read(self) -> list[dict[str, Any]]:
+        return [r for r in (self._parse(line) for line in self._lines()) if r is not None]

@@ -17,6 +17,7 @@ import torch
 from axs_lib.checkpoint import (
     CHECKSUM_KEY,
     FORMAT_KEY,
+    LEGACY_CHECKSUM_KEY,
     FORMAT_VERSION,
     atomic_open,
     content_digest,
@@ -272,3 +273,56 @@ def test_written_files_get_the_usual_mode(tmp_path):
     finally:
         os.umask(old)
     assert (tmp_path / "m.pt").stat().st_mode & 0o777 == 0o644
+
+
+# --------------------------------------------------------------------------- checksum versions
+
+_GOLDEN = {"x": torch.arange(4, dtype=torch.float32), "y": 1, "l": ["a", 2.5, None]}
+
+
+def test_checksum_algorithms_are_pinned_by_golden_values():
+    """Changing either digest silently would make every existing checkpoint fail its check."""
+    assert content_digest(_GOLDEN) == "306a08b8d12dd366296dc5ed289bf30f"
+    assert content_digest(_GOLDEN, LEGACY_CHECKSUM_KEY) == "20d6cb6d327b6155ffef94afe42179cd8e782fba923a0553fa48492e8fae3ba6"
+
+
+def test_new_checkpoints_carry_the_xxh3_checksum_only(tmp_path):
+    save_checkpoint({**_ckpt(), LEGACY_CHECKSUM_KEY: "stale"}, tmp_path / "a.pt")
+    raw = torch.load(tmp_path / "a.pt", weights_only=True)
+    assert raw[FORMAT_KEY] == 2 and CHECKSUM_KEY == "content_xxh3"
+    assert LEGACY_CHECKSUM_KEY not in raw and len(raw[CHECKSUM_KEY]) == 32
+
+
+def _format_1_file(path: Path, ckpt: dict) -> None:
+    """A checkpoint as format 1 wrote it: SHA-256 over the same structure under ``content_sha256``."""
+    body = {**ckpt, FORMAT_KEY: 1}
+    body[LEGACY_CHECKSUM_KEY] = content_digest(body, LEGACY_CHECKSUM_KEY)
+    torch.save(body, path)
+
+
+def test_format_1_checkpoint_still_loads_and_verifies(tmp_path):
+    path = tmp_path / "old.pt"
+    _format_1_file(path, _ckpt())
+    loaded = load_checkpoint(path)
+    assert loaded[FORMAT_KEY] == 1 and torch.equal(loaded["model_state_dict"]["bias"], _ckpt()["model_state_dict"]["bias"])
+
+
+def test_format_1_checkpoint_with_changed_content_is_caught(tmp_path):
+    path = tmp_path / "old.pt"
+    ckpt = _ckpt()
+    _format_1_file(path, ckpt)
+    tampered = torch.load(path, weights_only=True)
+    tampered["step"] = 4
+    torch.save(tampered, path)
+    with pytest.raises(CheckpointError, match=r"old\.pt: checksum mismatch"):
+        load_checkpoint(path)
+
+
+def test_format_2_checksum_catches_a_changed_scalar(tmp_path):
+    path = tmp_path / "new.pt"
+    save_checkpoint(_ckpt(), path)
+    tampered = torch.load(path, weights_only=True)
+    tampered["config"]["flags"][1] = 3
+    torch.save(tampered, path)
+    with pytest.raises(CheckpointError, match=r"new\.pt: checksum mismatch"):
+        load_checkpoint(path)

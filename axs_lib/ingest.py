@@ -1,5 +1,10 @@
 """Making tiles: BigEarthNet patch folders to tiles, the embedded demo, and synthetic tiles.
 
+Two BigEarthNet layouts are read: v1.0 (flat patch folders, each with a ``*_labels_metadata.json``
+naming its partner; `convert_bigearthnet`) and v2.0, reBEN (patch folders nested under their
+product, pairs and labels in ``metadata.parquet``; `convert_reben`). rasterio and pyarrow are
+imported only by the functions that need them (`require` names the extra to install).
+
 Every writer goes through `write_tile`, which encodes the tile to bytes first (``np.savez`` with
 keys in contract order; numpy stamps zip members with a fixed 1980 date, so identical content gives
 identical bytes), then writes sidecar and tile atomically. A file already in the output directory
@@ -14,10 +19,13 @@ import bz2
 import functools
 import importlib.resources
 import io
+import itertools
 import json
+import multiprocessing
 import os
 import tarfile
 import tempfile
+import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,7 +35,7 @@ import numpy as np
 from axs_lib.checkpoint import atomic_open
 from axs_lib.errors import InputError, UsageError
 from axs_lib.reproducibility import derive_seed
-from axs_lib.tiles import S1_KEYS, S2_KEYS, SIDECAR_SUFFIX, TILE_SUFFIX, check_arrays
+from axs_lib.tiles import S1_KEYS, S2_KEYS, SIDECAR_SUFFIX, SPLIT_ALIASES, TILE_SUFFIX, check_arrays
 
 S1_BANDS = {"s1_vv": "VV", "s1_vh": "VH"}
 S2_BANDS = {"s2_b2": "B02", "s2_b3": "B03", "s2_b4": "B04", "s2_b8": "B08"}
@@ -237,6 +245,7 @@ def convert_bigearthnet(s1_root: os.PathLike | str, s2_root: os.PathLike | str, 
     """
     s1_root, s2_root = Path(s1_root), Path(s2_root)
     s1_dirs, s2_dirs = _patch_folders(s1_root), _patch_folders(s2_root)
+    require("rasterio")
     out_dir = _prepare_out_dir(out_dir)
     report = IngestReport()
     paired = set()
@@ -335,3 +344,216 @@ def write_synthetic_tiles(out_dir: os.PathLike | str, count: int, size: int, see
         meta = {"tile_id": stem, "synthetic": True, "source": f"axs synthetic tiles (seed {seed})"}
         write_tile(out_dir, stem, synthetic_tile(size, rng), meta, report)
     return report.tiles
+
+
+# --------------------------------------------------------------------------- BigEarthNet v2 (reBEN)
+
+REBEN_SOURCE = "BigEarthNet v2.0 (reBEN, Sentinel-1 + Sentinel-2 patches)"
+REBEN_COLUMNS = ("patch_id", "s1_name", "labels", "split", "country", "contains_seasonal_snow", "contains_cloud_or_shadow")
+REBEN_BATCH_ROWS = 2048  # metadata rows in memory at once: memory stays flat at 550k patches
+_REBEN_FLAGS = {"contains_seasonal_snow": "seasonal_snow", "contains_cloud_or_shadow": "cloud_or_shadow"}
+
+
+def require(module: str, extra: str = "data"):
+    """Import an optional dependency, or raise `UsageError` naming the extra that installs it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        top = module.split(".")[0]
+        raise UsageError(f"{top} is not installed; it is needed here: pip install 'axs-lib[{extra}]'") from None
+
+
+@dataclass
+class RebenReport:
+    """What a reBEN conversion did, as counts (a list of 550k paths would not keep memory flat)."""
+
+    written: int = 0
+    present: int = 0  # complete outputs of an earlier (possibly killed) conversion, left alone
+    snow_cloud: int = 0  # left out because the metadata flags seasonal snow or cloud/shadow
+    skipped: list[tuple[str, str]] = field(default_factory=list)  # (patch, reason): unreadable or missing
+    seconds: float = 0.0
+
+
+def reben_folders(s1_root: Path, s2_root: Path, patch_id: str, s1_name: str) -> tuple[Path, Path]:
+    """(S1 folder, S2 folder) of a reBEN pair, from the names alone.
+
+    reBEN nests each patch under its product: ``BigEarthNet-S1/<S1 product>/<s1_name>/`` where the
+    product is ``s1_name`` without its last three parts (tile, row, column), and
+    ``BigEarthNet-S2/<S2 product>/<patch_id>/`` where it is ``patch_id`` without the last two (row,
+    column). torchgeo's ``BigEarthNetV2`` finds the folders the same way.
+    """
+    s1_product = "_".join(s1_name.split("_")[:-3])
+    s2_product = "_".join(patch_id.split("_")[:-2])
+    return s1_root / s1_product / s1_name, s2_root / s2_product / patch_id
+
+
+def _name_time(name: str) -> str | None:
+    """The ``YYYYMMDDTHHMMSS`` part of a Sentinel product or patch name, as ISO 8601."""
+    for part in name.split("_"):
+        if len(part) == 15 and part[8] == "T" and (part[:8] + part[9:]).isdigit():
+            return f"{part[:4]}-{part[4:6]}-{part[6:8]}T{part[9:11]}:{part[11:13]}:{part[13:15]}"
+    return None
+
+
+def _reben_meta(row: dict, s1_dir: Path, s2_dir: Path) -> dict:
+    """The sidecar fields that come from the metadata table and the names (grid added later)."""
+    split = row.get("split")
+    meta = {
+        "tile_id": row["patch_id"],
+        "s1_patch": row["s1_name"],
+        "s2_patch": row["patch_id"],
+        "s1_product": s1_dir.parent.name,
+        "s2_product": s2_dir.parent.name,
+        "s1_acquisition": _name_time(row["s1_name"]),
+        "s2_acquisition": _name_time(row["patch_id"]),
+        "labels": [str(x) for x in row.get("labels") or []],
+        "split": SPLIT_ALIASES.get(split, split) if isinstance(split, str) else None,
+        "country": row.get("country") if isinstance(row.get("country"), str) else None,
+        "quality_flags": [flag for column, flag in _REBEN_FLAGS.items() if row.get(column)] or None,
+        "source": REBEN_SOURCE,
+    }
+    return {k: v for k, v in meta.items() if v is not None}
+
+
+def _read_reben_pair(s1_dir: Path, s2_dir: Path) -> tuple[dict[str, np.ndarray], str, list[float]]:
+    """The six bands of a pair and its grid; raises `InputError` naming the offending file."""
+    files = {key: s1_dir / f"{s1_dir.name}_{band}.tif" for key, band in S1_BANDS.items()}
+    files |= {key: s2_dir / f"{s2_dir.name}_{band}.tif" for key, band in S2_BANDS.items()}
+    arrays = {}
+    for key, path in files.items():
+        if not path.is_file():
+            raise InputError(path, "missing band file")
+        try:
+            arrays[key] = _read_band(path)
+        except Exception as exc:  # noqa: BLE001 - rasterio raises RasterioIOError and friends
+            raise InputError(path, f"unreadable band: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        if key in S1_BANDS:
+            arrays[key] = arrays[key].astype(np.float32, copy=False)
+    s1_grid, s2_grid = _grid(files["s1_vv"]), _grid(files["s2_b2"])
+    if s1_grid != s2_grid:
+        raise InputError(s1_dir, f"S1 and S2 grids differ (S1 {s1_grid}, S2 {s2_grid})")
+    check_arrays(s1_dir, arrays)
+    return arrays, s2_grid[0], s2_grid[1]
+
+
+def _reben_task(task: tuple[str, str, str, dict]) -> tuple[str, str, str]:
+    """Convert one pair in a worker process: ("written" | "present" | "skipped" | "conflict", patch, reason).
+
+    A tile already in the output directory is complete (every output is written atomically,
+    sidecar first), so a rerun after a kill skips it without reading its GeoTIFFs.
+    """
+    s1_dir, s2_dir, out_dir, meta = Path(task[0]), Path(task[1]), Path(task[2]), task[3]
+    stem = meta["tile_id"]
+    if (out_dir / f"{stem}{TILE_SUFFIX}").is_file() and (out_dir / f"{stem}{SIDECAR_SUFFIX}").is_file():
+        return "present", stem, ""
+    try:
+        arrays, crs, bounds = _read_reben_pair(s1_dir, s2_dir)
+    except InputError as exc:
+        return "skipped", stem, str(exc)
+    report = IngestReport()
+    try:
+        write_tile(out_dir, stem, arrays, {**meta, "crs": crs, "bounds": bounds}, report)
+    except InputError as exc:
+        return "conflict", stem, str(exc)
+    return ("written" if report.written else "present"), stem, ""
+
+
+def _open_reben_metadata(path: Path):
+    """The metadata table as a `pyarrow.parquet.ParquetFile`, its columns checked."""
+    pq = require("pyarrow.parquet")
+    if not path.is_file():
+        raise InputError(path, "no such file" if not path.exists() else "not a regular file")
+    try:
+        table = pq.ParquetFile(path)
+    except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
+        raise InputError(path, f"not a readable parquet file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+    names = set(table.schema_arrow.names)
+    missing = [c for c in REBEN_COLUMNS if c not in names]
+    if missing:
+        raise InputError(path, f"missing column {missing[0]!r} (has: {', '.join(sorted(names)) or 'nothing'}); expected reBEN's metadata.parquet")
+    return table
+
+
+def _reben_tasks(table, s1_root: Path, s2_root: Path, out_dir: Path, keep_snow_cloud: bool, report: RebenReport):
+    """Conversion tasks, one metadata batch at a time; flagged patches are counted, not yielded."""
+    for batch in table.iter_batches(batch_size=REBEN_BATCH_ROWS, columns=list(REBEN_COLUMNS)):
+        for row in batch.to_pylist():
+            if not keep_snow_cloud and any(row.get(column) for column in _REBEN_FLAGS):
+                report.snow_cloud += 1
+                yield None
+                continue
+            s1_dir, s2_dir = reben_folders(s1_root, s2_root, row["patch_id"], row["s1_name"])
+            yield (str(s1_dir), str(s2_dir), str(out_dir), _reben_meta(row, s1_dir, s2_dir))
+
+
+def convert_reben(
+    s1_root: os.PathLike | str,
+    s2_root: os.PathLike | str,
+    out_dir: os.PathLike | str,
+    metadata: os.PathLike | str,
+    *,
+    keep_snow_cloud: bool = False,
+    jobs: int = 1,
+    progress: bool = False,
+) -> RebenReport:
+    """Convert BigEarthNet v2 (reBEN) into tiles named after the S2 ``patch_id``.
+
+    ``metadata`` is reBEN's ``metadata.parquet``; each row pairs ``patch_id`` (S2) with ``s1_name``
+    (S1) and gives labels, split (``validation`` is written as ``val``), country and the snow and
+    cloud flags. Flagged patches are left out unless ``keep_snow_cloud`` (and then carry
+    ``quality_flags``). ``jobs`` worker processes read the GeoTIFFs; the table is read in batches of
+    `REBEN_BATCH_ROWS` rows, so memory does not grow with the dataset. Resumable: a tile already
+    in ``out_dir`` is left alone. Every input is checked before ``out_dir`` is created.
+    """
+    if jobs < 1:
+        raise UsageError(f"--jobs must be >= 1, got {jobs}")
+    s1_root, s2_root, metadata = Path(s1_root), Path(s2_root), Path(metadata)
+    for root in (s1_root, s2_root):
+        if not root.is_dir():
+            raise InputError(root, "no such directory" if not root.exists() else "not a directory")
+    table = _open_reben_metadata(metadata)
+    require("rasterio")
+    out_dir = _prepare_out_dir(out_dir)
+    tqdm = require("tqdm").tqdm
+    report = RebenReport()
+    start = time.perf_counter()
+    tasks = _reben_tasks(table, s1_root, s2_root, out_dir, keep_snow_cloud, report)
+    bar = tqdm(total=table.metadata.num_rows, unit="patch", disable=None if progress else True, smoothing=0.05)
+    pool = multiprocessing.Pool(jobs) if jobs > 1 else None
+    try:
+        for status, stem, reason in _run_tasks(tasks, pool):
+            bar.update(1)
+            if status == "conflict":
+                raise InputError(out_dir, f"tile {stem}: {reason}")
+            if status == "written":
+                report.written += 1
+            elif status == "present":
+                report.present += 1
+            elif status == "skipped":
+                report.skipped.append((stem, reason))
+    finally:
+        bar.close()
+        if pool is not None:
+            pool.terminate()
+            pool.join()
+    report.seconds = time.perf_counter() - start
+    return report
+
+
+def _run_tasks(tasks, pool):
+    """Results of ``tasks`` (``None`` tasks give ("filtered", ...)): in order without a pool, in
+    windows of `REBEN_BATCH_ROWS` through the pool so that queued work stays bounded."""
+    if pool is None:
+        for task in tasks:
+            yield ("filtered", "", "") if task is None else _reben_task(task)
+        return
+    window: list = []
+    for task in itertools.chain(tasks, [StopIteration]):
+        if task is not StopIteration:
+            if task is None:
+                yield "filtered", "", ""
+            else:
+                window.append(task)
+        if window and (len(window) >= REBEN_BATCH_ROWS or task is StopIteration):
+            yield from pool.imap_unordered(_reben_task, window, chunksize=16)
+            window = []

@@ -7,7 +7,7 @@ import json
 
 from axs_lib import argtypes
 from axs_lib.errors import EXIT_FAILURE, EXIT_OK
-from axs_lib.ingest import IngestReport, convert_bigearthnet, write_demo_tiles, write_synthetic_tiles
+from axs_lib.ingest import IngestReport, RebenReport, convert_bigearthnet, convert_reben, write_demo_tiles, write_synthetic_tiles
 from axs_lib.tiles import scan_tiles, summarize, validate_tile
 
 _RAW = argparse.RawDescriptionHelpFormatter
@@ -54,18 +54,28 @@ def register(sub: argparse._SubParsersAction) -> None:
         "from-bigearthnet",
         help="convert BigEarthNet S1/S2 patch folders to tiles",
         description=(
-            "Convert BigEarthNet v1.0 patch folders (one GeoTIFF per band; each S1 folder's "
-            "*_labels_metadata.json names its S2 partner) into tiles named after the S2 patch, with "
-            "dates, product names, CRS, bounds, labels and official split in the sidecar. Unpaired or "
+            "Convert BigEarthNet patch folders (one GeoTIFF per band) into tiles named after the S2 patch, "
+            "with dates, product names, CRS, bounds, labels and official split in the sidecar. "
+            "With --metadata: BigEarthNet v2 (reBEN) -- S1_ROOT is BigEarthNet-S1/, S2_ROOT is "
+            "BigEarthNet-S2/, pairs, labels, split, country and snow/cloud flags come from "
+            "metadata.parquet, and snow/cloud patches are left out unless --keep-snow-cloud. "
+            "Without it: BigEarthNet v1.0 (each S1 folder's *_labels_metadata.json names its S2 "
+            "partner). A rerun after an interruption continues where it stopped. Unpaired or "
             "unreadable patches are reported and skipped (exit 1). Existing different files in "
             "OUT_DIR are never overwritten (exit 2)."
         ),
-        epilog="example:\n  axs tiles from-bigearthnet BigEarthNet-S1-v1.0/ BigEarthNet-v1.0/ tiles/",
+        epilog=(
+            "examples:\n  axs tiles from-bigearthnet BigEarthNet-S1/ BigEarthNet-S2/ tiles/ --metadata metadata.parquet --jobs 8\n"
+            "  axs tiles from-bigearthnet BigEarthNet-S1-v1.0/ BigEarthNet-v1.0/ tiles/"
+        ),
         formatter_class=_RAW,
     )
     p.add_argument("s1_root", metavar="S1_ROOT", help="directory of BigEarthNet-S1 patch folders")
     p.add_argument("s2_root", metavar="S2_ROOT", help="directory of BigEarthNet-S2 patch folders")
     p.add_argument("out_dir", metavar="OUT_DIR", help="where to write tiles")
+    p.add_argument("--metadata", metavar="PARQUET", help="reBEN metadata.parquet: read the BigEarthNet v2 layout")
+    p.add_argument("--keep-snow-cloud", action="store_true", help="keep patches flagged with seasonal snow or cloud/shadow (v2)")
+    p.add_argument("--jobs", type=int, default=1, help="worker processes reading GeoTIFFs (v2; default 1)")
     p.set_defaults(func=run_from_bigearthnet)
 
     p = cmds.add_parser(
@@ -130,8 +140,28 @@ def _print_report(report: IngestReport, out_dir: str) -> int:
     return EXIT_FAILURE if report.skipped else EXIT_OK
 
 
+MAX_SKIPPED_LINES = 20
+
+
 def run_from_bigearthnet(args: argparse.Namespace) -> int:
-    return _print_report(convert_bigearthnet(args.s1_root, args.s2_root, args.out_dir), args.out_dir)
+    if args.metadata is None:
+        return _print_report(convert_bigearthnet(args.s1_root, args.s2_root, args.out_dir), args.out_dir)
+    report = convert_reben(args.s1_root, args.s2_root, args.out_dir, args.metadata,
+                           keep_snow_cloud=args.keep_snow_cloud, jobs=args.jobs, progress=True)
+    return _print_reben_report(report, args.out_dir)
+
+
+def _print_reben_report(report: RebenReport, out_dir: str) -> int:
+    for patch, reason in report.skipped[:MAX_SKIPPED_LINES]:
+        print(f"skipped {patch}: {reason}")
+    if len(report.skipped) > MAX_SKIPPED_LINES:
+        print(f"... and {len(report.skipped) - MAX_SKIPPED_LINES} more skipped patches")
+    done = report.written + report.present
+    rate = report.written / report.seconds if report.seconds > 0 else 0.0
+    print(f"{report.written} tiles written ({rate:.1f}/s), {report.present} already present, "
+          f"{report.snow_cloud} snow/cloud patches left out (--keep-snow-cloud keeps them), "
+          f"{len(report.skipped)} patches skipped -> {out_dir} ({done} tiles)")
+    return EXIT_FAILURE if report.skipped else EXIT_OK
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -15,12 +15,18 @@ weights_only=True)`` opens it with no allow-list. On top of that we add:
 * Byte-identical output for identical content: the archive is written through a file object, so
   its internal record names do not depend on the file name or directory, and the content is
   put in a canonical form first (`canonical`), so pickle's memo does not depend on object history.
+  Tensors are stored from host memory (a GPU tensor's storage is copied to the CPU first, views
+  kept as views), so a file says ``cpu`` for every storage: the bytes do not depend on whether
+  the state was saved straight from the GPU or from a host snapshot (`AsyncCheckpointWriter`).
+* One call writes a checkpoint under several names and moves ``latest`` (`write_checkpoint_files`);
+  a full disk or a read-only directory is one `AxsError` line that names the file.
 """
 
 from __future__ import annotations
 
 import collections
 import contextlib
+import errno
 import hashlib
 import os
 import pickle
@@ -31,13 +37,13 @@ import tempfile
 import warnings
 import zipfile
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import torch
 import xxhash
 
 from axs_lib import faults
-from axs_lib.errors import CheckpointError
+from axs_lib.errors import EXIT_FAILURE, AxsError, CheckpointError
 
 FORMAT_VERSION = 2
 FORMAT_KEY = "format_version"
@@ -130,27 +136,65 @@ def unsafe_leaves(obj: Any, prefix: str = "") -> list[str]:
     return [] if kind in _SAFE_SCALARS else [f"{prefix or '<root>'}: {kind.__module__}.{kind.__qualname__}"]
 
 
-def canonical(obj: Any) -> Any:
+class HostCopies:
+    """Copy tensors into host memory one storage at a time, so views of one storage stay views.
+
+    ``torch.save`` writes each storage once, however many tensors view it, and records where
+    it lived. Copying storage by storage (rather than tensor by tensor) keeps that structure, so
+    the copy serialises to the same bytes as a CPU original. ``alloc(nbytes)`` gives the uint8
+    buffer for one storage (reusable, pinned buffers in `AsyncCheckpointWriter`); ``copy_cpu``
+    says whether tensors already in host memory are copied too (a snapshot) or kept (a save).
+    """
+
+    def __init__(self, alloc: Callable[[int], torch.Tensor] | None = None, *, copy_cpu: bool = False):
+        self.alloc = alloc or (lambda nbytes: torch.empty(nbytes, dtype=torch.uint8))
+        self.copy_cpu = copy_cpu
+        self.copied: dict[int, torch.Tensor] = {}  # storage identity (as torch.save keys it) -> host buffer
+        self.non_blocking = False
+
+    def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.device.type == "cpu" and not self.copy_cpu:
+            return tensor
+        if tensor.layout != torch.strided or tensor.is_quantized or type(tensor) not in (torch.Tensor, torch.nn.Parameter):
+            return tensor.detach().to("cpu", copy=True)  # rare kinds: a plain copy
+        storage = tensor.untyped_storage()
+        host = self.copied.get(storage._cdata)
+        if host is None:
+            host = self.alloc(storage.nbytes())
+            host.untyped_storage().copy_(storage, non_blocking=self.non_blocking and host.is_pinned())
+            self.copied[storage._cdata] = host
+        view = torch.empty(0, dtype=tensor.dtype).set_(host.untyped_storage(), tensor.storage_offset(), tensor.size(), tensor.stride())
+        if isinstance(tensor, torch.nn.Parameter):
+            return torch.nn.Parameter(view, requires_grad=tensor.requires_grad)
+        return view.requires_grad_(tensor.requires_grad)
+
+
+def canonical(obj: Any, tensors: Callable[[torch.Tensor], torch.Tensor] | None = None) -> Any:
     """A copy of a nested checkpoint whose pickle bytes depend only on its content.
 
     Pickle memoises objects by identity: a string or tuple that appears twice is written once and
     then referenced, and whether two equal strings are one object depends on history (a key
     loaded from a checkpoint is a new object; a literal in our code is interned). So a resumed
     run would write other bytes for the same content. Here every string is interned (always
-    shared) and every container is rebuilt (never shared); tensors are kept as they are.
+    shared) and every container is rebuilt (never shared). Tensors go through ``tensors``
+    (default: a `HostCopies` that moves GPU storages to the CPU and keeps CPU tensors as they are).
     """
+    return _canonical(obj, tensors or HostCopies())
+
+
+def _canonical(obj: Any, tensors: Callable[[torch.Tensor], torch.Tensor]) -> Any:
     if isinstance(obj, str):
         return sys.intern(str(obj))
     if isinstance(obj, torch.Tensor):
-        return obj
+        return tensors(obj)
     if isinstance(obj, dict):
-        copy = type(obj)((canonical(k), canonical(v)) for k, v in obj.items())
+        copy = type(obj)((_canonical(k, tensors), _canonical(v, tensors)) for k, v in obj.items())
         metadata = getattr(obj, "_metadata", None)  # module state_dict version info
         if metadata is not None:
-            copy._metadata = canonical(metadata)
+            copy._metadata = _canonical(metadata, tensors)
         return copy
     if type(obj) in (list, tuple):
-        return type(obj)(canonical(v) for v in obj)
+        return type(obj)(_canonical(v, tensors) for v in obj)
     return obj
 
 
@@ -245,8 +289,80 @@ def save_checkpoint(checkpoint: dict, path: os.PathLike | str) -> str:
     body[CHECKSUM_KEY] = digest
     body = canonical(body)
     with atomic_open(path) as f:
-        torch.save(body, f)
+        sink = _WriteErrors(f)
+        try:
+            torch.save(body, sink)
+        except RuntimeError:
+            # torch's zip writer turns a failed write into a RuntimeError ("unexpected pos ...",
+            # "PytorchStreamWriter failed writing file ..."): give back the OSError that caused it
+            if sink.error is not None:
+                raise sink.error from None
+            raise
     return digest
+
+
+class _WriteErrors:
+    """A file object for ``torch.save`` that keeps the OSError a write raised (ENOSPC, EIO, EFBIG)."""
+
+    def __init__(self, f):
+        self._f = f
+        self.error: OSError | None = None
+
+    def write(self, data) -> int:
+        try:
+            return self._f.write(data)
+        except OSError as exc:
+            self.error = self.error or exc
+            raise
+
+    def flush(self) -> None:
+        self._f.flush()
+
+
+def write_checkpoint_files(directory: os.PathLike | str, names: list[str] | tuple[str, ...], checkpoint: dict,
+                           latest: str | None = None) -> str:
+    """Write ``checkpoint`` as ``directory/names[0]``, give it the other ``names`` too, then move ``latest``.
+
+    The file is serialised once; every other name is an atomic hard link to it (``best.pt`` and
+    the step checkpoint of the same step). ``latest`` moves last, so it only ever names a file
+    that is complete and durable. A failed write (full disk, read-only or unwritable directory,
+    I/O error) raises one `AxsError` line, exit status 1, that names the file: the files written
+    before, and ``latest``, are untouched and no temp file is left. Returns the content checksum.
+    """
+    directory = Path(directory)
+    if not names:
+        raise ValueError("write_checkpoint_files needs at least one name")
+    path = directory / names[0]
+    try:
+        digest = save_checkpoint(checkpoint, path)
+        for name in names[1:]:
+            path = directory / name
+            atomic_link(directory / names[0], path)
+        if latest:
+            path = directory / LATEST_POINTER
+            write_latest(directory, latest)
+    except OSError as exc:
+        raise write_failure(path, exc.strerror or str(exc), full=exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)) from None
+    except RuntimeError as exc:
+        if not _is_torch_write_failure(exc):
+            raise
+        raise write_failure(path, f"write failed ({str(exc).splitlines()[0][:160]})", full=True) from None
+    return digest
+
+
+def write_failure(path: os.PathLike | str, problem: str, *, full: bool = False) -> AxsError:
+    """The one-line error for a checkpoint that could not be written (exit status 1)."""
+    hint = "free some space, then " if full else ""
+    return AxsError(
+        f"{path}: cannot write checkpoint: {problem}; earlier checkpoints and the latest pointer are intact; "
+        f"{hint}rerun with --resume auto to continue from the latest one",
+        exit_code=EXIT_FAILURE,
+    )
+
+
+def _is_torch_write_failure(exc: RuntimeError) -> bool:
+    text = str(exc)
+    return "PytorchStreamWriter failed writing" in text or "inline_container" in text
 
 
 def _describe_load_failure(exc: BaseException) -> str:

@@ -25,9 +25,10 @@ from axs_lib.checkpoint import (
     read_latest,
     save_checkpoint,
     unsafe_leaves,
+    write_checkpoint_files,
     write_latest,
 )
-from axs_lib.errors import CheckpointError
+from axs_lib.errors import EXIT_FAILURE, AxsError, CheckpointError
 from axs_lib.reproducibility import add_seed_to_checkpoint, set_seed
 
 
@@ -326,3 +327,42 @@ def test_format_2_checksum_catches_a_changed_scalar(tmp_path):
     torch.save(tampered, path)
     with pytest.raises(CheckpointError, match=r"new\.pt: checksum mismatch"):
         load_checkpoint(path)
+
+
+# --------------------------------------------------------------------------- several names, one write
+
+
+def test_checkpoint_files_are_written_once_and_linked_then_latest_moves(tmp_path):
+    digest = write_checkpoint_files(tmp_path, ["best.pt", "checkpoint_step_3.pt"], _ckpt(), latest="checkpoint_step_3.pt")
+    best, step = tmp_path / "best.pt", tmp_path / "checkpoint_step_3.pt"
+    assert best.stat().st_ino == step.stat().st_ino  # one file, two names
+    assert read_latest(tmp_path) == step
+    assert load_checkpoint(step)[CHECKSUM_KEY] == digest
+    save_checkpoint(_ckpt(), tmp_path / "alone.pt")
+    assert sha(tmp_path / "alone.pt") == sha(step)  # same bytes as a plain save
+
+
+@pytest.mark.parametrize("failing", ["checkpoint_step_4.pt", "best.pt", "latest"])
+def test_failed_checkpoint_write_is_one_line_and_keeps_what_was_there(tmp_path, monkeypatch, failing):
+    write_checkpoint_files(tmp_path, ["checkpoint_step_2.pt"], _ckpt(), latest="checkpoint_step_2.pt")
+    before = {p.name: sha(p) for p in tmp_path.iterdir()}
+    monkeypatch.setenv("AXS_FAULT", f"enospc:{failing}")
+    with pytest.raises(AxsError) as caught:
+        write_checkpoint_files(tmp_path, ["checkpoint_step_4.pt", "best.pt"], _ckpt(2.0), latest="checkpoint_step_4.pt")
+    message = str(caught.value)
+    assert caught.value.exit_code == EXIT_FAILURE and "\n" not in message
+    assert message.startswith(f"{tmp_path / failing}: cannot write checkpoint: No space left on device")
+    assert "earlier checkpoints and the latest pointer are intact" in message and "free some space" in message
+    assert {p.name: sha(p) for p in tmp_path.iterdir() if p.name in before} == before
+    assert read_latest(tmp_path).name == "checkpoint_step_2.pt"
+    assert not [p.name for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def test_an_unrelated_runtime_error_is_not_reported_as_a_full_disk(tmp_path, monkeypatch):
+    def broken(obj, f):
+        raise RuntimeError("some bug")
+
+    monkeypatch.setattr(torch, "save", broken)
+    with pytest.raises(RuntimeError, match="some bug"):
+        write_checkpoint_files(tmp_path, ["a.pt"], _ckpt())
+    assert not list(tmp_path.iterdir())

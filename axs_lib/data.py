@@ -16,6 +16,7 @@ pixels (NaN in any band) are 0 in ``sar`` and ``optical`` and 0 in ``mask``.
 from __future__ import annotations
 
 import collections
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -119,6 +120,19 @@ def _add_speckle(sar_db: np.ndarray, std: float, generator: torch.Generator) -> 
     return (sar_db + 10.0 * np.log10(np.maximum(factor, 1e-3))).astype(np.float32)
 
 
+# Signals a scheduler sends to the whole process group. Workers leave them to the main process,
+# which checkpoints and then shuts the workers down; a worker that died of SIGTERM first would
+# turn a clean stop into a DataLoader error.
+STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+
+
+def worker_init(worker_id: int) -> None:
+    """``worker_init_fn`` of our loaders: ignore the stop signals, then `seed_worker`."""
+    for signum in STOP_SIGNALS:
+        signal.signal(signum, signal.SIG_IGN)
+    seed_worker(worker_id)
+
+
 def make_loader(
     dataset: Dataset,
     sampler: Sampler | None,
@@ -130,7 +144,7 @@ def make_loader(
     """A DataLoader whose batches do not depend on ``num_workers``.
 
     ``sampler`` None walks the dataset in index order (int keys: no augmentation), for validation.
-    Workers are seeded with `seed_worker` and persistent; the loader's generator is seeded from
+    Workers ignore the stop signals (`worker_init`), are seeded with `seed_worker` and persistent; the loader's generator is seeded from
     ``seed``; memory is pinned only when asked and CUDA is present.
     """
     return DataLoader(
@@ -139,7 +153,7 @@ def make_loader(
         sampler=sampler,
         shuffle=False,
         num_workers=num_workers,
-        worker_init_fn=seed_worker,
+        worker_init_fn=worker_init,
         generator=create_reproducible_generator(seed),
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory and torch.cuda.is_available(),

@@ -212,9 +212,18 @@ class RunDir:
         names = [n for n in listed if isinstance(n, str)] if isinstance(listed, list) else _legacy_outputs(self.root)
         removed = []
         for name in sorted(set(names), key=lambda n: (n.count("/"), n), reverse=True):
-            target = self.root / name
             if ".." in Path(name).parts or Path(name).is_absolute():
                 continue  # a manifest never names anything outside the run
+            if name.endswith("/"):  # a folder whose files a library names (TensorBoard's event files)
+                pattern = _LEGACY_PATTERNS.get(name.rstrip("/"))
+                folder = self.root / name
+                if pattern is not None and folder.is_dir() and not folder.is_symlink():
+                    for p in folder.iterdir():
+                        if pattern.match(p.name) and p.is_file():
+                            p.unlink()
+                            removed.append(f"{name}{p.name}")
+                continue
+            target = self.root / name
             if target.is_file() or target.is_symlink():
                 target.unlink()
                 removed.append(name)
@@ -283,6 +292,16 @@ def _take_lock(root: Path) -> int:
         os.close(fd)
         raise
     return fd
+
+
+@contextlib.contextmanager
+def locked(root: os.PathLike | str):
+    """Hold ``<root>/.lock`` for the life of the block (a live run's lock, for tools and tests)."""
+    fd = _take_lock(Path(root))
+    try:
+        yield
+    finally:
+        os.close(fd)
 
 
 def lock_is_held(run: os.PathLike | str) -> bool:
@@ -386,6 +405,7 @@ class CheckpointManager:
         self.checkpoint_mode = checkpoint_mode
         self.on_write = on_write  # told the run-relative names about to be written (the run's manifest)
         self.best_step: int | None = None
+        self.skipped: list[Path] = []  # unloadable checkpoints newer than the resumed one
         self._writer = None
 
     # ------------------------------------------------------------------ resume
@@ -395,6 +415,7 @@ class CheckpointManager:
 
         ``target``: None (fresh), ``"auto"`` (newest valid here) or a checkpoint file. A file
         outside this run's ``checkpoints/`` belongs to another run: refused unless ``adopt``.
+        Reads only: unloadable files are set aside later by `set_aside_unloadable`.
         """
         from axs_lib.checkpoint import load_checkpoint
 
@@ -416,7 +437,7 @@ class CheckpointManager:
                 say(f"warning: skipping {exc}")
                 skipped.append(path)
                 continue
-            self._set_aside(skipped, found[0], say)
+            self.skipped = [p for p in skipped if (step_of(p.name) or -1) > (step_of(path.name) or 0)]
             return found
         if skipped:
             raise CheckpointError(self.folder, f"none of the {len(skipped)} checkpoints loads ({', '.join(p.name for p in skipped[:3])}"
@@ -440,16 +461,18 @@ class CheckpointManager:
         candidates += [p for _, p in step_checkpoints(self.folder) if p != latest]
         return candidates
 
-    def _set_aside(self, skipped: list[Path], resumed: Path, say) -> None:
-        """Rename unloadable step checkpoints that the continued run would write again (bytes kept)."""
-        resumed_step = step_of(resumed.name)
-        for path in skipped:
-            step = step_of(path.name)
-            if step is None or resumed_step is None or step <= resumed_step:
-                continue
+    def set_aside_unloadable(self) -> list[str]:
+        """Rename the unloadable step checkpoints newer than the one `resume` chose (bytes kept), so the
+        continued run, which writes those steps again, never writes over them. Call it once every
+        input has been checked."""
+        renamed = []
+        for path in self.skipped:
             target = path.with_name(path.name + UNLOADABLE_SUFFIX)
-            os.replace(path, target)
-            say(f"warning: renamed {path.name} to {target.name}: it does not load, and the resumed run writes step {step} again")
+            if path.exists() and not target.exists():
+                os.replace(path, target)
+                renamed.append(f"{path.name} -> {target.name}")
+        self.skipped = []
+        return renamed
 
     # ------------------------------------------------------------------ save
     def save(self, checkpoint: dict, step: int, *, best: bool = False, write_step: bool = True) -> list[str]:

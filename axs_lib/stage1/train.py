@@ -16,13 +16,22 @@ depend on the world size, not on timing.
 
 Order of work at optimizer step N: train step -> (validation, ``best.pt``) -> checkpoint ->
 ``latest`` pointer. A checkpoint is written at every ``checkpoint_every`` steps, at the last step,
-when early stopping triggers, and when SIGINT or SIGTERM asks the run to stop.
+when early stopping triggers, and when SIGINT, SIGTERM or SIGUSR1 asks the run to stop (exit
+130, 143, 138). A non-finite loss stops the run before anything of the bad steps is saved
+(``--on-nonfinite stop``) or drops that step's update (``skip``).
+
+No host synchronisation in the step path on GPU: the loss stays on the device and is read at log,
+validation and checkpoint steps only (with ``--on-nonfinite skip`` every step has to look at it).
+
+The run directory's files and their names belong to `axs_lib.run_dir`; the training state saved
+and restored is one `axs_lib.state.TrainingState`.
 """
 
 from __future__ import annotations
 
 import contextlib
-import errno
+import functools
+import logging
 import math
 import signal
 import sys
@@ -36,25 +45,29 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
-from axs_lib.checkpoint import FORMAT_KEY, FORMAT_VERSION, atomic_link, load_checkpoint, save_checkpoint, write_latest
+from axs_lib import run_dir
 from axs_lib.data import TileDataset, make_loader
 from axs_lib.distributed import any_rank, average_gradients, gather, init_world, main_first, shutdown
-from axs_lib.errors import EXIT_FAILURE, AxsError, UsageError
+from axs_lib.errors import EXIT_FAILURE, AxsError, CheckpointError, UsageError
 from axs_lib.fingerprint.data import data_fingerprint
 from axs_lib.fingerprint.environment import diff_environments, environment_fingerprint, environment_report
-from axs_lib.reproducibility import add_seed_to_checkpoint, derive_seed, get_seed_state, seed_globals, set_seed
+from axs_lib.reproducibility import derive_seed, get_seed_state, seed_globals, set_seed
+from axs_lib.run_dir import (CONFIG_FILE, ENVIRONMENT_JSON, METRICS, PLOTS, RUN_JSON, RUN_MARKER, SAMPLES, SPLIT_JSON,
+                             TENSORBOARD, CheckpointManager, MetricsLog, RunDir, write_json)
 from axs_lib.sampling import EpochSampler
 from axs_lib.split import make_split
-from axs_lib.stage1 import plots, run_dir
-from axs_lib.stage1.config import TrainConfig, diff_result_fields
+from axs_lib.stage1 import plots
+from axs_lib.stage1.config import TrainConfig, diff_result_fields, write_config_file
 from axs_lib.stage1.early_stopping import EarlyStopping
 from axs_lib.stage1.events import EventLog
 from axs_lib.stage1.events import available as events_available
 from axs_lib.stage1.losses import masked_ssim, psnr, spectral_angle, stage1_loss
 from axs_lib.stage1.model import UNet
+from axs_lib.state import TrainingState
 from axs_lib.tiles import list_tiles, read_tile
 
-EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143}
+logger = logging.getLogger(__name__)
+EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138}  # 128 + signal number
 SAMPLE_TILES = 3  # validation tiles shown in samples/step_<N>.png
 
 
@@ -65,6 +78,7 @@ class ResumeRequest:
     target: str | None = None  # None, "auto" or a checkpoint path
     force: bool = False  # continue despite a changed seed, config, tile set, world size or format
     allow_world_size_change: bool = False  # continue on another number of ranks, re-sharding the epoch
+    adopt: bool = False  # continue another run's checkpoint (a file outside this run's checkpoints/) here
 
 
 @dataclass
@@ -88,7 +102,12 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
 
 
 class _StopRequest:
-    """Turns SIGINT/SIGTERM into a flag checked between steps, so the run can checkpoint and leave."""
+    """Turns SIGINT/SIGTERM/SIGUSR1 into a flag checked between steps, so the run can checkpoint and leave.
+
+    Schedulers signal the whole process group (Slurm, systemd, Kubernetes, ``timeout``); DataLoader
+    workers ignore these signals (`axs_lib.data.make_loader`), so the main process is the one that
+    decides, checkpoints at the current step and shuts the workers down in order.
+    """
 
     def __init__(self):
         self.signum: int | None = None
@@ -123,23 +142,11 @@ def _now() -> str:
 
 def check_resume(ckpt: dict, config: TrainConfig, data_fp: dict, world_size: int, allow_world_size_change: bool = False) -> list[str]:
     """Every reason this checkpoint cannot continue this run exactly (empty when it can)."""
-    problems = []
-    if ckpt.get(FORMAT_KEY) != FORMAT_VERSION:
-        problems.append(f"checkpoint format: checkpoint {ckpt.get(FORMAT_KEY)!r}, this version writes {FORMAT_VERSION}")
-    problems += diff_result_fields(ckpt.get("config", {}), config.result_fields())
-    stored_fp = ckpt.get("data_fingerprint") or {}
-    if stored_fp.get("sha256") != data_fp["sha256"]:
-        problems.append(
-            f"tile set: checkpoint {stored_fp.get('num_tiles')} tiles ({str(stored_fp.get('sha256'))[:12]}), "
-            f"now {data_fp['num_tiles']} tiles ({data_fp['sha256'][:12]})"
-        )
-    if ckpt.get("world_size", 1) != world_size and not allow_world_size_change:
-        problems.append(f"world size: checkpoint {ckpt.get('world_size', 1)}, now {world_size} "
-                        "(--allow-world-size-change re-shards deterministically, with other bits)")
-    return problems
+    return diff_result_fields(ckpt.get("config") or {}, config.result_fields()) + run_dir.check_resume(
+        ckpt, data_fingerprint=data_fp, world_size=world_size, allow_world_size_change=allow_world_size_change)
 
 
-def evaluate(model: nn.Module, loader, device: torch.device, config: TrainConfig) -> dict[str, float]:
+def evaluate(model: nn.Module, loader, device: torch.device, config: TrainConfig, autocast=contextlib.nullcontext) -> dict[str, float]:
     """Validation loss, PSNR, SSIM and SAM, averaged over validation tiles (no randomness used)."""
     model.eval()
     totals = {"val_loss": 0.0, "psnr": 0.0, "ssim": 0.0, "sam": 0.0}
@@ -147,7 +154,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, config: TrainConfig
     with torch.no_grad():
         for batch in loader:
             sar, target, mask = (batch[k].to(device) for k in ("sar", "optical", "mask"))
-            pred = model(sar)
+            with autocast():
+                pred = model(sar).float()
             n = sar.shape[0]
             totals["val_loss"] += n * stage1_loss(pred, target, mask, config.l1_weight, config.ssim_weight).item()
             totals["ssim"] += n * masked_ssim(pred, target, mask).item()
@@ -169,56 +177,72 @@ def reshard(position: int, old_size: int, new_size: int, shard_size: int) -> int
 
 
 def train_stage1(config: TrainConfig, resume: ResumeRequest, *, overwrite: bool = False,
-                 log: Callable[[str], None] = print, config_for_resume: Callable[[dict], TrainConfig] | None = None) -> RunResult:
+                 log: Callable[[str], None] | None = None,
+                 config_for_resume: Callable[[dict], TrainConfig] | None = None) -> RunResult:
     """Run (or continue) a Stage-1 training described by ``config`` in ``config.output_dir``.
+
+    Every input is checked before anything in the output directory is created, moved or removed:
+    the directory itself, the checkpoint to resume from and its compatibility, the tiles, the split
+    and the batch size. Only then is the directory locked and, with ``overwrite``, the files that
+    the earlier run recorded in its manifest removed.
 
     ``config_for_resume`` rebuilds the config on top of a checkpoint's stored result fields, so
     flags not given on a resume take the checkpoint's values; see `axs_lib.commands.train`.
     Under ``torchrun`` every rank calls this; rank 0 owns the output directory.
+    ``log`` receives progress lines (default: the ``axs_lib.stage1.train`` logger).
     """
-    output_dir = Path(config.output_dir)
     device = _device(config.device)
     world = init_world(device)
     if world.distributed and device.type == "cuda":
         device = torch.device("cuda", world.local_rank)
+    say = log or logger.info
     if not world.is_main:
-        log = lambda line: None  # noqa: E731 - rank 0 speaks for the job
+        say = lambda line: None  # noqa: E731 - rank 0 speaks for the job
     with contextlib.ExitStack() as owned:
         owned.callback(shutdown, world)
-
-        def open_run_dir() -> None:
-            run_dir.prepare(output_dir, resume=resume.target is not None, overwrite=overwrite)
-            owned.enter_context(run_dir.locked(output_dir))
-            if overwrite and resume.target is None:
-                run_dir.remove_outputs(output_dir)
-            for name in run_dir.remove_stale_temp_files(output_dir):
-                log(f"removed {name}, left by a write that was interrupted")
-
-        main_first(open_run_dir, world)
-        return _train(config, resume, output_dir, device, world, log, config_for_resume)
+        setup = _check_inputs(config, resume, overwrite, device, world, say, config_for_resume)
+        main_first(lambda: _open_run_dir(setup, overwrite, resume, owned, say), world)
+        trainer = Stage1Trainer(setup, device, world, say)
+        owned.callback(trainer.manager.close)
+        return trainer.run()
 
 
-def _train(config, resume, output_dir, device, world, log, config_for_resume) -> RunResult:
-    # -------------------------------------------------------------------- checkpoint to resume from
-    ckpt, ckpt_path = None, None
-    if resume.target == "auto":
-        found = run_dir.find_resume_checkpoint(output_dir, log)
-        if found is None:
-            log(f"no valid checkpoint in {output_dir / run_dir.CHECKPOINTS}: starting from step 0")
-        else:
-            ckpt_path, ckpt = found
-    elif resume.target is not None:
-        ckpt_path = Path(resume.target)
-        ckpt = load_checkpoint(ckpt_path)
+@dataclass
+class _Setup:
+    """What every check produced, before anything was written: the run's inputs, all validated."""
+
+    config: TrainConfig
+    run: RunDir
+    manager: CheckpointManager
+    ckpt: dict | None
+    ckpt_path: Path | None
+    seed_info: dict
+    split: Any
+    paths: list
+    data_fp: dict
+    env_fp: dict
+    resumed_from_world: int = 1
+
+
+def _check_inputs(config, resume, overwrite, device, world, say, config_for_resume) -> _Setup:
+    """Check the output directory, the resume checkpoint, the tiles and the sizes; write nothing."""
+    output_dir = Path(config.output_dir)
+    run = RunDir(output_dir)
+    run.check(resume=resume.target is not None, overwrite=overwrite)
+    manager = CheckpointManager(output_dir, keep_last=config.keep_last, keep_best=config.keep_best,
+                                checkpoint_mode=config.checkpoint_mode)
+    found = manager.resume(resume.target, log=say, adopt=resume.adopt) if resume.target is not None else None
+    if resume.target == "auto" and found is None:
+        say(f"no checkpoint in {manager.folder}: starting from step 0")
+    ckpt_path, ckpt = found if found is not None else (None, None)
     if ckpt is not None and config_for_resume is not None:
-        config = config_for_resume(ckpt.get("config", {}))
+        config = config_for_resume(ckpt.get("config") or {})
+        manager.keep_last, manager.keep_best, manager.checkpoint_mode = config.keep_last, config.keep_best, config.checkpoint_mode
 
-    # -------------------------------------------------------------------- seeds, flags, data
     seed_info = set_seed(config.seed, deterministic=config.deterministic, benchmark=config.benchmark)
     paths = list_tiles(config.data_dir, config.max_tiles)
-    split = make_split(paths, config.seed, config.val_fraction, config.split_source)
-    for path in [*split.train, *split.val]:
-        read_tile(path)  # every tile checked before anything is written, not when the sampler reaches it
+    split = make_split(paths, config.split_seed, config.val_fraction, config.split_source)
+    _check_tiles([*split.train, *split.val])
     if config.batch_size * world.size > len(split.train):
         raise UsageError(f"--batch-size {config.batch_size} x {world.size} ranks is larger than the {len(split.train)} training tiles")
     data_fp = data_fingerprint(paths, split.manifest())
@@ -227,192 +251,326 @@ def _train(config, resume, output_dir, device, world, log, config_for_resume) ->
         problems = check_resume(ckpt, config, data_fp, world.size, resume.allow_world_size_change)
         if problems and not resume.force:
             raise UsageError(f"{ckpt_path}: cannot resume exactly: " + "; ".join(problems) + " (pass --force-resume to continue anyway)")
+        if not resume.force:
+            _check_state_shapes(ckpt, ckpt_path, config)
         for line in problems:
-            log(f"warning: resuming despite a difference: {line}")
+            say(f"warning: resuming despite a difference: {line}")
         for d in diff_environments(ckpt.get("environment"), env_fp):
-            log(f"warning: environment differs from the checkpoint's, bits may differ: {d['key']}: {d['a']!r} -> {d['b']!r}")
+            say(f"warning: environment differs from the checkpoint's, bits may differ: {d['key']}: {d['a']!r} -> {d['b']!r}")
+    return _Setup(config, run, manager, ckpt, ckpt_path, seed_info, split, paths, data_fp, env_fp,
+                  int(ckpt.get("world_size", 1)) if ckpt is not None else world.size)
 
-    ckpt_dir = output_dir / run_dir.CHECKPOINTS
-    metrics_log = run_dir.MetricsLog(output_dir / "metrics.jsonl")
-    if world.is_main:
-        split.write(output_dir / "split.json")
-        run_dir.write_json(output_dir / "environment.json", environment_report(env_fp))
-        ckpt_dir.mkdir(exist_ok=True)
-    train_set = TileDataset(split.train, config.seed, augment=config.augment, speckle_std=config.speckle_std)
-    val_set = TileDataset(split.val, config.seed, augment=False) if split.val else None
-    if val_set is None:
-        log("warning: no validation tiles: no validation metrics, best.pt or early stopping")
 
-    # -------------------------------------------------------------------- model and optimizer
-    seed_globals(derive_seed(config.seed, "init"))
-    model = UNet(width=config.width, dropout=config.dropout).to(device)
-    parameters = list(model.parameters())
-    optimizer = torch.optim.AdamW(parameters, lr=config.lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: lr_factor(s, config.warmup_steps, config.steps))
-    stopper = EarlyStopping(config.patience, config.min_delta, config.es_mode, config.es_metric)
-    step, sampler_state, last_metrics = 0, (0, 0), {}
-    if ckpt is not None:
-        model.load_state_dict(ckpt["model_state_dict"])
-        optimizer.load_state_dict(ckpt["optimizer_state_dict"])
-        scheduler.load_state_dict(ckpt["scheduler_state_dict"])
-        stopper.load_state_dict(ckpt["early_stopping"])
-        step = int(ckpt["step"])
+def _check_tiles(paths: list) -> None:
+    """Every tile the run will read, checked before anything is written (cached where the tiles module can)."""
+    from axs_lib import tiles
+
+    check = getattr(tiles, "check_tiles", None)
+    if check is not None:
+        check(paths)
+    else:
+        for path in paths:
+            read_tile(path)
+
+
+def _check_state_shapes(ckpt: dict, path: Path, config: TrainConfig) -> None:
+    """Refuse a checkpoint whose weights do not fit this model (a foreign file or another width)."""
+    expected = {k: tuple(v.shape) for k, v in UNet(width=config.width, dropout=config.dropout).state_dict().items()}
+    stored = ckpt.get("model_state_dict")
+    if not isinstance(stored, dict):
+        raise CheckpointError(path, "has no model_state_dict: not a Stage-1 checkpoint")
+    got = {k: tuple(v.shape) for k, v in stored.items() if isinstance(v, torch.Tensor)}
+    if got != expected:
+        diff = sorted(set(got) ^ set(expected)) or [k for k in expected if got.get(k) != expected[k]]
+        raise CheckpointError(path, f"its model does not fit a Stage-1 U-Net of width {config.width} (first difference: {diff[0]})")
+
+
+def _open_run_dir(setup: _Setup, overwrite: bool, resume: ResumeRequest, owned: contextlib.ExitStack, say) -> None:
+    """Create and lock the run directory; only now remove an earlier run's files or set files aside."""
+    run = owned.enter_context(setup.run.open())
+    if overwrite and resume.target is None:
+        removed = run.clear_previous()
+        if removed:
+            say(f"--overwrite: removed {len(removed)} files of the earlier run (its manifest); other files kept")
+    for name in run.remove_stale_temp_files():
+        say(f"removed {name}, left by a write that was interrupted")
+    for line in setup.manager.set_aside_unloadable():
+        say(f"warning: set aside {line}: it does not load, and the resumed run writes that step again")
+
+
+class _StepBatches:
+    """The training batches as an endless stream over epochs, with the exact sampler state consumed.
+
+    Its state is the `EpochSampler` position after the last batch the loop took, so a checkpoint
+    never counts batches that workers prefetched but the loop did not use.
+    """
+
+    def __init__(self, dataset, config: TrainConfig, world, pin: bool, start: tuple[int, int]):
+        self.sampler = EpochSampler(len(dataset), config.seed, start=start, rank=world.rank, world_size=world.size)
+        self.position = start
+        self._iter = iter(make_loader(dataset, self.sampler, config.batch_size, config.num_workers, config.seed, pin))
+
+    def __next__(self) -> dict:
+        batch = next(self._iter)
+        self.position = self.sampler.state_after(batch)
+        return batch
+
+    def state_dict(self) -> dict:
+        return {"epoch": self.position[0], "position": self.position[1]}
+
+    def load_state_dict(self, state: dict) -> None:  # the stream is built from its start state
+        raise NotImplementedError("build _StepBatches with start=(epoch, position)")
+
+    def close(self) -> None:
+        del self._iter
+
+
+class Stage1Trainer:
+    """Setup plus a loop: model, optimizer and data built from `_Setup`, then ``run()`` to the end.
+
+    The training state is one `TrainingState` (model, optimizer, scheduler, sampler position,
+    early stopping, last metrics), so what a checkpoint saves and what a resume restores are the
+    same list of keys.
+    """
+
+    def __init__(self, setup: _Setup, device: torch.device, world, say: Callable[[str], None]):
+        self.setup, self.device, self.world, self.say = setup, device, world, say
+        config = self.config = setup.config
+        self.output_dir = setup.run.root
+        self.manager = setup.manager
+        self.manager.on_write = self._before_write
+        self.train_set = TileDataset(setup.split.train, config.seed, augment=config.augment, speckle_std=config.speckle_std)
+        self.val_set = TileDataset(setup.split.val, config.seed, augment=False) if setup.split.val else None
+
+        seed_globals(derive_seed(config.seed, "init"))
+        self.model = UNet(width=config.width, dropout=config.dropout).to(device)
+        self.parameters = list(self.model.parameters())
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
+        warmup, total = config.warmup_steps, config.steps
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, functools.partial(lr_factor, warmup=warmup, total=total))
+        self.stopper = EarlyStopping(config.patience, config.min_delta, config.es_mode, config.es_metric)
+        self.metrics: dict[str, float] = {}
+        start = (0, 0)
+        self.state = TrainingState(seed=config.seed, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
+                                   early_stopping=self.stopper)
+        if setup.ckpt is not None:
+            self.state.load_state_dict(setup.ckpt, source=str(setup.ckpt_path))
+            self.metrics = dict(setup.ckpt.get("metrics") or {})
+            start = self._resume_position(setup.ckpt)
+            say(f"resuming from {setup.ckpt_path} at step {self.state.step}")
+        self.pin = device.type == "cuda"
+        self.batches = _StepBatches(self.train_set, config, world, self.pin, start)
+        self.state.components["sampler_state"] = self.batches
+        self.val_loader = make_loader(self.val_set, None, config.batch_size, config.num_workers, config.seed, self.pin) if self.val_set else None
+        self.metrics_log = MetricsLog(self.output_dir / METRICS)
+        self.events = None
+        self.run_info: dict[str, Any] = {}
+        self.autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16,
+                                          enabled=config.precision == "bf16-mixed")
+
+    def _resume_position(self, ckpt: dict) -> tuple[int, int]:
         epoch, position = int(ckpt["sampler_state"]["epoch"]), int(ckpt["sampler_state"]["position"])
         old_size = int(ckpt.get("world_size", 1))
-        if old_size != world.size:
-            position = reshard(position, old_size, world.size, math.ceil(len(train_set) / world.size))
-            log(f"notice: world size {old_size} -> {world.size}: epoch {epoch} continues at position {position} of each rank's shard")
-        sampler_state = (epoch, position)
-        last_metrics = dict(ckpt.get("metrics") or {})
-        log(f"resuming from {ckpt_path} at step {step}")
-    sampler = EpochSampler(len(train_set), config.seed, start=sampler_state, rank=world.rank, world_size=world.size)
-    events = EventLog(output_dir, step) if world.is_main and config.tensorboard and events_available() else None
-    if world.is_main:
-        metrics_log.truncate_after(step)  # drop what a killed run logged after its last checkpoint
+        if old_size != self.world.size:
+            position = reshard(position, old_size, self.world.size, math.ceil(len(self.train_set) / self.world.size))
+            self.say(f"notice: world size {old_size} -> {self.world.size}: epoch {epoch} continues at position {position} of each rank's shard")
+        return epoch, position
 
-    def record(entry: dict) -> None:
-        metrics_log.append(entry)
-        if events is not None:
-            events.add(entry)
+    # ------------------------------------------------------------------ run directory records
+    def _before_write(self, names: list[str]) -> None:
+        """Manifest first: a name is in run.json before its file exists (see `axs_lib.run_dir`)."""
+        self.setup.run.record(*names)
+        self._save_run_info()
 
-    run_info = {
-        "status": "running", "config": config.to_dict(), "seed": config.seed, "seed_info": seed_info,
-        "environment": env_fp, "data_fingerprint": data_fp, "world_size": world.size,
-        "paths": {"data_dir": str(Path(config.data_dir).resolve()), "output_dir": str(output_dir.resolve())},
-        "resumed_from": {"path": str(ckpt_path), "step": step} if ckpt is not None else None,
-        "started_at": _now(), "ended_at": None, "final_step": step, "best": None,
-    }
+    def _save_run_info(self, **changes) -> None:
+        self.run_info.update(changes)
+        if self.world.is_main:
+            self.run_info["written"] = self.setup.run.manifest()
+            write_json(self.output_dir / RUN_JSON, self.run_info)
 
-    def save_run_info(**changes) -> None:
-        run_info.update(changes)
-        if world.is_main:
-            run_dir.write_json(output_dir / "run.json", run_info)
-
-    save_run_info()
-
-    def make_checkpoint() -> dict:
-        """The full training state; every rank's RNG state included (a collective: all ranks call it)."""
-        rank_states = gather(get_seed_state(), world)
-        checkpoint = {
-            "step": step,
-            "epoch": sampler_state[0],
-            "model_state_dict": model.state_dict(),
-            "optimizer_state_dict": optimizer.state_dict(),
-            "scheduler_state_dict": scheduler.state_dict(),
-            "sampler_state": {"epoch": sampler_state[0], "position": sampler_state[1]},
-            "early_stopping": stopper.state_dict(),
-            "metrics": last_metrics,
-            "config": config.result_fields(),
-            "environment": env_fp,
-            "data_fingerprint": data_fp,
-            "world_size": world.size,
-            "rank_rng_states": rank_states,
+    def _write_run_files(self) -> None:
+        setup, config = self.setup, self.config
+        names = [SPLIT_JSON, ENVIRONMENT_JSON, CONFIG_FILE, METRICS]
+        if config.tensorboard and events_available():
+            names.append(f"{TENSORBOARD}/")
+        setup.run.record(*names)
+        self.run_info = {
+            RUN_MARKER: 1, "status": "running", "config": config.to_dict(), "seed": config.seed, "seed_info": setup.seed_info,
+            "environment": setup.env_fp, "data_fingerprint": setup.data_fp, "world_size": self.world.size,
+            "paths": {"data_dir": str(Path(config.data_dir).resolve()), "output_dir": str(self.output_dir.resolve())},
+            "resumed_from": {"path": str(setup.ckpt_path), "step": self.state.step} if setup.ckpt is not None else None,
+            "started_at": _now(), "ended_at": None, "final_step": self.state.step, "best": None,
         }
-        return add_seed_to_checkpoint(checkpoint, seed_info)
+        if not self.world.is_main:
+            return
+        self._save_run_info()
+        setup.split.write(self.output_dir / SPLIT_JSON)
+        write_json(self.output_dir / ENVIRONMENT_JSON, environment_report(setup.env_fp))
+        write_config_file(config, self.output_dir / CONFIG_FILE)
+        self.metrics_log.truncate_after(self.state.step)  # drop what a killed run logged after its last checkpoint
+        if config.tensorboard:
+            if events_available():
+                self.events = EventLog(self.output_dir, self.state.step)
+            else:
+                self.say("warning: tensorboard is not installed: no TensorBoard event files "
+                         "(pip install 'axs-lib[tensorboard]', or pass --no-tensorboard to silence this)")
 
-    def write(names: list[str], *, latest: str | None) -> None:
-        checkpoint = make_checkpoint()
-        main_first(lambda: _write_checkpoints(ckpt_dir, names, checkpoint, latest), world)
+    def _record(self, entry: dict) -> None:
+        self.metrics_log.append(entry)
+        if self.events is not None:
+            self.events.add(entry)
 
-    # -------------------------------------------------------------------- loaders
-    pin = device.type == "cuda"
-    train_iter = iter(make_loader(train_set, sampler, config.batch_size, config.num_workers, config.seed, pin))
-    val_loader = make_loader(val_set, None, config.batch_size, config.num_workers, config.seed, pin) if val_set else None
+    # ------------------------------------------------------------------ checkpoints
+    def checkpoint(self) -> dict:
+        """The full training state; every rank's RNG state included (a collective: all ranks call it)."""
+        checkpoint = self.state.state_dict()
+        checkpoint.update({
+            "metrics": self.metrics, "config": self.config.result_fields(), "environment": self.setup.env_fp,
+            "data_fingerprint": self.setup.data_fp, "world_size": self.world.size,
+            "rank_rng_states": gather(get_seed_state(), self.world),
+        })
+        return checkpoint
 
-    status, exit_code = "completed", 0
-    start_step, started = step, time.perf_counter()
-    bar = tqdm(total=config.steps, initial=step, desc="train", unit="step",
-               disable=config.quiet or not world.is_main or not sys.stderr.isatty(), dynamic_ncols=True)
-    model.train()
-    try:
-        with _StopRequest() as stop_request, bar:
-            while step < config.steps:
-                # ------------------------------------------------ one optimizer step
-                seed_globals(derive_seed(config.seed, "step", step, world.rank))
-                optimizer.zero_grad(set_to_none=True)
-                step_loss = 0.0
-                for _ in range(config.accum_steps):
-                    batch = next(train_iter)
-                    sar, target, mask = (batch[k].to(device, non_blocking=pin) for k in ("sar", "optical", "mask"))
-                    loss = stage1_loss(model(sar), target, mask, config.l1_weight, config.ssim_weight) / config.accum_steps
-                    loss.backward()
-                    step_loss += loss.item()
-                    sampler_state = sampler.state_after(batch)
-                average_gradients(parameters, world)
-                if config.grad_clip:
-                    nn.utils.clip_grad_norm_(parameters, config.grad_clip)
-                optimizer.step()
-                scheduler.step()
-                step += 1
-                bar.update(1)
-                bar.set_postfix(loss=f"{step_loss:.4f}")
-                if world.is_main and (step % config.log_every == 0 or step == config.steps):
-                    record({"step": step, "split": "train", "loss": step_loss, "lr": scheduler.get_last_lr()[0]})
+    def _save(self, *, best: bool, due: bool) -> None:
+        checkpoint = self.checkpoint()
+        main_first(lambda: self.manager.save(checkpoint, self.state.step, best=best, write_step=due), self.world)
 
-                # ------------------------------------------------ validation (every rank: same weights, same result)
-                new_best = False
-                if val_loader is not None and (step % config.val_every == 0 or step == config.steps):
-                    last_metrics = evaluate(model, val_loader, device, config)
-                    new_best = stopper.update(last_metrics[config.es_metric], step)
-                    if world.is_main:
-                        record({"step": step, "split": "val", **last_metrics})
-                        line = _metrics_line(step, config.steps, step_loss, last_metrics)
-                        bar.write(line) if not bar.disable else log(line)
-                        if config.plots:
-                            plots.refresh(output_dir, metrics_log.read(), model, val_set, device, step, SAMPLE_TILES)
+    # ------------------------------------------------------------------ the loop
+    def _train_step(self, step: int) -> torch.Tensor:
+        """One optimizer step; returns the step's loss as a device tensor (no host sync here)."""
+        config, model = self.config, self.model
+        seed_globals(derive_seed(config.seed, "step", step, self.world.rank))
+        self.optimizer.zero_grad(set_to_none=True)
+        total = torch.zeros((), device=self.device)
+        for _ in range(config.accum_steps):
+            batch = next(self.batches)
+            sar, target, mask = (batch[k].to(self.device, non_blocking=self.pin) for k in ("sar", "optical", "mask"))
+            with self.autocast():
+                pred = model(sar)
+            loss = stage1_loss(pred.float(), target, mask, config.l1_weight, config.ssim_weight) / config.accum_steps
+            loss.backward()
+            total += loss.detach()
+        average_gradients(self.parameters, self.world)
+        if config.on_nonfinite == "skip" and not bool(torch.isfinite(total)):  # a host sync, in skip mode only
+            self.say(f"warning: step {step + 1}: non-finite loss {float(total)}; update skipped (--on-nonfinite skip)")
+            self.optimizer.zero_grad(set_to_none=True)
+            self.skipped += 1
+        else:
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
+            self.optimizer.step()
+            self.nonfinite |= ~torch.isfinite(total)
+        self.scheduler.step()
+        return total
 
-                # ------------------------------------------------ checkpoint
-                early_stop = config.early_stopping and stopper.should_stop
-                interrupted = any_rank(stop_request.signum is not None, world)
-                due = step % config.checkpoint_every == 0 or step == config.steps or early_stop or interrupted
-                names = (["best.pt"] if new_best else []) + ([run_dir.checkpoint_name(step)] if due else [])
-                if names:  # best.pt first: a resume from this step's checkpoint would not write it again
-                    write(names, latest=names[-1] if due else None)
-                if early_stop:
-                    status = "early_stopped"
-                    log(f"early stopping at step {step}: no {config.es_metric} improvement > {config.min_delta} "
-                        f"in {config.patience} validations (best {stopper.best:.6g} at step {stopper.best_step})")
-                    break
-                if interrupted:
-                    status, exit_code = "interrupted", EXIT_INTERRUPTED.get(stop_request.signum, 143)
-                    log(f"interrupted at step {step}: checkpoint written; continue with the same command plus --resume auto")
-                    break
-    except BaseException:
-        save_run_info(status="failed", ended_at=_now(), final_step=step)
-        raise
-    finally:
-        del train_iter
-        if events is not None:
-            events.close()
+    def _check_finite(self, last_good: int | None) -> None:
+        """Stop with a clear error when a loss since the last check was not finite (reads one device flag)."""
+        if self.config.on_nonfinite != "stop" or not bool(self.nonfinite):
+            return
+        where = f"the last good checkpoint is step {last_good}" if last_good else "no checkpoint was written"
+        raise AxsError(f"{self.output_dir}: step {self.state.step}: the loss is not finite (NaN or inf); training stopped "
+                       f"and nothing was saved from the bad steps ({where}); lower --lr, check the tiles, "
+                       "or pass --on-nonfinite skip", exit_code=EXIT_FAILURE)
 
-    elapsed = time.perf_counter() - started
-    best = {"metric": config.es_metric, "value": stopper.best, "step": stopper.best_step} if stopper.best is not None else None
-    save_run_info(status=status, ended_at=_now(), final_step=step, best=best,
-                  steps_per_second=round((step - start_step) / elapsed, 3) if elapsed > 0 else None)
-    log(f"{status} at step {step}; checkpoints in {ckpt_dir}" + (f"; plots in {output_dir / 'plots'}" if config.plots and val_set else ""))
-    return RunResult(exit_code, step, output_dir, status, best, sorted(p.name for p in ckpt_dir.glob("*.pt")))
+    def run(self) -> RunResult:
+        config, world, state = self.config, self.world, self.state
+        self._write_run_files()
+        split = self.setup.split
+        self.say(f"device {_device_name(self.device)}; {len(split.train)} train / {len(split.val)} val tiles; "
+                 f"world size {world.size}; step {state.step} of {config.steps}")
+        if self.val_set is None:
+            self.say("warning: no validation tiles: no validation metrics, best.pt or early stopping")
+        self.nonfinite = torch.zeros((), dtype=torch.bool, device=self.device)
+        self.skipped = 0
+        last_good = state.step if self.setup.ckpt is not None else None
+        status, exit_code = "completed", 0
+        start_step, started = state.step, time.perf_counter()
+        tty = sys.stderr.isatty()
+        bar = tqdm(total=config.steps, initial=state.step, desc="train", unit="step",
+                   disable=config.quiet or not world.is_main or not tty, dynamic_ncols=True)
+        self.model.train()
+        try:
+            with _StopRequest() as stop_request, bar:
+                while state.step < config.steps:
+                    loss = self._train_step(state.step)
+                    state.step += 1
+                    step = state.step
+                    bar.update(1)
+                    sync_here = self.device.type != "cuda"  # free on CPU: check every step
+                    log_due = step % config.log_every == 0 or step == config.steps
+                    val_due = self.val_loader is not None and (step % config.val_every == 0 or step == config.steps)
+                    early_stop_possible = config.early_stopping
+                    interrupted = any_rank(stop_request.signum is not None, world)
+                    due = step % config.checkpoint_every == 0 or step == config.steps or interrupted
+                    if sync_here or log_due or val_due or due:
+                        self._check_finite(last_good)
+                    if log_due and world.is_main:
+                        value, lr = float(loss), self.scheduler.get_last_lr()[0]
+                        self._record({"step": step, "split": "train", "loss": value, "lr": lr})
+                        bar.set_postfix(loss=f"{value:.4f}")
+                        if bar.disable and not config.quiet:
+                            rate = (step - start_step) / max(time.perf_counter() - started, 1e-9)
+                            self.say(f"step {step}/{config.steps}  loss {value:.4f}  lr {lr:.3g}  {rate:.2f} steps/s")
+
+                    new_best = False
+                    if val_due:
+                        self.metrics = evaluate(self.model, self.val_loader, self.device, config, self.autocast)
+                        new_best = self.stopper.update(self.metrics[config.es_metric], step)
+                        if world.is_main:
+                            self._record({"step": step, "split": "val", **self.metrics})
+                            line = _metrics_line(step, config.steps, float(loss), self.metrics)
+                            bar.write(line) if not bar.disable else self.say(line)
+                            if config.plots:
+                                self._refresh_plots(step)
+                    early_stop = early_stop_possible and self.stopper.should_stop
+                    due = due or early_stop
+                    if due or (new_best and config.keep_best):
+                        self._save(best=new_best, due=due)
+                        if due:
+                            last_good = step
+                    if early_stop:
+                        status = "early_stopped"
+                        self.say(f"early stopping at step {step}: no {config.es_metric} improvement > {config.min_delta} "
+                                 f"in {config.patience} validations (best {self.stopper.best:.6g} at step {self.stopper.best_step})")
+                        break
+                    if interrupted:
+                        signum = stop_request.signum or signal.SIGTERM
+                        status, exit_code = "interrupted", EXIT_INTERRUPTED.get(signum, 128 + int(signum))
+                        self.manager.wait()
+                        self.say(f"interrupted by {signal.Signals(signum).name} at step {step}: checkpoint written; "
+                                 "continue with the same command plus --resume auto")
+                        break
+            self.manager.wait()
+        except BaseException:
+            with contextlib.suppress(BaseException):
+                self.manager.close()  # a write in flight finishes; its file is complete or absent
+            self._save_run_info(status="failed", ended_at=_now(), final_step=state.step)
+            raise
+        finally:
+            self.batches.close()
+            if self.events is not None:
+                self.events.close()
+
+        elapsed = time.perf_counter() - started
+        stopper = self.stopper
+        best = {"metric": config.es_metric, "value": stopper.best, "step": stopper.best_step} if stopper.best is not None else None
+        self._save_run_info(status=status, ended_at=_now(), final_step=state.step, best=best, skipped_steps=self.skipped,
+                            steps_per_second=round((state.step - start_step) / elapsed, 3) if elapsed > 0 else None)
+        ckpt_dir = self.manager.folder
+        self.say(f"{status} at step {state.step}; checkpoints in {ckpt_dir}"
+                 + (f"; plots in {self.output_dir / PLOTS}" if config.plots and self.val_set else ""))
+        return RunResult(exit_code, state.step, self.output_dir, status, best, sorted(p.name for p in ckpt_dir.glob("*.pt")))
+
+    def _refresh_plots(self, step: int) -> None:
+        self.setup.run.record(f"{PLOTS}/loss.png", f"{SAMPLES}/step_{step}.png")
+        self._save_run_info()
+        plots.refresh(self.output_dir, self.metrics_log.read(), self.model, self.val_set, self.device, step, SAMPLE_TILES)
 
 
-def _write_checkpoints(ckpt_dir: Path, names: list[str], checkpoint: dict, latest: str | None) -> None:
-    """Write one checkpoint under each of ``names`` (saved once, then linked) and move ``latest``.
-
-    A failed write is one clear error with exit status 1; what was there before stays intact.
-    """
-    path = ckpt_dir / names[0]
-    try:
-        save_checkpoint(checkpoint, path)
-        for name in names[1:]:
-            path = ckpt_dir / name
-            atomic_link(ckpt_dir / names[0], path)
-        if latest:
-            write_latest(ckpt_dir, latest)
-    except OSError as exc:
-        hint = "free some space, then " if exc.errno == errno.ENOSPC else ""
-        raise AxsError(
-            f"{path}: cannot write checkpoint: {exc.strerror or exc}; earlier checkpoints and the latest "
-            f"pointer are intact; {hint}rerun with --resume auto to continue from the latest one",
-            exit_code=EXIT_FAILURE,
-        ) from None
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"{device} ({torch.cuda.get_device_name(device)})"
+    return "cpu"
 
 
 def _metrics_line(step: int, total: int, loss: float, metrics: dict[str, float]) -> str:

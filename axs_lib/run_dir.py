@@ -341,7 +341,8 @@ def check_resume(ckpt: dict, *, seed: int | None = None, config: dict | None = N
     """
     from axs_lib import checkpoint
 
-    readable = getattr(checkpoint, "READABLE_FORMATS", {checkpoint.FORMAT_VERSION})
+    # format 1 differs from 2 only in its checksum: both continue exactly
+    readable = getattr(checkpoint, "READABLE_FORMATS", {1, checkpoint.FORMAT_VERSION})
     problems = []
     if ckpt.get(checkpoint.FORMAT_KEY) not in readable:
         problems.append(f"checkpoint format: checkpoint {ckpt.get(checkpoint.FORMAT_KEY)!r}, this version reads {sorted(readable)}")
@@ -362,21 +363,6 @@ def check_resume(ckpt: dict, *, seed: int | None = None, config: dict | None = N
         problems.append(f"world size: checkpoint {ckpt.get('world_size', 1)}, now {world_size} "
                         "(--allow-world-size-change re-shards deterministically, with other bits)")
     return problems
-
-
-def _write_checkpoint_files(folder: Path, names: list[str], checkpoint: dict, latest: str | None) -> None:
-    try:
-        from axs_lib.checkpoint_writer import write_checkpoint_files
-    except ImportError:  # pragma: no cover - until the writer module lands
-        from axs_lib.checkpoint import atomic_link, save_checkpoint, write_latest
-
-        def write_checkpoint_files(folder, names, checkpoint, latest=None):
-            save_checkpoint(checkpoint, folder / names[0])
-            for name in names[1:]:
-                atomic_link(folder / names[0], folder / name)
-            if latest:
-                write_latest(folder, latest)
-    write_checkpoint_files(folder, names, checkpoint, latest=latest)
 
 
 class CheckpointManager:
@@ -496,7 +482,9 @@ class CheckpointManager:
                 self._writer = AsyncCheckpointWriter()
             self._writer.submit(self.folder, names, checkpoint, latest=latest)
         else:
-            _write_checkpoint_files(self.folder, names, checkpoint, latest=latest)
+            from axs_lib.checkpoint import write_checkpoint_files
+
+            write_checkpoint_files(self.folder, names, checkpoint, latest=latest)
         if best:
             self.best_step = step
         if write_step and self.keep_last is not None:

@@ -26,10 +26,19 @@ def positive_int(text: str) -> int:
 
 
 def number(text: str) -> float:
+    """Any float ``float()`` accepts, ``inf`` and ``nan`` included (see `finite_number`)."""
     try:
         return float(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+
+
+def finite_number(text: str) -> float:
+    """A float that is neither infinite nor NaN: what every hyperparameter must be."""
+    value = number(text)
+    if not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
 
 
 def non_negative_number(text: str) -> float:

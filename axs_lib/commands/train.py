@@ -7,7 +7,8 @@ import json
 import sys
 from pathlib import Path
 
-from axs_lib.stage1.config import FIELD_NAMES, build_config, read_config_file
+from axs_lib.stage1.config import (CHECKPOINT_MODES, DEFAULT_SPLIT_SEED, FIELD_NAMES, MAXIMA, ON_NONFINITE, PRECISIONS,
+                                   build_config, config_text, config_warnings, read_config_file)
 from axs_lib import argtypes
 from axs_lib.cli import add_debug_flag
 from axs_lib.stage1.train import ResumeRequest, train_stage1
@@ -16,6 +17,7 @@ EXAMPLES = """examples:
   axs train stage1 --data-dir tiles/ --output-dir runs/exp1/ --seed 42 --steps 100 --max-tiles 10
   axs train stage1 --data-dir tiles/ --output-dir runs/exp1/ --seed 42 --steps 100 --resume auto
   axs train stage1 --config exp.toml --num-workers 2 --early-stopping --patience 3
+  axs train stage1 --seed 7 --steps 500 --print-config > exp.yaml   # then: --config exp.yaml
   torchrun --standalone --nproc_per_node=2 scripts/train_stage1.py --data-dir tiles/ --seed 42 --steps 100
 
 Two runs with the same seed, tiles and config write byte-identical checkpoints, whatever
@@ -31,27 +33,34 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--max-tiles", type=argtypes.integer, default=S, help="use the first N tiles in name order")
     data.add_argument("--split-source", choices=("auto", "sidecar", "random"), default=S,
                       help="train/val split from tile sidecars or random 0.9/0.1 (default auto: sidecar when complete)")
-    data.add_argument("--val-fraction", type=argtypes.number, default=S, help="validation fraction of a random split (default 0.1)")
+    data.add_argument("--split-seed", type=argtypes.seed, default=S,
+                      help=f"seed of the random train/val split, independent of --seed so a seed sweep uses the same "
+                           f"tiles (default {DEFAULT_SPLIT_SEED}; a complete sidecar split wins under --split-source auto)")
+    data.add_argument("--val-fraction", type=argtypes.finite_number, default=S, help="validation fraction of a random split (default 0.1)")
     data.add_argument("--no-augment", dest="augment", action="store_false", default=S, help="no flips or rotations")
-    data.add_argument("--speckle-std", type=argtypes.number, default=S, help="std of multiplicative SAR speckle (default 0: off)")
+    data.add_argument("--speckle-std", type=argtypes.finite_number, default=S, help="std of multiplicative SAR speckle (default 0: off)")
     train = p.add_argument_group("training")
     train.add_argument("--seed", type=argtypes.seed, default=S, help="root seed (default 42; pass it explicitly)")
-    train.add_argument("--steps", type=argtypes.integer, default=S, help="optimizer steps (default 1000)")
-    train.add_argument("--batch-size", type=argtypes.integer, default=S, help="tiles per batch (default 4)")
-    train.add_argument("--accum-steps", type=argtypes.integer, default=S, help="batches accumulated per optimizer step (default 1)")
-    train.add_argument("--lr", type=argtypes.number, default=S, help="peak AdamW learning rate (default 1e-3)")
-    train.add_argument("--weight-decay", type=argtypes.number, default=S, help="AdamW weight decay (default 1e-4)")
-    train.add_argument("--warmup-steps", type=argtypes.integer, default=S, help="linear warm-up before cosine decay (default 50)")
-    train.add_argument("--grad-clip", type=argtypes.number, default=S, help="max gradient norm, 0 for none (default 1.0)")
-    train.add_argument("--width", type=argtypes.integer, default=S, help="U-Net base channels (default 16)")
-    train.add_argument("--dropout", type=argtypes.number, default=S, help="bottleneck dropout (default 0.1)")
-    train.add_argument("--l1-weight", type=argtypes.number, default=S, help="weight of the masked L1 loss (default 1.0)")
-    train.add_argument("--ssim-weight", type=argtypes.number, default=S, help="weight of 1 - SSIM (default 0.5)")
+    train.add_argument("--steps", type=argtypes.integer, default=S, help=f"optimizer steps (default 1000, at most {MAXIMA['steps']})")
+    train.add_argument("--batch-size", type=argtypes.integer, default=S, help=f"tiles per batch (default 4, at most {MAXIMA['batch_size']})")
+    train.add_argument("--accum-steps", type=argtypes.integer, default=S, help=f"batches accumulated per optimizer step (default 1, at most {MAXIMA['accum_steps']})")
+    train.add_argument("--lr", type=argtypes.finite_number, default=S, help="peak AdamW learning rate (default 1e-3)")
+    train.add_argument("--weight-decay", type=argtypes.finite_number, default=S, help="AdamW weight decay (default 1e-4)")
+    train.add_argument("--warmup-steps", type=argtypes.integer, default=S, help="linear warm-up before cosine decay (default 50; a warning when >= --steps)")
+    train.add_argument("--grad-clip", type=argtypes.finite_number, default=S, help="max gradient norm, 0 for none (default 1.0)")
+    train.add_argument("--width", type=argtypes.integer, default=S, help=f"U-Net base channels (default 16, at most {MAXIMA['width']})")
+    train.add_argument("--dropout", type=argtypes.finite_number, default=S, help="bottleneck dropout (default 0.1)")
+    train.add_argument("--l1-weight", type=argtypes.finite_number, default=S, help="weight of the masked L1 loss (default 1.0)")
+    train.add_argument("--ssim-weight", type=argtypes.finite_number, default=S, help="weight of 1 - SSIM (default 0.5)")
+    train.add_argument("--precision", choices=PRECISIONS, default=S,
+                       help="32: float32 throughout (default); bf16-mixed: bfloat16 autocast for the forward pass")
+    train.add_argument("--on-nonfinite", choices=ON_NONFINITE, default=S,
+                       help="when a loss or gradient is inf/NaN: stop the run with an error (default), or skip that step")
     val = p.add_argument_group("validation and early stopping")
     val.add_argument("--val-every", type=argtypes.integer, default=S, help="validate every N steps and at the end (default 50)")
     val.add_argument("--early-stopping", action="store_true", default=S, help="stop when the metric stops improving")
     val.add_argument("--patience", type=argtypes.integer, default=S, help="validations without improvement before stopping (default 5)")
-    val.add_argument("--min-delta", type=argtypes.number, default=S, help="smallest change that counts as improvement (default 0)")
+    val.add_argument("--min-delta", type=argtypes.finite_number, default=S, help="smallest change that counts as improvement (default 0)")
     val.add_argument("--es-metric", choices=("val_loss", "psnr", "ssim", "sam"), default=S, help="monitored metric (default val_loss)")
     val.add_argument("--es-mode", choices=("min", "max"), default=S, help="min: lower is better (default); max: higher")
     det = p.add_argument_group("determinism and hardware")
@@ -61,14 +70,22 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     det.add_argument("--device", default=S, help="auto (default), cpu, cuda or cuda:N")
     run = p.add_argument_group("run")
     run.add_argument("--output-dir", default=S, help="run directory (default runs/stage1_seed<SEED>)")
-    run.add_argument("--num-workers", type=argtypes.integer, default=S, help="DataLoader workers; results do not depend on it (default 0)")
+    run.add_argument("--num-workers", type=argtypes.integer, default=S, help=f"DataLoader workers; results do not depend on it (default 0, at most {MAXIMA['num_workers']})")
     run.add_argument("--checkpoint-every", type=argtypes.integer, default=S, help="checkpoint every N steps and at the end (default 50)")
+    run.add_argument("--keep-last", type=argtypes.integer, default=S, metavar="N",
+                     help="keep only the newest N step checkpoints (default: keep all)")
+    run.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=S,
+                     help="keep best.pt, the checkpoint of the best validation score (default: keep it)")
+    run.add_argument("--checkpoint-mode", choices=CHECKPOINT_MODES, default=S,
+                     help="sync: the step waits for its checkpoint (default); async: written in the background, same files")
     run.add_argument("--log-every", type=argtypes.integer, default=S, help="log training loss every N steps (default 10)")
     run.add_argument("--no-plots", dest="plots", action="store_false", default=S, help="skip loss and sample plots")
     run.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=S,
                      help="no TensorBoard event files (written to <run>/tensorboard when tensorboard is installed)")
     run.add_argument("--quiet", action="store_true", default=S, help="no progress bar or progress lines")
-    run.add_argument("--config", metavar="FILE", help="JSON or TOML file of options; explicit flags win")
+    run.add_argument("--config", metavar="FILE", help="JSON, TOML or YAML file of options (as --print-config writes); explicit flags win")
+    run.add_argument("--print-config", action="store_true",
+                     help="print the effective config as YAML that --config accepts, and exit without training")
     run.add_argument("--resume", nargs="?", const="auto", metavar="PATH|auto",
                      help="continue from the run's newest valid checkpoint (auto) or from PATH")
     run.add_argument("--force-resume", action="store_true",
@@ -111,7 +128,12 @@ def run(args: argparse.Namespace) -> int:
     config = build_config(explicit, file_values)
     config.data_dir = given.get("data_dir", "tiles")
     config.output_dir = given.get("output_dir") or f"runs/stage1_seed{config.seed}"
+    if args.print_config:
+        print(config_text(config), end="")
+        return 0
     log = _log(config.quiet)
+    for line in config_warnings(config):
+        log(line)
     if "seed" not in given and not args.resume:
         log(f"notice: no --seed given, using the default {config.seed}; pass --seed explicitly so the run "
             "can be reproduced from its command line")

@@ -1,20 +1,40 @@
 """The Stage-1 training configuration, and which of its fields determine the result.
 
-Fields split in two. *Result* fields (seed, steps, model, optimiser, loss, split and
-augmentation, validation cadence, determinism) change the trained bits: they are stored in every checkpoint and
-a resume that changes one is refused. *Run* fields (paths, ``max_tiles``, worker count, checkpoint
-cadence, verbosity) do not change the bits given the same tiles (the tile set itself is checked
-through the data fingerprint): two runs that differ only there
-produce byte-identical checkpoints, which is what lets ``--num-workers 0`` and ``4`` be compared.
+Fields split in two. *Result* fields (seeds, steps, model, optimiser, loss, split and
+augmentation, validation cadence, precision, determinism) change the trained bits: they are stored
+in every checkpoint and a resume that changes one is refused. *Run* fields (paths, ``max_tiles``,
+worker count, checkpoint cadence, retention and write mode, verbosity) do not change the bits given
+the same tiles (the tile set itself is checked through the data fingerprint): two runs that differ
+only there produce byte-identical checkpoints, which is what lets ``--num-workers 0`` and ``4`` be
+compared.
 
-Precedence: built-in defaults < ``--config FILE`` (JSON or TOML) < explicit command-line flags;
-on resume, the checkpoint's stored result fields take the place of the defaults.
+The split has its own seed, ``split_seed`` (default `DEFAULT_SPLIT_SEED`, recorded like every
+field), so a sweep over ``--seed`` trains and validates on the same tiles; an official split in the
+tile sidecars still wins when ``split_source`` allows it.
+
+Precedence: built-in defaults < ``--config FILE`` (JSON, TOML or YAML) < explicit command-line
+flags; on resume, the checkpoint's stored result fields take the place of the defaults.
+
+Checks, each one line naming the flag or the file:
+
+* numbers must be finite (``inf`` and ``nan`` are refused in flags and files alike);
+* sizes have documented maxima (`MAXIMA`), so a typo such as ``--width 100000`` is refused before
+  it allocates tens of gigabytes, rather than after;
+* a config file is at most `MAX_CONFIG_BYTES`, holds one flat mapping of known keys to single
+  values of the right type, and a file nested deeper than the parser can follow is refused
+  instead of crashing it.
+
+`config_text` / `write_config_file` write the effective config as YAML that ``--config`` reads
+back to the same config (``axs train stage1 --print-config`` prints it).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import os
+import re
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -24,6 +44,37 @@ from axs_lib.errors import InputError, UsageError
 from axs_lib.reproducibility import check_seed
 
 DEFAULT_SEED = 42
+DEFAULT_SPLIT_SEED = 0  # fixed, so runs that differ only in --seed share their train/val tiles
+
+PRECISIONS = ("32", "bf16-mixed")
+ON_NONFINITE = ("stop", "skip")
+CHECKPOINT_MODES = ("sync", "async")
+SPLIT_SOURCES = ("auto", "sidecar", "random")
+ES_METRICS = ("val_loss", "psnr", "ssim", "sam")
+
+# Largest accepted value of each integer size. Generous for real work, small enough that a slip of
+# the keyboard is refused at once: a U-Net of width 256 already has about 120 M parameters.
+MAXIMA = {
+    "width": 256,
+    "batch_size": 4096,
+    "accum_steps": 1024,
+    "steps": 10**9,
+    "warmup_steps": 10**9,
+    "val_every": 10**9,
+    "checkpoint_every": 10**9,
+    "log_every": 10**9,
+    "patience": 10**6,
+    "num_workers": 256,
+    "max_tiles": 10**9,
+    "keep_last": 10**6,
+}
+
+MAX_CONFIG_BYTES = 1 << 20  # a config is a few dozen lines; anything larger is not one
+
+# Result fields added after checkpoints were first written, with the value those older checkpoints
+# implicitly had: a checkpoint that lacks the key agrees with a run that uses this value.
+# (``split_seed`` is not here: older runs split with ``seed``, so they do differ.)
+IMPLICIT_IN_OLDER_CHECKPOINTS = {"precision": "32", "on_nonfinite": "stop"}
 
 
 @dataclass
@@ -34,6 +85,7 @@ class TrainConfig:
     data_dir: str | None = field(default=None, metadata={"run": True})
     max_tiles: int | None = field(default=None, metadata={"run": True})  # the tile set is checked by fingerprint
     split_source: str = "auto"
+    split_seed: int = DEFAULT_SPLIT_SEED
     val_fraction: float = 0.1
     augment: bool = True
     speckle_std: float = 0.0
@@ -46,6 +98,8 @@ class TrainConfig:
     weight_decay: float = 1e-4
     warmup_steps: int = 50
     grad_clip: float = 1.0
+    precision: str = "32"
+    on_nonfinite: str = "stop"
     # model and loss
     width: int = 16
     dropout: float = 0.1
@@ -66,6 +120,9 @@ class TrainConfig:
     output_dir: str | None = field(default=None, metadata={"run": True})
     num_workers: int = field(default=0, metadata={"run": True})
     checkpoint_every: int = field(default=50, metadata={"run": True})
+    keep_last: int | None = field(default=None, metadata={"run": True})  # None: keep every step checkpoint
+    keep_best: bool = field(default=True, metadata={"run": True})
+    checkpoint_mode: str = field(default="sync", metadata={"run": True})
     log_every: int = field(default=10, metadata={"run": True})
     plots: bool = field(default=True, metadata={"run": True})
     tensorboard: bool = field(default=True, metadata={"run": True})
@@ -80,55 +137,141 @@ class TrainConfig:
 
 
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
+RESULT_FIELD_NAMES = {f.name for f in fields(TrainConfig) if not f.metadata.get("run")}
 
 _POSITIVE = ("steps", "batch_size", "accum_steps", "val_every", "patience", "checkpoint_every", "log_every", "width")
 _NON_NEGATIVE = ("num_workers", "warmup_steps", "lr", "weight_decay", "grad_clip", "min_delta", "speckle_std",
                  "l1_weight", "ssim_weight")
+_CHOICES = {
+    "split_source": SPLIT_SOURCES,
+    "es_mode": ("min", "max"),
+    "es_metric": ES_METRICS,
+    "precision": PRECISIONS,
+    "on_nonfinite": ON_NONFINITE,
+    "checkpoint_mode": CHECKPOINT_MODES,
+}
+
+
+def flag(name: str) -> str:
+    """The command-line spelling of a field: ``batch_size`` -> ``--batch-size``."""
+    return "--" + name.replace("_", "-")
+
+
+def _is_int(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
 
 
 def validate(config: TrainConfig) -> TrainConfig:
     """Raise `UsageError` naming the first field that is out of range."""
-    try:
-        config.seed = check_seed(config.seed)
-    except (TypeError, ValueError) as exc:
-        raise UsageError(f"--seed: {exc}") from None
+    for name in ("seed", "split_seed"):
+        try:
+            setattr(config, name, check_seed(getattr(config, name)))
+        except (TypeError, ValueError) as exc:
+            raise UsageError(f"{flag(name)}: {exc}") from None
     for name in _POSITIVE:
         value = getattr(config, name)
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value!r}")
+        if not _is_int(value) or value < 1:
+            raise UsageError(f"{flag(name)} must be a positive integer, got {value!r}")
     for name in _NON_NEGATIVE:
         value = getattr(config, name)
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not value >= 0:
-            raise UsageError(f"--{name.replace('_', '-')} must be >= 0, got {value!r}")
-    if config.max_tiles is not None and (isinstance(config.max_tiles, bool) or not isinstance(config.max_tiles, int) or config.max_tiles < 1):
-        raise UsageError(f"--max-tiles must be a positive integer, got {config.max_tiles!r}")
+            raise UsageError(f"{flag(name)} must be >= 0, got {value!r}")
+        if not math.isfinite(value):
+            raise UsageError(f"{flag(name)} must be a finite number, got {value!r}")
+    for name in ("max_tiles", "keep_last"):
+        value = getattr(config, name)
+        if value is not None and (not _is_int(value) or value < 1):
+            raise UsageError(f"{flag(name)} must be a positive integer, got {value!r}")
+    for name, most in MAXIMA.items():
+        value = getattr(config, name)
+        if value is not None and value > most:
+            raise UsageError(f"{flag(name)} must be at most {most}, got {value!r}")
+    for name in ("val_fraction", "dropout"):
+        value = getattr(config, name)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise UsageError(f"{flag(name)} must be a number, got {value!r}")
     if not 0.0 < config.val_fraction < 1.0:
         raise UsageError(f"--val-fraction must be between 0 and 1 (exclusive), got {config.val_fraction}")
     if not 0.0 <= config.dropout < 1.0:
         raise UsageError(f"--dropout must be in [0, 1), got {config.dropout}")
-    if config.split_source not in ("auto", "sidecar", "random"):
-        raise UsageError(f"--split-source must be auto, sidecar or random, got {config.split_source!r}")
-    if config.es_mode not in ("min", "max"):
-        raise UsageError(f"--es-mode must be min or max, got {config.es_mode!r}")
-    if config.es_metric not in ("val_loss", "psnr", "ssim", "sam"):
-        raise UsageError(f"--es-metric must be val_loss, psnr, ssim or sam, got {config.es_metric!r}")
-    if config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda:"):
+    for name, choices in _CHOICES.items():
+        if getattr(config, name) not in choices:
+            raise UsageError(f"{flag(name)} must be {_or(choices)}, got {getattr(config, name)!r}")
+    if not isinstance(config.device, str) or (config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda:")):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
     return config
 
 
+def _or(choices: tuple[str, ...]) -> str:
+    return ", ".join(choices[:-1]) + " or " + choices[-1]
+
+
+def config_warnings(config: TrainConfig) -> list[str]:
+    """Settings that are allowed but probably not meant, as ``warning:`` lines for the log."""
+    warnings = []
+    if config.warmup_steps >= config.steps:
+        warnings.append(f"warning: --warmup-steps {config.warmup_steps} >= --steps {config.steps}: the learning rate "
+                        "never reaches its peak and never decays")
+    return warnings
+
+
+# --------------------------------------------------------------------------- config files
+
+
+class _YamlLoader:
+    """PyYAML's safe loader, reading ``1e-3`` as a float as YAML 1.2 does (YAML 1.1 wants ``1.0e-3``)."""
+
+    _cls = None
+
+    @classmethod
+    def get(cls):
+        if cls._cls is None:
+            import yaml
+
+            class Loader(yaml.SafeLoader):
+                pass
+
+            Loader.add_implicit_resolver(
+                "tag:yaml.org,2002:float",
+                re.compile(r"^[-+]?(?:[0-9][0-9_]*)(?:\.[0-9_]*)?[eE][-+]?[0-9]+$"),
+                list("-+0123456789"),
+            )
+            cls._cls = Loader
+        return cls._cls
+
+
+def _parse(path: Path, text: str) -> Any:
+    """Parse by suffix: ``.toml``, ``.yaml``/``.yml``, anything else JSON."""
+    suffix = path.suffix.lower()
+    if suffix == ".toml":
+        return tomllib.loads(text)
+    if suffix in (".yaml", ".yml"):
+        import yaml
+
+        try:
+            return yaml.load(text, Loader=_YamlLoader.get())  # a SafeLoader: builds plain data only
+        except yaml.YAMLError as exc:
+            raise ValueError(" ".join(str(exc).split())) from None
+    return json.loads(text)
+
+
 def read_config_file(path: str | Path) -> dict[str, Any]:
-    """Read a JSON or TOML config file into a dict of known fields; one-line errors otherwise."""
+    """Read a JSON, TOML or YAML config file into a dict of known fields; one-line errors otherwise."""
     path = Path(path)
     try:
-        text = path.read_text()
+        size = path.stat().st_size
+        if size > MAX_CONFIG_BYTES:
+            raise InputError(path, f"config file is {size} bytes; a config file is at most {MAX_CONFIG_BYTES} bytes")
+        text = path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise InputError(path, "config file not found") from None
     except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"cannot read config file: {exc}") from None
+        raise InputError(path, f"cannot read config file: {getattr(exc, 'strerror', None) or exc}") from None
     try:
-        data = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (json.JSONDecodeError, tomllib.TOMLDecodeError) as exc:
+        data = _parse(path, text)
+    except RecursionError:
+        raise InputError(path, "config file is nested too deeply; it must hold one flat mapping of option names to values") from None
+    except (ValueError, tomllib.TOMLDecodeError) as exc:  # JSONDecodeError is a ValueError
         raise InputError(path, f"config file does not parse: {exc}") from None
     if not isinstance(data, dict):
         raise InputError(path, "config file must hold a mapping of option names to values")
@@ -138,8 +281,14 @@ def read_config_file(path: str | Path) -> dict[str, Any]:
         raise InputError(path, f"unknown config keys: {', '.join(unknown)}")
     kinds = {f.name: f.type for f in fields(TrainConfig)}
     for name, value in data.items():
+        if name == "precision" and _is_int(value):
+            value = data[name] = str(value)  # ``precision = 32`` means the string "32"
+        if isinstance(value, (dict, list, tuple, set)):
+            raise InputError(path, f"config key {name!r} must be a single value, got a {type(value).__name__}")
         if not _type_ok(kinds[name], value):
             raise InputError(path, f"config key {name!r} has the wrong type: {value!r} ({kinds[name]} expected)")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InputError(path, f"config key {name!r} must be a finite number, got {value!r}")
     return data
 
 
@@ -166,6 +315,46 @@ def build_config(explicit: dict[str, Any], file_values: dict[str, Any] | None = 
 
 
 def diff_result_fields(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
-    """Human lines naming every result field whose value differs between two configs."""
+    """Human lines naming every result field whose value differs between two configs.
+
+    A key that an older checkpoint lacks counts as the value such checkpoints implicitly had
+    (`IMPLICIT_IN_OLDER_CHECKPOINTS`), so adding an option does not strand every earlier run.
+    """
+    stored = {**{k: v for k, v in IMPLICIT_IN_OLDER_CHECKPOINTS.items() if k in current}, **stored}
     keys = sorted(set(stored) | set(current))
     return [f"{k}: checkpoint {stored.get(k)!r}, now {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
+
+
+# --------------------------------------------------------------------------- writing the config
+
+_HEADER = "# Stage-1 training config; reuse with: axs train stage1 --config <this file>\n"
+_RESULT_COMMENT = "# result fields: they determine the trained bits, and a resume that changes one is refused\n"
+_RUN_COMMENT = "# run fields: paths, cadence and output; they do not change the bits\n"
+
+
+def config_text(config: TrainConfig) -> str:
+    """The config as YAML that `read_config_file` (and so ``--config``) reads back to the same config."""
+    import yaml
+
+    values = config.to_dict()
+    result = {k: v for k, v in values.items() if k in RESULT_FIELD_NAMES}
+    run = {k: v for k, v in values.items() if k not in RESULT_FIELD_NAMES}
+    dump = lambda d: yaml.safe_dump(d, sort_keys=False, default_flow_style=False, allow_unicode=True)  # noqa: E731
+    return _HEADER + _RESULT_COMMENT + dump(result) + _RUN_COMMENT + dump(run)
+
+
+def write_config_file(config: TrainConfig, path: str | Path) -> Path:
+    """Write the effective config to ``path`` (``config.yaml`` in a run directory), atomically.
+
+    The file is complete or absent: written to a temporary name beside it, then renamed.
+    """
+    path = Path(path)
+    if path.suffix.lower() not in (".yaml", ".yml"):
+        raise ValueError(f"{path}: the config is written as YAML; name it .yaml or .yml")
+    tmp = path.with_name(f".{path.name}.tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(config_text(config))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return path

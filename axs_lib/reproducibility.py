@@ -34,6 +34,20 @@ _VALID_CUBLAS_CONFIGS = (":4096:8", ":16:8")
 
 _last_seed_info: Dict[str, Any] | None = None
 
+_MT19937_WORDS = 624  # numpy's MT19937 key length; its position runs 0..624
+
+
+def _cuda_initialized() -> bool:
+    """Whether CUDA is initialised in this process (one place, so tests can stand in for a GPU)."""
+    return torch.cuda.is_initialized()
+
+
+def _check_flag(name: str, value: Any) -> bool:
+    """``value`` as a bool; a string, number or None is refused (``'false'`` is truthy to ``bool()``)."""
+    if not isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"{name} must be True or False, got {value!r} ({type(value).__name__})")
+    return bool(value)
+
 
 def check_seed(seed: Any) -> int:
     """Return ``seed`` as an ``int`` if it is an integer in [0, 2**32 - 1]; raise otherwise.
@@ -113,10 +127,10 @@ def set_seed(seed: int, deterministic: bool = True, benchmark: bool = False) -> 
     """
     global _last_seed_info
     seed = check_seed(seed)
-    deterministic = bool(deterministic)
-    benchmark = bool(benchmark)
+    deterministic = _check_flag("deterministic", deterministic)
+    benchmark = _check_flag("benchmark", benchmark)
 
-    cuda_initialized = torch.cuda.is_initialized()
+    cuda_initialized = _cuda_initialized()
     cublas_before = os.environ.get("CUBLAS_WORKSPACE_CONFIG")
     if deterministic and cublas_before not in _VALID_CUBLAS_CONFIGS:
         os.environ["CUBLAS_WORKSPACE_CONFIG"] = CUBLAS_WORKSPACE_CONFIG
@@ -190,47 +204,92 @@ def _as_tuple(value: Any) -> Any:
 
 
 def restore_seed_state(state: Dict[str, Any]) -> None:
-    """Restore the generators captured by `get_seed_state`.
+    """Restore the generators captured by `get_seed_state`: all of them, or none.
 
     Accepts our weights-only-safe form and the raw form older code saved (numpy's
     ``('MT19937', ndarray, pos, has_gauss, cached)`` tuple, tensors or arrays for torch). Keys
     that are absent are left alone. CUDA states are restored only when CUDA is available; when
     they are present but CUDA is not, a warning says they were skipped.
+
+    Every state is decoded and checked on a throwaway generator before any global one changes, so
+    a damaged entry raises (TypeError or ValueError naming the key) and leaves every generator as
+    it was. numpy's ``pos`` is checked by hand: numpy accepts any value and a later draw reads
+    outside its key array (a crash, not an error).
     """
     if not isinstance(state, dict):
         raise TypeError(f"rng state must be a dict, got {type(state).__name__}")
+    plan = []  # (setter, decoded state), applied only once every entry has been checked
     if "random_state" in state:
-        random.setstate(_as_tuple(state["random_state"]))
+        plan.append((random.setstate, _checked_python_state(state["random_state"])))
     if "numpy_state" in state:
-        np_state = state["numpy_state"]
-        if isinstance(np_state, dict):
-            keys = np_state["state"]
-            keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
-            np_state = (
-                np_state.get("bit_generator", "MT19937"),
-                keys.astype(np.uint32),
-                int(np_state["pos"]),
-                int(np_state.get("has_gauss", 0)),
-                float(np_state.get("cached_gaussian", 0.0)),
-            )
-        else:
-            kind, keys, *rest = np_state
-            np_state = (kind, np.asarray(keys, dtype=np.uint32), *rest)
-        np.random.set_state(np_state)
+        plan.append((np.random.set_state, _checked_numpy_state(state["numpy_state"])))
     if "torch_rng_state" in state:
-        torch.set_rng_state(_as_byte_tensor(state["torch_rng_state"]))
+        plan.append((torch.set_rng_state, _checked_torch_state("torch_rng_state", state["torch_rng_state"], "cpu")))
     cuda_states = state.get("cuda_rng_state") or []
-    if cuda_states:
-        if torch.cuda.is_available():
-            torch.cuda.set_rng_state_all([_as_byte_tensor(s) for s in cuda_states])
+    if not isinstance(cuda_states, (list, tuple)):
+        raise TypeError(f"rng_state['cuda_rng_state'] must be a list of byte tensors, got {type(cuda_states).__name__}")
+    skip_cuda = bool(cuda_states) and not torch.cuda.is_available()
+    if cuda_states and not skip_cuda:
+        if len(cuda_states) > torch.cuda.device_count():
+            raise ValueError(f"rng_state['cuda_rng_state'] holds {len(cuda_states)} device states; "
+                             f"this machine has {torch.cuda.device_count()} CUDA devices")
+        decoded = [_checked_torch_state(f"cuda_rng_state[{i}]", s, f"cuda:{i}") for i, s in enumerate(cuda_states)]
+        plan.append((torch.cuda.set_rng_state_all, decoded))
+    for setter, value in plan:
+        setter(value)
+    if skip_cuda:
+        warnings.warn("checkpoint holds CUDA RNG state but CUDA is not available; skipped", RuntimeWarning, stacklevel=2)
+
+
+def _checked_python_state(value: Any) -> tuple:
+    value = _as_tuple(value)
+    try:
+        random.Random().setstate(value)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"rng_state['random_state'] is not a python random state: {exc}") from None
+    return value
+
+
+def _checked_numpy_state(value: Any) -> tuple:
+    where = "rng_state['numpy_state']"
+    try:
+        if isinstance(value, dict):
+            kind, keys = value.get("bit_generator", "MT19937"), value["state"]
+            pos, has_gauss, cached = value["pos"], value.get("has_gauss", 0), value.get("cached_gaussian", 0.0)
         else:
-            warnings.warn("checkpoint holds CUDA RNG state but CUDA is not available; skipped", RuntimeWarning, stacklevel=2)
+            kind, keys, pos, has_gauss, cached = value
+    except (KeyError, TypeError, ValueError) as exc:
+        raise ValueError(f"{where} is not a numpy MT19937 state ({type(exc).__name__}: {exc})") from None
+    if kind != "MT19937":
+        raise ValueError(f"{where}: bit generator {kind!r} is not MT19937")
+    keys = keys.numpy() if isinstance(keys, torch.Tensor) else np.asarray(keys)
+    if keys.shape != (_MT19937_WORDS,) or keys.dtype.kind not in "iu":
+        raise ValueError(f"{where}: key must be {_MT19937_WORDS} integers, got shape {keys.shape} of {keys.dtype}")
+    if keys.size and (int(keys.min()) < 0 or int(keys.max()) > 2**32 - 1):
+        raise ValueError(f"{where}: key words must be in [0, 2**32 - 1]")
+    for name, number in (("pos", pos), ("has_gauss", has_gauss)):
+        if isinstance(number, bool) or not isinstance(number, numbers.Integral):
+            raise ValueError(f"{where}: {name} must be an integer, got {number!r}")
+    if not 0 <= pos <= _MT19937_WORDS:
+        raise ValueError(f"{where}: pos {pos} is outside [0, {_MT19937_WORDS}] (damaged checkpoint?)")
+    if has_gauss not in (0, 1) or not isinstance(cached, numbers.Real):
+        raise ValueError(f"{where}: has_gauss must be 0 or 1 and cached_gaussian a number, got {has_gauss!r}, {cached!r}")
+    return (kind, keys.astype(np.uint32), int(pos), int(has_gauss), float(cached))
 
 
 def _as_byte_tensor(value: Any) -> torch.Tensor:
     if isinstance(value, torch.Tensor):
         return value.to(torch.uint8).cpu()
     return torch.as_tensor(np.asarray(value, dtype=np.uint8))
+
+
+def _checked_torch_state(name: str, value: Any, device: str) -> torch.Tensor:
+    try:
+        tensor = _as_byte_tensor(value)
+        torch.Generator(device=device).set_state(tensor)
+    except (TypeError, ValueError, RuntimeError) as exc:
+        raise ValueError(f"rng_state['{name}'] is not a torch generator state: {exc}") from None
+    return tensor
 
 
 def seed_worker(worker_id: int) -> None:
@@ -261,10 +320,19 @@ def add_seed_to_checkpoint(checkpoint: Dict[str, Any], seed_info: Dict[str, Any]
 
 
 def validate_checkpoint_seed(checkpoint: Dict[str, Any], expected_seed: int) -> bool:
-    """True if ``checkpoint`` was made with ``expected_seed``; warn and return False otherwise."""
+    """True if ``checkpoint`` was made with ``expected_seed``; warn and return False otherwise.
+
+    ``expected_seed`` must be a valid seed (`check_seed`): a bool or float raises TypeError.
+    """
+    expected_seed = check_seed(expected_seed)  # True or 42.0 is a caller's bug, not a seed
     info = checkpoint.get("seed_info") if isinstance(checkpoint, dict) else None
     if not isinstance(info, dict) or "seed" not in info:
         warnings.warn("checkpoint has no seed_info: seed unknown, reproducibility cannot be guaranteed", UserWarning, stacklevel=2)
+        return False
+    stored = info["seed"]
+    if isinstance(stored, bool) or not isinstance(stored, numbers.Integral):
+        # 42.0 == 42 and True == 1 to Python: without this a damaged seed_info would pass
+        warnings.warn(f"checkpoint seed {stored!r} ({type(stored).__name__}) is not an integer seed", UserWarning, stacklevel=2)
         return False
     if info["seed"] != expected_seed:
         warnings.warn(f"checkpoint seed {info['seed']} does not match expected seed {expected_seed}", UserWarning, stacklevel=2)
@@ -286,15 +354,29 @@ def verify_reproducibility(num_iterations: int = 10, seed: int | None = None, de
     return run_verification(num_iterations=num_iterations, seed=seed, deterministic=deterministic).ok
 
 
+def _script(argv: list[str]) -> int:
+    """``python axs_lib/reproducibility.py --verify [options of axs verify]``."""
+    import argparse
+
+    from axs_lib.cli import main
+
+    parser = argparse.ArgumentParser(
+        prog="python axs_lib/reproducibility.py",
+        description="Check that training here is bit-reproducible (the same as `axs verify`).",
+        epilog="Other options are those of `axs verify`: --seed N, --iterations N, --num-workers N, "
+               "--no-deterministic, --show-state (see axs verify --help).",
+        allow_abbrev=False,
+    )
+    parser.add_argument("--verify", action="store_true", required=True, help="train a small probe repeatedly and compare every bit")
+    args, rest = parser.parse_known_args(argv)
+    return main(["verify", *rest])
+
+
 if __name__ == "__main__":
     import sys
     from pathlib import Path
 
     sys.path[0] = str(Path(__file__).resolve().parents[1])  # import axs_lib from this checkout, not axs_lib/
-    from axs_lib.cli import main
+    from axs_lib.reproducibility import _script  # the package's module, not this __main__ copy
 
-    if "--verify" not in sys.argv[1:]:
-        print("usage: python axs_lib/reproducibility.py --verify [--seed N] [--iterations N] "
-              "[--no-deterministic] [--show-state]", file=sys.stderr)
-        sys.exit(2)
-    sys.exit(main(["verify", *(a for a in sys.argv[1:] if a != "--verify")]))
+    sys.exit(_script(sys.argv[1:]))

@@ -5,7 +5,10 @@ from __future__ import annotations
 import io
 import os
 import random
+import subprocess
+import sys
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -110,11 +113,55 @@ def test_set_seed_keeps_a_valid_user_cublas_setting(monkeypatch):
 
 
 def test_set_seed_warns_when_cuda_already_initialised(monkeypatch):
+    # Stand in for an initialised GPU at set_seed's own seam: patching torch.cuda.is_initialized
+    # instead would make torch's seeding run its CUDA callbacks at once on a CUDA machine, against
+    # a CUDA that was never really initialised (IndexError in manual_seed_all).
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(rep, "_cuda_initialized", lambda: True)
     with pytest.warns(RuntimeWarning, match="CUBLAS_WORKSPACE_CONFIG"):
         info = set_seed(3)
     assert info["cublas_workspace_config_in_force"] is False
+
+
+def test_set_seed_does_not_warn_when_cublas_was_set_before_cuda(monkeypatch):
+    monkeypatch.setenv("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+    monkeypatch.setattr(rep, "_cuda_initialized", lambda: True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        info = set_seed(3)
+    assert info["cublas_workspace_config_in_force"] is True
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device: the real initialised-CUDA path")
+def test_set_seed_after_real_cuda_initialisation_warns_in_a_fresh_process():
+    # A subprocess, so this process's CUDA state stays as the other tests expect.
+    code = (
+        "import os, warnings, torch\n"
+        "os.environ.pop('CUBLAS_WORKSPACE_CONFIG', None)\n"
+        "torch.zeros(1, device='cuda')\n"
+        "from axs_lib.reproducibility import set_seed\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    info = set_seed(3)\n"
+        "assert info['cublas_workspace_config_in_force'] is False, info\n"
+        "assert any('CUBLAS_WORKSPACE_CONFIG' in str(w.message) for w in caught), caught\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "CUBLAS_WORKSPACE_CONFIG"}
+    done = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+
+
+@pytest.mark.parametrize("name", ["deterministic", "benchmark"])
+@pytest.mark.parametrize("value", ["false", "True", 0, 1, None, 1.0])
+def test_set_seed_refuses_flags_that_are_not_bools(name, value):
+    before = torch.are_deterministic_algorithms_enabled()
+    with pytest.raises(TypeError, match=f"{name} must be True or False"):
+        set_seed(42, **{name: value})
+    assert torch.are_deterministic_algorithms_enabled() == before
+
+
+def test_set_seed_accepts_numpy_bools():
+    assert set_seed(1, deterministic=np.bool_(False))["deterministic"] is False
 
 
 def test_set_seed_makes_draws_repeat():
@@ -215,6 +262,65 @@ def test_restore_rejects_non_dict():
         restore_seed_state([1, 2])
 
 
+def _damage(state, where):
+    if where == "numpy_pos_huge":
+        state["numpy_state"]["pos"] = 10**6
+    elif where == "numpy_pos_negative":
+        state["numpy_state"]["pos"] = -1
+    elif where == "numpy_key_short":
+        state["numpy_state"]["state"] = state["numpy_state"]["state"][:10]
+    elif where == "numpy_key_too_large":
+        state["numpy_state"]["state"][0] = 2**40
+    elif where == "numpy_missing_pos":
+        del state["numpy_state"]["pos"]
+    elif where == "numpy_other_generator":
+        state["numpy_state"]["bit_generator"] = "PCG64"
+    elif where == "torch_short":
+        state["torch_rng_state"] = state["torch_rng_state"][:10]
+    elif where == "python_short":
+        state["random_state"] = (3, (1, 2, 3), None)
+    elif where == "cuda_not_a_list":
+        state["cuda_rng_state"] = 7
+    return state
+
+
+@pytest.mark.parametrize("where", [
+    "numpy_pos_huge", "numpy_pos_negative", "numpy_key_short", "numpy_key_too_large", "numpy_missing_pos",
+    "numpy_other_generator", "torch_short", "python_short", "cuda_not_a_list",
+])
+def test_restore_of_a_damaged_state_raises_and_changes_no_generator(where):
+    set_seed(21)
+    state = _damage(get_seed_state(), where)
+    set_seed(22)
+    before = get_seed_state()
+    with pytest.raises((ValueError, TypeError), match="rng_state"):
+        restore_seed_state(state)
+    # Every generator, including those whose entries came before the damaged one, is untouched.
+    after = get_seed_state()
+    assert after["random_state"] == before["random_state"]
+    assert torch.equal(after["numpy_state"]["state"], before["numpy_state"]["state"])
+    assert after["numpy_state"]["pos"] == before["numpy_state"]["pos"]
+    assert torch.equal(after["torch_rng_state"], before["torch_rng_state"])
+
+
+def test_restore_of_a_huge_numpy_pos_is_an_error_not_a_crash_in_a_fresh_process():
+    # Unchecked, numpy accepts the state and the next draw reads far outside its key array.
+    code = (
+        "import numpy as np, torch\n"
+        "from axs_lib.reproducibility import get_seed_state, restore_seed_state\n"
+        "s = get_seed_state(); s['numpy_state']['pos'] = 10**9\n"
+        "try:\n"
+        "    restore_seed_state(s)\n"
+        "except ValueError as exc:\n"
+        "    print('refused:', exc)\n"
+        "np.random.rand(10**5)\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=Path(__file__).resolve().parents[1])
+    assert done.returncode == 0, done.stderr
+    assert "pos 1000000000 is outside [0, 624]" in done.stdout
+
+
 # ----------------------------------------------------------------------------- helpers
 
 
@@ -254,6 +360,29 @@ def test_validate_checkpoint_seed():
         assert validate_checkpoint_seed(ckpt, expected_seed=43) is False
     with pytest.warns(UserWarning, match="no seed_info"):
         assert validate_checkpoint_seed({"model": {}}, expected_seed=42) is False
+
+
+@pytest.mark.parametrize("seed", [True, 42.0, "42", -1])
+def test_validate_checkpoint_seed_refuses_an_expected_seed_that_is_not_a_seed(seed):
+    ckpt = add_seed_to_checkpoint({}, set_seed(1))
+    with pytest.raises((TypeError, ValueError), match="seed must be"):
+        validate_checkpoint_seed(ckpt, expected_seed=seed)
+
+
+@pytest.mark.parametrize("stored", [True, 1.0])
+def test_validate_checkpoint_seed_does_not_match_a_stored_seed_that_is_not_an_integer(stored):
+    # True == 1 and 1.0 == 1 to Python; a damaged seed_info must not pass as seed 1.
+    with pytest.warns(UserWarning, match="not an integer seed"):
+        assert validate_checkpoint_seed({"seed_info": {"seed": stored}}, expected_seed=1) is False
+
+
+def test_reproducibility_script_help_exits_0_and_without_verify_exits_2():
+    root = Path(__file__).resolve().parents[1]
+    script = [sys.executable, str(root / "axs_lib" / "reproducibility.py")]
+    shown = subprocess.run([*script, "--help"], capture_output=True, text=True, timeout=60)
+    assert shown.returncode == 0 and "--verify" in shown.stdout, shown.stderr
+    bare = subprocess.run(script, capture_output=True, text=True, timeout=60)
+    assert bare.returncode == 2 and "--verify" in bare.stderr
 
 
 def test_last_seed_info_tracks_latest_call():

@@ -4,50 +4,130 @@ Inputs are normalised optical images in [0, 1] of shape (N, 4, H, W) and a mask 
 (N, 1, H, W) that is 1 where every input and target band is finite. Invalid pixels never enter:
 the L1 term and PSNR average over valid pixels only, and SSIM (from ``pytorch_msssim``, a
 maintained implementation) sees prediction and target with invalid pixels set to 0 in both.
+
+A metric over zero valid pixels has no value: PSNR, SSIM and SAM of such a tile are NaN, and a
+warning (``logging``) says how many tiles had none, never a perfect score. (Computed naively, an
+empty tile has MSE 0, so PSNR inf, and two all-zero images, so SSIM 1.0.) Aggregates skip NaN
+tiles (`mean_over_tiles`). The *loss* treats a tile without valid pixels as contributing nothing:
+a batch of only such tiles has loss 0 and no gradient, so training neither stops nor learns from it.
 """
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from pytorch_msssim import ssim
 
+log = logging.getLogger(__name__)
+
 SSIM_WIN = 7  # fits tiles of 7 px and up; BigEarthNet patches are 120 px
+METRICS = ("psnr", "ssim", "sam")
 
 
 def _valid_count(mask: torch.Tensor, channels: int) -> torch.Tensor:
     return (mask.sum() * channels).clamp_min(1.0)
 
 
+def _has_valid(mask: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: which images have at least one valid pixel."""
+    return mask.flatten(1).sum(1) > 0
+
+
+def _warn_empty(count: int, what: str) -> None:
+    if count:
+        log.warning("%d tile(s) without a single valid pixel: their %s is NaN (not counted as a perfect score)", count, what)
+
+
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean absolute error over valid pixels and all bands."""
+    """Mean absolute error over valid pixels and all bands (0 when there are none)."""
     return ((pred - target).abs() * mask).sum() / _valid_count(mask, pred.shape[1])
 
 
+def ssim_per_tile(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(N,) SSIM of each tile with invalid pixels zeroed in both images; NaN for a tile with none valid."""
+    values = ssim(pred * mask, target * mask, data_range=1.0, size_average=False, win_size=SSIM_WIN)
+    return torch.where(_has_valid(mask), values, torch.full_like(values, math.nan))
+
+
 def masked_ssim(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """Mean SSIM with invalid pixels zeroed in both images (data range 1)."""
-    return ssim(pred * mask, target * mask, data_range=1.0, size_average=True, win_size=SSIM_WIN)
+    """Mean SSIM over the tiles that have valid pixels (data range 1); NaN, with a warning, when none has."""
+    valid = _has_valid(mask)
+    _warn_empty(int((~valid).sum()), "SSIM")
+    if bool(valid.all()):
+        return ssim(pred * mask, target * mask, data_range=1.0, size_average=True, win_size=SSIM_WIN)
+    return ssim_per_tile(pred, target, mask)[valid].mean()  # mean of nothing is NaN
+
+
+def _ssim_term(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``1 - SSIM`` for the loss, over tiles with valid pixels only; 0 (no gradient) when there are none.
+
+    When every tile has valid pixels (the usual case) this is the batch-mean SSIM computed exactly
+    as it always was, so the bits of existing runs do not change.
+    """
+    valid = _has_valid(mask)
+    if bool(valid.all()):
+        return 1.0 - ssim(pred * mask, target * mask, data_range=1.0, size_average=True, win_size=SSIM_WIN)
+    if not bool(valid.any()):
+        return (pred * 0.0).sum()
+    return 1.0 - ssim_per_tile(pred, target, mask)[valid].mean()
 
 
 def stage1_loss(pred, target, mask, l1_weight: float = 1.0, ssim_weight: float = 0.5) -> torch.Tensor:
     """``l1_weight * L1 + ssim_weight * (1 - SSIM)``, both masked."""
     loss = l1_weight * masked_l1(pred, target, mask)
     if ssim_weight:
-        loss = loss + ssim_weight * (1.0 - masked_ssim(pred, target, mask))
+        loss = loss + ssim_weight * _ssim_term(pred, target, mask)
     return loss
 
 
+def _psnr_db(squared_error_sum: torch.Tensor, count: torch.Tensor) -> torch.Tensor:
+    """PSNR in dB (data range 1) from sums, float64: inf for a perfect match, NaN where ``count`` is 0."""
+    mse = squared_error_sum.double() / count.double()  # 0/0 = NaN: no valid pixel
+    return 10.0 * torch.log10(1.0 / mse)  # 1/0 = inf: perfect match
+
+
+def _angles(pred: torch.Tensor, target: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
+    """(N, H, W) spectral angle in degrees between predicted and true band vectors."""
+    dot = (pred * target).sum(1)
+    norms = pred.norm(dim=1) * target.norm(dim=1)
+    return torch.rad2deg(torch.acos((dot / (norms + eps)).clamp(-1.0, 1.0)))
+
+
 def psnr(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> float:
-    """Peak signal-to-noise ratio in dB over valid pixels (data range 1); inf for a perfect match."""
-    mse = (((pred - target) ** 2) * mask).sum() / _valid_count(mask, pred.shape[1])
-    return math.inf if mse.item() == 0 else 10.0 * math.log10(1.0 / mse.item())
+    """Peak signal-to-noise ratio in dB over the valid pixels of the batch (data range 1); inf for a
+    perfect match, NaN (with a warning) when no pixel is valid."""
+    if mask.sum().item() == 0:
+        _warn_empty(pred.shape[0], "PSNR")
+    return float(_psnr_db((((pred - target) ** 2) * mask).sum(), mask.sum() * pred.shape[1]))
 
 
 def spectral_angle(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> float:
-    """Mean spectral angle (SAM) in degrees between predicted and true band vectors, valid pixels only."""
-    dot = (pred * target).sum(1)
-    norms = pred.norm(dim=1) * target.norm(dim=1)
-    angle = torch.rad2deg(torch.acos((dot / (norms + eps)).clamp(-1.0, 1.0)))
+    """Mean spectral angle (SAM) in degrees over the valid pixels of the batch; NaN (with a warning)
+    when no pixel is valid."""
     valid = mask[:, 0]
-    return float((angle * valid).sum() / valid.sum().clamp_min(1.0))
+    if valid.sum().item() == 0:
+        _warn_empty(pred.shape[0], "SAM")
+    return float((_angles(pred, target, eps) * valid).sum().double() / valid.sum().double())
+
+
+def tile_metrics(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> dict[str, torch.Tensor]:
+    """PSNR, SSIM and SAM of every tile of a batch as (N,) float64 tensors on the CPU.
+
+    A tile without valid pixels gets NaN in all three, and one warning per call counts them.
+    """
+    empty = int((~_has_valid(mask)).sum())
+    _warn_empty(empty, "PSNR, SSIM and SAM")
+    return {
+        "psnr": _psnr_db((((pred - target) ** 2) * mask).flatten(1).sum(1), mask.flatten(1).sum(1) * pred.shape[1]).cpu(),
+        "ssim": ssim_per_tile(pred, target, mask).double().cpu(),
+        "sam": ((_angles(pred, target) * mask[:, 0]).flatten(1).sum(1).double() / mask[:, 0].flatten(1).sum(1).double()).cpu(),
+    }
+
+
+def mean_over_tiles(values: list[float] | torch.Tensor) -> float:
+    """Mean of per-tile values, skipping NaN (tiles without valid pixels); NaN when all are NaN."""
+    values = torch.as_tensor(values, dtype=torch.float64).flatten()
+    kept = values[~torch.isnan(values)]
+    return float(kept.mean()) if kept.numel() else math.nan

@@ -1,0 +1,214 @@
+"""A DataLoader whose state is what the training loop consumed, resumable with any worker count.
+
+A DataLoader reads ahead: with workers it has asked its sampler for several batches the loop has
+not seen yet, so the sampler's own count (and any state taken from it) runs ahead of training.
+`ResumableLoader` counts the batches it has handed to the loop instead. Its state is the sampler's
+``(epoch, position)`` after the last batch handed out, so `state_dict` is exact at any moment,
+whatever ``num_workers`` and prefetch do. `load_state_dict` sets that state and the next
+iteration asks the sampler for exactly the indices from there: O(1), nothing replayed, and a
+resume may use another worker count (the batches are the same because each batch is a list of
+indices fixed by the state, and `axs_lib.samples.SeededDataset` makes each sample a function of
+its index and epoch).
+
+Two ways to iterate:
+
+* ``for batch in loader``: the rest of the current epoch; after its last batch the state is the
+  next epoch at position 0 (the usual epoch loop, resumable mid-epoch).
+* ``loader.endless()``: batches forever, running on across epoch ends (a batch may hold the end
+  of epoch ``e`` and the start of ``e + 1``), exactly as the Stage-1 trainer's
+  `axs_lib.sampling.EpochSampler` walks the data; for loops that count steps, not epochs.
+
+A batch counts as consumed once it is handed to the loop: a checkpoint written while processing
+it resumes with the next one. One iteration runs at a time; starting another ends the first.
+
+Workers are seeded with `seed_worker` (then the user's ``worker_init_fn``) and the DataLoader's
+generator comes from `create_reproducible_generator(seed)`, as in `axs_lib.data.make_loader`.
+Neither is what makes samples exact (`SeededDataset` is); they keep anything else a worker draws
+fixed for a given run.
+"""
+
+from __future__ import annotations
+
+import functools
+import weakref
+from typing import Any, Callable, Iterator
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from axs_lib.reproducibility import create_reproducible_generator, seed_worker
+from axs_lib.sampling import ResumableSampler, SampleIndex
+
+_OWNED_ARGS = ("shuffle", "sampler", "batch_sampler", "generator", "batch_size", "in_order")
+
+
+def _init_worker(user_init: Callable[[int], None] | None, worker_id: int) -> None:
+    seed_worker(worker_id)
+    if user_init is not None:
+        user_init(worker_id)
+
+
+class _BatchPlan:
+    """The DataLoader's batch sampler: index lists from the loader's consumed state, read when an
+    iteration starts (finite: the rest of the epoch; endless: on and on)."""
+
+    def __init__(self, owner: "ResumableLoader"):
+        # A weak reference: a cycle loader -> DataLoader -> plan -> loader would leave the worker
+        # processes to the cycle collector, which may finalise their queues before telling them
+        # to exit (each then waits out DataLoader's 5 s join timeout).
+        self._owner = weakref.ref(owner)
+        self.endless = False
+
+    def __iter__(self) -> Iterator[list[SampleIndex]]:
+        owner = self._owner()
+        if owner is None:
+            return iter(())
+        # Read the state now; the generators below keep no reference to the loader (see above).
+        if self.endless:
+            return _endless_batches(owner.sampler.stream((owner.epoch, owner.position)), owner.batch_size)
+        return _epoch_batches(owner.sampler.shard(owner.epoch), owner.epoch, owner.position, owner.batch_size, owner.drop_last)
+
+
+def _endless_batches(stream: Iterator[SampleIndex], size: int) -> Iterator[list[SampleIndex]]:
+    while True:
+        yield [next(stream) for _ in range(size)]
+
+
+def _epoch_batches(shard: list[int], epoch: int, position: int, size: int, drop_last: bool) -> Iterator[list[SampleIndex]]:
+    for start in range(position, len(shard), size):
+        positions = range(start, min(start + size, len(shard)))
+        if drop_last and len(positions) < size:
+            return
+        yield [SampleIndex(shard[p], epoch, p) for p in positions]
+
+
+class ResumableLoader:
+    """A DataLoader over ``dataset`` with an exact ``state_dict`` and O(1) resume.
+
+    ``sampler`` is a `ResumableSampler` (pass one to shard across ranks or to keep its
+    ``drop_last`` padding rule); by default ``ResumableSampler(dataset, seed, shuffle=shuffle)``.
+    ``drop_last`` drops an epoch's last partial batch (finite iteration only: endless batches are
+    always full). Other keyword arguments go to ``DataLoader`` (``prefetch_factor``, ``timeout``,
+    ``multiprocessing_context``...). ``persistent_workers`` defaults to ``num_workers > 0``.
+
+    ``len(loader)`` is the number of batches of a whole epoch, as for a DataLoader.
+    """
+
+    def __init__(
+        self,
+        dataset: Dataset,
+        batch_size: int,
+        *,
+        seed: int,
+        sampler: ResumableSampler | None = None,
+        num_workers: int = 0,
+        shuffle: bool = True,
+        drop_last: bool = False,
+        collate_fn: Callable[[list], Any] | None = None,
+        pin_memory: bool = False,
+        persistent_workers: bool | None = None,
+        worker_init_fn: Callable[[int], None] | None = None,
+        **dataloader_kwargs: Any,
+    ):
+        if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+        clash = sorted(set(dataloader_kwargs) & set(_OWNED_ARGS))
+        if clash:
+            raise TypeError(f"ResumableLoader sets {', '.join(clash)} itself (give a ResumableSampler as sampler= instead)")
+        if sampler is None:
+            sampler = ResumableSampler(dataset, seed, shuffle=shuffle)  # type: ignore[arg-type]
+        elif not isinstance(sampler, ResumableSampler):
+            raise TypeError(f"sampler must be a ResumableSampler (its state is what resumes), got {type(sampler).__name__}")
+        if hasattr(dataset, "__len__") and sampler.num_samples != len(dataset):  # type: ignore[arg-type]
+            raise ValueError(f"the sampler covers {sampler.num_samples} samples but the dataset has {len(dataset)}")  # type: ignore[arg-type]
+        if drop_last and len(sampler) < batch_size:
+            raise ValueError(f"drop_last with batch_size {batch_size} > {len(sampler)} samples per epoch leaves no batch")
+        self.dataset = dataset
+        self.batch_size = batch_size
+        self.seed = seed
+        self.sampler = sampler
+        self.drop_last = bool(drop_last)
+        self.num_workers = num_workers
+        self.epoch, self.position = sampler.epoch, sampler.position
+        self._plan = _BatchPlan(self)
+        self._active: object | None = None
+        self._loader = DataLoader(
+            dataset,
+            batch_sampler=self._plan,
+            num_workers=num_workers,
+            collate_fn=collate_fn,
+            pin_memory=pin_memory and torch.cuda.is_available(),
+            worker_init_fn=functools.partial(_init_worker, worker_init_fn),
+            generator=create_reproducible_generator(seed),
+            persistent_workers=num_workers > 0 if persistent_workers is None else persistent_workers,
+            **dataloader_kwargs,
+        )
+
+    # ------------------------------------------------------------------ iteration
+
+    def __len__(self) -> int:
+        full, rest = divmod(len(self.sampler), self.batch_size)
+        return full + (1 if rest and not self.drop_last else 0)
+
+    def __iter__(self) -> Iterator[Any]:
+        """The rest of the current epoch; the state then moves to the next epoch at position 0."""
+        if self.drop_last and len(self.sampler) - self.position < self.batch_size:
+            self.epoch, self.position = self.epoch + 1, 0  # what is left of this epoch makes no full batch
+        return self._run(endless=False)
+
+    def endless(self) -> Iterator[Any]:
+        """Batches from the current state on, forever, across epoch ends (never a partial batch)."""
+        return self._run(endless=True)
+
+    def _run(self, endless: bool) -> Iterator[Any]:
+        token = self._active = object()
+        self._plan.endless = endless
+        shard = len(self.sampler)
+        for batch in iter(self._loader):  # the plan reads the state here, at the start
+            if self._active is not token:
+                raise RuntimeError("another iteration of this ResumableLoader started; this one has ended")
+            position = self.position + self.batch_size
+            if endless:
+                self.epoch, self.position = self.sampler.advance(self.epoch, self.position, self.batch_size)
+            elif position >= shard or (self.drop_last and shard - position < self.batch_size):
+                self.epoch, self.position = self.epoch + 1, 0
+            else:
+                self.position = position
+            yield batch
+
+    # ------------------------------------------------------------------ state
+
+    def set_epoch(self, epoch: int) -> None:
+        """Start ``epoch`` at position 0 (keep the position when ``epoch`` is the current one)."""
+        self.sampler.load_state_dict(self.state_dict())
+        self.sampler.set_epoch(epoch)
+        self.epoch, self.position = self.sampler.epoch, self.sampler.position
+
+    def state_dict(self) -> dict[str, int]:
+        """``{"epoch", "position", "num_samples"}`` after the last batch handed to the loop."""
+        return {"epoch": self.epoch, "position": self.position, "num_samples": self.sampler.num_samples}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state`` at the next iteration; refuses a state of a dataset of another length."""
+        if not isinstance(state, dict):
+            raise ValueError(f"loader state must be a dict, got {type(state).__name__}")
+        saved = state.get("num_samples", self.sampler.num_samples)
+        if saved != self.sampler.num_samples:
+            raise ValueError(f"loader state is for {saved} samples but this dataset has {self.sampler.num_samples}: "
+                             "the epoch orders would differ")
+        self.sampler.load_state_dict(state)
+        self.epoch, self.position = self.sampler.epoch, self.sampler.position
+        self._active = None  # an iteration in progress must not move the new state
+
+    def close(self) -> None:
+        """Stop persistent worker processes now (they also stop when the loader is collected)."""
+        self._active = None
+        iterator, self._loader._iterator = self._loader._iterator, None
+        if iterator is not None:
+            iterator._shutdown_workers()  # what DataLoader's own iterator runs when collected
+
+    def __enter__(self) -> "ResumableLoader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

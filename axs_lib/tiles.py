@@ -17,8 +17,12 @@ carries metadata (`SIDECAR_FIELDS`); every field is optional, and a tile without
 from __future__ import annotations
 
 import collections
+import errno
+import hashlib
 import json
 import os
+import stat
+import time
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -47,6 +51,16 @@ SAR_DB_PLAUSIBLE = (-60.0, 40.0)
 OPTICAL_PLAUSIBLE = (-2000.0, 30000.0)
 OPTICAL_UNIT_SCALE_MAX = 2.0  # all reflectances <= 2 means 0..1 units, not x 10000
 MIN_VALID_FRACTION = 0.1
+
+# Size limits. Every file we read is a regular file of bounded size, and a tile's arrays are
+# bounded before anything is inflated or allocated: a hostile or broken file gets one line, never
+# a hang (a FIFO), an endless read (/dev/zero) or an allocation of gigabytes (a zip bomb, a .npy
+# header that claims a huge shape).
+MIN_TILE_PX = 4  # smallest side: below it there are too few pixels to judge plausibility
+MAX_TILE_PX = 4096  # largest side: 34x a BigEarthNet patch; 400 MB as six float32 bands
+MAX_SIDECAR_BYTES = 1 << 20
+MAX_TILE_BYTES = 6 * MAX_TILE_PX * MAX_TILE_PX * 4 + (1 << 20)
+_NPY_MAX_HEADER = 1 << 16
 
 SPLITS = ("train", "val", "test")
 SPLIT_ALIASES = {"validation": "val"}  # BigEarthNet v2 writes "validation"
@@ -117,16 +131,21 @@ def _scan(data_dir: os.PathLike | str) -> list[os.DirEntry]:
 
 
 def scan_tiles(data_dir: os.PathLike | str) -> list[Path]:
-    """Every ``*.npz`` entry directly in ``data_dir``, sorted by name, readable or not.
+    """Every ``*.npz`` entry directly in ``data_dir`` (or every tile of a pack), sorted by name, readable or not.
 
     Not recursive, so directory symlink loops cannot trap it. Used by ``axs tiles validate``,
     which must report broken entries rather than stop at the first.
     """
+    if _packed().is_packed_dir(data_dir):
+        return _packed().list_packed(data_dir)
     return [Path(data_dir) / e.name for e in _scan(data_dir)]
 
 
 def list_tiles(data_dir: os.PathLike | str, max_tiles: int | None = None) -> list[Path]:
     """The tiles of ``data_dir`` sorted by file name; the first ``max_tiles`` of them when given.
+
+    A directory written by ``axs tiles pack`` gives refs into its shards (`axs_lib.packed`), which
+    every reader here takes like tile paths.
 
     Raises `InputError` naming the directory when it is missing, not a directory, holds no tiles,
     or ``max_tiles`` < 1; and naming the entry when a selected ``.npz`` is not a readable regular
@@ -134,6 +153,8 @@ def list_tiles(data_dir: os.PathLike | str, max_tiles: int | None = None) -> lis
     """
     if max_tiles is not None and max_tiles < 1:
         raise InputError(data_dir, f"--max-tiles must be >= 1, got {max_tiles}")
+    if _packed().is_packed_dir(data_dir):
+        return _packed().list_packed(data_dir, max_tiles)
     entries = _scan(data_dir)[:max_tiles]
     paths = [Path(data_dir) / e.name for e in entries]
     for entry, path in zip(entries, paths):
@@ -180,28 +201,130 @@ def sidecar_path(tile_path: os.PathLike | str) -> Path:
 # --------------------------------------------------------------------------- reading
 
 
-def read_sidecar(tile_path: os.PathLike | str) -> dict:
-    """The tile's sidecar metadata, checked, with ``split`` normalised; ``{}`` when there is none."""
-    path = sidecar_path(tile_path)
+def _display(path: os.PathLike | str) -> str:
+    """A path as text that always prints (a non-UTF-8 name keeps its bytes as ``\\xNN``)."""
+    return os.fsencode(path).decode("utf-8", "backslashreplace")
+
+
+def _open_regular(path: Path, limit: int, what: str) -> bytes | None:
+    """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes; None if it does not exist.
+
+    Opened non-blocking and checked with ``fstat`` on the open descriptor, so a FIFO is refused
+    instead of hanging, a link to a device instead of reading forever, and nothing can be swapped
+    in between the check and the read.
+    """
     try:
-        text = path.read_text(encoding="utf-8")
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
-        return {}
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"cannot read sidecar: {getattr(exc, 'strerror', None) or exc}") from None
+        if os.path.islink(path):
+            raise InputError(_display(path), f"{what}: broken symlink") from None
+        return None
+    except OSError as exc:
+        raise InputError(_display(path), _os_problem(exc, what)) from None
     try:
-        meta = json.loads(text)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(_display(path), f"{what} is {_kind(st.st_mode)}, not a regular file")
+        if st.st_size > limit:
+            raise InputError(_display(path), f"{what} is {st.st_size} bytes, more than the {limit} allowed")
+        with os.fdopen(fd, "rb", closefd=True) as f:
+            fd = -1
+            data = f.read(limit + 1)
+    except OSError as exc:
+        raise InputError(_display(path), _os_problem(exc, what)) from None
+    finally:
+        if fd >= 0:
+            os.close(fd)
+    if len(data) > limit:
+        raise InputError(_display(path), f"{what} grew past the {limit} bytes allowed while being read")
+    return data
+
+
+def _os_problem(exc: OSError, what: str) -> str:
+    if isinstance(exc, PermissionError):
+        return f"cannot read {what}: permission denied"
+    if exc.errno == errno.ELOOP:
+        return f"cannot read {what}: symlink loop"
+    if isinstance(exc, IsADirectoryError):
+        return f"{what} is a directory, not a regular file"
+    return f"cannot read {what}: {exc.strerror or exc}"
+
+
+def _kind(mode: int) -> str:
+    for test, word in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
+        if test(mode):
+            return word
+    return "not a regular file"
+
+
+def check_regular_file(path: Path, limit: int = MAX_TILE_BYTES, what: str = "file") -> os.stat_result:
+    """``stat`` of ``path`` when it is a regular file of at most ``limit`` bytes; `InputError` otherwise."""
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise InputError(_display(path), "broken symlink" if os.path.islink(path) else "no such file") from None
+    except OSError as exc:
+        raise InputError(_display(path), _os_problem(exc, what)) from None
+    if not stat.S_ISREG(st.st_mode):
+        raise InputError(_display(path), f"{what} is {_kind(st.st_mode)}, not a regular file")
+    if st.st_size > limit:
+        raise InputError(_display(path), f"{what} is {st.st_size} bytes, more than the {limit} allowed")
+    return st
+
+
+def read_json_file(path: Path, what: str, limit: int = MAX_SIDECAR_BYTES):
+    """Parse a small JSON file; `InputError` for anything but a regular file of valid JSON."""
+    data = _open_regular(path, limit, what)
+    if data is None:
+        raise InputError(_display(path), f"no such {what}")
+    return _parse_json(path, data, what)
+
+
+def _parse_json(path: Path, data: bytes, what: str):
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(_display(path), f"{what} is not UTF-8 text (byte {exc.start})") from None
+    try:
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InputError(path, f"invalid JSON in sidecar: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise InputError(_display(path), f"invalid JSON in {what}: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except RecursionError:
+        raise InputError(_display(path), f"{what} nests JSON too deeply") from None
+
+
+def read_sidecar(tile_path: os.PathLike | str) -> dict:
+    """The tile's sidecar metadata, checked, with ``split`` normalised; ``{}`` when there is none.
+
+    For a packed tile the metadata comes from its shard's index and gets the same checks.
+    """
+    if _packed().is_packed_ref(tile_path):
+        meta = _packed().read_packed_meta(tile_path)
+        path = Path(tile_path)
+        if meta is None:
+            return {}
+    else:
+        path = sidecar_path(tile_path)
+        data = _open_regular(path, MAX_SIDECAR_BYTES, "sidecar")
+        if data is None:
+            return {}
+        meta = _parse_json(path, data, "sidecar")
     if not isinstance(meta, dict):
-        raise InputError(path, f"sidecar must hold a JSON object, got {type(meta).__name__}")
+        raise InputError(_display(path), f"sidecar must hold a JSON object, got {type(meta).__name__}")
     for name, value in meta.items():
         problem = _field_problem(name, value)
         if problem:
-            raise InputError(path, problem)
+            raise InputError(_display(path), problem)
     if "split" in meta:
         meta["split"] = SPLIT_ALIASES.get(meta["split"], meta["split"])
     return meta
+
+
+def _packed():
+    from axs_lib import packed  # packed imports this module; imported late to break the cycle
+
+    return packed
 
 
 def _field_problem(name: str, value: Any) -> str | None:
@@ -216,34 +339,71 @@ def _field_problem(name: str, value: Any) -> str | None:
 
 
 def load_arrays(path: os.PathLike | str) -> dict[str, np.ndarray]:
-    """The six contract arrays of a tile, structurally checked; raises `InputError` on the first problem."""
+    """The six contract arrays of a tile, structurally checked; raises `InputError` on the first problem.
+
+    Sizes are bounded before anything is inflated or allocated: the file, each zip member's
+    declared size (zipfile never inflates a member past it), and each array's shape from its
+    ``.npy`` header, which must fit in its member.
+    """
+    if _packed().is_packed_ref(path):
+        arrays = _packed().read_packed_arrays(path)
+        check_arrays(path, arrays)
+        return arrays
     path = Path(path)
-    problem = _not_a_regular_file(path)
-    if problem:
-        raise InputError(path, problem)
-    if path.stat().st_size == 0:
-        raise InputError(path, "empty file (0 bytes), not an .npz tile")
-    if not zipfile.is_zipfile(path):
-        raise InputError(path, "truncated or not an .npz file (no zip archive found)")
-    arrays: dict[str, np.ndarray] = {}
+    st = check_regular_file(path, MAX_TILE_BYTES, "tile")
+    if st.st_size == 0:
+        raise InputError(_display(path), "empty file (0 bytes), not an .npz tile")
     try:
-        with np.load(path, allow_pickle=False) as npz:
-            missing = [k for k in (*S1_KEYS, *S2_KEYS) if k not in npz.files]
-            if missing:
-                have = ", ".join(sorted(npz.files)) or "nothing"
-                raise InputError(path, f"missing array {missing[0]!r} (has: {have})")
-            for key in (*S1_KEYS, *S2_KEYS):
-                arrays[key] = npz[key]
+        with open(path, "rb") as f:
+            if not zipfile.is_zipfile(f):
+                raise InputError(_display(path), "truncated or not an .npz file (no zip archive found)")
+            with zipfile.ZipFile(f) as zf:
+                members = {info.filename: info for info in zf.infolist()}
+                missing = [k for k in (*S1_KEYS, *S2_KEYS) if f"{k}.npy" not in members]
+                if missing:
+                    have = ", ".join(sorted(n.removesuffix(".npy") for n in members)) or "nothing"
+                    raise InputError(_display(path), f"missing array {missing[0]!r} (has: {have[:200]})")
+                arrays = {key: _read_member(path, zf, members[f"{key}.npy"], key) for key in (*S1_KEYS, *S2_KEYS)}
     except InputError:
         raise
-    except ValueError as exc:
-        if "pickle" in str(exc):
-            raise InputError(path, "holds pickled object arrays; refused") from None
-        raise InputError(path, f"corrupted .npz: {_first_line(exc)}") from None
+    except PermissionError:
+        raise InputError(_display(path), "cannot read tile: permission denied") from None
     except Exception as exc:  # noqa: BLE001 - zipfile/zlib/numpy raise many types for bad bytes
-        raise InputError(path, f"truncated or corrupted .npz: {_first_line(exc)}") from None
+        raise InputError(_display(path), f"truncated or corrupted .npz: {_first_line(exc)}") from None
     check_arrays(path, arrays)
     return arrays
+
+
+def _read_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> np.ndarray:
+    """One ``.npy`` member, its header checked against the limits and its declared size first."""
+    if info.file_size > MAX_TILE_BYTES:
+        raise InputError(_display(path), f"{key} declares {info.file_size} bytes, more than a {MAX_TILE_PX} px tile holds")
+    with zf.open(info) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0), (3, 0)):
+            raise InputError(_display(path), f"{key}: unsupported .npy version {version}")
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, fortran, dtype = read_header(f, max_header_size=_NPY_MAX_HEADER)
+        if dtype.hasobject:
+            raise InputError(_display(path), "holds pickled object arrays; refused")
+        if len(shape) != 2:
+            raise InputError(_display(path), f"{key} is {len(shape)}-D with shape {tuple(shape)}, expected 2-D")
+        check_shape_limits(path, shape, key)
+        nbytes = shape[0] * shape[1] * dtype.itemsize
+        if nbytes > info.file_size:
+            raise InputError(_display(path), f"{key}: header says {tuple(shape)} {dtype} ({nbytes} bytes) but the member holds {info.file_size}")
+        data = f.read(nbytes)
+    if len(data) != nbytes:
+        raise InputError(_display(path), f"truncated or corrupted .npz: {key} has {len(data)} of {nbytes} bytes")
+    return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
+
+
+def check_shape_limits(path: os.PathLike | str, shape, key: str = "tile") -> None:
+    """Refuse a tile side outside `MIN_TILE_PX`..`MAX_TILE_PX` (an empty array included)."""
+    if any(side == 0 for side in shape):
+        raise InputError(_display(path), f"arrays are empty (shape {tuple(shape)})")
+    if min(shape) < MIN_TILE_PX or max(shape) > MAX_TILE_PX:
+        raise InputError(_display(path), f"{key} is {'x'.join(map(str, shape))} px; tile sides must be {MIN_TILE_PX} to {MAX_TILE_PX} px")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -266,8 +426,7 @@ def check_arrays(path: os.PathLike | str, arrays: dict[str, np.ndarray]) -> None
     for key, shape in shapes.items():
         if shape != shapes[first]:
             raise InputError(path, f"arrays differ in shape: {first} {shapes[first]}, {key} {shape}")
-    if 0 in shapes[first]:
-        raise InputError(path, f"arrays are empty (shape {shapes[first]})")
+    check_shape_limits(path, shapes[first])
     for key, arr in arrays.items():
         if arr.dtype.kind != "f":
             continue
@@ -320,14 +479,18 @@ def _plausibility_problems(arrays: dict[str, np.ndarray]) -> list[str]:
             problems.append(f"{key} is never negative ({lo:.3g}..{hi:.3g}): looks like linear power or amplitude, expected dB")
         elif lo < SAR_DB_PLAUSIBLE[0] or hi > SAR_DB_PLAUSIBLE[1]:
             problems.append(f"{key} spans {lo:.3g}..{hi:.3g} dB, outside the plausible {SAR_DB_PLAUSIBLE[0]:g}..{SAR_DB_PLAUSIBLE[1]:g} dB")
+    peaks = []
     for key in S2_KEYS:
         arr = arrays[key]
         values = arr[np.isfinite(arr)] if arr.dtype.kind == "f" else arr
         lo, hi = float(values.min()), float(values.max())
-        if 0.0 < hi <= OPTICAL_UNIT_SCALE_MAX:
-            problems.append(f"{key} peaks at {hi:.3g}: looks like reflectance 0..1, expected reflectance x 10000")
-        elif lo < OPTICAL_PLAUSIBLE[0] or hi > OPTICAL_PLAUSIBLE[1]:
+        peaks.append(hi)
+        if lo < OPTICAL_PLAUSIBLE[0] or hi > OPTICAL_PLAUSIBLE[1]:
             problems.append(f"{key} spans {lo:.6g}..{hi:.6g}, outside the plausible {OPTICAL_PLAUSIBLE[0]:g}..{OPTICAL_PLAUSIBLE[1]:g}")
+    # Units are judged on the tile, not per band: one band can be legitimately tiny (NIR over
+    # calm water is 0..a few counts), but four bands all peaking at <= 2 are reflectance 0..1.
+    if 0.0 < max(peaks) <= OPTICAL_UNIT_SCALE_MAX:
+        problems.append(f"optical bands peak at {max(peaks):.3g}: looks like reflectance 0..1, expected reflectance x 10000")
     valid = valid_mask(arrays)
     fraction = float(valid.mean())
     if fraction < MIN_VALID_FRACTION:
@@ -349,6 +512,11 @@ def valid_mask(arrays: dict[str, np.ndarray]) -> np.ndarray:
 
 def tile_shape(path: os.PathLike | str) -> tuple[int, ...] | None:
     """The shape of a tile's ``s1_vv`` read from its .npy header only, or None when unreadable."""
+    if _packed().is_packed_ref(path):
+        try:
+            return tuple(_packed().read_packed_arrays(path)[S1_KEYS[0]].shape)
+        except InputError:
+            return None
     try:
         with zipfile.ZipFile(path) as zf, zf.open(f"{S1_KEYS[0]}.npy") as f:
             major, _ = np.lib.format.read_magic(f)
@@ -404,3 +572,150 @@ def summarize(data_dir: os.PathLike | str) -> dict:
         "labels": dict(sorted(labels.items(), key=lambda kv: (-kv[1], kv[0]))),
         "tile_sizes": dict(sorted(sizes.items())),
     }
+
+
+# --------------------------------------------------------------------------- checks and their cache
+
+
+RACY_SECONDS = 3.0  # files changed more recently than this are checked/hashed but not cached
+CACHE_VERSION = 2
+
+
+def default_cache_dir() -> Path:
+    """``$XDG_CACHE_HOME/axs``, or ``~/.cache/axs``."""
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "axs"
+
+
+def stat_key(st: os.stat_result) -> list[int]:
+    """What a cache entry is keyed on: inode, size, ctime and mtime (ns).
+
+    ``ctime`` is the reason: a program can set mtime back (``cp -p``, ``touch -r``, ``rsync -t``)
+    but not ctime, which the kernel sets on every write, rename or chmod; the inode catches a file
+    replaced by another. A rewrite that keeps all four is not possible through the filesystem API.
+    """
+    return [st.st_ino, st.st_size, st.st_ctime_ns, st.st_mtime_ns]
+
+
+def ref_key(ref: os.PathLike | str) -> tuple[str, str, list] | None:
+    """(directory, entry name, stat key) of a tile ref, covering tile and sidecar (shard and index
+    for a packed tile); None when the tile does not exist. Raises `InputError` if it is not a file."""
+    ref = os.fspath(ref)
+    if _packed().is_packed_ref(ref):
+        shard, index = _packed().shard_files(os.path.dirname(ref))
+        files, directory, name = (shard, index), os.path.dirname(os.fspath(shard)), shard.name
+    else:
+        files, (directory, name) = (Path(ref), sidecar_path(ref)), os.path.split(ref)
+    keys = []
+    for i, file in enumerate(files):
+        try:
+            st = os.stat(file)
+        except FileNotFoundError:
+            if i == 0:
+                return None
+            keys.append(None)
+            continue
+        except OSError as exc:
+            raise InputError(_display(file), _os_problem(exc, "file")) from None
+        if not stat.S_ISREG(st.st_mode):
+            raise InputError(_display(file), f"{'tile' if i == 0 else 'sidecar'} is {_kind(st.st_mode)}, not a regular file")
+        keys.append(stat_key(st))
+    return os.path.realpath(directory or "."), name, keys
+
+
+class StatCache:
+    """Per-directory JSON tables ``{entry name: [stat keys, value]}`` under ``cache_dir``, one file per
+    (kind, directory). A value is reused only while the stat keys match; a corrupt or unwritable
+    cache costs time, never an error."""
+
+    def __init__(self, kind: str, cache_dir: os.PathLike | str | None = None):
+        self.kind = kind
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.tables: dict[str, dict] = {}
+        self.dirty: set[str] = set()
+        self.now_ns = time.time_ns()
+
+    def _file(self, directory: str) -> Path:
+        return self.cache_dir / f"{self.kind}-{hashlib.sha256(os.fsencode(directory)).hexdigest()[:24]}.json"
+
+    def _table(self, directory: str) -> dict:
+        if directory not in self.tables:
+            try:
+                doc = json.loads(self._file(directory).read_text(encoding="utf-8"))
+                ok = doc.get("version") == CACHE_VERSION and doc.get("directory") == _display(directory) and isinstance(doc.get("files"), dict)
+                self.tables[directory] = doc["files"] if ok else {}
+            except (OSError, ValueError, AttributeError, RecursionError):
+                self.tables[directory] = {}
+        return self.tables[directory]
+
+    def get(self, directory: str, name: str, keys: list):
+        entry = self._table(directory).get(_display(name))
+        if isinstance(entry, list) and len(entry) == 2 and entry[0] == keys:
+            return entry[1]
+        return None
+
+    def put(self, directory: str, name: str, keys: list, value) -> None:
+        newest = max(k[2] for k in keys if k is not None)
+        if self.now_ns - newest > RACY_SECONDS * 1e9:
+            self._table(directory)[_display(name)] = [keys, value]
+            self.dirty.add(directory)
+
+    def save(self) -> None:
+        for directory in sorted(self.dirty):
+            doc = {"version": CACHE_VERSION, "directory": _display(directory), "files": self.tables[directory]}
+            try:
+                self.cache_dir.mkdir(parents=True, exist_ok=True)
+                _atomic_write(self._file(directory), json.dumps(doc, separators=(",", ":")))
+            except OSError:
+                pass
+        self.dirty.clear()
+
+
+def _atomic_write(path: Path, text: str) -> None:
+    from axs_lib.checkpoint import atomic_write_text  # checkpoint imports torch: only when writing
+
+    atomic_write_text(path, text)
+
+
+def tile_problems(ref: os.PathLike | str) -> tuple[list[str], tuple[int, ...] | None]:
+    """(problems, shape) of one tile: structure, sidecar and plausibility, the one rule that
+    ``axs tiles validate`` and training both apply."""
+    return validate_tile(ref), tile_shape(ref)
+
+
+def check_tiles(refs: list, cache_dir: os.PathLike | str | None = None) -> dict:
+    """Check every tile before a run starts; raise `InputError` for the first bad one.
+
+    Each tile gets `validate_tile` (arrays, sidecar, plausibility), and the set must share one
+    tile size. A tile that passed before and whose tile and sidecar files keep their `stat_key`
+    is not read again, so a second start costs one ``stat`` per file. Returns ``{"checked",
+    "cached", "shape"}``.
+    """
+    cache = StatCache("checked", cache_dir)
+    shapes: dict[tuple, Path] = {}
+    checked = cached = 0
+    for ref in refs:
+        key = ref_key(ref)
+        if key is None:
+            raise InputError(_display(ref), "no such file")
+        directory, name, keys = key
+        entry_name = name if not _packed().is_packed_ref(ref) else f"{name}/{Path(ref).name}"
+        shape = cache.get(directory, entry_name, keys)
+        if shape is None:
+            problems, shape = tile_problems(ref)
+            if problems:
+                cache.save()
+                raise InputError(_display(ref), "; ".join(problems))
+            shape = list(shape)
+            cache.put(directory, entry_name, keys, shape)
+            checked += 1
+        else:
+            cached += 1
+        shapes.setdefault(tuple(shape), Path(ref))
+        if len(shapes) > 1:
+            cache.save()
+            (a, pa), (b, pb) = list(shapes.items())[:2]
+            raise InputError(_display(ref), f"tiles differ in size: {pa.name} is {'x'.join(map(str, a))}, "
+                             f"{pb.name} is {'x'.join(map(str, b))}; one run needs one tile size")
+    cache.save()
+    return {"checked": checked, "cached": cached, "shape": next(iter(shapes), None)}

@@ -122,7 +122,7 @@ def test_validation_split_is_accepted_as_val(tmp_path):
     [
         (dict(s1_vv=np.full((8, 8), 0.05, np.float32)), "looks like linear power"),
         (dict(s1_vh=np.full((8, 8), -90.0, np.float32)), "outside the plausible"),
-        (dict(s2_b3=np.full((8, 8), 0.3, np.float32)), "looks like reflectance 0..1"),
+        ({k: np.full((8, 8), 0.3, np.float32) for k in S2_KEYS}, "looks like reflectance 0..1"),
         (dict(s2_b4=np.full((8, 8), 60000, np.uint16)), "outside the plausible"),
     ],
 )
@@ -131,6 +131,12 @@ def test_implausible_values_are_reported_but_readable(tmp_path, changes, phrase)
     read_tile(path)  # structurally fine
     problems = validate_tile(path)
     assert len(problems) == 1 and phrase in problems[0]
+
+
+def test_dark_water_with_near_zero_nir_is_plausible(tmp_path):
+    # Calm water: NIR reflectance of 1 (x 10000) everywhere is real, not reflectance in 0..1.
+    path = write(tmp_path, arrays=with_(s2_b8=np.full((8, 8), 1, np.uint16)))
+    assert validate_tile(path) == []
 
 
 def test_low_valid_fraction_is_reported(tmp_path):
@@ -212,9 +218,10 @@ def test_validate_cli_exit_codes(demo_tiles, tmp_path, capsys):
 
 
 def test_every_tiles_action_help_shows_an_example(capsys):
-    for action in ["validate", "summary", "from-bigearthnet", "demo", "synth"]:
+    for action in ["validate", "summary", "from-bigearthnet", "demo", "synth", "pack"]:
         assert main(["tiles", action, "--help"]) == 0
-        assert f"example:\n  axs tiles {action} " in capsys.readouterr().out
+        out = capsys.readouterr().out
+        assert f"example:\n  axs tiles {action} " in out or f"examples:\n  axs tiles {action} " in out
 
 
 def test_summary_of_demo_tiles(demo_tiles, capsys):

@@ -8,6 +8,7 @@ import json
 from axs_lib import argtypes
 from axs_lib.errors import EXIT_FAILURE, EXIT_OK
 from axs_lib.ingest import IngestReport, RebenReport, convert_bigearthnet, convert_reben, write_demo_tiles, write_synthetic_tiles
+from axs_lib.packed import DEFAULT_SHARD_TILES, pack_tiles
 from axs_lib.tiles import scan_tiles, summarize, validate_tile
 
 _RAW = argparse.RawDescriptionHelpFormatter
@@ -77,6 +78,23 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--keep-snow-cloud", action="store_true", help="keep patches flagged with seasonal snow or cloud/shadow (v2)")
     p.add_argument("--jobs", type=int, default=1, help="worker processes reading GeoTIFFs (v2; default 1)")
     p.set_defaults(func=run_from_bigearthnet)
+
+    p = cmds.add_parser(
+        "pack",
+        help="pack tiles into memory-mapped shards",
+        description=(
+            "Write the tiles of DIR as shards of --shard-tiles tiles each (a 1-D uint8 .npy per shard "
+            "plus its JSON index, sidecar metadata included) and OUT/pack.json. Every reader, the "
+            "trainer included, takes OUT like a directory of tiles, with O(1) random access per tile "
+            "and no per-tile file. The data fingerprint of OUT equals that of DIR. OUT must be new or empty."
+        ),
+        epilog="example:\n  axs tiles pack tiles/ tiles_packed/",
+        formatter_class=_RAW,
+    )
+    p.add_argument("dir", metavar="DIR", help="directory of tiles")
+    p.add_argument("out_dir", metavar="OUT", help="where to write the packed tiles (new or empty)")
+    p.add_argument("--shard-tiles", type=int, default=DEFAULT_SHARD_TILES, help=f"tiles per shard (default {DEFAULT_SHARD_TILES})")
+    p.set_defaults(func=run_pack)
 
     p = cmds.add_parser(
         "demo",
@@ -162,6 +180,12 @@ def _print_reben_report(report: RebenReport, out_dir: str) -> int:
           f"{report.snow_cloud} snow/cloud patches left out (--keep-snow-cloud keeps them), "
           f"{len(report.skipped)} patches skipped -> {out_dir} ({done} tiles)")
     return EXIT_FAILURE if report.skipped else EXIT_OK
+
+
+def run_pack(args: argparse.Namespace) -> int:
+    result = pack_tiles(args.dir, args.out_dir, args.shard_tiles)
+    print(f"{result['tiles']} tiles packed into {result['shards']} shard(s) in {args.out_dir}")
+    return EXIT_OK
 
 
 def run_demo(args: argparse.Namespace) -> int:

@@ -1,17 +1,24 @@
 """The data fingerprint: a content hash of the tiles a run uses and of its split.
 
-* ``tiles_sha256``: SHA-256 over, for each tile in name order, its file name, the SHA-256 of its
-  bytes and the SHA-256 of its sidecar's bytes (or a marker for "no sidecar"). Renaming, editing
-  or re-splitting a tile changes it; moving the directory does not.
-* ``split_sha256``: SHA-256 of the split manifest as canonical JSON (sorted keys, no spaces).
-* ``sha256``: SHA-256 of the two above, the single value to compare.
+What is hashed is the tiles' *content*, not their files, so a set packed with ``axs tiles pack``
+has the fingerprint of the same tiles as per-tile ``.npz`` files:
 
-Hashing 100k tiles takes a while, so per-file digests are cached on disk, one JSON file per data
-directory under ``cache_dir`` (default ``$XDG_CACHE_HOME/axs`` or ``~/.cache/axs``), keyed by
-file name, size and ``mtime_ns`` of the resolved file. A changed file has a new size or mtime and
-is hashed again. Files modified within the last few seconds are not cached (their mtime could
-still be shared with a later same-size edit). The cache is written atomically; a corrupt or
-unwritable cache is ignored, never an error.
+* a tile's digest: SHA-256 over its six contract arrays in contract order, each as its name, its
+  dtype (``<f4``, ``<u2``), its shape and its raw C-order bytes. Extra arrays (which no reader
+  uses) and the zip container (member order, timestamps, compression) are not part of it;
+* a sidecar's digest: SHA-256 of the checked metadata (`axs_lib.tiles.read_sidecar`, so
+  ``validation`` reads as ``val``) as canonical JSON (sorted keys, no spaces, UTF-8), or ``-``
+  when there is no sidecar or it holds ``{}``;
+* ``tiles_sha256``: SHA-256 over, per tile in name order, ``<name>\\0<tile digest>\\0<sidecar digest>\\n``;
+* ``split_sha256``: SHA-256 of the split manifest as canonical JSON;
+* ``sha256``: SHA-256 of the two above, the single value to compare; ``scheme`` names this
+  definition (`SCHEME`), so a fingerprint from another definition is recognised as such.
+
+Digests are cached on disk (`axs_lib.tiles.StatCache`, under ``$XDG_CACHE_HOME/axs``), keyed by
+the files' inode, size, ctime and mtime (`axs_lib.tiles.stat_key`): ``cp -p`` or ``touch -r`` can
+put an mtime back but not a ctime, so a rewrite is always hashed again. Files changed in the last
+few seconds are not cached. ``verify=True`` ignores the cache and hashes every tile's content
+again: what a resume does before it accepts a run as exact.
 """
 
 from __future__ import annotations
@@ -19,98 +26,47 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import stat
-import time
-from pathlib import Path
 
-from axs_lib.checkpoint import atomic_write_text
+import numpy as np
+
 from axs_lib.errors import InputError
-from axs_lib.tiles import SIDECAR_SUFFIX
+from axs_lib.tiles import S1_KEYS, S2_KEYS, StatCache, default_cache_dir, load_arrays, read_sidecar, ref_key
 
-CACHE_VERSION = 1
-RACY_SECONDS = 3.0  # files newer than this are hashed but not cached
-_CHUNK = 1 << 20
+SCHEME = "content-v2"
 _NO_SIDECAR = "-"
 
-
-def default_cache_dir() -> Path:
-    """``$XDG_CACHE_HOME/axs``, or ``~/.cache/axs``."""
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "axs"
+__all__ = ["SCHEME", "data_fingerprint", "default_cache_dir", "file_sha256", "split_sha256", "tile_digests"]
 
 
 def file_sha256(path: os.PathLike | str) -> str:
     """SHA-256 of a file's bytes."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while chunk := f.read(_CHUNK):
+        while chunk := f.read(1 << 20):
             h.update(chunk)
     return h.hexdigest()
 
 
-class _DigestCache:
-    """Per-directory on-disk cache of file digests, keyed by (resolved path, size, mtime_ns)."""
+def arrays_sha256(arrays: dict[str, np.ndarray]) -> str:
+    """SHA-256 of the six contract arrays: name, dtype, shape and C-order bytes of each."""
+    h = hashlib.sha256()
+    for key in (*S1_KEYS, *S2_KEYS):
+        arr = np.ascontiguousarray(arrays[key])
+        h.update(f"{key}\0{arr.dtype.str}\0{'x'.join(map(str, arr.shape))}\0".encode())
+        h.update(memoryview(arr).cast("B"))
+    return h.hexdigest()
 
-    def __init__(self, cache_dir: Path):
-        self.cache_dir = cache_dir
-        self.tables: dict[str, dict] = {}  # resolved directory -> {name: [size, mtime_ns, sha]}
-        self.dirty: set[str] = set()
-        self.now = time.time()
 
-    def _file(self, directory: str) -> Path:
-        return self.cache_dir / f"data-{hashlib.sha256(directory.encode()).hexdigest()[:24]}.json"
+def meta_sha256(meta: dict) -> str:
+    """SHA-256 of checked sidecar metadata as canonical JSON; ``-`` for none."""
+    if not meta:
+        return _NO_SIDECAR
+    return hashlib.sha256(json.dumps(meta, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()).hexdigest()
 
-    def _table(self, directory: str) -> dict:
-        if directory not in self.tables:
-            try:
-                doc = json.loads(self._file(directory).read_text(encoding="utf-8"))
-                ok = doc.get("version") == CACHE_VERSION and doc.get("directory") == directory and isinstance(doc.get("files"), dict)
-                self.tables[directory] = doc["files"] if ok else {}
-            except (OSError, ValueError, AttributeError):
-                self.tables[directory] = {}
-        return self.tables[directory]
 
-    def digest(self, path: str, real_dirs: dict[str, str]) -> str | None:
-        """The file's SHA-256, from the cache when size and mtime match; None if it does not exist.
-
-        Works on strings, not `Path`, and stats a regular file once: this loop is the whole cost
-        of a cached fingerprint over 100k tiles.
-        """
-        try:
-            st = os.lstat(path)
-            if stat.S_ISLNK(st.st_mode):
-                directory, name = os.path.split(os.path.realpath(path))
-                st = os.stat(path)
-            else:
-                parent, name = os.path.split(path)
-                if parent not in real_dirs:
-                    real_dirs[parent] = os.path.realpath(parent or ".")
-                directory = real_dirs[parent]
-        except FileNotFoundError:
-            return None
-        except OSError as exc:
-            raise InputError(path, f"cannot read: {exc.strerror}") from None
-        table = self._table(directory)
-        entry = table.get(name)
-        if isinstance(entry, list) and len(entry) == 3 and entry[0] == st.st_size and entry[1] == st.st_mtime_ns:
-            return entry[2]
-        try:
-            sha = file_sha256(path)
-        except OSError as exc:
-            raise InputError(path, f"cannot read: {exc.strerror}") from None
-        if self.now - st.st_mtime_ns / 1e9 > RACY_SECONDS:
-            table[name] = [st.st_size, st.st_mtime_ns, sha]
-            self.dirty.add(directory)
-        return sha
-
-    def save(self) -> None:
-        for directory in sorted(self.dirty):
-            doc = {"version": CACHE_VERSION, "directory": directory, "files": self.tables[directory]}
-            try:
-                self.cache_dir.mkdir(parents=True, exist_ok=True)
-                atomic_write_text(self._file(directory), json.dumps(doc, separators=(",", ":")))
-            except OSError:
-                pass  # a cache we cannot write only costs time
+def tile_digests(ref: os.PathLike | str) -> tuple[str, str]:
+    """(tile digest, sidecar digest) of one tile, per-tile NPZ or packed, computed from content."""
+    return arrays_sha256(load_arrays(ref)), meta_sha256(read_sidecar(ref))
 
 
 def split_sha256(split_manifest: dict) -> str:
@@ -118,25 +74,33 @@ def split_sha256(split_manifest: dict) -> str:
     return hashlib.sha256(json.dumps(split_manifest, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
 
 
-def data_fingerprint(paths: list[Path], split_manifest: dict, cache_dir: os.PathLike | str | None = None) -> dict:
-    """``{"sha256", "tiles_sha256", "split_sha256", "num_tiles"}`` for the tiles in ``paths`` and their split.
+def data_fingerprint(paths: list, split_manifest: dict, cache_dir: os.PathLike | str | None = None, *, verify: bool = False) -> dict:
+    """``{"sha256", "tiles_sha256", "split_sha256", "num_tiles", "scheme"}`` for ``paths`` and their split.
 
-    Raises `InputError` naming a tile that is missing or unreadable.
+    ``paths`` are tile refs (`axs_lib.tiles.list_tiles`). ``verify=True`` hashes every tile's
+    content even when the cache has it. Raises `InputError` naming a tile that is missing or unreadable.
     """
-    cache = _DigestCache(Path(cache_dir) if cache_dir is not None else default_cache_dir())
-    real_dirs: dict[str, str] = {}
+    cache = StatCache("digests", cache_dir)
     tiles = hashlib.sha256()
-    for path in sorted(map(os.fspath, paths), key=os.path.basename):
-        tile_sha = cache.digest(path, real_dirs)
-        if tile_sha is None:
-            raise InputError(path, "no such file")
-        side_sha = cache.digest(os.path.splitext(path)[0] + SIDECAR_SUFFIX, real_dirs) or _NO_SIDECAR
-        tiles.update(f"{os.path.basename(path)}\0{tile_sha}\0{side_sha}\n".encode())
-    cache.save()
+    try:
+        for ref in sorted(paths, key=lambda p: os.path.basename(os.fspath(p))):
+            key = ref_key(ref)
+            if key is None:
+                raise InputError(os.fsencode(ref).decode("utf-8", "backslashreplace"), "no such file")
+            directory, name, keys = key
+            entry = name if name == os.path.basename(os.fspath(ref)) else f"{name}/{os.path.basename(os.fspath(ref))}"
+            digests = None if verify else cache.get(directory, entry, keys)
+            if not (isinstance(digests, list) and len(digests) == 2):
+                digests = list(tile_digests(ref))
+                cache.put(directory, entry, keys, digests)
+            tiles.update(f"{os.path.basename(os.fspath(ref))}\0{digests[0]}\0{digests[1]}\n".encode("utf-8", "surrogateescape"))
+    finally:
+        cache.save()
     tiles_hex, split_hex = tiles.hexdigest(), split_sha256(split_manifest)
     return {
         "sha256": hashlib.sha256(f"tiles:{tiles_hex}\nsplit:{split_hex}\n".encode()).hexdigest(),
         "tiles_sha256": tiles_hex,
         "split_sha256": split_hex,
         "num_tiles": len(paths),
+        "scheme": SCHEME,
     }

@@ -150,11 +150,19 @@ class HostCopies:
         self.alloc = alloc or (lambda nbytes: torch.empty(nbytes, dtype=torch.uint8))
         self.copy_cpu = copy_cpu
         self.copied: dict[int, torch.Tensor] = {}  # storage identity (as torch.save keys it) -> host buffer
+        # a tensor object met twice is pickled once and then referenced: its copy must be one object too
+        self.tensors: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # id -> (original, copy)
         self.non_blocking = False
 
     def __call__(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.device.type == "cpu" and not self.copy_cpu:
             return tensor
+        seen = self.tensors.get(id(tensor))
+        if seen is None:
+            seen = self.tensors[id(tensor)] = (tensor, self._copy(tensor))  # the original is kept: its id stays taken
+        return seen[1]
+
+    def _copy(self, tensor: torch.Tensor) -> torch.Tensor:
         if tensor.layout != torch.strided or tensor.is_quantized or type(tensor) not in (torch.Tensor, torch.nn.Parameter):
             return tensor.detach().to("cpu", copy=True)  # rare kinds: a plain copy
         storage = tensor.untyped_storage()
@@ -272,17 +280,25 @@ def atomic_write_text(path: os.PathLike | str, text: str) -> None:
 # --------------------------------------------------------------------------- save / load
 
 
+def check_savable(checkpoint: Any) -> None:
+    """Raise TypeError (naming the keys) for content that ``torch.load(weights_only=True)`` would refuse."""
+    if not isinstance(checkpoint, dict):
+        raise TypeError(f"checkpoint must be a dict, got {type(checkpoint).__name__}")
+    try:
+        unsafe = unsafe_leaves(checkpoint)
+    except RecursionError:
+        raise TypeError(f"checkpoint content is nested more than {sys.getrecursionlimit()} levels deep") from None
+    if unsafe:
+        raise TypeError(f"checkpoint would not load with weights_only=True: {'; '.join(unsafe[:5])}")
+
+
 def save_checkpoint(checkpoint: dict, path: os.PathLike | str) -> str:
     """Write ``checkpoint`` atomically with ``format_version`` and ``content_xxh3``; return the digest.
 
     Refuses (TypeError naming the keys) content that ``torch.load(weights_only=True)`` could not
     read back, so every file we write is safe to load. The caller's dict is not modified.
     """
-    if not isinstance(checkpoint, dict):
-        raise TypeError(f"checkpoint must be a dict, got {type(checkpoint).__name__}")
-    unsafe = unsafe_leaves(checkpoint)
-    if unsafe:
-        raise TypeError(f"checkpoint would not load with weights_only=True: {'; '.join(unsafe[:5])}")
+    check_savable(checkpoint)
     body = {k: v for k, v in checkpoint.items() if k != FORMAT_KEY and k not in CHECKSUM_KEYS}
     body[FORMAT_KEY] = FORMAT_VERSION
     digest = content_digest(body)

@@ -5,7 +5,10 @@ file with that name has put its bytes in the temp file but not yet renamed it:
 
 * ``kill``: the temp file is cut to half its length (when it is a written file, not a link) and
   the process SIGKILLs itself, as a crash in the middle of a checkpoint write would leave it;
-* ``enospc``: the write fails with ``OSError(ENOSPC)``, as on a full disk.
+* ``enospc``: the write fails with ``OSError(ENOSPC)``, as on a full disk;
+* ``stop``: the writing thread prints ``axs fault: stopped before committing <path>`` on stderr
+  and blocks forever, so a test can SIGKILL the process at that point from outside (while a
+  background checkpoint write is in flight, the other threads go on running).
 
 Unset (the normal case), this costs one environment lookup per write.
 """
@@ -15,6 +18,8 @@ from __future__ import annotations
 import errno
 import os
 import signal
+import sys
+import threading
 from pathlib import Path
 from typing import IO
 
@@ -41,3 +46,8 @@ def before_commit(path: os.PathLike | str, f: IO | None = None) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
     elif kind == "enospc":
         raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+    elif kind == "stop":
+        if f is not None:
+            f.flush()
+        print(f"axs fault: stopped before committing {path}", file=sys.stderr, flush=True)
+        threading.Event().wait()  # never set: only this thread stops

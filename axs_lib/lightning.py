@@ -1,0 +1,315 @@
+"""Exact resume for a PyTorch Lightning ``Trainer``: the toolkit's guarantees under Lightning's loop.
+
+Plain Lightning (``seed_everything(workers=True)``, ``deterministic=True``, ``ckpt_path=...``) is
+not exact across a resume or a change of worker count: the global generators continue from
+wherever the killed process left them (or from the start), a plain DataLoader restarts its epoch
+with a fresh shuffle and fresh worker seeds, and its checkpoints hold absolute paths
+(``ModelCheckpoint``'s ``dirpath``) and pickled objects (``AttributeDict`` hyperparameters), so
+two runs into different directories never write the same bytes and a file needs
+``weights_only=False`` to load. This module closes each gap with the toolkit's own layers, hooked
+in where Lightning already offers a seam (read from ``lightning/pytorch/loops/fit_loop.py``,
+``training_epoch_loop.py`` and ``trainer/connectors/checkpoint_connector.py`` of Lightning 2.6):
+
+* **Randomness** (`ExactResume.on_train_batch_start`): before every training batch the global
+  generators (python, numpy, torch CPU and CUDA) are re-seeded from
+  ``derive_seed(seed, "step", global_step, rank)``, as the Stage-1 trainer does, so dropout and
+  anything else the model draws is a function of the step, not of the process's history.
+* **Data** (`resumable_loader`): the training dataloader is an `axs_lib.loader.ResumableLoader`.
+  Lightning leaves loaders that are not ``DataLoader`` instances alone (no sampler injection, no
+  re-instantiation); it saves ``loader.state_dict()`` of every loader that has one in the fit
+  loop's ``combined_loader`` entry and hands it back with ``load_state_dict`` on a restart. With a
+  sized loader its fetcher does not read ahead, so the state is the batches the loop consumed, and
+  on a mid-epoch restart it expects the loader to yield only the rest of the epoch, which is what
+  `ResumableLoader` does, with any worker count. Samples are exact per (epoch, index) through
+  `axs_lib.samples.SeededDataset` or an explicit per-sample generator.
+* **Files** (`AxsCheckpointIO`, a Lightning ``CheckpointIO`` plugin): every checkpoint goes
+  through `axs_lib.checkpoint.save_checkpoint` (atomic, checksummed, canonical bytes) after
+  `portable` made it safe for ``torch.load(weights_only=True)`` with no allow-list (dict subclasses
+  become dicts) and free of the run directory's path (a string under the run directory is stored
+  as ``<run>/...`` and expanded again on load, so ``ModelCheckpoint`` keeps working). Files named
+  ``checkpoint_step_<N>.pt`` in ``<run>/checkpoints`` are written by `axs_lib.run_dir.CheckpointManager`
+  (``latest`` pointer, retention); loading uses `axs_lib.checkpoint.load_checkpoint` (checksum
+  verified, pickled code refused).
+* **Checkpoints and checks** (`ExactResume`): writes ``checkpoint_step_<N>.pt`` every
+  ``checkpoint_every`` optimizer steps and at the last step, from ``on_train_batch_end`` (the
+  moment Lightning's own restart logic is built for), adding the keys our resume checks read
+  (``seed_info``, ``config``, ``world_size``, ``environment``); `ExactResume.resume` finds the
+  newest valid checkpoint (``--resume auto``) and refuses one of another seed, config or world size
+  with the trainer's message, and ``on_load_checkpoint`` repeats the check for a ``ckpt_path`` the
+  user passed by hand.
+
+Lightning is an optional dependency (``pip install 'axs-lib[lightning]'``); nothing else in
+``axs_lib`` imports this module.
+
+Not covered: Lightning's own ``ModelCheckpoint`` naming, ``ckpt_path="last"``/``"hpc"`` lookups
+(use `ExactResume.resume`), iterable-style training data, more than one training dataloader of
+which some are not resumable, and gradient accumulation past what the per-batch seeding keys give
+(each micro-batch of an accumulated step gets its own stream, keyed by its place in the step).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any, Callable
+
+try:
+    import lightning.pytorch as pl
+    from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+except ImportError:  # the one clear error; nothing else in axs_lib needs Lightning
+    raise ImportError(
+        "axs_lib.lightning needs PyTorch Lightning, which is not installed: pip install 'axs-lib[lightning]'"
+    ) from None
+
+import torch
+from torch.utils.data import Dataset
+
+from axs_lib.checkpoint import load_checkpoint, save_checkpoint
+from axs_lib.errors import UsageError
+from axs_lib.loader import ResumableLoader
+from axs_lib.reproducibility import add_seed_to_checkpoint, check_seed, derive_seed, last_seed_info, seed_globals
+from axs_lib.run_dir import CheckpointManager, check_resume, checkpoint_name, step_of
+from axs_lib.sampling import ResumableSampler
+
+log = logging.getLogger(__name__)
+
+RUN_MARK = "<run>"  # stands for the run directory in stored strings
+
+
+# --------------------------------------------------------------------------- portable content
+
+
+def portable(obj: Any, root: os.PathLike | str | None = None) -> Any:
+    """``obj`` made fit for a weights-only-safe, path-free checkpoint.
+
+    Dict subclasses (Lightning's ``AttributeDict`` hyperparameters) become plain dicts, tuples and
+    lists are rebuilt, and every string (key or value) that is the run directory ``root`` or a path
+    under it is rewritten to start with ``<run>``. Anything else is kept as it is:
+    `axs_lib.checkpoint.save_checkpoint` refuses, naming the key, what would still not load with
+    ``weights_only=True``.
+    """
+    prefixes = _root_prefixes(root)
+    return _map(obj, lambda s: _relative(s, prefixes))
+
+
+def expand(obj: Any, root: os.PathLike | str | None) -> Any:
+    """The inverse of `portable` for paths: ``<run>/...`` strings point into ``root`` again."""
+    if root is None:
+        return obj
+    base = os.path.abspath(root)
+    return _map(obj, lambda s: base + s[len(RUN_MARK):] if s == RUN_MARK or s.startswith(RUN_MARK + os.sep) else s)
+
+
+def _root_prefixes(root: os.PathLike | str | None) -> list[str]:
+    if root is None:
+        return []
+    forms = {os.path.abspath(root), os.path.realpath(root)}
+    return sorted(forms, key=len, reverse=True)  # the longest match first
+
+
+def _relative(text: str, prefixes: list[str]) -> str:
+    for prefix in prefixes:
+        if text == prefix or text.startswith(prefix + os.sep):
+            return RUN_MARK + text[len(prefix):]
+    return text
+
+
+def _map(obj: Any, fix: Callable[[str], str]) -> Any:
+    if isinstance(obj, str):
+        return fix(obj)
+    if isinstance(obj, torch.Tensor):
+        return obj
+    if isinstance(obj, dict):
+        return {_map(k, fix): _map(v, fix) for k, v in obj.items()}
+    if type(obj) in (list, tuple):
+        return type(obj)(_map(v, fix) for v in obj)
+    return obj
+
+
+# --------------------------------------------------------------------------- CheckpointIO plugin
+
+
+class AxsCheckpointIO(CheckpointIO):
+    """Lightning's checkpoint files, written and read by `axs_lib.checkpoint`.
+
+    ``Trainer(plugins=[AxsCheckpointIO(output_dir)])``. Every save is atomic, checksummed,
+    weights-only-safe and free of the run directory's path (`portable`); a
+    ``<output_dir>/checkpoints/checkpoint_step_<N>.pt`` target is written by the run's
+    `CheckpointManager` (which also moves ``latest`` and applies ``keep_last``), any other path
+    (``ModelCheckpoint``'s names) by `save_checkpoint` alone. Loading verifies the checksum and
+    never unpickles code, whatever ``weights_only`` Lightning asks for.
+    """
+
+    def __init__(self, output_dir: os.PathLike | str, *, keep_last: int | None = None,
+                 manager: CheckpointManager | None = None):
+        self.manager = manager if manager is not None else CheckpointManager(output_dir, keep_last=keep_last, keep_best=False)
+        self.root = Path(output_dir)
+
+    def save_checkpoint(self, checkpoint: dict[str, Any], path: os.PathLike | str, storage_options: Any = None) -> None:
+        if storage_options is not None:
+            raise TypeError(f"{type(self).__name__} takes no storage_options, got {storage_options!r}")
+        path = Path(path)
+        content = portable(checkpoint, self.root)
+        step = step_of(path.name)
+        if step is not None and path.parent.resolve() == self.manager.folder.resolve():
+            self.manager.save(content, step)
+        else:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            save_checkpoint(content, path)
+
+    def load_checkpoint(self, path: os.PathLike | str, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
+        # weights_only=False (Lightning's default for its own files) is not honoured: ours never need it
+        checkpoint = load_checkpoint(path, map_location=map_location if map_location is not None else "cpu")
+        return expand(checkpoint, self.root)
+
+    def remove_checkpoint(self, path: os.PathLike | str) -> None:
+        Path(path).unlink(missing_ok=True)
+
+    def teardown(self) -> None:
+        self.manager.close()
+
+
+# --------------------------------------------------------------------------- the training loader
+
+
+def resumable_loader(dataset: Dataset, batch_size: int, *, seed: int, trainer: "pl.Trainer | None" = None,
+                     shuffle: bool = True, **kwargs: Any) -> ResumableLoader:
+    """The training dataloader for `ExactResume`: a `ResumableLoader` sharded by the trainer's rank.
+
+    Call it from ``LightningModule.train_dataloader`` (``trainer=self.trainer``). Wrap a dataset
+    whose augmentation uses the global generators in `axs_lib.samples.SeededDataset` first.
+    Other keyword arguments go to `ResumableLoader` (``num_workers``, ``drop_last``, ...).
+    """
+    rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    sampler = ResumableSampler(dataset, seed, shuffle=shuffle, num_replicas=world, rank=rank)  # type: ignore[arg-type]
+    return ResumableLoader(dataset, batch_size, seed=seed, sampler=sampler, **kwargs)
+
+
+# --------------------------------------------------------------------------- the callback
+
+
+class ExactResume(pl.Callback):
+    """Bit-exact training, checkpoints and resume for a Lightning ``Trainer``.
+
+    ::
+
+        exact = ExactResume("runs/exp1", seed=42, config={"lr": 1e-3, "width": 16}, checkpoint_every=10)
+        trainer = Trainer(max_steps=100, deterministic=True, enable_checkpointing=False,
+                          callbacks=[exact], plugins=[exact.checkpoint_io])
+        trainer.fit(module, ckpt_path=exact.resume("auto"))
+
+    ``config``: the flat dict of settings that change the result (checked on resume, stored as
+    the checkpoint's ``config``). The training dataloader must be a `ResumableLoader`
+    (`resumable_loader`); the callback refuses to train otherwise.
+    """
+
+    def __init__(self, output_dir: os.PathLike | str, *, seed: int, config: dict[str, Any] | None = None,
+                 checkpoint_every: int | None = None, keep_last: int | None = None,
+                 allow_world_size_change: bool = False, environment: bool = True):
+        if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
+                                             or checkpoint_every < 1):
+            raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
+        self.seed = check_seed(seed)
+        self.config = dict(config or {})
+        self.checkpoint_every = checkpoint_every
+        self.allow_world_size_change = allow_world_size_change
+        self.manager = CheckpointManager(output_dir, keep_last=keep_last, keep_best=False)
+        self.checkpoint_io = AxsCheckpointIO(output_dir, manager=self.manager)
+        self._environment = environment
+        self._fingerprint: dict[str, Any] | None = None
+        self._saved_step: int | None = None
+
+    @property
+    def state_key(self) -> str:
+        return "ExactResume"
+
+    # ------------------------------------------------------------------ resume
+    def resume(self, target: str | os.PathLike | None = "auto", *, world_size: int = 1,
+               log: Callable[[str], None] | None = None) -> str | None:
+        """The ``ckpt_path`` for ``trainer.fit``: None (fresh start), ``"auto"`` (newest valid checkpoint,
+        None when there is none) or a file of this run; refused (`UsageError`) when it cannot continue
+        this run exactly. Reads only; nothing is written."""
+        found = self.manager.resume(target, log=log)
+        if found is None:
+            return None
+        path, checkpoint = found
+        self._refuse_mismatch(checkpoint, path, world_size)
+        self.manager.set_aside_unloadable()
+        return str(path)
+
+    def _refuse_mismatch(self, checkpoint: dict, path: os.PathLike | str, world_size: int) -> None:
+        problems = check_resume(checkpoint, seed=self.seed, config=self.config, world_size=world_size,
+                                allow_world_size_change=self.allow_world_size_change)
+        if problems:
+            raise UsageError(f"{path}: cannot resume exactly: " + "; ".join(problems))
+
+    # ------------------------------------------------------------------ hooks
+    def setup(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        if stage != "fit":
+            return
+        if not isinstance(trainer.strategy.checkpoint_io, AxsCheckpointIO):
+            raise UsageError("ExactResume needs its checkpoint plugin: Trainer(..., plugins=[exact.checkpoint_io])")
+        if self._environment and self._fingerprint is None:
+            from axs_lib.fingerprint.environment import environment_fingerprint
+
+            self._fingerprint = environment_fingerprint()
+
+    def on_train_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        loaders = trainer.fit_loop._combined_loader.flattened if trainer.fit_loop._combined_loader is not None else []
+        wrong = [type(dl).__name__ for dl in loaders if not isinstance(dl, ResumableLoader)]
+        if wrong:
+            raise UsageError(f"ExactResume needs the training dataloader to be an axs_lib.loader.ResumableLoader "
+                             f"(see axs_lib.lightning.resumable_loader), got {', '.join(wrong)}")
+        if not torch.are_deterministic_algorithms_enabled():
+            log.warning("deterministic algorithms are off: pass Trainer(deterministic=True) for bit-exact results")
+        self._saved_step = trainer.global_step
+
+    def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        keys: tuple[str | int, ...] = ("step", trainer.global_step, trainer.global_rank)
+        if trainer.accumulate_grad_batches > 1:  # each micro-batch of a step draws its own numbers
+            keys += ("micro", batch_idx % trainer.accumulate_grad_batches)
+        seed_globals(derive_seed(self.seed, *keys))
+
+    def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        step = trainer.global_step
+        if step == self._saved_step:  # no optimizer step since the last save (accumulating)
+            return
+        every = self.checkpoint_every
+        if (every is not None and step % every == 0) or step == trainer.max_steps:
+            self.save(trainer, step)
+
+    def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        if trainer.global_step != self._saved_step and trainer.max_steps == -1:  # an epoch-limited run's last step
+            self.save(trainer, trainer.global_step)
+        self.manager.wait()
+
+    def save(self, trainer: "pl.Trainer", step: int) -> None:
+        """Write ``checkpoints/checkpoint_step_<step>.pt`` (all ranks call it; rank 0 writes)."""
+        trainer.save_checkpoint(self.manager.folder / checkpoint_name(step))
+        self._saved_step = step
+
+    def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+        checkpoint["step"] = trainer.global_step
+        checkpoint["config"] = dict(self.config)
+        checkpoint["world_size"] = trainer.world_size
+        if self._fingerprint is not None:
+            checkpoint["environment"] = self._fingerprint
+        info = last_seed_info()
+        add_seed_to_checkpoint(checkpoint, info if info is not None and info.get("seed") == self.seed else {"seed": self.seed})
+
+    def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
+        self._refuse_mismatch(checkpoint, trainer.ckpt_path or "<checkpoint>", trainer.world_size)
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed, "checkpoint_every": self.checkpoint_every}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        pass  # what matters was checked in on_load_checkpoint; the settings are this run's own
+
+    def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
+        self.manager.close()
+
+
+__all__ = ["AxsCheckpointIO", "ExactResume", "RUN_MARK", "expand", "portable", "resumable_loader"]

@@ -11,7 +11,8 @@ Sources:
   are left out of both). Every tile must have the field.
 * ``auto``: ``sidecar`` when every tile has a ``split`` field and both train and val are
   non-empty, otherwise ``random`` over the tiles whose sidecar does not say ``test``: a tile held
-  out for testing never trains, even when the other sidecars are incomplete.
+  out for testing never trains, even when the other sidecars are incomplete. When every tile says
+  ``test`` there is nothing to train on, and that is an error, not a silent fallback.
 
 The manifest holds tile stems only (never absolute paths: two runs from different directories
 must agree), the seed, the fraction and the source actually used.
@@ -89,9 +90,12 @@ def make_split(paths: list[Path], seed: int, val_fraction: float = 0.1, source: 
     if source == "sidecar" or (None not in labelled.values() and {"train", "val"} <= set(labelled.values())):
         return _sidecar_split(labelled, seed, val_fraction)
     held_out = [p for p, split in labelled.items() if split == "test"]
-    usable = [p for p in paths if labelled[p] != "test"] or paths
+    usable = [p for p in paths if labelled[p] != "test"]
+    if not usable:
+        raise UsageError(f"every one of the {len(paths)} tiles has split 'test' in its sidecar: no tile to train on "
+                         "(test tiles never train; use --split-source random to split them anyway)")
     split = _random_split(usable, seed, val_fraction)
-    split.excluded = held_out if usable is not paths else []
+    split.excluded = held_out
     return split
 
 

@@ -201,7 +201,7 @@ def sidecar_path(tile_path: os.PathLike | str) -> Path:
 # --------------------------------------------------------------------------- reading
 
 
-def _display(path: os.PathLike | str) -> str:
+def display_path(path: os.PathLike | str) -> str:
     """A path as text that always prints (a non-UTF-8 name keeps its bytes as ``\\xNN``)."""
     return os.fsencode(path).decode("utf-8", "backslashreplace")
 
@@ -217,26 +217,26 @@ def _open_regular(path: Path, limit: int, what: str) -> bytes | None:
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
     except FileNotFoundError:
         if os.path.islink(path):
-            raise InputError(_display(path), f"{what}: broken symlink") from None
+            raise InputError(display_path(path), f"{what}: broken symlink") from None
         return None
     except OSError as exc:
-        raise InputError(_display(path), _os_problem(exc, what)) from None
+        raise InputError(display_path(path), _os_problem(exc, what)) from None
     try:
         st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
-            raise InputError(_display(path), f"{what} is {_kind(st.st_mode)}, not a regular file")
+            raise InputError(display_path(path), f"{what} is {_kind(st.st_mode)}, not a regular file")
         if st.st_size > limit:
-            raise InputError(_display(path), f"{what} is {st.st_size} bytes, more than the {limit} allowed")
+            raise InputError(display_path(path), f"{what} is {st.st_size} bytes, more than the {limit} allowed")
         with os.fdopen(fd, "rb", closefd=True) as f:
             fd = -1
             data = f.read(limit + 1)
     except OSError as exc:
-        raise InputError(_display(path), _os_problem(exc, what)) from None
+        raise InputError(display_path(path), _os_problem(exc, what)) from None
     finally:
         if fd >= 0:
             os.close(fd)
     if len(data) > limit:
-        raise InputError(_display(path), f"{what} grew past the {limit} bytes allowed while being read")
+        raise InputError(display_path(path), f"{what} grew past the {limit} bytes allowed while being read")
     return data
 
 
@@ -263,13 +263,13 @@ def check_regular_file(path: Path, limit: int = MAX_TILE_BYTES, what: str = "fil
     try:
         st = os.stat(path)
     except FileNotFoundError:
-        raise InputError(_display(path), "broken symlink" if os.path.islink(path) else "no such file") from None
+        raise InputError(display_path(path), "broken symlink" if os.path.islink(path) else "no such file") from None
     except OSError as exc:
-        raise InputError(_display(path), _os_problem(exc, what)) from None
+        raise InputError(display_path(path), _os_problem(exc, what)) from None
     if not stat.S_ISREG(st.st_mode):
-        raise InputError(_display(path), f"{what} is {_kind(st.st_mode)}, not a regular file")
+        raise InputError(display_path(path), f"{what} is {_kind(st.st_mode)}, not a regular file")
     if st.st_size > limit:
-        raise InputError(_display(path), f"{what} is {st.st_size} bytes, more than the {limit} allowed")
+        raise InputError(display_path(path), f"{what} is {st.st_size} bytes, more than the {limit} allowed")
     return st
 
 
@@ -277,7 +277,7 @@ def read_json_file(path: Path, what: str, limit: int = MAX_SIDECAR_BYTES):
     """Parse a small JSON file; `InputError` for anything but a regular file of valid JSON."""
     data = _open_regular(path, limit, what)
     if data is None:
-        raise InputError(_display(path), f"no such {what}")
+        raise InputError(display_path(path), f"no such {what}")
     return _parse_json(path, data, what)
 
 
@@ -285,13 +285,13 @@ def _parse_json(path: Path, data: bytes, what: str):
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
-        raise InputError(_display(path), f"{what} is not UTF-8 text (byte {exc.start})") from None
+        raise InputError(display_path(path), f"{what} is not UTF-8 text (byte {exc.start})") from None
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InputError(_display(path), f"invalid JSON in {what}: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+        raise InputError(display_path(path), f"invalid JSON in {what}: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
     except RecursionError:
-        raise InputError(_display(path), f"{what} nests JSON too deeply") from None
+        raise InputError(display_path(path), f"{what} nests JSON too deeply") from None
 
 
 def read_sidecar(tile_path: os.PathLike | str) -> dict:
@@ -311,11 +311,11 @@ def read_sidecar(tile_path: os.PathLike | str) -> dict:
             return {}
         meta = _parse_json(path, data, "sidecar")
     if not isinstance(meta, dict):
-        raise InputError(_display(path), f"sidecar must hold a JSON object, got {type(meta).__name__}")
+        raise InputError(display_path(path), f"sidecar must hold a JSON object, got {type(meta).__name__}")
     for name, value in meta.items():
         problem = _field_problem(name, value)
         if problem:
-            raise InputError(_display(path), problem)
+            raise InputError(display_path(path), problem)
     if "split" in meta:
         meta["split"] = SPLIT_ALIASES.get(meta["split"], meta["split"])
     return meta
@@ -352,24 +352,24 @@ def load_arrays(path: os.PathLike | str) -> dict[str, np.ndarray]:
     path = Path(path)
     st = check_regular_file(path, MAX_TILE_BYTES, "tile")
     if st.st_size == 0:
-        raise InputError(_display(path), "empty file (0 bytes), not an .npz tile")
+        raise InputError(display_path(path), "empty file (0 bytes), not an .npz tile")
     try:
         with open(path, "rb") as f:
             if not zipfile.is_zipfile(f):
-                raise InputError(_display(path), "truncated or not an .npz file (no zip archive found)")
+                raise InputError(display_path(path), "truncated or not an .npz file (no zip archive found)")
             with zipfile.ZipFile(f) as zf:
                 members = {info.filename: info for info in zf.infolist()}
                 missing = [k for k in (*S1_KEYS, *S2_KEYS) if f"{k}.npy" not in members]
                 if missing:
                     have = ", ".join(sorted(n.removesuffix(".npy") for n in members)) or "nothing"
-                    raise InputError(_display(path), f"missing array {missing[0]!r} (has: {have[:200]})")
+                    raise InputError(display_path(path), f"missing array {missing[0]!r} (has: {have[:200]})")
                 arrays = {key: _read_member(path, zf, members[f"{key}.npy"], key) for key in (*S1_KEYS, *S2_KEYS)}
     except InputError:
         raise
     except PermissionError:
-        raise InputError(_display(path), "cannot read tile: permission denied") from None
+        raise InputError(display_path(path), "cannot read tile: permission denied") from None
     except Exception as exc:  # noqa: BLE001 - zipfile/zlib/numpy raise many types for bad bytes
-        raise InputError(_display(path), f"truncated or corrupted .npz: {_first_line(exc)}") from None
+        raise InputError(display_path(path), f"truncated or corrupted .npz: {_first_line(exc)}") from None
     check_arrays(path, arrays)
     return arrays
 
@@ -377,33 +377,33 @@ def load_arrays(path: os.PathLike | str) -> dict[str, np.ndarray]:
 def _read_member(path: Path, zf: zipfile.ZipFile, info: zipfile.ZipInfo, key: str) -> np.ndarray:
     """One ``.npy`` member, its header checked against the limits and its declared size first."""
     if info.file_size > MAX_TILE_BYTES:
-        raise InputError(_display(path), f"{key} declares {info.file_size} bytes, more than a {MAX_TILE_PX} px tile holds")
+        raise InputError(display_path(path), f"{key} declares {info.file_size} bytes, more than a {MAX_TILE_PX} px tile holds")
     with zf.open(info) as f:
         version = np.lib.format.read_magic(f)
         if version not in ((1, 0), (2, 0), (3, 0)):
-            raise InputError(_display(path), f"{key}: unsupported .npy version {version}")
+            raise InputError(display_path(path), f"{key}: unsupported .npy version {version}")
         read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
         shape, fortran, dtype = read_header(f, max_header_size=_NPY_MAX_HEADER)
         if dtype.hasobject:
-            raise InputError(_display(path), "holds pickled object arrays; refused")
+            raise InputError(display_path(path), "holds pickled object arrays; refused")
         if len(shape) != 2:
-            raise InputError(_display(path), f"{key} is {len(shape)}-D with shape {tuple(shape)}, expected 2-D")
+            raise InputError(display_path(path), f"{key} is {len(shape)}-D with shape {tuple(shape)}, expected 2-D")
         check_shape_limits(path, shape, key)
         nbytes = shape[0] * shape[1] * dtype.itemsize
         if nbytes > info.file_size:
-            raise InputError(_display(path), f"{key}: header says {tuple(shape)} {dtype} ({nbytes} bytes) but the member holds {info.file_size}")
+            raise InputError(display_path(path), f"{key}: header says {tuple(shape)} {dtype} ({nbytes} bytes) but the member holds {info.file_size}")
         data = f.read(nbytes)
     if len(data) != nbytes:
-        raise InputError(_display(path), f"truncated or corrupted .npz: {key} has {len(data)} of {nbytes} bytes")
+        raise InputError(display_path(path), f"truncated or corrupted .npz: {key} has {len(data)} of {nbytes} bytes")
     return np.frombuffer(data, dtype=dtype).reshape(shape, order="F" if fortran else "C")
 
 
 def check_shape_limits(path: os.PathLike | str, shape, key: str = "tile") -> None:
     """Refuse a tile side outside `MIN_TILE_PX`..`MAX_TILE_PX` (an empty array included)."""
     if any(side == 0 for side in shape):
-        raise InputError(_display(path), f"arrays are empty (shape {tuple(shape)})")
+        raise InputError(display_path(path), f"arrays are empty (shape {tuple(shape)})")
     if min(shape) < MIN_TILE_PX or max(shape) > MAX_TILE_PX:
-        raise InputError(_display(path), f"{key} is {'x'.join(map(str, shape))} px; tile sides must be {MIN_TILE_PX} to {MAX_TILE_PX} px")
+        raise InputError(display_path(path), f"{key} is {'x'.join(map(str, shape))} px; tile sides must be {MIN_TILE_PX} to {MAX_TILE_PX} px")
 
 
 def _first_line(exc: BaseException) -> str:
@@ -416,25 +416,25 @@ def check_arrays(path: os.PathLike | str, arrays: dict[str, np.ndarray]) -> None
     one shape, not empty, no inf, not all NaN). Shared by `load_arrays` and the converters."""
     for key, arr in arrays.items():
         if arr.ndim != 2:
-            raise InputError(path, f"{key} is {arr.ndim}-D with shape {arr.shape}, expected 2-D")
+            raise InputError(display_path(path), f"{key} is {arr.ndim}-D with shape {arr.shape}, expected 2-D")
         allowed = (np.float32,) if key in S1_KEYS else (np.float32, np.uint16)
         if arr.dtype not in allowed:
             expected = " or ".join(np.dtype(d).name for d in allowed)
-            raise InputError(path, f"{key} has dtype {arr.dtype}, expected {expected}")
+            raise InputError(display_path(path), f"{key} has dtype {arr.dtype}, expected {expected}")
     shapes = {key: arr.shape for key, arr in arrays.items()}
     first = S1_KEYS[0]
     for key, shape in shapes.items():
         if shape != shapes[first]:
-            raise InputError(path, f"arrays differ in shape: {first} {shapes[first]}, {key} {shape}")
+            raise InputError(display_path(path), f"arrays differ in shape: {first} {shapes[first]}, {key} {shape}")
     check_shape_limits(path, shapes[first])
     for key, arr in arrays.items():
         if arr.dtype.kind != "f":
             continue
         n_inf = int(np.isinf(arr).sum())
         if n_inf:
-            raise InputError(path, f"{key} has {n_inf} infinite value(s); mark invalid pixels with NaN")
+            raise InputError(display_path(path), f"{key} has {n_inf} infinite value(s); mark invalid pixels with NaN")
         if np.isnan(arr).all():
-            raise InputError(path, f"{key} is all NaN (no valid pixel)")
+            raise InputError(display_path(path), f"{key} is all NaN (no valid pixel)")
 
 
 def read_tile(path: os.PathLike | str) -> Tile:
@@ -616,9 +616,9 @@ def ref_key(ref: os.PathLike | str) -> tuple[str, str, list] | None:
             keys.append(None)
             continue
         except OSError as exc:
-            raise InputError(_display(file), _os_problem(exc, "file")) from None
+            raise InputError(display_path(file), _os_problem(exc, "file")) from None
         if not stat.S_ISREG(st.st_mode):
-            raise InputError(_display(file), f"{'tile' if i == 0 else 'sidecar'} is {_kind(st.st_mode)}, not a regular file")
+            raise InputError(display_path(file), f"{'tile' if i == 0 else 'sidecar'} is {_kind(st.st_mode)}, not a regular file")
         keys.append(stat_key(st))
     return os.path.realpath(directory or "."), name, keys
 
@@ -642,14 +642,14 @@ class StatCache:
         if directory not in self.tables:
             try:
                 doc = json.loads(self._file(directory).read_text(encoding="utf-8"))
-                ok = doc.get("version") == CACHE_VERSION and doc.get("directory") == _display(directory) and isinstance(doc.get("files"), dict)
+                ok = doc.get("version") == CACHE_VERSION and doc.get("directory") == display_path(directory) and isinstance(doc.get("files"), dict)
                 self.tables[directory] = doc["files"] if ok else {}
             except (OSError, ValueError, AttributeError, RecursionError):
                 self.tables[directory] = {}
         return self.tables[directory]
 
     def get(self, directory: str, name: str, keys: list):
-        entry = self._table(directory).get(_display(name))
+        entry = self._table(directory).get(display_path(name))
         if isinstance(entry, list) and len(entry) == 2 and entry[0] == keys:
             return entry[1]
         return None
@@ -657,12 +657,12 @@ class StatCache:
     def put(self, directory: str, name: str, keys: list, value) -> None:
         newest = max(k[2] for k in keys if k is not None)
         if self.now_ns - newest > RACY_SECONDS * 1e9:
-            self._table(directory)[_display(name)] = [keys, value]
+            self._table(directory)[display_path(name)] = [keys, value]
             self.dirty.add(directory)
 
     def save(self) -> None:
         for directory in sorted(self.dirty):
-            doc = {"version": CACHE_VERSION, "directory": _display(directory), "files": self.tables[directory]}
+            doc = {"version": CACHE_VERSION, "directory": display_path(directory), "files": self.tables[directory]}
             try:
                 self.cache_dir.mkdir(parents=True, exist_ok=True)
                 _atomic_write(self._file(directory), json.dumps(doc, separators=(",", ":")))
@@ -697,7 +697,7 @@ def check_tiles(refs: list, cache_dir: os.PathLike | str | None = None) -> dict:
     for ref in refs:
         key = ref_key(ref)
         if key is None:
-            raise InputError(_display(ref), "no such file")
+            raise InputError(display_path(ref), "no such file")
         directory, name, keys = key
         entry_name = name if not _packed().is_packed_ref(ref) else f"{name}/{Path(ref).name}"
         shape = cache.get(directory, entry_name, keys)
@@ -705,7 +705,7 @@ def check_tiles(refs: list, cache_dir: os.PathLike | str | None = None) -> dict:
             problems, shape = tile_problems(ref)
             if problems:
                 cache.save()
-                raise InputError(_display(ref), "; ".join(problems))
+                raise InputError(display_path(ref), "; ".join(problems))
             shape = list(shape)
             cache.put(directory, entry_name, keys, shape)
             checked += 1
@@ -715,7 +715,7 @@ def check_tiles(refs: list, cache_dir: os.PathLike | str | None = None) -> dict:
         if len(shapes) > 1:
             cache.save()
             (a, pa), (b, pb) = list(shapes.items())[:2]
-            raise InputError(_display(ref), f"tiles differ in size: {pa.name} is {'x'.join(map(str, a))}, "
+            raise InputError(display_path(ref), f"tiles differ in size: {pa.name} is {'x'.join(map(str, a))}, "
                              f"{pb.name} is {'x'.join(map(str, b))}; one run needs one tile size")
     cache.save()
     return {"checked": checked, "cached": cached, "shape": next(iter(shapes), None)}

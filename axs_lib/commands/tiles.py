@@ -3,13 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import collections
 import json
 
 from axs_lib import argtypes
 from axs_lib.errors import EXIT_FAILURE, EXIT_OK
 from axs_lib.ingest import IngestReport, RebenReport, convert_bigearthnet, convert_reben, write_demo_tiles, write_synthetic_tiles
 from axs_lib.packed import DEFAULT_SHARD_TILES, pack_tiles
-from axs_lib.tiles import scan_tiles, summarize, validate_tile
+from axs_lib.tiles import display_path, scan_tiles, summarize, tile_shape, validate_tile
 
 _RAW = argparse.RawDescriptionHelpFormatter
 
@@ -31,13 +32,15 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Check every <stem>.npz tile and <stem>.json sidecar in DIR: arrays, 2-D, one shape, dtypes, "
             "inf and all-NaN bands, plausible SAR dB and reflectance scale, valid-pixel fraction, sidecar "
-            "JSON and field types. Prints one line per bad tile, then a summary. "
+            "JSON and field types, tile size limits, one tile size for the whole set. Prints one line per "
+            "bad tile, then a summary (--json: one JSON object). "
             "Exit 0 when every tile is good, 1 when any is bad, 2 on usage errors."
         ),
         epilog="example:\n  axs tiles validate tiles/",
         formatter_class=_RAW,
     )
     p.add_argument("dir", metavar="DIR", help="directory of tiles")
+    p.add_argument("--json", action="store_true", help="print one JSON object (problems by tile, sizes) instead of text")
     p.set_defaults(func=run_validate)
 
     p = cmds.add_parser(
@@ -125,14 +128,25 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def run_validate(args: argparse.Namespace) -> int:
     paths = scan_tiles(args.dir)
-    bad = 0
+    bad: dict[str, list[str]] = {}
+    sizes: collections.Counter = collections.Counter()
     for path in paths:
         problems = validate_tile(path)
         if problems:
-            bad += 1
-            print(f"{path}: {'; '.join(problems)}")
-    print(f"{len(paths)} tiles checked in {args.dir}: {len(paths) - bad} good, {bad} bad")
-    return EXIT_FAILURE if bad else EXIT_OK
+            bad[display_path(path)] = problems
+            if not args.json:
+                print(f"{display_path(path)}: {'; '.join(problems)}")
+        else:
+            sizes["x".join(map(str, tile_shape(path) or ()))] += 1
+    mixed = len(sizes) > 1
+    if args.json:
+        print(json.dumps({"directory": display_path(args.dir), "checked": len(paths), "good": len(paths) - len(bad),
+                          "bad": len(bad), "problems": bad, "tile_sizes": dict(sorted(sizes.items())), "mixed_sizes": mixed}, indent=2))
+    else:
+        if mixed:
+            print(f"tiles differ in size ({', '.join(f'{k}: {v}' for k, v in sorted(sizes.items()))}); one run needs one tile size")
+        print(f"{len(paths)} tiles checked in {display_path(args.dir)}: {len(paths) - len(bad)} good, {len(bad)} bad")
+    return EXIT_FAILURE if bad or mixed else EXIT_OK
 
 
 def run_summary(args: argparse.Namespace) -> int:

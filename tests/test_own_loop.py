@@ -1,0 +1,121 @@
+"""examples/own_loop.py: a user's own loop (global-RNG augmentation, dropout, AdamW, OneCycleLR)
+made exact by the toolkit: reruns, worker counts, and SIGKILL + --resume auto give identical bytes."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from axs_lib.ingest import write_synthetic_tiles
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "own_loop.py"
+STEPS, EVERY = 16, 4
+
+
+def load_example():
+    spec = importlib.util.spec_from_file_location("own_loop_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+own_loop = load_example()
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory):
+    out = tmp_path_factory.mktemp("own_loop_tiles")
+    write_synthetic_tiles(out, count=10, size=24, seed=1)
+    return out
+
+
+def argv(tiles, out, workers, *extra):
+    return ["--data-dir", str(tiles), "--output-dir", str(out), "--seed", "7", "--steps", str(STEPS),
+            "--batch-size", "4", "--crop", "16", "--checkpoint-every", str(EVERY), "--num-workers", str(workers), *extra]
+
+
+def train(tiles, out, workers, *extra):
+    return own_loop.train(own_loop.parse_args(argv(tiles, out, workers, *extra)), log=lambda line: None)
+
+
+def checkpoint_bytes(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "checkpoints").glob("checkpoint_step_*.pt"))}
+
+
+@pytest.fixture(scope="module")
+def reference(tiles, tmp_path_factory):
+    out = tmp_path_factory.mktemp("own_loop_ref")
+    assert train(tiles, out, 0) == STEPS
+    files = checkpoint_bytes(out)
+    assert sorted(files) == sorted(f"checkpoint_step_{s}.pt" for s in range(EVERY, STEPS + 1, EVERY))
+    return files
+
+
+def test_a_rerun_and_two_workers_write_the_same_bytes(tiles, tmp_path, reference):
+    train(tiles, tmp_path / "rerun", 0)
+    assert checkpoint_bytes(tmp_path / "rerun") == reference
+    train(tiles, tmp_path / "workers", 2)
+    assert checkpoint_bytes(tmp_path / "workers") == reference
+
+
+def test_another_seed_writes_other_bytes(tiles, tmp_path, reference):
+    args = own_loop.parse_args(argv(tiles, tmp_path / "other", 0))
+    args.seed = 8
+    own_loop.train(args, log=lambda line: None)
+    assert checkpoint_bytes(tmp_path / "other").keys() == reference.keys()
+    assert all(checkpoint_bytes(tmp_path / "other")[k] != reference[k] for k in reference)
+
+
+def run_and_kill(cmd: list[str], out: Path, rng: random.Random) -> bool:
+    """Start ``cmd`` in its own process group; once it has written a checkpoint, SIGKILL the whole
+    group (workers included) after a random delay: mid-step, mid-batch or mid-write. True when the
+    kill came before the run ended."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 120
+        while proc.poll() is None and not list((out / "checkpoints").glob("checkpoint_step_*.pt")) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        time.sleep(rng.uniform(0.0, 0.4))
+    finally:
+        killed = proc.poll() is None
+        if killed:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+    return killed
+
+
+def test_sigkill_with_workers_then_resume_with_another_worker_count_writes_the_same_bytes(tiles, tmp_path, reference):
+    seed = random.SystemRandom().randrange(2**32)
+    rng = random.Random(seed)
+    out = tmp_path / "killed"
+    assert run_and_kill([sys.executable, str(EXAMPLE), *argv(tiles, out, 2)], out, rng), "the run ended before the kill"
+    assert len(checkpoint_bytes(out)) < len(reference)
+    run_and_kill([sys.executable, str(EXAMPLE), *argv(tiles, out, 2, "--resume", "auto")], out, rng)
+    assert train(tiles, out, 1, "--resume", "auto") == STEPS  # a third worker count
+    assert checkpoint_bytes(out) == reference, f"kill moments drawn with random.Random({seed})"
+
+
+def test_every_checkpoint_loads_weights_only(tiles, reference, tmp_path):
+    for name, data in reference.items():
+        path = tmp_path / name
+        path.write_bytes(data)
+        checkpoint = torch.load(path, weights_only=True)
+        assert checkpoint["step"] == int(name.split("_")[-1][:-3])
+        assert set(checkpoint["sampler_state"]) >= {"epoch", "position"}
+
+
+def test_a_directory_with_checkpoints_needs_resume(tiles, tmp_path, reference):
+    out = tmp_path / "again"
+    train(tiles, out, 0)
+    assert own_loop.main(argv(tiles, out, 0)) == 2

@@ -5,10 +5,24 @@ patches are 120 x 120) are padded by edge replication and the output is cropped 
 output pixel corresponds to an input pixel. GroupNorm instead of BatchNorm keeps the model
 independent of batch composition at evaluation and free of running statistics. The output goes
 through a sigmoid: targets are optical reflectance normalised to [0, 1].
+
+Output initialisation. With default weights the head's output is spread around sigmoid(0) = 0.5,
+i.e. reflectance 5000 of 10000: far brighter than land (BigEarthNet bands average a few hundred
+to a few thousand), so early sample pictures are white and early steps are spent just learning the
+mean. `init_output_bias` (or ``UNet(..., output_bias=means)``) instead scales the head's weights
+down by `HEAD_WEIGHT_SCALE` and sets its bias to ``logit(mean)`` per band, so the untrained model
+already predicts each band's mean. The means come from `band_means`: a deterministic, cheap
+estimate over a bounded, evenly spaced sample of the training tiles, summed in float64 by numpy
+(single-threaded, so the bits cannot depend on the thread count). Neither draws random numbers,
+so a run's other random streams are untouched.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
+import numpy as np
 import torch
 from torch import nn
 from torch.nn import functional as F
@@ -17,6 +31,9 @@ IN_CHANNELS = 2
 OUT_CHANNELS = 4
 DEPTH = 3
 STRIDE = 2**DEPTH
+HEAD_WEIGHT_SCALE = 0.1  # head weights after `init_output_bias`: output starts near the mean, not pinned to it
+BAND_MEAN_TILES = 64  # tiles sampled by `band_means`: about 1 M pixels per band at 120 x 120
+MEAN_CLAMP = 1e-4  # means kept in [1e-4, 1 - 1e-4] so that their logit is finite
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -33,7 +50,7 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 class UNet(nn.Module):
     """U-Net of ``width`` base channels (doubling per level) with dropout at the bottleneck."""
 
-    def __init__(self, width: int = 16, dropout: float = 0.1):
+    def __init__(self, width: int = 16, dropout: float = 0.1, output_bias: Sequence[float] | None = None):
         super().__init__()
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")
@@ -43,6 +60,8 @@ class UNet(nn.Module):
         self.up = nn.ModuleList([nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(DEPTH))])
         self.merge = nn.ModuleList([_block(2 * widths[i], widths[i]) for i in reversed(range(DEPTH))])
         self.head = nn.Conv2d(widths[0], OUT_CHANNELS, 1)
+        if output_bias is not None:
+            init_output_bias(self, output_bias)
 
     def forward(self, sar: torch.Tensor) -> torch.Tensor:
         h, w = sar.shape[-2:]
@@ -56,3 +75,53 @@ class UNet(nn.Module):
         for up, merge in zip(self.up, self.merge):
             x = merge(torch.cat([up(x), skips.pop()], dim=1))
         return torch.sigmoid(self.head(x))[..., :h, :w]
+
+
+def init_output_bias(model: UNet, means: Sequence[float]) -> UNet:
+    """Make ``model`` start by predicting ``means`` (per band, normalised to [0, 1]).
+
+    The head's bias becomes ``logit(mean)`` (the inverse of the output sigmoid) and its weights are
+    scaled by `HEAD_WEIGHT_SCALE`, small but not zero so gradients still reach the layers below.
+    """
+    means = [float(m) for m in means]
+    if len(means) != OUT_CHANNELS or not all(math.isfinite(m) for m in means):
+        raise ValueError(f"need {OUT_CHANNELS} finite band means, got {means!r}")
+    clamped = [min(max(m, MEAN_CLAMP), 1.0 - MEAN_CLAMP) for m in means]
+    logits = torch.tensor([math.log(m / (1.0 - m)) for m in clamped], dtype=torch.float64)
+    with torch.no_grad():
+        model.head.weight.mul_(HEAD_WEIGHT_SCALE)
+        model.head.bias.copy_(logits.to(model.head.bias.dtype))
+    return model
+
+
+def band_means(dataset_or_refs, max_tiles: int = BAND_MEAN_TILES) -> tuple[float, ...] | None:
+    """Per-band mean of the normalised optical targets over valid pixels, or None without any.
+
+    ``dataset_or_refs`` is a `axs_lib.data.TileDataset` (its un-augmented ``dataset[i]``) or a list
+    of tile refs (read as an un-augmented TileDataset). At most ``max_tiles`` tiles are read, evenly
+    spaced over the given order, so the estimate costs the same at 6 tiles or 500 000. Every valid
+    pixel of the sample weighs the same; sums are float64 in numpy, so the result is the same bits
+    on every run and machine thread count.
+    """
+    if max_tiles < 1:
+        raise ValueError(f"max_tiles must be >= 1, got {max_tiles}")
+    dataset = dataset_or_refs
+    if isinstance(dataset_or_refs, (list, tuple)):
+        from axs_lib.data import TileDataset  # the one home of normalisation and the valid-pixel mask
+
+        dataset = TileDataset(list(dataset_or_refs), seed=0, augment=False)
+    n = len(dataset)
+    if n == 0:
+        return None
+    indices = sorted({i * n // min(n, max_tiles) for i in range(min(n, max_tiles))})
+    sums = np.zeros(OUT_CHANNELS, dtype=np.float64)
+    count = 0
+    for index in indices:
+        sample = dataset[index]
+        optical = sample["optical"].numpy().astype(np.float64)  # (4, H, W), 0 at invalid pixels
+        valid = sample["mask"].numpy()[0] > 0  # (H, W)
+        sums += optical[:, valid].sum(axis=1)
+        count += int(valid.sum())
+    if count == 0:
+        return None
+    return tuple(float(s / count) for s in sums)

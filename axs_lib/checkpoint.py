@@ -31,6 +31,7 @@ import hashlib
 import os
 import pickle
 import shutil
+import stat
 import struct
 import sys
 import tempfile
@@ -396,49 +397,92 @@ def load_checkpoint(
 ) -> dict:
     """Load a checkpoint safely and check its checksum.
 
-    * Missing, empty, truncated or non-checkpoint files raise `CheckpointError` naming the file.
+    * Missing, empty, truncated or non-checkpoint files raise `CheckpointError` naming the file,
+      and so do names that are not regular files: a FIFO (which would block a reader forever),
+      a device such as ``/dev/zero`` (endless), a directory, a socket. The file is opened once,
+      without blocking, and checked through that open descriptor, so what is checked is what is read.
     * Files that hold pickled Python objects beyond tensors and plain containers (which can run
       arbitrary code when unpickled) are refused unless ``trust=True``; with it they load with a
       warning. Only pass ``trust`` for files you made yourself.
     * A ``content_xxh3`` (or format 1's ``content_sha256``) that does not match the content
       raises `CheckpointError`. Files without one (written by other tools) load without the check.
+    * Whatever the bytes, the result is a dict or a `CheckpointError`: content that is not a dict,
+      or nested too deep to walk, is refused by name too.
     """
     path = Path(path)
-    if not path.exists():
-        raise CheckpointError(path, "no such file")
-    if path.is_dir():
-        raise CheckpointError(path, "is a directory, not a checkpoint file")
+    with _open_regular(path) as f:
+        if os.fstat(f.fileno()).st_size == 0:
+            raise CheckpointError(path, "empty file (0 bytes), not a checkpoint")
+        is_zip = zipfile.is_zipfile(f)
+        if not is_zip and not _looks_like_pickle(f):
+            raise CheckpointError(path, "truncated or not a PyTorch checkpoint (no zip archive found)")
+        source = _descriptor_path(f, path)
+        obj = _torch_load(path, source, trust=trust, mmap=mmap and is_zip, map_location=map_location)
+    if not isinstance(obj, dict):
+        raise CheckpointError(path, f"holds a {type(obj).__name__}, not a checkpoint (a dict of named entries)")
+    if verify and any(k in obj for k in CHECKSUM_KEYS):
+        try:
+            check_content(obj, path)
+        except CheckpointError:
+            raise
+        except RecursionError:
+            raise CheckpointError(path, f"content nested more than {sys.getrecursionlimit()} levels deep; not a checkpoint we wrote") from None
+        except Exception as exc:  # noqa: BLE001 - content torch accepted but our walk cannot (odd tensor kinds)
+            raise CheckpointError(path, f"cannot verify its content: {_describe_load_failure(exc)}") from None
+    return obj
+
+
+def _open_regular(path: Path):
+    """Open ``path`` for reading without blocking; refuse anything but a regular file (CheckpointError)."""
     try:
-        size = path.stat().st_size
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+    except FileNotFoundError:
+        raise CheckpointError(path, "no such file") from None
+    except IsADirectoryError:
+        raise CheckpointError(path, "is a directory, not a checkpoint file") from None
     except OSError as exc:
-        raise CheckpointError(path, f"cannot read: {exc.strerror}") from None
-    if size == 0:
-        raise CheckpointError(path, "empty file (0 bytes), not a checkpoint")
-    if not zipfile.is_zipfile(path) and not _looks_like_pickle(path):
-        raise CheckpointError(path, "truncated or not a PyTorch checkpoint (no zip archive found)")
+        raise CheckpointError(path, f"cannot open: {exc.strerror or exc}") from None
+    except ValueError as exc:  # a NUL byte in the name
+        raise CheckpointError(path, f"cannot open: {exc}") from None
+    mode = os.fstat(fd).st_mode
+    if not stat.S_ISREG(mode):
+        os.close(fd)
+        kind = "a directory" if stat.S_ISDIR(mode) else _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
+        raise CheckpointError(path, f"is {kind}, not a checkpoint file")
+    return os.fdopen(fd, "rb")
+
+
+_FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
+               stat.S_IFSOCK: "a socket"}
+
+
+def _descriptor_path(f, path: Path) -> str:
+    """A name for the file already open as ``f``: torch then reads that very file, even if ``path`` is replaced."""
+    proc = f"/proc/self/fd/{f.fileno()}"
+    return proc if os.path.exists(proc) else str(path)
+
+
+def _torch_load(path: Path, source: str, *, trust: bool, mmap: bool, map_location: Any) -> Any:
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipfile.is_zipfile(path))
+        return torch.load(source, map_location=map_location, weights_only=True, mmap=mmap)
     except Exception as exc:  # noqa: BLE001 - torch raises RuntimeError, EOFError, ... for bad files
         if "Weights only load failed" not in str(exc):
             raise CheckpointError(path, f"truncated or corrupted checkpoint: {_describe_load_failure(exc)}") from None
-        if not trust:
-            raise CheckpointError(
-                path,
-                "holds pickled Python objects that can run code when loaded; refused "
-                "(pass --trust / trust=True only if you made this file yourself)",
-            ) from None
-        warnings.warn(
-            f"{path}: loading with trust: unpickling may run code embedded in the file",
-            RuntimeWarning,
-            stacklevel=2,
+    if not trust:
+        raise CheckpointError(
+            path,
+            "holds pickled Python objects that can run code when loaded; refused "
+            "(pass --trust / trust=True only if you made this file yourself)",
         )
-        try:
-            obj = torch.load(path, map_location=map_location, weights_only=False)
-        except Exception as exc2:  # noqa: BLE001 - any failure here is a bad file
-            raise CheckpointError(path, f"cannot load: {_describe_load_failure(exc2)}") from None
-    if verify and isinstance(obj, dict) and any(k in obj for k in CHECKSUM_KEYS):
-        check_content(obj, path)
-    return obj
+    warnings.warn(
+        f"{path}: loading with trust: unpickling may run code embedded in the file",
+        RuntimeWarning,
+        stacklevel=3,
+    )
+    try:
+        return torch.load(source, map_location=map_location, weights_only=False)
+    except Exception as exc:  # noqa: BLE001 - any failure here is a bad file
+        raise CheckpointError(path, f"cannot load: {_describe_load_failure(exc)}") from None
 
 
 def check_content(obj: dict, path: os.PathLike | str = "<checkpoint>") -> None:
@@ -457,9 +501,10 @@ def check_content(obj: dict, path: os.PathLike | str = "<checkpoint>") -> None:
         raise CheckpointError(path, f"checksum mismatch: content is corrupted (stored {str(stored)[:12]}..., actual {actual[:12]}...)")
 
 
-def _looks_like_pickle(path: Path) -> bool:
-    with open(path, "rb") as f:
-        head = f.read(2)
+def _looks_like_pickle(f) -> bool:
+    f.seek(0)
+    head = f.read(2)
+    f.seek(0)
     # protocol 2+ pickles start with PROTO (0x80); torch's legacy format is a pickle stream too
     return len(head) == 2 and head[0] == 0x80 and head[1] <= pickle.HIGHEST_PROTOCOL
 
@@ -472,13 +517,31 @@ def write_latest(checkpoint_dir: os.PathLike | str, filename: str) -> None:
     atomic_write_text(Path(checkpoint_dir) / LATEST_POINTER, filename + "\n")
 
 
+LATEST_MAX_BYTES = 512  # a file name and a newline; anything longer is not a pointer we wrote
+
+
 def read_latest(checkpoint_dir: os.PathLike | str) -> Path | None:
-    """The checkpoint the ``latest`` pointer names, or None if there is no pointer."""
+    """The checkpoint the ``latest`` pointer names, or None if there is no pointer.
+
+    A pointer that is not a regular file (a FIFO would block, ``/dev/zero`` never ends), longer
+    than `LATEST_MAX_BYTES`, not UTF-8, or naming anything but a plain file name in this
+    directory raises `CheckpointError`.
+    """
     pointer = Path(checkpoint_dir) / LATEST_POINTER
     try:
-        name = pointer.read_text().strip()
-    except FileNotFoundError:
-        return None
-    if not name or "/" in name or name.startswith("."):
-        raise CheckpointError(pointer, f"malformed latest pointer {name!r}")
+        f = _open_regular(pointer)
+    except CheckpointError as exc:
+        if exc.problem == "no such file":
+            return None
+        raise
+    with f:
+        raw = f.read(LATEST_MAX_BYTES + 1)
+    if len(raw) > LATEST_MAX_BYTES:
+        raise CheckpointError(pointer, f"malformed latest pointer: longer than {LATEST_MAX_BYTES} bytes")
+    try:
+        name = raw.decode("utf-8").strip()
+    except UnicodeDecodeError:
+        raise CheckpointError(pointer, "malformed latest pointer: not UTF-8 text") from None
+    if not name or "/" in name or "\\" in name or name.startswith(".") or not name.isprintable():
+        raise CheckpointError(pointer, f"malformed latest pointer {name[:80]!r}")
     return Path(checkpoint_dir) / name

@@ -366,3 +366,167 @@ def test_an_unrelated_runtime_error_is_not_reported_as_a_full_disk(tmp_path, mon
     with pytest.raises(RuntimeError, match="some bug"):
         write_checkpoint_files(tmp_path, ["a.pt"], _ckpt())
     assert not list(tmp_path.iterdir())
+
+
+# --------------------------------------------------------------------------- hostile files
+
+
+def test_fifo_checkpoint_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "pipe.pt"
+    os.mkfifo(fifo)  # nobody writes to it: an ordinary open or read would wait forever
+    with pytest.raises(CheckpointError, match=r"pipe\.pt: is a FIFO \(named pipe\), not a checkpoint file"):
+        load_checkpoint(fifo)
+
+
+def test_symlink_to_dev_zero_is_refused_without_reading(tmp_path):
+    link = tmp_path / "zero.pt"
+    link.symlink_to("/dev/zero")
+    with pytest.raises(CheckpointError, match=r"zero\.pt: is a character device, not a checkpoint file"):
+        load_checkpoint(link)
+    (tmp_path / "latest").symlink_to("/dev/zero")
+    with pytest.raises(CheckpointError, match=r"latest: is a character device"):
+        read_latest(tmp_path)
+
+
+def test_latest_that_is_a_fifo_or_a_directory_is_refused(tmp_path):
+    os.mkfifo(tmp_path / "latest")
+    with pytest.raises(CheckpointError, match="latest: is a FIFO"):
+        read_latest(tmp_path)
+    (tmp_path / "latest").unlink()
+    (tmp_path / "latest").mkdir()
+    with pytest.raises(CheckpointError, match="latest: is a directory"):
+        read_latest(tmp_path)
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"checkpoint_step_1.pt" * 100, "longer than 512 bytes"),
+        (b"checkpoint_step_\xff.pt\n", "not UTF-8"),
+        (b"checkpoint\x00.pt\n", "malformed latest pointer"),
+        (b"\n\n", "malformed latest pointer"),
+        (b".checkpoint_step_2.pt.abc.tmp\n", "malformed latest pointer"),
+    ],
+)
+def test_malformed_latest_pointer_is_one_error(tmp_path, content, problem):
+    (tmp_path / "latest").write_bytes(content)
+    with pytest.raises(CheckpointError, match=problem):
+        read_latest(tmp_path)
+
+
+def test_latest_in_a_missing_directory_is_no_pointer(tmp_path):
+    assert read_latest(tmp_path / "absent") is None
+
+
+def _unicode_op(text: str) -> bytes:
+    data = text.encode()
+    return b"X" + len(data).to_bytes(4, "little") + data
+
+
+def test_deeply_nested_content_is_one_checkpoint_error(tmp_path):
+    """A file whose pickle nests lists 5000 deep (Python's pickler could not even write it)."""
+    import zipfile as _zip
+
+    depth = 5000
+    stream = (b"\x80\x02}" + _unicode_op("x") + b"]" * depth + b"a" * (depth - 1) + b"s"
+              + _unicode_op(FORMAT_KEY) + b"K\x02s" + _unicode_op(CHECKSUM_KEY) + _unicode_op("0" * 32) + b"s.")
+    path = tmp_path / "deep.pt"
+    with _zip.ZipFile(path, "w") as z:  # torch's zip layout around that pickle stream
+        z.writestr("archive/data.pkl", stream)
+        z.writestr("archive/byteorder", "little")
+        z.writestr("archive/version", "3\n")
+    with pytest.raises(CheckpointError, match=r"deep\.pt: content nested more than \d+ levels deep"):
+        load_checkpoint(path)
+    nested: list = []
+    for _ in range(depth):
+        nested = [nested]
+    with pytest.raises(TypeError, match="nested more than"):
+        save_checkpoint({"x": nested}, tmp_path / "w.pt")
+    assert not (tmp_path / "w.pt").exists()
+
+
+def test_content_that_is_not_a_dict_is_refused(tmp_path):
+    torch.save([torch.ones(2)], tmp_path / "list.pt")
+    with pytest.raises(CheckpointError, match=r"list\.pt: holds a list, not a checkpoint"):
+        load_checkpoint(tmp_path / "list.pt")
+
+
+# Property tests: whatever the bytes, a dict or a CheckpointError, never another exception or a hang.
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_PROPERTY = settings(derandomize=True, max_examples=60, deadline=None,
+                     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+
+
+def _valid_bytes() -> bytes:
+    if not hasattr(_valid_bytes, "raw"):
+        import io
+        import tempfile
+
+        with tempfile.TemporaryDirectory() as d:
+            save_checkpoint({"w": torch.arange(6, dtype=torch.float32), "step": 3, "config": {"a": [1, 2.5, "s"]}}, Path(d) / "v.pt")
+            _valid_bytes.raw = (Path(d) / "v.pt").read_bytes()
+        buf = io.BytesIO()
+        torch.save({"w": torch.ones(3)}, buf, _use_new_zipfile_serialization=False)
+        _valid_bytes.legacy = buf.getvalue()
+    return _valid_bytes.raw
+
+
+def _load_outcome(path: Path) -> str:
+    try:
+        result = load_checkpoint(path)
+    except CheckpointError:
+        return "refused"
+    assert isinstance(result, dict)
+    return "loaded"
+
+
+_MUTATION = st.lists(st.tuples(st.integers(min_value=0), st.integers(min_value=1, max_value=255)), min_size=1, max_size=4)
+
+
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")
+@_PROPERTY
+@given(raw=st.binary(max_size=600), head=st.sampled_from([b"", b"PK\x03\x04", b"\x80\x02", b"\x80\x05"]))
+def test_any_bytes_load_as_a_dict_or_a_checkpoint_error(tmp_path, raw, head):
+    path = tmp_path / "any.pt"
+    path.write_bytes(head + raw)
+    _load_outcome(path)
+
+
+@_PROPERTY
+@given(flips=_MUTATION, cut=st.one_of(st.none(), st.floats(min_value=0.0, max_value=1.0)), legacy=st.booleans())
+def test_damaged_checkpoints_load_as_a_dict_or_a_checkpoint_error(tmp_path, flips, cut, legacy):
+    _valid_bytes()
+    raw = bytearray(_valid_bytes.legacy if legacy else _valid_bytes.raw)
+    for at, xor in flips:
+        raw[at % len(raw)] ^= xor
+    if cut is not None:
+        raw = raw[: int(len(raw) * cut)]
+    path = tmp_path / "damaged.pt"
+    path.write_bytes(bytes(raw))
+    _load_outcome(path)
+
+
+def test_property_tests_do_reach_both_outcomes(tmp_path):
+    """The strategies above are only useful if damage is sometimes harmless and sometimes caught."""
+    _valid_bytes()
+    path = tmp_path / "v.pt"
+    path.write_bytes(_valid_bytes.raw)
+    assert _load_outcome(path) == "loaded"
+    raw = bytearray(_valid_bytes.raw)
+    raw[len(raw) // 2] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    assert _load_outcome(path) == "refused"
+
+
+@_PROPERTY
+@given(raw=st.binary(max_size=700))
+def test_any_latest_bytes_give_a_path_or_a_checkpoint_error(tmp_path, raw):
+    (tmp_path / "latest").write_bytes(raw)
+    try:
+        found = read_latest(tmp_path)
+    except CheckpointError:
+        return
+    assert found is not None and found.parent == tmp_path and "/" not in found.name

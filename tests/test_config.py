@@ -263,3 +263,15 @@ def test_checkpoints_older_than_split_seed_are_a_difference():
 def test_run_json_style_dump_holds_every_new_field():
     values = json.loads(json.dumps(TrainConfig().to_dict()))
     assert {"split_seed", "keep_last", "keep_best", "checkpoint_mode", "precision", "on_nonfinite"} <= set(values)
+
+
+def test_a_config_file_with_data_dir_null_uses_the_default_directory(capsys, tmp_path):
+    (tmp_path / "c.yaml").write_text("data_dir: null\n")
+    code, out, _ = print_config(capsys, "--config", str(tmp_path / "c.yaml"))
+    assert code == 0 and parsed(out)["data_dir"] == "tiles"
+
+
+def test_print_config_still_warns_on_stderr_and_keeps_stdout_a_clean_config(capsys):
+    code, out, err = print_config(capsys, "--steps", "10", "--warmup-steps", "10")
+    assert code == 0 and "warning: --warmup-steps 10 >= --steps 10" in err
+    assert parsed(out)["warmup_steps"] == 10

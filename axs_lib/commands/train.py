@@ -126,14 +126,14 @@ def run(args: argparse.Namespace) -> int:
     file_values = read_config_file(args.config) if args.config else {}
     given = {**file_values, **explicit}
     config = build_config(explicit, file_values)
-    config.data_dir = given.get("data_dir", "tiles")
+    config.data_dir = given.get("data_dir") or "tiles"
     config.output_dir = given.get("output_dir") or f"runs/stage1_seed{config.seed}"
-    if args.print_config:
-        print(config_text(config), end="")
-        return 0
     log = _log(config.quiet)
     for line in config_warnings(config):
         log(line)
+    if args.print_config:
+        print(config_text(config), end="")
+        return 0
     if "seed" not in given and not args.resume:
         log(f"notice: no --seed given, using the default {config.seed}; pass --seed explicitly so the run "
             "can be reproduced from its command line")

@@ -1,0 +1,300 @@
+"""The Lightning integration: a ``Trainer`` with `ExactResume` is as exact as our own trainer.
+
+The Stage-1 example (``examples/lightning_stage1.py``) runs in-process on eight synthetic 32 x 32
+tiles, width 4, 12 steps, a checkpoint every 4; only the SIGKILL test starts a subprocess (the kill
+is the point). A tiny model on random vectors shows, side by side and in a few seconds, that plain
+Lightning differs after a mid-epoch resume and that the same module with `ExactResume` does not.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+pl = pytest.importorskip("lightning.pytorch")
+
+from axs_lib.cli import main as axs_main  # noqa: E402
+from axs_lib.errors import UsageError  # noqa: E402
+from axs_lib.ingest import write_synthetic_tiles  # noqa: E402
+from axs_lib.lightning import RUN_MARK, AxsCheckpointIO, ExactResume, expand, portable, resumable_loader  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLE = REPO / "examples" / "lightning_stage1.py"
+STEPS, EVERY = 12, 4
+
+
+def _example():
+    spec = importlib.util.spec_from_file_location("lightning_stage1_example", EXAMPLE)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _args(tiles: Path, out: Path, workers: int, *extra: str) -> list[str]:
+    return ["--data-dir", str(tiles), "--output-dir", str(out), "--seed", "7", "--steps", str(STEPS),
+            "--checkpoint-every", str(EVERY), "--num-workers", str(workers), "--width", "4", "--batch-size", "3",
+            "--accelerator", "cpu", *extra]
+
+
+def _digests(run: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((run / "checkpoints").glob("*.pt"))}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Tiles, and two uninterrupted runs of the example: 0 and 2 workers."""
+    root = tmp_path_factory.mktemp("lightning")
+    tiles = root / "tiles"
+    write_synthetic_tiles(tiles, 8, 32, seed=3)
+    example = _example()
+    for name, workers in (("a", 0), ("b", 2)):
+        assert example.main(_args(tiles, root / name, workers)) == 0
+    return root, tiles, example
+
+
+# --------------------------------------------------------------------------- the Stage-1 example
+
+
+def test_runs_with_0_and_2_workers_write_byte_identical_checkpoints(runs, capsys):
+    root, _, _ = runs
+    a, b = _digests(root / "a"), _digests(root / "b")
+    assert sorted(a) == [f"checkpoint_step_{s}.pt" for s in (12, 4, 8)]
+    assert a == b
+    assert (root / "a" / "checkpoints" / "latest").read_text().strip() == "checkpoint_step_12.pt"
+    capsys.readouterr()
+    assert axs_main(["compare", str(root / "a"), str(root / "b")]) == 0
+    assert "identical bytes" in capsys.readouterr().out
+
+
+def test_rerun_into_another_directory_is_byte_identical(runs):
+    root, tiles, example = runs
+    assert example.main(_args(tiles, root / "rerun", 0, "--steps", str(EVERY))) == 0
+    assert _digests(root / "rerun")["checkpoint_step_4.pt"] == _digests(root / "a")["checkpoint_step_4.pt"]
+
+
+def test_every_checkpoint_loads_weights_only_and_holds_no_path_of_the_run(runs):
+    root, tiles, _ = runs
+    for path in sorted((root / "a" / "checkpoints").glob("*.pt")):
+        checkpoint = torch.load(path, weights_only=True)
+        assert checkpoint["step"] == int(path.stem.rsplit("_", 1)[1])
+        assert checkpoint["seed_info"]["seed"] == 7 and checkpoint["world_size"] == 1
+        strings = []
+        _strings(checkpoint, strings)
+        assert not [s for s in strings if str(root) in s or str(tiles) in s], path
+
+
+def _strings(obj, found: list) -> None:
+    if isinstance(obj, str):
+        found.append(obj)
+    elif isinstance(obj, dict):
+        for key, value in obj.items():
+            _strings(key, found)
+            _strings(value, found)
+    elif isinstance(obj, (list, tuple)):
+        for value in obj:
+            _strings(value, found)
+
+
+def test_sigkill_with_workers_then_resume_with_other_worker_count_is_byte_identical(runs, tmp_path):
+    root, tiles, example = runs
+    out = tmp_path / "killed"
+    delay = random.Random().uniform(0.0, 0.5)
+    proc = subprocess.Popen([sys.executable, str(EXAMPLE), *_args(tiles, out, 2)], cwd=REPO, start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    first = out / "checkpoints" / "checkpoint_step_4.pt"
+    deadline = time.monotonic() + 300
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(delay)
+    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its workers
+    _, err = proc.communicate()
+    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill ({delay:.2f} s after step 4): {err.decode()[-2000:]}"
+    assert first.exists(), err.decode()[-2000:]
+    assert example.main(_args(tiles, out, 0, "--resume", "auto")) == 0
+    assert _digests(out) == _digests(root / "a"), f"kill {delay:.2f} s after the first checkpoint"
+
+
+def test_resume_from_the_middle_of_an_epoch_with_one_worker_is_byte_identical(runs, tmp_path):
+    root, tiles, example = runs
+    out = tmp_path / "resumed"
+    (out / "checkpoints").mkdir(parents=True)
+    shutil.copy(root / "a" / "checkpoints" / "checkpoint_step_4.pt", out / "checkpoints")  # 4 x 3 of 8 tiles: mid-epoch
+    (out / "checkpoints" / "latest").write_text("checkpoint_step_4.pt\n")
+    assert example.main(_args(tiles, out, 1, "--resume", "auto")) == 0
+    assert _digests(out) == _digests(root / "a")
+
+
+def test_resume_with_another_seed_or_config_is_refused_naming_the_difference(runs, tmp_path, capsys):
+    root, tiles, example = runs
+    out = tmp_path / "other"
+    shutil.copytree(root / "a", out)
+    before = _digests(out)
+    capsys.readouterr()
+    argv = _args(tiles, out, 0, "--resume", "auto")
+    assert example.main([*argv[:4], "--seed", "8", *argv[6:]]) == 2
+    assert "cannot resume exactly: seed: checkpoint 7, now 8" in capsys.readouterr().err
+    assert example.main([*argv, "--lr", "0.01"]) == 2
+    assert "lr: checkpoint 0.001, now 0.01" in capsys.readouterr().err
+    assert _digests(out) == before
+
+
+def test_a_second_run_into_a_directory_with_checkpoints_is_refused(runs, capsys):
+    root, tiles, example = runs
+    before = _digests(root / "a")
+    assert example.main(_args(tiles, root / "a", 0)) == 2
+    assert "pass --resume auto" in capsys.readouterr().err
+    assert _digests(root / "a") == before
+
+
+# --------------------------------------------------------------------------- plain Lightning vs ExactResume
+
+
+class _Tiny(pl.LightningModule):
+    """Linear -> dropout -> linear on ten random vectors, batch 3: dropout and shuffling both matter."""
+
+    def __init__(self, exact: bool):
+        super().__init__()
+        self.exact = exact
+        self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Dropout(0.5), torch.nn.Linear(8, 1))
+        self.data = list(torch.randn(10, 4, generator=torch.Generator().manual_seed(0)))
+
+    def training_step(self, batch, batch_idx):
+        return self.net(batch).pow(2).mean()
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def train_dataloader(self):
+        if self.exact:
+            return resumable_loader(self.data, 3, seed=5, trainer=self.trainer, num_workers=self.workers)
+        return torch.utils.data.DataLoader(self.data, batch_size=3, shuffle=True, num_workers=self.workers)
+
+
+def _tiny_fit(out: Path, exact: bool, workers: int, steps: int, ckpt_path: str | None = None) -> dict:
+    pl.seed_everything(0, workers=True, verbose=False)
+    module = _Tiny(exact)
+    module.workers = workers
+    common = dict(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, deterministic=True, logger=False,
+                  enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
+    if exact:
+        callback = ExactResume(out, seed=5, checkpoint_every=5, environment=False)
+        trainer = pl.Trainer(callbacks=[callback], plugins=[callback.checkpoint_io], enable_checkpointing=False, **common)
+    else:
+        saver = pl.callbacks.ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=5, save_top_k=-1,
+                                             filename="step{step}", auto_insert_metric_name=False)
+        trainer = pl.Trainer(callbacks=[saver], **common)
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def _same(a: dict, b: dict) -> bool:
+    return all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_plain_lightning_differs_after_a_mid_epoch_resume_and_exact_resume_does_not(tmp_path):
+    plain_full = _tiny_fit(tmp_path / "plain", exact=False, workers=0, steps=10)
+    plain_resumed = _tiny_fit(tmp_path / "plain2", exact=False, workers=0, steps=10,
+                              ckpt_path=str(tmp_path / "plain" / "checkpoints" / "step5.ckpt"))
+    assert not _same(plain_full, plain_resumed)
+
+    exact_full = _tiny_fit(tmp_path / "exact", exact=True, workers=0, steps=10)
+    resumed_dir = tmp_path / "exact2"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "exact" / "checkpoints" / "checkpoint_step_5.pt", resumed_dir / "checkpoints")
+    exact_resumed = _tiny_fit(resumed_dir, exact=True, workers=2, steps=10,
+                              ckpt_path=str(resumed_dir / "checkpoints" / "checkpoint_step_5.pt"))
+    assert _same(exact_full, exact_resumed)
+    assert _digests(resumed_dir)["checkpoint_step_10.pt"] == _digests(tmp_path / "exact")["checkpoint_step_10.pt"]
+
+
+def test_plain_lightning_checkpoints_hold_the_absolute_directory(tmp_path):
+    _tiny_fit(tmp_path / "plain", exact=False, workers=0, steps=5)
+    raw = (tmp_path / "plain" / "checkpoints" / "step5.ckpt").read_bytes()
+    assert str(tmp_path).encode() in raw  # ModelCheckpoint's dirpath: why two directories never match
+
+
+def test_a_hand_passed_checkpoint_of_another_seed_is_refused(tmp_path):
+    _tiny_fit(tmp_path / "exact", exact=True, workers=0, steps=5)
+    pl.seed_everything(0, verbose=False)
+    module = _Tiny(exact=True)
+    module.workers = 0
+    callback = ExactResume(tmp_path / "other", seed=6, environment=False)
+    trainer = pl.Trainer(max_steps=10, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, callbacks=[callback],
+                         plugins=[callback.checkpoint_io])
+    with pytest.raises(UsageError, match="cannot resume exactly: seed: checkpoint 5, now 6"):
+        trainer.fit(module, ckpt_path=str(tmp_path / "exact" / "checkpoints" / "checkpoint_step_5.pt"))
+
+
+def test_training_with_a_plain_dataloader_or_without_the_plugin_is_refused(tmp_path):
+    module = _Tiny(exact=False)
+    module.workers = 0
+    callback = ExactResume(tmp_path, seed=5, environment=False)
+    common = dict(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                  enable_model_summary=False, enable_checkpointing=False, callbacks=[callback])
+    with pytest.raises(UsageError, match="ResumableLoader"):
+        pl.Trainer(plugins=[callback.checkpoint_io], **common).fit(module)
+    module.exact = True
+    with pytest.raises(UsageError, match="plugins=\\[exact.checkpoint_io\\]"):
+        pl.Trainer(**common).fit(module)
+    assert not (tmp_path / "checkpoints").exists()
+
+
+# --------------------------------------------------------------------------- the plugin and portable content
+
+
+def test_checkpoint_io_writes_the_same_bytes_from_two_directories_and_restores_their_paths(tmp_path):
+    from lightning.fabric.utilities.data import AttributeDict
+
+    files = []
+    for name in ("one", "two"):
+        run = tmp_path / name
+        content = {"hyper_parameters": AttributeDict(width=4), "dirpath": str(run / "lightning"),
+                   "best_k_models": {str(run / "x.ckpt"): torch.tensor(1.0)}, "other": "/elsewhere/x", "w": torch.ones(3)}
+        io = AxsCheckpointIO(run)
+        io.save_checkpoint(content, run / "checkpoints" / "checkpoint_step_3.pt")
+        io.save_checkpoint(content, run / "lightning" / "epoch=0.ckpt")  # a name of ModelCheckpoint's
+        files.append(run / "checkpoints" / "checkpoint_step_3.pt")
+        loaded = io.load_checkpoint(run / "lightning" / "epoch=0.ckpt")
+        assert loaded["dirpath"] == str(run / "lightning") and str(run / "x.ckpt") in loaded["best_k_models"]
+        assert loaded["other"] == "/elsewhere/x" and type(loaded["hyper_parameters"]) is dict
+        assert (run / "checkpoints" / "latest").read_text().strip() == "checkpoint_step_3.pt"
+    assert files[0].read_bytes() == files[1].read_bytes()
+    stored = torch.load(files[0], weights_only=True)
+    assert stored["dirpath"] == f"{RUN_MARK}{os.sep}lightning"
+
+
+def test_portable_leaves_paths_that_only_share_a_prefix_with_the_run(tmp_path):
+    run = tmp_path / "run"
+    assert portable({"a": str(tmp_path / "run2" / "f"), "b": str(run)}, run) == {"a": str(tmp_path / "run2" / "f"), "b": RUN_MARK}
+    assert expand({"b": RUN_MARK, "c": RUN_MARK + "x"}, run) == {"b": str(run), "c": RUN_MARK + "x"}
+
+
+def test_without_lightning_the_module_names_the_extra_and_the_package_still_imports():
+    code = (
+        "import sys, importlib, pkgutil\n"
+        "for name in ('lightning', 'lightning.pytorch', 'pytorch_lightning'):\n"
+        "    sys.modules[name] = None\n"
+        "import axs_lib\n"
+        "for info in pkgutil.walk_packages(axs_lib.__path__, 'axs_lib.'):\n"
+        "    if info.name != 'axs_lib.lightning':\n"
+        "        importlib.import_module(info.name)\n"
+        "try:\n"
+        "    import axs_lib.lightning\n"
+        "except ImportError as exc:\n"
+        "    print(exc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "pip install 'axs-lib[lightning]'" in proc.stdout

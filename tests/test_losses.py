@@ -41,7 +41,7 @@ def test_psnr_of_a_tile_without_valid_pixels_is_nan_with_a_warning(caplog):
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         value = psnr(pred, target, torch.zeros_like(mask))
     assert math.isnan(value)
-    assert empty_warnings(caplog) == ["1 tile(s) without a single valid pixel: their PSNR is NaN (not counted as a perfect score)"]
+    assert empty_warnings(caplog) == ["1 tile(s) without a single valid pixel: PSNR set to NaN (not counted as a perfect score)"]
 
 
 def test_ssim_of_a_tile_without_valid_pixels_is_nan_not_one(caplog):
@@ -78,7 +78,7 @@ def test_tile_metrics_mark_only_the_empty_tile_nan(caplog):
     mask[1] = 0
     with caplog.at_level(logging.WARNING, logger=LOGGER):
         metrics = tile_metrics(pred, target, mask)
-    assert empty_warnings(caplog) == ["1 tile(s) without a single valid pixel: their PSNR, SSIM and SAM is NaN "
+    assert empty_warnings(caplog) == ["1 tile(s) without a single valid pixel: PSNR, SSIM and SAM set to NaN "
                                       "(not counted as a perfect score)"]
     for name in ("psnr", "ssim", "sam"):
         assert metrics[name].shape == (3,) and metrics[name].dtype == torch.float64

@@ -37,7 +37,7 @@ def _has_valid(mask: torch.Tensor) -> torch.Tensor:
 
 def _warn_empty(count: int, what: str) -> None:
     if count:
-        log.warning("%d tile(s) without a single valid pixel: their %s is NaN (not counted as a perfect score)", count, what)
+        log.warning("%d tile(s) without a single valid pixel: %s set to NaN (not counted as a perfect score)", count, what)
 
 
 def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -5,6 +5,8 @@
   checkpoints of ``--size-mb`` MiB (256 by default here; 1024, its own default, with ``--full``).
 * ``bench_train``: trainer vs plain PyTorch loop, deterministic vs not, checkpoint write vs
   ``torch.save``, resume vs fresh start-up (``--quick`` for its 30-second version).
+* ``bench_toolkit``: SeededDataset + ResumableLoader vs a plain DataLoader (samples/s, 2 workers),
+  and bit-identical samples across worker counts and resumes for the guide's, Lightning's and our recipe.
 
 Every figure is a ratio of two things measured side by side in the same run; see
 ``benchmarks/README.md``.
@@ -17,7 +19,7 @@ import importlib
 import time
 from typing import Callable
 
-BENCHMARKS = ("bench_data", "bench_compare", "bench_train")
+BENCHMARKS = ("bench_data", "bench_compare", "bench_train", "bench_toolkit")
 COMPARE_SIZE_MB = 256
 COMPARE_FULL_SIZE_MB = 1024
 COMPARE_QUICK_SIZE_MB = 64
@@ -30,6 +32,7 @@ def _calls(args: argparse.Namespace) -> dict[str, Callable[[object], dict]]:
         "bench_data": lambda main: main(),
         "bench_compare": lambda main: main(size_mb=size, repeats=1 if args.quick else 3),
         "bench_train": lambda main: main(["--quick"] if args.quick else []),
+        "bench_toolkit": lambda main: main(),
     }
 
 

@@ -4,7 +4,8 @@ augmentation that depends only on (seed, epoch, sample index).
 `TileDataset` takes two kinds of key:
 
 * an ``int`` index: the tile as it is, never augmented (validation, evaluation);
-* an ``(epoch, position, index)`` key from `axs_lib.sampling.EpochSampler`: augmented when the
+* a `axs_lib.sampling.SampleIndex` (an int carrying its epoch, from `ResumableSampler` and
+  `axs_lib.loader.ResumableLoader`) or an ``(epoch, position, index)`` key: augmented when the
   dataset was built with ``augment=True``, with a ``torch.Generator`` seeded from
   ``derive_seed(seed, "augment", epoch, index)``. Nothing else is drawn from, so a sample comes
   out the same bits whichever worker, and however many workers, produced it.
@@ -15,7 +16,9 @@ pixels (NaN in any band) are 0 in ``sar`` and ``optical`` and 0 in ``mask``.
 
 from __future__ import annotations
 
+import atexit
 import collections
+import multiprocessing
 import signal
 from pathlib import Path
 
@@ -70,8 +73,8 @@ class TileDataset(Dataset):
     def __getitem__(self, key: int | tuple[int, int, int]) -> dict[str, torch.Tensor]:
         if isinstance(key, tuple):
             epoch, position, index = (int(k) for k in key)
-        else:
-            epoch, position, index = -1, -1, int(key)
+        else:  # a plain int, or a SampleIndex that carries its epoch and position
+            epoch, position, index = int(getattr(key, "epoch", -1)), int(getattr(key, "position", -1)), int(key)
         if not 0 <= index < len(self.paths):
             raise IndexError(f"tile index {index} out of range for {len(self.paths)} tiles")
         sar, optical = self._decoded(index)
@@ -126,10 +129,43 @@ def _add_speckle(sar_db: np.ndarray, std: float, generator: torch.Generator) -> 
 STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
 
 
-def worker_init(worker_id: int) -> None:
-    """``worker_init_fn`` of our loaders: ignore the stop signals, then `seed_worker`."""
+def ignore_stop_signals(worker_id: int = 0) -> None:
+    """In a DataLoader worker: leave SIGINT/SIGTERM/SIGUSR1 to the main process.
+
+    The main process shuts its workers down through their queues (`ResumableLoader.close`, the end
+    of an iteration), so they never need a signal. The one place that does send SIGTERM is
+    multiprocessing's exit handler for daemonic children still alive when the interpreter exits;
+    `reap_workers_at_exit` makes that a SIGKILL first, so a forgotten loader cannot hang the exit.
+    """
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
+
+
+_reaper_registered = False
+
+
+def reap_workers_at_exit() -> None:
+    """Register (once, in the main process) an exit handler that SIGKILLs leftover DataLoader workers.
+
+    Registered after ``multiprocessing`` set up its own exit handler, so it runs before it (atexit
+    is last in, first out): the workers it would SIGTERM, which ignore that, are already gone.
+    """
+    global _reaper_registered
+    if not _reaper_registered:
+        atexit.register(_kill_leftover_workers)
+        _reaper_registered = True
+
+
+def _kill_leftover_workers() -> None:
+    for child in multiprocessing.active_children():
+        if child.daemon:
+            child.kill()
+            child.join(timeout=5)
+
+
+def worker_init(worker_id: int) -> None:
+    """``worker_init_fn`` of our loaders: ignore the stop signals, then `seed_worker`."""
+    ignore_stop_signals(worker_id)
     seed_worker(worker_id)
 
 
@@ -144,9 +180,12 @@ def make_loader(
     """A DataLoader whose batches do not depend on ``num_workers``.
 
     ``sampler`` None walks the dataset in index order (int keys: no augmentation), for validation.
-    Workers ignore the stop signals (`worker_init`), are seeded with `seed_worker` and persistent; the loader's generator is seeded from
+    Workers ignore the stop signals (`worker_init`; see `reap_workers_at_exit`), are seeded with
+    `seed_worker` and persistent; the loader's generator is seeded from
     ``seed``; memory is pinned only when asked and CUDA is present.
     """
+    if num_workers > 0:
+        reap_workers_at_exit()
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -46,7 +46,8 @@ from torch import nn
 from tqdm import tqdm
 
 from axs_lib import run_dir
-from axs_lib.data import TileDataset, make_loader
+from axs_lib.data import TileDataset, ignore_stop_signals, make_loader, reap_workers_at_exit
+from axs_lib.loader import ResumableLoader
 from axs_lib.distributed import any_rank, average_gradients, gather, init_world, main_first, shutdown
 from axs_lib.errors import EXIT_FAILURE, AxsError, CheckpointError, UsageError
 from axs_lib.fingerprint.data import data_fingerprint
@@ -54,7 +55,7 @@ from axs_lib.fingerprint.environment import diff_environments, environment_finge
 from axs_lib.reproducibility import derive_seed, get_seed_state, seed_globals, set_seed
 from axs_lib.run_dir import (CONFIG_FILE, ENVIRONMENT_JSON, METRICS, PLOTS, RUN_JSON, RUN_MARKER, SAMPLES, SPLIT_JSON,
                              TENSORBOARD, CheckpointManager, MetricsLog, RunDir, write_json)
-from axs_lib.sampling import EpochSampler
+from axs_lib.sampling import ResumableSampler
 from axs_lib.split import make_split
 from axs_lib.stage1 import plots
 from axs_lib.stage1.config import TrainConfig, diff_result_fields, write_config_file
@@ -251,8 +252,7 @@ def _check_inputs(config, resume, overwrite, device, world, say, config_for_resu
         problems = check_resume(ckpt, config, data_fp, world.size, resume.allow_world_size_change)
         if problems and not resume.force:
             raise UsageError(f"{ckpt_path}: cannot resume exactly: " + "; ".join(problems) + " (pass --force-resume to continue anyway)")
-        if not resume.force:
-            _check_state_shapes(ckpt, ckpt_path, config)
+        _check_state_shapes(ckpt, ckpt_path, config)  # even --force-resume cannot load weights that do not fit
         for line in problems:
             say(f"warning: resuming despite a difference: {line}")
         for d in diff_environments(ckpt.get("environment"), env_fp):
@@ -273,8 +273,17 @@ def _check_tiles(paths: list) -> None:
             read_tile(path)
 
 
+RESUME_KEYS = ("step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "sampler_state", "early_stopping")
+
+
 def _check_state_shapes(ckpt: dict, path: Path, config: TrainConfig) -> None:
     """Refuse a checkpoint whose weights do not fit this model (a foreign file or another width)."""
+    missing = [k for k in RESUME_KEYS if not isinstance(ckpt.get(k), dict if k != "step" else int)]
+    if missing:
+        raise CheckpointError(path, f"is not a Stage-1 training checkpoint: missing or malformed {', '.join(missing)}")
+    sampler_state = ckpt["sampler_state"]
+    if not all(isinstance(sampler_state.get(k), int) and sampler_state[k] >= 0 for k in ("epoch", "position")):
+        raise CheckpointError(path, f"sampler_state {sampler_state!r} is not an (epoch, position) pair")
     expected = {k: tuple(v.shape) for k, v in UNet(width=config.width, dropout=config.dropout).state_dict().items()}
     stored = ckpt.get("model_state_dict")
     if not isinstance(stored, dict):
@@ -296,33 +305,6 @@ def _open_run_dir(setup: _Setup, overwrite: bool, resume: ResumeRequest, owned: 
         say(f"removed {name}, left by a write that was interrupted")
     for line in setup.manager.set_aside_unloadable():
         say(f"warning: set aside {line}: it does not load, and the resumed run writes that step again")
-
-
-class _StepBatches:
-    """The training batches as an endless stream over epochs, with the exact sampler state consumed.
-
-    Its state is the `EpochSampler` position after the last batch the loop took, so a checkpoint
-    never counts batches that workers prefetched but the loop did not use.
-    """
-
-    def __init__(self, dataset, config: TrainConfig, world, pin: bool, start: tuple[int, int]):
-        self.sampler = EpochSampler(len(dataset), config.seed, start=start, rank=world.rank, world_size=world.size)
-        self.position = start
-        self._iter = iter(make_loader(dataset, self.sampler, config.batch_size, config.num_workers, config.seed, pin))
-
-    def __next__(self) -> dict:
-        batch = next(self._iter)
-        self.position = self.sampler.state_after(batch)
-        return batch
-
-    def state_dict(self) -> dict:
-        return {"epoch": self.position[0], "position": self.position[1]}
-
-    def load_state_dict(self, state: dict) -> None:  # the stream is built from its start state
-        raise NotImplementedError("build _StepBatches with start=(epoch, position)")
-
-    def close(self) -> None:
-        del self._iter
 
 
 class Stage1Trainer:
@@ -359,8 +341,13 @@ class Stage1Trainer:
             start = self._resume_position(setup.ckpt)
             say(f"resuming from {setup.ckpt_path} at step {self.state.step}")
         self.pin = device.type == "cuda"
-        self.batches = _StepBatches(self.train_set, config, world, self.pin, start)
-        self.state.components["sampler_state"] = self.batches
+        reap_workers_at_exit()
+        sampler = ResumableSampler(len(self.train_set), config.seed, num_replicas=world.size, rank=world.rank)
+        self.loader = ResumableLoader(self.train_set, config.batch_size, seed=config.seed, sampler=sampler,
+                                      num_workers=config.num_workers, pin_memory=self.pin, worker_init_fn=ignore_stop_signals)
+        self.loader.load_state_dict({"epoch": start[0], "position": start[1]})
+        self.state.components["sampler_state"] = self.loader
+        self.batches = self.loader.endless()
         self.val_loader = make_loader(self.val_set, None, config.batch_size, config.num_workers, config.seed, self.pin) if self.val_set else None
         self.metrics_log = MetricsLog(self.output_dir / METRICS)
         self.events = None
@@ -458,7 +445,13 @@ class Stage1Trainer:
         else:
             if config.grad_clip:
                 nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
-            self.optimizer.step()
+            try:
+                self.optimizer.step()
+            except RuntimeError as exc:  # AdamW turns lr / (1 - beta1**step) into a float: 1e38 overflows it
+                if "overflow" not in str(exc):
+                    raise
+                raise UsageError(f"--lr {config.lr}: the optimizer step overflows ({exc}); use a learning rate "
+                                 "that float32 arithmetic can hold") from None
             self.nonfinite |= ~torch.isfinite(total)
         self.scheduler.step()
         return total
@@ -548,6 +541,8 @@ class Stage1Trainer:
             raise
         finally:
             self.batches.close()
+            self.loader.close()
+            _shutdown_workers(self.val_loader)
             if self.events is not None:
                 self.events.close()
 
@@ -565,6 +560,14 @@ class Stage1Trainer:
         self.setup.run.record(f"{PLOTS}/loss.png", f"{SAMPLES}/step_{step}.png")
         self._save_run_info()
         plots.refresh(self.output_dir, self.metrics_log.read(), self.model, self.val_set, self.device, step, SAMPLE_TILES)
+
+
+def _shutdown_workers(loader) -> None:
+    """Stop a DataLoader's persistent workers now, through their queues (they ignore SIGTERM)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        loader._iterator = None
+        iterator._shutdown_workers()
 
 
 def _device_name(device: torch.device) -> str:

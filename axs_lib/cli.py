@@ -4,16 +4,29 @@ Each module in ``axs_lib/commands/`` defines ``register(subparsers)``, which add
 sets ``func`` to a handler ``(args) -> int``. Modules are found by name, so adding a command is
 adding a file. Errors derived from `AxsError` become one line on stderr and their exit status;
 ``--debug`` shows the traceback instead.
+
+Start-up cost is kept to what the command uses. Finding the modules does not import them; when
+the command line names a command, only that module is imported (``axs env`` never imports the
+trainer), and ``axs --version`` imports none. Command modules import torch and other heavy
+libraries inside their handlers, so even ``axs --help``, which imports every command module to
+show their help, need not import torch. `benchmarks/bench_startup.py` measures this.
+
+Library modules report through `logging` (``logging.getLogger(__name__)``) and never configure
+it; `main` installs one stderr handler on the ``axs_lib`` logger that prints the message alone
+(``axs: warning: ...`` for warnings), so a program that uses the library routes or silences the
+same messages with ordinary logging configuration.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import logging
 import os
 import pkgutil
 import sys
-from typing import Sequence
+import warnings
+from typing import Iterable, Sequence
 
 from axs_lib import __version__, commands, errors
 from axs_lib.errors import AxsError
@@ -41,7 +54,17 @@ class OneLineParser(argparse.ArgumentParser):
         self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
-def build_parser() -> argparse.ArgumentParser:
+def command_names() -> list[str]:
+    """Names of the ``axs`` subcommands: the modules of `axs_lib.commands`, found without importing them."""
+    return sorted(info.name for info in pkgutil.iter_modules(commands.__path__))
+
+
+def build_parser(only: Iterable[str] | None = None) -> argparse.ArgumentParser:
+    """The ``axs`` parser with every subcommand, or with just those named in ``only``.
+
+    Registering a subcommand imports its module, so `main` passes the one the command line names
+    (or none for a bare ``axs --version``); help and usage errors get the full parser.
+    """
     parser = OneLineParser(
         prog="axs",
         description="Bit-exact reproducible training for SAR-to-optical models.",
@@ -51,23 +74,86 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"axs {__version__}")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
-    for info in sorted(pkgutil.iter_modules(commands.__path__), key=lambda m: m.name):
-        importlib.import_module(f"{commands.__name__}.{info.name}").register(sub)
+    for name in command_names() if only is None else sorted(only):
+        importlib.import_module(f"{commands.__name__}.{name}").register(sub)
     return parser
+
+
+def commands_needed(argv: Sequence[str]) -> list[str] | None:
+    """The subcommand modules a parse of ``argv`` needs: the one it names, none, or None for all.
+
+    Only the top-level options come before a subcommand, and none of them takes a value, so the
+    first word that is not an option is the subcommand. ``axs --version`` needs none; help, a
+    bare ``axs`` and an unknown word need all (their output lists every command).
+    """
+    for word in argv:
+        if word == "--":
+            return None
+        if not word.startswith("-"):
+            return [word] if word in command_names() else None
+    return [] if "--version" in argv and not {"-h", "--help"} & set(argv) else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the ``axs`` command line and return its exit status."""
-    parser = build_parser()
     argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser(commands_needed(argv))
     try:
         args = parser.parse_args(argv)
-    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help
+    except SystemExit as exc:  # argparse exits 2 on usage errors, 0 on --help and --version
         return int(exc.code or 0)
     if not getattr(args, "func", None):
-        parser.print_help()
+        build_parser().print_help()
         return 2
-    return run_handler(args.func, args, debug=args.debug)
+    with _messages_to_stderr():
+        return run_handler(args.func, args, debug=args.debug)
+
+
+class _PlainFormatter(logging.Formatter):
+    """The message alone; ``axs: warning: `` / ``axs: error: `` in front of warnings and errors."""
+
+    def format(self, record: logging.LogRecord) -> str:
+        message = super().format(record)
+        if record.levelno >= logging.ERROR:
+            return f"axs: error: {message}"
+        if record.levelno >= logging.WARNING:
+            return f"axs: warning: {message}"
+        return message
+
+
+class _messages_to_stderr:
+    """While a command runs: ``axs_lib`` log records (INFO and up) and our Python warnings on stderr.
+
+    One handler on the ``axs_lib`` logger, removed again on exit (tests call `main` many times in
+    one process). Warnings raised by axs_lib code print as ``axs: warning: <message>`` instead of
+    Python's ``file:line: Category: message`` form; other packages' warnings keep theirs.
+    """
+
+    def __enter__(self):
+        self.logger = logging.getLogger("axs_lib")
+        self.handler = logging.StreamHandler(sys.stderr)
+        self.handler.setFormatter(_PlainFormatter("%(message)s"))
+        self.saved = (self.logger.level, self.logger.propagate)
+        self.logger.addHandler(self.handler)
+        self.logger.setLevel(logging.INFO)
+        self.logger.propagate = False  # one copy of each message, even if the root logger has handlers
+        self.saved_showwarning = warnings.showwarning
+        warnings.showwarning = self._show_warning
+        return self
+
+    def __exit__(self, *exc_info):
+        warnings.showwarning = self.saved_showwarning
+        self.logger.removeHandler(self.handler)
+        self.logger.setLevel(self.saved[0])
+        self.logger.propagate = self.saved[1]
+        return False
+
+    def _show_warning(self, message, category, filename, lineno, file=None, line=None):
+        module = os.path.abspath(filename)
+        if module.startswith(os.path.dirname(os.path.abspath(__file__)) + os.sep):
+            print(f"axs: warning: {message}", file=file or sys.stderr)
+        else:
+            self.saved_showwarning(message, category, filename, lineno, file, line)
 
 
 def run_handler(func, args, *, debug: bool = False) -> int:
@@ -119,7 +205,15 @@ def add_debug_flag(parser: argparse.ArgumentParser) -> None:
 
 
 def main_entry() -> None:
-    """Console-script entry point: ``axs``."""
+    """Console-script entry point: ``axs``.
+
+    stdout and stderr are made line-buffered, so progress lines and messages arrive in order and
+    at once when piped into a log file or ``tee``.
+    """
+    for stream in (sys.stdout, sys.stderr):
+        reconfigure = getattr(stream, "reconfigure", None)
+        if reconfigure is not None:
+            reconfigure(line_buffering=True)
     sys.exit(main())
 
 

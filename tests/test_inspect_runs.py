@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,6 +15,7 @@ import torch
 
 from axs_lib.checkpoint import save_checkpoint
 from axs_lib.cli import main
+from axs_lib.commands.runs import lock_holders
 from test_compare import make_checkpoint
 
 
@@ -152,3 +157,84 @@ def test_help_shows_an_example(command, capsys):
     assert main([command, "--help"]) == 0
     out = capsys.readouterr().out
     assert "example" in out and f"axs {command} " in out
+
+
+# --------------------------------------------------------------------------- runs: killed runs
+
+HOLD_LOCK = (
+    "import sys, time\n"
+    "from axs_lib.run_dir import locked\n"
+    "with locked(sys.argv[1]):\n"
+    "    print('locked', flush=True)\n"
+    "    time.sleep(300)\n"
+)
+
+
+def _running_manifest(run: Path) -> None:
+    manifest = json.loads((run / "run.json").read_text())
+    manifest.update(status="running", final_step=0, ended_at=None)
+    (run / "run.json").write_text(json.dumps(manifest))
+
+
+def _status(capsys, run: Path) -> dict:
+    assert main(["runs", str(run), "--json"]) == 0
+    return json.loads(capsys.readouterr().out)["experiments"][0]
+
+
+def test_runs_shows_a_sigkilled_run_as_killed_at_its_newest_checkpoint(tmp_path, ckpt, capsys):
+    run = write_run(tmp_path / "exp", ckpt)
+    _running_manifest(run)
+    holder = subprocess.Popen([sys.executable, "-c", HOLD_LOCK, str(run)], stdout=subprocess.PIPE, text=True,
+                              cwd=Path(__file__).resolve().parents[1])
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        live = _status(capsys, run)
+        assert (live["status"], live["step"]) == ("running", 0) and "note" not in live
+    finally:
+        holder.send_signal(signal.SIGKILL)
+        holder.wait(timeout=60)
+        holder.stdout.close()
+    assert holder.returncode == -signal.SIGKILL
+    killed = _status(capsys, run)
+    assert (killed["status"], killed["step"]) == ("killed", 3)
+    assert "no process holds" in killed["note"] and "--resume auto" in killed["note"]
+    assert main(["runs", str(run)]) == 0
+    out = capsys.readouterr().out
+    assert " killed " in out and f"note: {run}: run.json says running" in out
+
+
+def test_runs_probe_leaves_a_lock_held_by_this_process_in_place(tmp_path, ckpt, capsys):
+    # POSIX record locks belong to the process: opening and closing the lock file here would drop
+    # a lock this process holds (a run started from a notebook). The probe must not do that.
+    from axs_lib.run_dir import locked
+
+    run = write_run(tmp_path / "exp", ckpt)
+    _running_manifest(run)
+    with locked(run):
+        assert _status(capsys, run)["status"] == "running"
+        try_lock = ("import fcntl, os, sys\n"
+                    "fd = os.open(sys.argv[1], os.O_RDWR)\n"
+                    "try:\n    fcntl.lockf(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)\nexcept OSError:\n    sys.exit(3)\n")
+        other = subprocess.run([sys.executable, "-c", try_lock, str(run / ".lock")], timeout=60)
+        assert other.returncode == 3  # still held: another process cannot take it
+    assert _status(capsys, run)["status"] == "killed"
+
+
+def test_lock_holders_reads_granted_locks_of_that_file_only(tmp_path):
+    run = tmp_path / "exp"
+    run.mkdir()
+    (run / ".lock").write_text("")
+    st = os.stat(run / ".lock")
+    file_id = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    table = tmp_path / "locks"
+    table.write_text(
+        f"1: POSIX  ADVISORY  WRITE 111 {file_id} 0 EOF\n"
+        f"1: -> POSIX  ADVISORY  WRITE 222 {file_id} 0 EOF\n"
+        f"2: FLOCK  ADVISORY  WRITE 333 {file_id} 0 EOF\n"
+        f"3: POSIX  ADVISORY  WRITE 444 {file_id}9 0 EOF\n"
+    )
+    assert lock_holders(run, str(table)) == {111}
+    table.write_text(f"3: POSIX  ADVISORY  WRITE 444 {file_id}9 0 EOF\n")
+    assert lock_holders(run, str(table)) == set()
+    assert lock_holders(tmp_path / "no_run", str(table)) == set()
+    assert lock_holders(run, str(tmp_path / "unreadable")) is None

@@ -47,7 +47,7 @@ smoke() {  # run the smoke subset with the axs of venv $1
         "$venv/bin/axs" verify --iterations 2 --num-workers 0
         "$venv/bin/axs" tiles synth tiles --count 6 --size 32 --seed 0
         "$venv/bin/axs" train stage1 --data-dir tiles --output-dir run --seed 1 --steps 4 --batch-size 2 \
-            --width 8 --val-every 2 --checkpoint-every 2 --no-plots --no-tensorboard --quiet
+            --width 8 --warmup-steps 0 --val-every 2 --checkpoint-every 2 --no-plots --no-tensorboard --quiet
         test -f run/checkpoints/checkpoint_step_4.pt
     )
 }

@@ -6,7 +6,6 @@ import argparse
 
 from axs_lib import argtypes
 from axs_lib.cli import add_debug_flag
-from axs_lib.compare import Options, compare_paths, to_json
 from axs_lib.errors import EXIT_FAILURE, EXIT_OK
 
 EPILOG = """examples:
@@ -46,6 +45,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from axs_lib.compare import Options, compare_paths, to_json  # torch: only when comparing
+
     options = Options(atol=args.atol, rtol=args.rtol, ignore=tuple(args.ignore), trust=args.trust)
     result = compare_paths(args.a, args.b, options)
     print(to_json(result) if args.json else result.render_text())

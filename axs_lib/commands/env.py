@@ -6,7 +6,6 @@ import argparse
 import json
 
 from axs_lib.cli import add_debug_flag
-from axs_lib.fingerprint.environment import environment_fingerprint, environment_report
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -24,6 +23,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    # Imported here: the fingerprint needs torch, and building the parser must not.
+    from axs_lib.fingerprint.environment import environment_fingerprint, environment_report
+
     report = environment_report() if args.packages else {"fingerprint": environment_fingerprint()}
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=False))

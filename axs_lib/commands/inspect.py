@@ -7,12 +7,11 @@ import json
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from axs_lib.checkpoint import CHECKSUM_KEY, iter_leaves, tensor_bytes
 from axs_lib.cli import add_debug_flag
-from axs_lib.compare import DETERMINISM_FLAGS, jsonable, load_noting_trust, short_repr
 from axs_lib.errors import EXIT_OK
+
+# axs_lib.checkpoint and axs_lib.compare import torch: they are imported by the functions that use
+# them, so that building the ``axs`` parser does not.
 
 SECTIONS = ("seed_info", "environment", "data_fingerprint", "config", "metrics", "sampler_state", "early_stopping")
 
@@ -39,6 +38,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _plain(obj: Any) -> Any:
     """A nested checkpoint section as JSON-safe values."""
+    from axs_lib.compare import jsonable
+
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}
     if isinstance(obj, (list, tuple)) and obj:
@@ -48,6 +49,11 @@ def _plain(obj: Any) -> Any:
 
 def describe(path: Path, *, trust: bool = False) -> dict:
     """Everything ``axs inspect`` reports about one checkpoint, as JSON-safe values."""
+    import torch
+
+    from axs_lib.checkpoint import CHECKSUM_KEY, iter_leaves, tensor_bytes
+    from axs_lib.compare import DETERMINISM_FLAGS, load_noting_trust
+
     ckpt, notes = load_noting_trust(path, trust=trust, verify=True)
     body = ckpt if isinstance(ckpt, dict) else {"(root)": ckpt}
     by_section: dict[str, dict[str, int]] = {}
@@ -84,6 +90,9 @@ def describe(path: Path, *, trust: bool = False) -> dict:
 
 def render_text(info: dict) -> str:
     """``describe``'s result for people: one ``key: value`` line per field, sections indented."""
+    from axs_lib.checkpoint import iter_leaves
+    from axs_lib.compare import short_repr
+
     t = info["tensors"]
     lines = [
         f"checkpoint: {info['path']} ({info['file_bytes']:,} bytes)",

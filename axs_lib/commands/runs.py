@@ -4,18 +4,27 @@ The reproducibility guide's "Compare Experiments" example as a command: it colle
 experiment's seed, steps, best metric, data fingerprint and environment from ``run.json`` (or,
 for a directory without one or a checkpoint file, from its latest checkpoint) and warns when the
 experiments used different seeds or different data, or do not record them.
+
+A run killed with SIGKILL (or by the OOM killer, or a power cut) never gets to rewrite its
+``run.json``, which says "running" forever. A live run holds a POSIX record lock on
+``<run>/.lock`` and the kernel drops it when the process dies, so a "running" run whose lock
+nobody holds is shown as ``killed``, with the step of its newest checkpoint (where ``--resume
+auto`` continues). The probe must not disturb a live holder: POSIX record locks belong to a
+process and closing *any* descriptor of the file drops them, so a probe that opens the lock file
+would release a run's lock if that run lives in the probing process (a notebook, a test). On
+Linux the probe therefore reads ``/proc/locks`` and opens nothing in the run; elsewhere it falls
+back to `axs_lib.run_dir.lock_is_held` (a non-blocking ``lockf`` from this process).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
-from axs_lib.checkpoint import read_latest
 from axs_lib.cli import add_debug_flag
-from axs_lib.compare import checkpoint_steps, format_table, load_noting_trust
 from axs_lib.errors import EXIT_OK, InputError
 
 EPILOG = """example:
@@ -68,6 +77,9 @@ def _from_manifest(path: Path) -> dict:
 
 
 def _latest_checkpoint(run_dir: Path) -> Path:
+    from axs_lib.checkpoint import read_latest
+    from axs_lib.compare import checkpoint_steps
+
     folder = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
     latest = read_latest(folder)
     if latest is not None:
@@ -79,6 +91,8 @@ def _latest_checkpoint(run_dir: Path) -> Path:
 
 
 def _from_checkpoint(path: Path, trust: bool) -> dict:
+    from axs_lib.compare import load_noting_trust  # torch: only for runs without run.json
+
     ckpt, _ = load_noting_trust(path, trust=trust)
     ckpt = _dict(ckpt)
     return {
@@ -92,12 +106,69 @@ def _from_checkpoint(path: Path, trust: bool) -> dict:
     }
 
 
+LOCK_FILE = ".lock"  # the name axs_lib.run_dir gives it (not imported: that would import torch)
+PROC_LOCKS = "/proc/locks"
+
+
+def lock_holders(run: Path, proc_locks: str = PROC_LOCKS) -> set[int] | None:
+    """Process ids holding a record lock on ``<run>/.lock``, from the kernel's lock table.
+
+    Reads ``/proc/locks`` (lines like ``1: POSIX  ADVISORY  WRITE 4242 fe:00:5408308 0 EOF``,
+    device in hex and inode) and opens nothing in the run. None when the table cannot be read.
+    """
+    try:
+        st = os.stat(run / LOCK_FILE, follow_symlinks=False)
+    except FileNotFoundError:
+        return set()
+    except OSError:
+        return None
+    try:
+        table = Path(proc_locks).read_text()
+    except OSError:
+        return None
+    file_id = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = set()
+    for line in table.splitlines():
+        fields = line.split()
+        # Waiting requests are listed too, marked "->"; only granted locks count.
+        if len(fields) >= 6 and "->" not in fields and fields[1] in ("POSIX", "OFDLCK") and fields[5] == file_id:
+            holders.add(int(fields[4]) if fields[4].lstrip("-").isdigit() else -1)
+    return holders
+
+
+def run_is_live(run: Path) -> bool:
+    """Whether a live process holds the run's lock (see the module notes on why it is read this way)."""
+    holders = lock_holders(run)
+    if holders is not None:
+        return bool(holders)
+    from axs_lib.run_dir import lock_is_held
+
+    return lock_is_held(run)
+
+
+def _mark_killed(row: dict, run: Path) -> None:
+    """A manifest that says "running" for a run nobody runs: show it as killed, at its newest checkpoint."""
+    from axs_lib.compare import checkpoint_steps
+
+    try:
+        steps = checkpoint_steps(run)
+    except OSError:
+        steps = {}
+    row["status"] = "killed"
+    row["step"] = max(steps) if steps else row["step"]
+    row["note"] = (f"run.json says running, but no process holds {run / LOCK_FILE}: the run was killed "
+                   f"or crashed; its newest checkpoint is step {row['step'] if steps else 'none'} "
+                   "(train again with --resume auto to continue)")
+
+
 def describe_experiment(path: Path, *, trust: bool = False) -> dict:
     """The row ``axs runs`` shows for one experiment directory or checkpoint file."""
     if not path.exists():
         raise InputError(path, "no such file or directory")
     if path.is_dir() and (path / "run.json").is_file():
         row = _from_manifest(path / "run.json")
+        if row["status"] == "running" and not run_is_live(path):
+            _mark_killed(row, path)
     else:
         row = _from_checkpoint(_latest_checkpoint(path) if path.is_dir() else path, trust)
     env = _dict(row["environment"].get("fingerprint", row["environment"]))
@@ -129,6 +200,8 @@ def _fmt_best(best: dict | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
+    from axs_lib.compare import format_table
+
     rows = [describe_experiment(Path(p), trust=args.trust) for p in args.experiments]
     warnings = consistency_warnings(rows) if len(rows) > 1 else []
     if args.json:
@@ -140,6 +213,9 @@ def run(args: argparse.Namespace) -> int:
         for r in rows
     ]
     print("\n".join(format_table(("experiment", "seed", "status", "step", "best", "data", "environment"), table)))
+    for r in rows:
+        if r.get("note"):
+            print(f"note: {r['experiment']}: {r['note']}")
     for w in warnings:
         print(f"warning: {w}")
     seeds = {r["seed"] for r in rows}

@@ -7,7 +7,6 @@ import argparse
 from axs_lib import argtypes
 from axs_lib.cli import add_debug_flag
 from axs_lib.errors import EXIT_FAILURE, EXIT_OK
-from axs_lib.verify import describe_state, run_verification
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -33,6 +32,8 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from axs_lib.verify import describe_state, run_verification  # torch: only when verifying
+
     result = run_verification(
         num_iterations=args.iterations,
         seed=args.seed,

@@ -1,0 +1,82 @@
+"""Signals as schedulers send them: to the whole process group, DataLoader workers included.
+
+Slurm (``scancel``, ``--signal``), systemd, Kubernetes and ``timeout`` signal every process of the
+job, so the workers get SIGTERM at the same moment as the main process. The run must still end
+with a checkpoint at the current step, exit 128 + signal number, no traceback, and a resume must
+end byte-identical to a run that was never stopped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from axs_lib.cli import main
+from axs_lib.ingest import write_synthetic_tiles
+
+ROOT = Path(__file__).resolve().parents[1]
+STEPS = 30
+ARGS = ["--seed", "9", "--steps", str(STEPS), "--checkpoint-every", "10", "--batch-size", "2", "--width", "4",
+        "--val-every", "10", "--warmup-steps", "2", "--log-every", "1", "--speckle-std", "0.1", "--quiet",
+        "--no-plots", "--no-tensorboard"]
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory):
+    out = tmp_path_factory.mktemp("signal_tiles")
+    write_synthetic_tiles(out, count=9, size=16, seed=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference(tiles, tmp_path_factory):
+    out = tmp_path_factory.mktemp("signal_ref") / "run"
+    assert main(["train", "stage1", "--data-dir", str(tiles), "--output-dir", str(out), *ARGS]) == 0
+    return out
+
+
+def _shas(run: Path) -> dict[str, str]:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((run / "checkpoints").glob("checkpoint_step_*.pt"))}
+
+
+def _logged_steps(run: Path) -> int:
+    try:
+        lines = (run / "metrics.jsonl").read_text().splitlines()
+    except FileNotFoundError:
+        return 0
+    return sum(1 for line in lines if '"train"' in line)
+
+
+@pytest.mark.parametrize("signum, code", [(signal.SIGTERM, 143), (signal.SIGUSR1, 138)])
+def test_a_signal_to_the_process_group_checkpoints_and_resumes_exactly(tiles, reference, tmp_path, signum, code):
+    out = tmp_path / "run"
+    argv = [sys.executable, str(ROOT / "scripts" / "train_stage1.py"), "--data-dir", str(tiles), "--output-dir", str(out),
+            *ARGS, "--num-workers", "2"]
+    proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    deadline = time.monotonic() + 240
+    while _logged_steps(out) < 3 and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signum)  # every process of the group: main and both workers
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == code, err
+    assert "Traceback" not in err and "DataLoader worker" not in err, err
+    info = json.loads((out / "run.json").read_text())
+    assert info["status"] == "interrupted"
+    stopped = info["final_step"]
+    assert 3 <= stopped < STEPS
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"checkpoint_step_{stopped}.pt"
+
+    assert main(["train", "stage1", "--data-dir", str(tiles), "--output-dir", str(out), *ARGS, "--num-workers", "2",
+                 "--resume", "auto"]) == 0
+    ref = _shas(reference)
+    got = _shas(out)
+    assert {k: v for k, v in got.items() if k in ref} == ref

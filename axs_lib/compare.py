@@ -15,6 +15,10 @@ renders as a readable report (`render_text`) and as JSON (`to_dict`):
   unequal content mean a damaged file, which is then found by verifying both.
 * Metadata side by side (seed info, determinism flags, environment and data fingerprints,
   config) and, when content differs, which of those differences can explain it.
+* The environment a checkpoint records (its ``environment`` section, and whether CUDA was
+  there) describes the machine, not the training result: it is compared and listed, but it is
+  not content. Two runs on two machines whose every tensor and value agree bit for bit are
+  ``identical content`` (exit 0) with the environment differences listed, not a false alarm.
 * For two run directories: every checkpoint step they share, in order, and the first step at
   which they diverge, with the full report for that step.
 
@@ -362,6 +366,13 @@ def _one_sided(paths: Iterable[str], other: set[str]) -> list[str]:
 
 
 METADATA_SECTIONS = ("seed_info", "data_fingerprint", "environment", "config")
+# Leaves that describe the machine a checkpoint was written on rather than what training computed.
+ENVIRONMENT_LEAVES = ("environment", "seed_info.cuda_available", "seed_info.cuda_device_count")
+
+
+def is_environment(path: str) -> bool:
+    """Whether a leaf's dotted path is environment metadata (compared and shown, not content)."""
+    return any(path == p or path.startswith((p + ".", p + "[")) for p in ENVIRONMENT_LEAVES)
 HEADLINE_KEYS = ("format_version", "step", "epoch", "world_size", CHECKSUM_KEY)
 DETERMINISM_FLAGS = {  # flag (in seed_info or environment) -> the value that means "deterministic"
     "deterministic": True,
@@ -498,6 +509,7 @@ class CheckpointComparison:
     value_diffs: list[ValueDiff] = field(default_factory=list)
     only_in_a: list[str] = field(default_factory=list)
     only_in_b: list[str] = field(default_factory=list)
+    environment_diffs: list[ValueDiff] = field(default_factory=list)  # not content; see is_environment
     ignored: int = 0
     metadata: list[MetaRow] = field(default_factory=list)
     explanations: list[str] = field(default_factory=list)
@@ -529,6 +541,8 @@ class CheckpointComparison:
             parts.append(f"{len(self.only_in_a)} keys only in A, {len(self.only_in_b)} only in B")
         if self.ignored:
             parts.append(f"{self.ignored} leaves ignored")
+        if self.environment_diffs:
+            parts.append(f"{len(self.environment_diffs)} environment fields differ")
         return ", ".join(parts)
 
     def to_dict(self) -> dict:
@@ -547,6 +561,7 @@ class CheckpointComparison:
             "value_diffs": [v.to_dict() for v in self.value_diffs],
             "only_in_a": self.only_in_a,
             "only_in_b": self.only_in_b,
+            "environment_diffs": [v.to_dict() for v in self.environment_diffs],
             "ignored": self.ignored,
             "metadata": [m.to_dict() for m in self.metadata],
             "explanations": self.explanations,
@@ -578,6 +593,10 @@ class CheckpointComparison:
             if keys:
                 shown = ", ".join(keys[:max_rows]) + (f", ... ({len(keys)} in all)" if len(keys) > max_rows else "")
                 lines += ["", f"keys only in {side}: {shown}"]
+        if self.environment_diffs and self.verdict in (IDENTICAL_BYTES, IDENTICAL_CONTENT):
+            lines += ["", "the environment differs, but every tensor and value is bit-identical:"]
+            lines += format_table(("path", "A", "B"), [(v.path, short_repr(v.a), short_repr(v.b))
+                                                        for v in self.environment_diffs[:max_rows]])
         lines += ["", "metadata (A | B, * differs):"]
         differing = [m for m in self.metadata if not m.equal]
         shown = differing + [m for m in self.metadata if m.equal and m.key in _HEADLINE_META]
@@ -631,6 +650,11 @@ def compare_checkpoints(a: os.PathLike | str, b: os.PathLike | str, options: Opt
     kept_a = [p for p in la if not options.ignores(p)]
     kept_b = {p for p in lb if not options.ignores(p)}
     result.ignored = len({*la, *lb}) - len({*kept_a, *kept_b})
+    result.environment_diffs = _environment_diffs(la, lb, kept_a, kept_b)
+    kept_a = [p for p in kept_a if not is_environment(p)]
+    kept_b = {p for p in kept_b if not is_environment(p)}
+    la = {p: v for p, v in la.items() if not is_environment(p)}
+    lb = {p: v for p, v in lb.items() if not is_environment(p)}
     result.only_in_a = _one_sided((p for p in kept_a if p not in lb), set(lb))
     result.only_in_b = _one_sided((p for p in lb if p in kept_b and p not in la), set(la))
     for path in kept_a:
@@ -652,6 +676,22 @@ def compare_checkpoints(a: os.PathLike | str, b: os.PathLike | str, options: Opt
         result.verdict = WITHIN_TOLERANCE
     result.explanations = explain(result.metadata, ca, cb)
     return result
+
+
+def _environment_diffs(la: dict[str, Any], lb: dict[str, Any], kept_a: list[str], kept_b: set[str]) -> list[ValueDiff]:
+    """Environment leaves (not ignored) that differ or that one side lacks, A's order first."""
+    paths = [p for p in dict.fromkeys([*kept_a, *(p for p in lb if p in kept_b)]) if is_environment(p)]
+    out = []
+    for path in paths:
+        a, b = la.get(path, ABSENT), lb.get(path, ABSENT)
+        ta, tb = _as_tensor(a), _as_tensor(b)
+        if ta is not None and tb is not None:
+            equal = ta.dtype == tb.dtype and ta.shape == tb.shape and torch.equal(ta, tb)
+        else:
+            equal = (a is ABSENT) == (b is ABSENT) and (a is ABSENT or (ta is None and tb is None and same_value(a, b)))
+        if not equal:
+            out.append(ValueDiff(path, None if a is ABSENT else a, None if b is ABSENT else b))
+    return out
 
 
 def _check_not_damaged(ca: Any, cb: Any, a: Path, b: Path) -> None:

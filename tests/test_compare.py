@@ -275,6 +275,53 @@ def test_metadata_differences_explain_the_mismatch(pair, capsys):
     assert "what can explain the difference:" in out and "9.9.9" in out
 
 
+def _other_machine(c):
+    """The same training result as written on another machine: only the environment differs."""
+    env = dict(c["environment"], torch="9.9.9", cpu="Another CPU", num_threads=c["environment"]["num_threads"] + 1)
+    del env["blas"]
+    return dict(c, environment=env, seed_info=dict(c["seed_info"], cuda_available=True, cuda_device_count=8))
+
+
+def test_environment_alone_differing_is_identical_content_and_listed(pair, capsys):
+    a, b = pair(_other_machine)
+    result = compare_paths(a, b)
+    assert result.verdict == IDENTICAL_CONTENT and result.match
+    assert {d.path for d in result.environment_diffs} == {
+        "environment.torch", "environment.cpu", "environment.num_threads", "environment.blas",
+        "seed_info.cuda_available", "seed_info.cuda_device_count"}
+    assert not result.value_diffs and not result.only_in_a and not result.only_in_b
+    assert cli(a, b) == 0
+    out = capsys.readouterr().out
+    assert out.startswith("verdict: IDENTICAL CONTENT") and "6 environment fields differ" in out
+    assert "the environment differs, but every tensor and value is bit-identical:" in out
+    assert "9.9.9" in out and "Another CPU" in out
+    assert cli(a, b, "--json") == 0
+    data = json.loads(capsys.readouterr().out)
+    assert data["verdict"] == IDENTICAL_CONTENT and len(data["environment_diffs"]) == 6
+
+
+def test_environment_difference_does_not_hide_a_real_difference(pair, capsys):
+    def other_machine_one_ulp(c):
+        c = _other_machine(c)
+        return dict(c, model_state_dict={**c["model_state_dict"], "0.bias": one_ulp_up(c["model_state_dict"]["0.bias"], 0)})
+
+    a, b = pair(other_machine_one_ulp)
+    result = compare_paths(a, b)
+    assert result.verdict == DIFFERENT and not result.match
+    assert [t.path for t in result.tensor_diffs] == ["model_state_dict.0.bias"]
+    assert any("another PyTorch version" in e for e in result.explanations)
+    assert cli(a, b) == 1
+    out = capsys.readouterr().out
+    assert "what can explain the difference:" in out and "bit-identical:" not in out
+
+
+def test_a_changed_run_setting_beside_the_environment_is_still_different(pair):
+    a, b = pair(lambda c: dict(_other_machine(c), seed_info=dict(_other_machine(c)["seed_info"], deterministic=False)))
+    result = compare_paths(a, b)
+    assert result.verdict == DIFFERENT
+    assert [v.path for v in result.value_diffs] == ["seed_info.deterministic"]
+
+
 def test_json_output_is_complete(pair, capsys):
     a, b = pair(lambda c: dict(c, model_state_dict={**c["model_state_dict"], "0.bias": one_ulp_up(c["model_state_dict"]["0.bias"], 0)}))
     assert cli(a, b, "--json") == 1

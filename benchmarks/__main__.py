@@ -19,7 +19,7 @@ import importlib
 import time
 from typing import Callable
 
-BENCHMARKS = ("bench_data", "bench_compare", "bench_train", "bench_toolkit")
+BENCHMARKS = ("bench_data", "bench_compare", "bench_train", "bench_toolkit", "bench_checkpoint")
 COMPARE_SIZE_MB = 256
 COMPARE_FULL_SIZE_MB = 1024
 COMPARE_QUICK_SIZE_MB = 64
@@ -32,6 +32,7 @@ def _calls(args: argparse.Namespace) -> dict[str, Callable[[object], dict]]:
         "bench_data": lambda main: main(),
         "bench_compare": lambda main: main(size_mb=size, repeats=1 if args.quick else 3),
         "bench_train": lambda main: main(["--quick"] if args.quick else []),
+        "bench_checkpoint": lambda main: main(["--quick"] if args.quick else []),
         "bench_toolkit": lambda main: main(),
     }
 

@@ -245,8 +245,8 @@ class RunDir:
     def remove_stale_temp_files(self) -> list[str]:
         """Delete temp files left by a write that was killed (``.<name>.<random>.tmp``)."""
         removed = []
-        for folder in (self.root, self.checkpoints):
-            if folder.is_dir():
+        for folder in (self.root, self.checkpoints, self.root / PLOTS, self.root / SAMPLES):
+            if folder.is_dir() and not folder.is_symlink():
                 for p in folder.glob(".*.tmp"):
                     if p.is_file() and not p.is_symlink():
                         p.unlink(missing_ok=True)

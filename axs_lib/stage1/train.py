@@ -60,10 +60,10 @@ from axs_lib.split import make_split
 from axs_lib.stage1 import plots
 from axs_lib.stage1.config import TrainConfig, diff_result_fields, write_config_file
 from axs_lib.stage1.early_stopping import EarlyStopping
-from axs_lib.stage1.events import EventLog
 from axs_lib.stage1.events import available as events_available
-from axs_lib.stage1.losses import masked_ssim, psnr, spectral_angle, stage1_loss
-from axs_lib.stage1.model import UNet
+from axs_lib.stage1.events import open_event_log
+from axs_lib.stage1.losses import mean_over_tiles, stage1_loss, tile_metrics
+from axs_lib.stage1.model import UNet, band_means
 from axs_lib.state import TrainingState
 from axs_lib.tiles import list_tiles, read_tile
 
@@ -148,24 +148,27 @@ def check_resume(ckpt: dict, config: TrainConfig, data_fp: dict, world_size: int
 
 
 def evaluate(model: nn.Module, loader, device: torch.device, config: TrainConfig, autocast=contextlib.nullcontext) -> dict[str, float]:
-    """Validation loss, PSNR, SSIM and SAM, averaged over validation tiles (no randomness used)."""
+    """Validation loss (tile-weighted mean) and PSNR, SSIM and SAM averaged over validation tiles.
+
+    Metrics are per tile (`tile_metrics`); a tile without any valid pixel is NaN and left out of
+    the mean (`mean_over_tiles`), so it can neither score perfect nor turn the result into NaN.
+    No randomness is used.
+    """
     model.eval()
-    totals = {"val_loss": 0.0, "psnr": 0.0, "ssim": 0.0, "sam": 0.0}
-    count = 0
+    loss_sum, count = 0.0, 0
+    per_tile: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], "sam": []}
     with torch.no_grad():
         for batch in loader:
             sar, target, mask = (batch[k].to(device) for k in ("sar", "optical", "mask"))
             with autocast():
                 pred = model(sar).float()
             n = sar.shape[0]
-            totals["val_loss"] += n * stage1_loss(pred, target, mask, config.l1_weight, config.ssim_weight).item()
-            totals["ssim"] += n * masked_ssim(pred, target, mask).item()
-            for i in range(n):
-                totals["psnr"] += psnr(pred[i : i + 1], target[i : i + 1], mask[i : i + 1])
-                totals["sam"] += spectral_angle(pred[i : i + 1], target[i : i + 1], mask[i : i + 1])
+            loss_sum += n * stage1_loss(pred, target, mask, config.l1_weight, config.ssim_weight).item()
+            for name, values in tile_metrics(pred, target, mask).items():
+                per_tile[name].append(values)
             count += n
     model.train()
-    return {k: v / count for k, v in totals.items()}
+    return {"val_loss": loss_sum / count, **{name: mean_over_tiles(torch.cat(v)) for name, v in per_tile.items()}}
 
 
 def reshard(position: int, old_size: int, new_size: int, shard_size: int) -> int:
@@ -324,8 +327,11 @@ class Stage1Trainer:
         self.train_set = TileDataset(setup.split.train, config.seed, augment=config.augment, speckle_std=config.speckle_std)
         self.val_set = TileDataset(setup.split.val, config.seed, augment=False) if setup.split.val else None
 
+        # The output starts at the training targets' per-band mean, so early samples are not white
+        # (no random draw; skipped on resume, where the weights are loaded anyway).
+        self.output_means = band_means(self.train_set) if setup.ckpt is None else None
         seed_globals(derive_seed(config.seed, "init"))
-        self.model = UNet(width=config.width, dropout=config.dropout).to(device)
+        self.model = UNet(width=config.width, dropout=config.dropout, output_bias=self.output_means).to(device)
         self.parameters = list(self.model.parameters())
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
         warmup, total = config.warmup_steps, config.steps
@@ -387,6 +393,7 @@ class Stage1Trainer:
             "paths": {"data_dir": str(Path(config.data_dir).resolve()), "output_dir": str(self.output_dir.resolve())},
             "resumed_from": {"path": str(setup.ckpt_path), "step": self.state.step} if setup.ckpt is not None else None,
             "started_at": _now(), "ended_at": None, "final_step": self.state.step, "best": None,
+            "output_bias_means": self.output_means,
         }
         if not self.world.is_main:
             return
@@ -395,12 +402,7 @@ class Stage1Trainer:
         write_json(self.output_dir / ENVIRONMENT_JSON, environment_report(setup.env_fp))
         write_config_file(config, self.output_dir / CONFIG_FILE)
         self.metrics_log.truncate_after(self.state.step)  # drop what a killed run logged after its last checkpoint
-        if config.tensorboard:
-            if events_available():
-                self.events = EventLog(self.output_dir, self.state.step)
-            else:
-                self.say("warning: tensorboard is not installed: no TensorBoard event files "
-                         "(pip install 'axs-lib[tensorboard]', or pass --no-tensorboard to silence this)")
+        self.events = open_event_log(self.output_dir, self.state.step, config.tensorboard)
 
     def _record(self, entry: dict) -> None:
         self.metrics_log.append(entry)
@@ -559,7 +561,8 @@ class Stage1Trainer:
     def _refresh_plots(self, step: int) -> None:
         self.setup.run.record(f"{PLOTS}/loss.png", f"{SAMPLES}/step_{step}.png")
         self._save_run_info()
-        plots.refresh(self.output_dir, self.metrics_log.read(), self.model, self.val_set, self.device, step, SAMPLE_TILES)
+        plots.refresh(self.output_dir, self.metrics_log.read(), self.model, self.val_set, self.device, step, SAMPLE_TILES,
+                      events=self.events)
 
 
 def _shutdown_workers(loader) -> None:

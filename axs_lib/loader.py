@@ -129,7 +129,6 @@ class ResumableLoader:
         self.sampler = sampler
         self.drop_last = bool(drop_last)
         self.num_workers = num_workers
-        self.epoch, self.position = sampler.epoch, sampler.position
         self._plan = _BatchPlan(self)
         self._active: object | None = None
         self._loader = DataLoader(
@@ -146,6 +145,20 @@ class ResumableLoader:
 
     # ------------------------------------------------------------------ iteration
 
+    # The consumed state lives in the sampler (one home): the DataLoader never iterates the sampler
+    # itself (the plan asks it for a shard or a stream, which move nothing), so the sampler's
+    # ``(epoch, position)`` is exactly what the loop consumed, and its own state_dict says so too.
+    @property
+    def epoch(self) -> int:
+        return self.sampler.epoch
+
+    @property
+    def position(self) -> int:
+        return self.sampler.position
+
+    def _move_to(self, epoch: int, position: int) -> None:
+        self.sampler.epoch, self.sampler.position = epoch, position
+
     def __len__(self) -> int:
         full, rest = divmod(len(self.sampler), self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
@@ -153,7 +166,7 @@ class ResumableLoader:
     def __iter__(self) -> Iterator[Any]:
         """The rest of the current epoch; the state then moves to the next epoch at position 0."""
         if self.drop_last and len(self.sampler) - self.position < self.batch_size:
-            self.epoch, self.position = self.epoch + 1, 0  # what is left of this epoch makes no full batch
+            self._move_to(self.epoch + 1, 0)  # what is left of this epoch makes no full batch
         return self._run(endless=False)
 
     def endless(self) -> Iterator[Any]:
@@ -169,20 +182,18 @@ class ResumableLoader:
                 raise RuntimeError("another iteration of this ResumableLoader started; this one has ended")
             position = self.position + self.batch_size
             if endless:
-                self.epoch, self.position = self.sampler.advance(self.epoch, self.position, self.batch_size)
+                self._move_to(*self.sampler.advance(self.epoch, self.position, self.batch_size))
             elif position >= shard or (self.drop_last and shard - position < self.batch_size):
-                self.epoch, self.position = self.epoch + 1, 0
+                self._move_to(self.epoch + 1, 0)
             else:
-                self.position = position
+                self._move_to(self.epoch, position)
             yield batch
 
     # ------------------------------------------------------------------ state
 
     def set_epoch(self, epoch: int) -> None:
         """Start ``epoch`` at position 0 (keep the position when ``epoch`` is the current one)."""
-        self.sampler.load_state_dict(self.state_dict())
         self.sampler.set_epoch(epoch)
-        self.epoch, self.position = self.sampler.epoch, self.sampler.position
 
     def state_dict(self) -> dict[str, int]:
         """``{"epoch", "position", "num_samples"}`` after the last batch handed to the loop."""
@@ -197,7 +208,6 @@ class ResumableLoader:
             raise ValueError(f"loader state is for {saved} samples but this dataset has {self.sampler.num_samples}: "
                              "the epoch orders would differ")
         self.sampler.load_state_dict(state)
-        self.epoch, self.position = self.sampler.epoch, self.sampler.position
         self._active = None  # an iteration in progress must not move the new state
 
     def close(self) -> None:

@@ -22,8 +22,9 @@ every rank has the same shard length and all ranks roll over to the next epoch t
 
 What a sampler cannot know is how many of the indices it handed out the training loop has
 consumed: a DataLoader pulls indices ahead of the loop (prefetch). `axs_lib.loader.ResumableLoader`
-counts consumed batches and gives the sampler its start state; a sampler's own `state_dict` counts
-what it yielded, which is exact only when nothing reads ahead of the loop.
+counts consumed batches and keeps them as the sampler's state (it never iterates the sampler, it
+asks for a `shard` or a `stream`). Iterated directly, a sampler's `state_dict` counts what it
+yielded, which is exact only when nothing reads ahead of the loop.
 """
 
 from __future__ import annotations

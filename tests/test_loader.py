@@ -1,12 +1,20 @@
-"""ResumableLoader: its state is what the loop consumed, resume is exact with any worker count, and
-endless iteration walks the data exactly as the trainer's EpochSampler does."""
+"""ResumableLoader: its state is what the loop consumed, resume is exact with any worker count,
+endless iteration walks the data exactly as the trainer's EpochSampler does, and a toy loop of
+global-RNG calls is exact across reruns, worker counts and SIGKILL + resume."""
 
 from __future__ import annotations
 
 import gc
+import importlib.util
 import itertools
+import os
 import random
+import signal
+import subprocess
+import sys
+import time
 import weakref
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -16,6 +24,8 @@ from torch.utils.data import Dataset, SequentialSampler
 from axs_lib.loader import ResumableLoader
 from axs_lib.samples import SeededDataset
 from axs_lib.sampling import EpochSampler, ResumableSampler
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 class KeyDataset(Dataset):
@@ -82,11 +92,13 @@ def take_epoch_sampler(n, seed, start, count, rank=0, world_size=1):
 def test_endless_batches_walk_the_data_exactly_as_epoch_sampler(world_size):
     for rank in range(world_size):
         sampler = ResumableSampler(7, seed=4, num_replicas=world_size, rank=rank)
-        loader = ResumableLoader(KeyDataset(7), 3, seed=4, sampler=sampler)
-        got = keys(itertools.islice(loader.endless(), 6))
-        assert got == take_epoch_sampler(7, 4, (0, 0), 18, rank, world_size)
-        state = loader.state_dict()
-        assert (state["epoch"], state["position"]) == EpochSampler(7, 4, rank=rank, world_size=world_size).next_state(*got[-1][:2])
+        for start in [(0, 0), (2, 1)]:
+            loader = ResumableLoader(KeyDataset(7), 3, seed=4, sampler=sampler)
+            loader.load_state_dict({"epoch": start[0], "position": start[1]})
+            got = keys(itertools.islice(loader.endless(), 6))
+            assert got == take_epoch_sampler(7, 4, start, 18, rank, world_size)
+            state = loader.state_dict()
+            assert (state["epoch"], state["position"]) == EpochSampler(7, 4, rank=rank, world_size=world_size).next_state(*got[-1][:2])
 
 
 @pytest.mark.parametrize("before, after", [(2, 0), (0, 2), (2, 1)])
@@ -162,3 +174,116 @@ def test_a_dropped_loader_is_freed_at_once_with_its_workers():
         assert ref() is None
     finally:
         gc.enable()
+
+
+# --------------------------------------------------------------------------- a toy loop, end to end
+
+TOY_LOOP = '''
+import sys, time
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from axs_lib.loader import ResumableLoader
+from axs_lib.reproducibility import derive_seed, seed_globals, set_seed
+from axs_lib.run_dir import CheckpointManager
+from axs_lib.samples import SeededDataset
+from axs_lib.state import TrainingState
+
+STEPS, EVERY, SEED = 24, 3, 3
+
+
+class Toy(Dataset):  # nothing but the global generators
+    def __len__(self):
+        return 13
+
+    def __getitem__(self, index):
+        x = torch.rand(8) + float(np.random.normal())
+        return x, (x.sum() > 4).float().unsqueeze(0)
+
+
+def main(out, workers, pause=0.0):
+    set_seed(SEED)
+    run = CheckpointManager(out)
+    found = run.resume("auto")
+    seed_globals(derive_seed(SEED, "init"))
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 1))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.01)
+    scheduler = torch.optim.lr_scheduler.OneCycleLR(optimizer, max_lr=0.01, total_steps=STEPS)
+    loader = ResumableLoader(SeededDataset(Toy(), SEED), 4, seed=SEED, num_workers=workers)
+    state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, seed=SEED)
+    if found is not None:
+        state.load_state_dict(found[1])
+    batches = loader.endless()
+    with loader, run:
+        while state.step < STEPS:
+            seed_globals(derive_seed(SEED, "step", state.step))
+            x, y = next(batches)
+            optimizer.zero_grad()
+            nn.functional.binary_cross_entropy_with_logits(model(x), y).backward()
+            optimizer.step()
+            scheduler.step()
+            state.step += 1
+            if state.step % EVERY == 0:
+                run.save(state.state_dict(), state.step)
+            time.sleep(pause)  # the work of a real step: room for the kill to land anywhere
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], int(sys.argv[2]), float(sys.argv[3]))
+'''
+
+
+@pytest.fixture(scope="module")
+def toy_loop(tmp_path_factory):
+    path = tmp_path_factory.mktemp("toy_loop") / "toy_loop.py"
+    path.write_text(TOY_LOOP)
+    spec = importlib.util.spec_from_file_location("toy_loop", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def toy_checkpoints(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "checkpoints").glob("checkpoint_step_*.pt"))}
+
+
+def test_a_toy_loop_of_global_rng_calls_is_exact_across_reruns_workers_and_sigkill(toy_loop, tmp_path):
+    toy_loop.main(tmp_path / "ref", 0)
+    reference = toy_checkpoints(tmp_path / "ref")
+    assert len(reference) == toy_loop.STEPS // toy_loop.EVERY
+    toy_loop.main(tmp_path / "rerun", 0)
+    toy_loop.main(tmp_path / "workers", 2)
+    assert toy_checkpoints(tmp_path / "rerun") == reference
+    assert toy_checkpoints(tmp_path / "workers") == reference
+
+    seed = random.SystemRandom().randrange(2**32)
+    rng = random.Random(seed)
+    out = tmp_path / "killed"
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.Popen([sys.executable, toy_loop.__file__, str(out), "2", "0.05"], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    deadline = time.monotonic() + 120
+    while proc.poll() is None and not toy_checkpoints(out) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    time.sleep(rng.uniform(0.0, 0.5))
+    assert proc.poll() is None, "the run ended before the kill"
+    os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the main process and its workers
+    proc.wait()
+    assert 0 < len(toy_checkpoints(out)) < len(reference)
+    toy_loop.main(out, 1)  # resume with another worker count
+    assert toy_checkpoints(out) == reference, f"kill moment drawn with random.Random({seed})"
+    for data in reference.values():
+        (tmp_path / "c.pt").write_bytes(data)
+        torch.load(tmp_path / "c.pt", weights_only=True)
+
+
+def test_the_samplers_state_is_the_loaders_consumed_state():
+    sampler = ResumableSampler(10, seed=2)
+    loader = ResumableLoader(KeyDataset(10), 3, seed=2, sampler=sampler, num_workers=1)
+    it = loader.endless()
+    for _ in range(4):
+        next(it)
+    assert sampler.state_dict() == {"epoch": 1, "position": 2}
+    assert loader.state_dict() == {"epoch": 1, "position": 2, "num_samples": 10}

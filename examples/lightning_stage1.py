@@ -12,7 +12,7 @@ were killed and resumed (``axs compare RUN_A RUN_B``). What makes that so is `ax
 `ResumableLoader` as the training dataloader. This file is only the model and the flags.
 
 Augmentation: `TileDataset` draws each sample's flips, turns and speckle from its own generator,
-keyed by (epoch, sample index); `_Keyed` passes it the epoch that the loader's `SampleIndex` carries.
+keyed by (epoch, sample index), taking the epoch from the `SampleIndex` the loader hands it.
 """
 
 from __future__ import annotations
@@ -24,24 +24,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the axs_lib beside this example
 
 import torch  # noqa: E402
-from torch.utils.data import Dataset  # noqa: E402
 
 from axs_lib import argtypes  # noqa: E402
 from axs_lib.cli import OneLineParser, run_handler  # noqa: E402
 from axs_lib.errors import UsageError  # noqa: E402
-
-
-class _Keyed(Dataset):
-    """`TileDataset` indexed by `SampleIndex` ints: hands it the ``(epoch, position, index)`` key it augments from."""
-
-    def __init__(self, tiles):
-        self.tiles = tiles
-
-    def __len__(self) -> int:
-        return len(self.tiles)
-
-    def __getitem__(self, index):
-        return self.tiles[(index.epoch, index.position, int(index))]
 
 
 def build_module(args, train_set):
@@ -96,7 +82,7 @@ def train(args) -> int:
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(paths)} tiles in {args.data_dir}")
 
     set_seed(args.seed)
-    train_set = _Keyed(TileDataset(paths, args.seed, augment=not args.no_augment))
+    train_set = TileDataset(paths, args.seed, augment=not args.no_augment)
     seed_globals(derive_seed(args.seed, "init"))  # the initial weights depend on the seed alone
     module = build_module(args, train_set)
     trainer = pl.Trainer(

@@ -8,6 +8,7 @@ Lightning differs after a mid-epoch resume and that the same module with `ExactR
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import importlib.util
 import os
@@ -106,23 +107,35 @@ def _strings(obj, found: list) -> None:
             _strings(value, found)
 
 
-def test_sigkill_with_workers_then_resume_with_other_worker_count_is_byte_identical(runs, tmp_path):
+@pytest.mark.parametrize("moment", ["random", "during_a_checkpoint_write"])
+def test_sigkill_with_workers_then_resume_with_other_worker_count_is_byte_identical(runs, tmp_path, moment):
+    """Killed with 2 workers (the whole process group) and resumed with 0.
+
+    ``random``: a random moment after the first checkpoint; the last checkpoint's write is held
+    back (``AXS_FAULT=stop``), so however fast the machine the kill lands before the run is done.
+    ``during_a_checkpoint_write``: the process kills itself with step 8's temp file half written.
+    """
     root, tiles, example = runs
     out = tmp_path / "killed"
-    delay = random.Random().uniform(0.0, 0.5)
+    delay = random.Random().uniform(0.0, 1.0)
+    fault = "stop:checkpoint_step_12.pt" if moment == "random" else "kill:checkpoint_step_8.pt"
     proc = subprocess.Popen([sys.executable, str(EXAMPLE), *_args(tiles, out, 2)], cwd=REPO, start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                            env={**os.environ, "AXS_FAULT": fault}, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     first = out / "checkpoints" / "checkpoint_step_4.pt"
     deadline = time.monotonic() + 300
     while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.05)
-    time.sleep(delay)
-    os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its workers
+    if moment == "random":
+        time.sleep(delay)
+    else:
+        proc.wait(timeout=300)
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)  # the trainer and its workers
     _, err = proc.communicate()
-    assert proc.returncode == -signal.SIGKILL, f"the run ended before the kill ({delay:.2f} s after step 4): {err.decode()[-2000:]}"
-    assert first.exists(), err.decode()[-2000:]
+    assert proc.returncode == -signal.SIGKILL, err.decode()[-2000:]
+    assert first.exists() and not (out / "checkpoints" / "checkpoint_step_12.pt").exists(), err.decode()[-2000:]
     assert example.main(_args(tiles, out, 0, "--resume", "auto")) == 0
-    assert _digests(out) == _digests(root / "a"), f"kill {delay:.2f} s after the first checkpoint"
+    assert _digests(out) == _digests(root / "a"), f"{moment} kill, {delay:.2f} s after the first checkpoint"
 
 
 def test_resume_from_the_middle_of_an_epoch_with_one_worker_is_byte_identical(runs, tmp_path):

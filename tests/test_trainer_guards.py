@@ -123,6 +123,16 @@ def test_resume_from_another_runs_checkpoint_is_refused(finished_run, tiles, tmp
     assert _snapshot(mine) == before
 
 
+def test_adopt_checkpoint_forks_another_run_into_a_new_directory(finished_run, tiles, tmp_path, capsys):
+    fork = tmp_path / "fork"
+    code, _ = _train(capsys, "--data-dir", str(tiles), "--output-dir", str(fork), *BASE,
+                     "--resume", str(finished_run / "checkpoints" / "checkpoint_step_2.pt"), "--adopt-checkpoint")
+    assert code == 0
+    assert json.loads((fork / "run.json").read_text())["resumed_from"]["step"] == 2
+    final = "checkpoints/checkpoint_step_4.pt"
+    assert (fork / final).read_bytes() == (finished_run / final).read_bytes()
+
+
 def test_resume_into_a_directory_that_is_not_a_run_keeps_the_users_files(tiles, tmp_path, capsys):
     folder = tmp_path / "mine"
     folder.mkdir()

@@ -11,7 +11,6 @@ from axs_lib.stage1.config import (CHECKPOINT_MODES, DEFAULT_SPLIT_SEED, FIELD_N
                                    build_config, config_text, config_warnings, read_config_file)
 from axs_lib import argtypes
 from axs_lib.cli import add_debug_flag
-from axs_lib.stage1.train import ResumeRequest, train_stage1
 
 EXAMPLES = """examples:
   axs train stage1 --data-dir tiles/ --output-dir runs/exp1/ --seed 42 --steps 100 --max-tiles 10
@@ -90,6 +89,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                      help="continue from the run's newest valid checkpoint (auto) or from PATH")
     run.add_argument("--force-resume", action="store_true",
                      help="resume even if seed, config, tiles, world size or format differ (bits will not match)")
+    run.add_argument("--adopt-checkpoint", action="store_true",
+                     help="with --resume PATH: continue another run's checkpoint in this --output-dir (a fork)")
     run.add_argument("--allow-world-size-change", action="store_true",
                      help="resume on another number of torchrun ranks, re-sharding the current epoch (other bits)")
     run.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --output-dir")
@@ -145,7 +146,9 @@ def run(args: argparse.Namespace) -> int:
         resumed.data_dir = given.get("data_dir") or _previous_data_dir(Path(config.output_dir)) or config.data_dir
         return resumed
 
-    result = train_stage1(config, ResumeRequest(args.resume, args.force_resume, args.allow_world_size_change), overwrite=args.overwrite,
+    from axs_lib.stage1.train import ResumeRequest, train_stage1  # torch and the trainer: only when training
+
+    result = train_stage1(config, ResumeRequest(args.resume, args.force_resume, args.allow_world_size_change, args.adopt_checkpoint), overwrite=args.overwrite,
                           log=log, config_for_resume=for_resume)
     return result.exit_code
 

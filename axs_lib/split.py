@@ -83,7 +83,7 @@ def make_split(paths: list[Path], seed: int, val_fraction: float = 0.1, source: 
         raise UsageError(f"validation fraction must be between 0 and 1 (exclusive), got {val_fraction}")
     if not paths:
         raise UsageError("no tiles to split")
-    paths = sorted((Path(p) for p in paths), key=lambda p: p.name)
+    paths = sorted((p if isinstance(p, Path) else Path(p) for p in paths), key=lambda p: p.name)
     if source == "random":
         return _random_split(paths, seed, val_fraction)
     labelled = {p: read_sidecar(p).get("split") for p in paths}

@@ -195,7 +195,7 @@ def _check_stems_unique(data_dir: Path, names: list[str]) -> None:
 
 def sidecar_path(tile_path: os.PathLike | str) -> Path:
     """``<stem>.json`` beside ``<stem>.npz``."""
-    return Path(tile_path).with_suffix(SIDECAR_SUFFIX)
+    return Path(os.path.splitext(tile_path)[0] + SIDECAR_SUFFIX)
 
 
 # --------------------------------------------------------------------------- reading
@@ -597,15 +597,20 @@ def stat_key(st: os.stat_result) -> list[int]:
     return [st.st_ino, st.st_size, st.st_ctime_ns, st.st_mtime_ns]
 
 
-def ref_key(ref: os.PathLike | str) -> tuple[str, str, list] | None:
-    """(directory, entry name, stat key) of a tile ref, covering tile and sidecar (shard and index
-    for a packed tile); None when the tile does not exist. Raises `InputError` if it is not a file."""
+def ref_key(ref: os.PathLike | str, real_dirs: dict[str, str] | None = None) -> tuple[str, str, list] | None:
+    """(directory, entry name, stat keys) of a tile ref, covering tile and sidecar (shard and index
+    for a packed tile); None when the tile does not exist. Raises `InputError` if it is not a file.
+
+    Works on strings, not `Path`, and resolves each directory once (``real_dirs`` memoises it
+    across calls): this is the whole per-tile cost of a cached start.
+    """
     ref = os.fspath(ref)
     if _packed().is_packed_ref(ref):
-        shard, index = _packed().shard_files(os.path.dirname(ref))
-        files, directory, name = (shard, index), os.path.dirname(os.fspath(shard)), shard.name
+        shard = os.path.dirname(ref)
+        files = (shard, shard[: -len(".npy")] + ".json")
     else:
-        files, (directory, name) = (Path(ref), sidecar_path(ref)), os.path.split(ref)
+        files = (ref, os.path.splitext(ref)[0] + SIDECAR_SUFFIX)
+    directory, name = os.path.split(files[0])
     keys = []
     for i, file in enumerate(files):
         try:
@@ -620,7 +625,10 @@ def ref_key(ref: os.PathLike | str) -> tuple[str, str, list] | None:
         if not stat.S_ISREG(st.st_mode):
             raise InputError(display_path(file), f"{'tile' if i == 0 else 'sidecar'} is {_kind(st.st_mode)}, not a regular file")
         keys.append(stat_key(st))
-    return os.path.realpath(directory or "."), name, keys
+    real_dirs = {} if real_dirs is None else real_dirs
+    if directory not in real_dirs:
+        real_dirs[directory] = os.path.realpath(directory or ".")
+    return real_dirs[directory], name, keys
 
 
 class StatCache:
@@ -693,13 +701,15 @@ def check_tiles(refs: list, cache_dir: os.PathLike | str | None = None) -> dict:
     """
     cache = StatCache("checked", cache_dir)
     shapes: dict[tuple, Path] = {}
+    real_dirs: dict[str, str] = {}
     checked = cached = 0
     for ref in refs:
-        key = ref_key(ref)
+        key = ref_key(ref, real_dirs)
         if key is None:
             raise InputError(display_path(ref), "no such file")
         directory, name, keys = key
-        entry_name = name if not _packed().is_packed_ref(ref) else f"{name}/{Path(ref).name}"
+        base = os.path.basename(os.fspath(ref))
+        entry_name = name if name == base else f"{name}/{base}"
         shape = cache.get(directory, entry_name, keys)
         if shape is None:
             problems, shape = tile_problems(ref)
@@ -711,11 +721,11 @@ def check_tiles(refs: list, cache_dir: os.PathLike | str | None = None) -> dict:
             checked += 1
         else:
             cached += 1
-        shapes.setdefault(tuple(shape), Path(ref))
+        shapes.setdefault(tuple(shape), ref)
         if len(shapes) > 1:
             cache.save()
             (a, pa), (b, pb) = list(shapes.items())[:2]
-            raise InputError(display_path(ref), f"tiles differ in size: {pa.name} is {'x'.join(map(str, a))}, "
-                             f"{pb.name} is {'x'.join(map(str, b))}; one run needs one tile size")
+            raise InputError(display_path(ref), f"tiles differ in size: {display_path(os.path.basename(pa))} is {'x'.join(map(str, a))}, "
+                             f"{display_path(os.path.basename(pb))} is {'x'.join(map(str, b))}; one run needs one tile size")
     cache.save()
     return {"checked": checked, "cached": cached, "shape": next(iter(shapes), None)}

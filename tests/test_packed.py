@@ -93,3 +93,16 @@ def test_cli_packs(demo_tiles, tmp_path, capsys):
     assert "6 tiles packed into 2 shard(s)" in capsys.readouterr().out
     loaded = np.load(tmp_path / "p" / "shard-00000.npy", mmap_mode="r")
     assert loaded.dtype == np.uint8 and loaded.ndim == 1
+
+
+def test_bench_loader_smallest_gives_positive_figures(monkeypatch, capsys):
+    from axs_lib import tiles as tiles_module
+    from benchmarks import bench_loader
+
+    monkeypatch.setattr(bench_loader, "WORKERS", (0,))
+    monkeypatch.setattr(bench_loader, "TILE_SIZE", 16)
+    monkeypatch.setattr(bench_loader, "BATCH_SIZE", 4)
+    monkeypatch.setattr(tiles_module, "RACY_SECONDS", 0.0)
+    results = bench_loader.main(["--startup", "20", "--loader-tiles", "16"])
+    assert results["startup_20_second_vs_first"] > 0 and results["loader_packed_0_workers_tiles_per_s"] > 0
+    assert "second/first" in capsys.readouterr().out

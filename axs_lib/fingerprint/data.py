@@ -82,9 +82,10 @@ def data_fingerprint(paths: list, split_manifest: dict, cache_dir: os.PathLike |
     """
     cache = StatCache("digests", cache_dir)
     tiles = hashlib.sha256()
+    real_dirs: dict[str, str] = {}
     try:
         for ref in sorted(paths, key=lambda p: os.path.basename(os.fspath(p))):
-            key = ref_key(ref)
+            key = ref_key(ref, real_dirs)
             if key is None:
                 raise InputError(os.fsencode(ref).decode("utf-8", "backslashreplace"), "no such file")
             directory, name, keys = key

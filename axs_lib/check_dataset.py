@@ -200,8 +200,9 @@ def check_dataset(
     dataset, wrapped = build()
     seed = dataset.seed
     keys = list(itertools.islice(dataset_keys(dataset, seed), batches * batch_size))
-    draw = lambda ds, workers, split=None: _run_user_code(  # noqa: E731
-        f"drawing samples of {name}", lambda: _draw(ds, seed, batch_size, batches, workers, split))
+    def draw(ds, workers: int, split: int | None = None) -> list:
+        return _run_user_code(f"drawing samples of {name}", lambda: _draw(ds, seed, batch_size, batches, workers, split))
+
     reference = draw(dataset, 0)
     runs = {
         "rerun": lambda: draw(build()[0], 0),

@@ -19,7 +19,7 @@ from axs_lib.ingest import write_synthetic_tiles
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "own_loop.py"
-STEPS, EVERY = 16, 4
+STEPS, EVERY = 24, 4
 
 
 def load_example():
@@ -77,15 +77,16 @@ def test_another_seed_writes_other_bytes(tiles, tmp_path, reference):
 
 
 def run_and_kill(cmd: list[str], out: Path, rng: random.Random) -> bool:
-    """Start ``cmd`` in its own process group; once it has written a checkpoint, SIGKILL the whole
-    group (workers included) after a random delay: mid-step, mid-batch or mid-write. True when the
-    kill came before the run ended."""
+    """Start ``cmd`` in its own process group; once it has written its first or second checkpoint
+    (drawn), SIGKILL the whole group (workers included) after a random delay: mid-step, mid-batch
+    or mid-write, with steps still to go on any machine. True when the kill came before the run ended."""
+    wanted = rng.choice([1, 2])
     proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
     try:
         deadline = time.monotonic() + 120
-        while proc.poll() is None and not list((out / "checkpoints").glob("checkpoint_step_*.pt")) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        time.sleep(rng.uniform(0.0, 0.4))
+        while proc.poll() is None and len(list(out.glob("checkpoints/checkpoint_step_*.pt"))) < wanted and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(rng.uniform(0.0, 0.05))
     finally:
         killed = proc.poll() is None
         if killed:

@@ -33,6 +33,7 @@ from axs_lib.checkpoint import CHECKSUM_KEY, FORMAT_KEY, content_digest, load_ch
 from axs_lib.cli import main
 from axs_lib.ingest import encode_tile
 from axs_lib.tiles import S1_KEYS, S2_KEYS
+from conftest import build_once, train_in_process
 
 MARKER = "PWNED"  # the malicious pickles write this file if their payload ever runs
 
@@ -43,16 +44,9 @@ MARKER = "PWNED"  # the malicious pickles write this file if their payload ever 
 @pytest.fixture(scope="module")
 def base_run(demo_tiles, tmp_path_factory):
     """A finished 2-step run on the demo tiles (seed 42), copied by the cases that need one."""
-    out = tmp_path_factory.mktemp("bad_inputs_base") / "run"
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # only for this small run: cheaper on a loaded 2-core machine
-    try:
-        assert main(["train", "stage1", "--data-dir", str(demo_tiles), "--output-dir", str(out), "--seed", "42",
-                     "--steps", "2", "--width", "8", "--batch-size", "2", "--checkpoint-every", "2", "--val-every", "2",
-                     "--no-plots", "--quiet", "--num-workers", "0"]) == 0
-    finally:
-        torch.set_num_threads(threads)
-    return out
+    return build_once(tmp_path_factory, "bad_inputs_base", lambda out: train_in_process([
+        "--data-dir", str(demo_tiles), "--output-dir", str(out), "--seed", "42", "--steps", "2", "--width", "8",
+        "--batch-size", "2", "--checkpoint-every", "2", "--val-every", "2", "--no-plots", "--quiet", "--num-workers", "0"]))
 
 
 @dataclass

@@ -1,4 +1,10 @@
-"""Distributed training under torchrun: 2 CPU ranks with gloo on loopback, byte-identical results."""
+"""Distributed training under torchrun: 2 CPU ranks with gloo on loopback, byte-identical results.
+
+Every torchrun starts three processes that import torch, so ``make test`` starts one (the shared
+two-rank run) and checks what needs it: every rank's RNG state in the checkpoint, and a resume
+on another world size refused, then allowed. A rerun with another worker count and a kill inside
+a checkpoint write with its resume (two more torchruns each) are ``make soak`` (``-m slow``).
+"""
 
 from __future__ import annotations
 
@@ -40,6 +46,7 @@ def two_rank_run(demo_tiles, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 def test_two_ranks_rerun_with_other_worker_count_is_byte_identical(two_rank_run, demo_tiles, tmp_path):
     out = tmp_path / "again"
     proc = torchrun(args(demo_tiles, out, "--num-workers", "1"))
@@ -57,6 +64,7 @@ def test_checkpoint_holds_every_ranks_rng_state(two_rank_run):
     assert len(states) == 2 and not torch.equal(states[0]["torch_rng_state"], states[1]["torch_rng_state"])
 
 
+@pytest.mark.slow
 def test_killed_during_checkpoint_write_and_resumed_is_byte_identical(two_rank_run, demo_tiles, tmp_path):
     out = tmp_path / "killed"
     proc = torchrun(args(demo_tiles, out), env={"AXS_FAULT": "kill:checkpoint_step_4.pt"})

@@ -30,7 +30,6 @@ Beyond running, each block has a check that fails when the behaviour the guide d
 
 from __future__ import annotations
 
-import fcntl
 import inspect
 import os
 import re
@@ -47,7 +46,7 @@ import torch
 
 import axs_lib.reproducibility as repro
 from axs_lib.checkpoint import load_checkpoint
-from axs_lib.cli import main
+from conftest import build_once, train_in_process
 from doc_blocks import EXAMPLE_ENV, Block, exec_python, make_workspace, parse_blocks, process_state_restored, run_shell, shell_commands
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -508,26 +507,10 @@ TREATMENTS: dict[str, Treatment] = {
 
 @pytest.fixture(scope="session")
 def trainer_checkpoint(demo_tiles, tmp_path_factory) -> Path:
-    """The final checkpoint of a real 2-step Stage-1 run on the demo tiles, seed 42.
-
-    Trained once per test session, also under pytest-xdist: the first worker trains under a lock
-    in the directory all workers share, the others wait for it and reuse the file.
-    """
-    shared = tmp_path_factory.getbasetemp().parent
-    out = shared / "guide_trained_run"
-    final = out / "checkpoints" / "checkpoint_step_2.pt"
-    with open(shared / "guide_trained_run.lock", "w") as lock:
-        fcntl.lockf(lock, fcntl.LOCK_EX)
-        if not final.exists():
-            shutil.rmtree(out, ignore_errors=True)
-            flags = (torch.are_deterministic_algorithms_enabled(), torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark)
-            try:
-                assert main(["train", "stage1", "--data-dir", str(demo_tiles), "--output-dir", str(out), "--seed", "42",
-                             "--steps", "2", "--no-plots", "--quiet"]) == 0
-            finally:
-                torch.use_deterministic_algorithms(flags[0])
-                torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = flags[1], flags[2]
-    return final
+    """The final checkpoint of a real 2-step Stage-1 run on the demo tiles, seed 42 (trained once per test run)."""
+    out = build_once(tmp_path_factory, "guide_trained_run", lambda out: train_in_process([
+        "--data-dir", str(demo_tiles), "--output-dir", str(out), "--seed", "42", "--steps", "2", "--no-plots", "--quiet"]))
+    return out / "checkpoints" / "checkpoint_step_2.pt"
 
 
 @pytest.fixture

@@ -1,7 +1,15 @@
-"""The Stage-1 trainer on the real demo tiles: byte-identical across reruns, kills, signals and workers."""
+"""The Stage-1 trainer on the real demo tiles: byte-identical across reruns, kills, signals and workers.
+
+Every run here is compared with one uninterrupted reference run (``stage1_reference`` in
+conftest.py, trained once per test run). Training runs in this process; a subprocess is started
+only where a separate process is the point: SIGKILL (mid-epoch with DataLoader workers, inside a
+checkpoint write), SIGTERM, and a second process against a live run's lock. Many kills at random
+moments are the kill harness's job (tests/test_kill_harness.py, ``make soak``).
+"""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -15,32 +23,50 @@ from pathlib import Path
 import pytest
 import torch
 
+import killtest
 from axs_lib.checkpoint import CHECKSUM_KEY, FORMAT_KEY, content_digest, load_checkpoint, read_latest
 from axs_lib.cli import main
-from axs_lib.stage1 import run_dir
+from axs_lib.run_dir import locked
+from conftest import REFERENCE_STEPS as STEPS
 
 ROOT = Path(__file__).resolve().parents[1]
-STEPS = 10
 
 
-def args(data: Path, out: Path, *extra: str, steps: int = STEPS) -> list[str]:
-    return [
-        "--data-dir", str(data), "--output-dir", str(out), "--seed", "42", "--steps", str(steps),
-        "--batch-size", "3", "--width", "8", "--checkpoint-every", "2", "--val-every", "4",
-        "--log-every", "1", "--no-plots", "--quiet", *extra,
-    ]
+def args(data: Path, out: Path, *extra: str, steps: int = STEPS, workers: int = 0) -> list[str]:
+    """The reference's command line (the kill harness's configuration), with ``extra`` flags."""
+    return killtest.train_argv(data, out, steps, *extra, num_workers=workers)
 
 
 def train(*argv: str) -> int:
     return main(["train", "stage1", *argv])
 
 
+SPAWNED: list[subprocess.Popen] = []
+
+
 def spawn(argv: list[str], env: dict | None = None) -> subprocess.Popen:
-    return subprocess.Popen(
+    """The trainer script in a process of its own, in its own session (killpg reaches its workers)."""
+    proc = subprocess.Popen(
         [sys.executable, str(ROOT / "scripts" / "train_stage1.py"), *argv],
         cwd=ROOT, env={**os.environ, **(env or {})}, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True, start_new_session=True,
     )
+    SPAWNED.append(proc)
+    return proc
+
+
+@pytest.fixture(autouse=True)
+def no_run_left_behind():
+    """A test that fails or times out must not leave its trainer (and workers) running."""
+    yield
+    while SPAWNED:
+        proc = SPAWNED.pop()
+        if proc.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        for stream in (proc.stdout, proc.stderr):
+            stream.close()
 
 
 def shas(out: Path) -> dict[str, str]:
@@ -60,12 +86,9 @@ def wait_for_step(out: Path, proc: subprocess.Popen, step: int, timeout: float =
     raise AssertionError(f"step {step} not reached")
 
 
-@pytest.fixture(scope="module")
-def reference(demo_tiles, tmp_path_factory):
-    """An uninterrupted run with 0 workers: the bits every other run must reproduce."""
-    out = tmp_path_factory.mktemp("reference") / "run"
-    assert train(*args(demo_tiles, out, "--num-workers", "0")) == 0
-    return out
+@pytest.fixture
+def reference(stage1_reference):
+    return stage1_reference
 
 
 def test_run_writes_what_it_promises(reference):
@@ -111,11 +134,11 @@ def test_another_seed_gives_other_weights(reference, demo_tiles, tmp_path):
 
 def test_sigkill_mid_epoch_with_workers_then_resume(reference, demo_tiles, tmp_path):
     out = tmp_path / "killed"
-    proc = spawn(args(demo_tiles, out, "--num-workers", "2"))
+    proc = spawn(args(demo_tiles, out, workers=2))
     wait_for_step(out, proc, 5)  # 4 train tiles, batch 3: epochs end mid-batch, checkpoints fall mid-epoch
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert train(*args(demo_tiles, out, "--num-workers", "2", "--resume", "auto")) == 0
+    assert train(*args(demo_tiles, out, "--resume", "auto", workers=2)) == 0
     assert shas(out) == shas(reference)
     steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
     assert steps == list(range(1, STEPS + 1))  # no duplicated or lost log lines
@@ -123,7 +146,7 @@ def test_sigkill_mid_epoch_with_workers_then_resume(reference, demo_tiles, tmp_p
 
 def test_kill_during_checkpoint_write_then_resume(reference, demo_tiles, tmp_path):
     out = tmp_path / "killed_in_write"
-    proc = spawn(args(demo_tiles, out, "--num-workers", "2"), env={"AXS_FAULT": "kill:checkpoint_step_6.pt"})
+    proc = spawn(args(demo_tiles, out, workers=2), env={"AXS_FAULT": "kill:checkpoint_step_6.pt"})
     proc.wait(timeout=120)
     assert proc.returncode == -signal.SIGKILL
     ckpts = out / "checkpoints"
@@ -138,7 +161,7 @@ def test_kill_during_checkpoint_write_then_resume(reference, demo_tiles, tmp_pat
 
 def test_sigterm_checkpoints_current_step_and_resumes_exactly(reference, demo_tiles, tmp_path):
     out = tmp_path / "terminated"
-    proc = spawn(args(demo_tiles, out, "--num-workers", "2", "--checkpoint-every", "100"))
+    proc = spawn(args(demo_tiles, out, "--checkpoint-every", "100", workers=2))
     wait_for_step(out, proc, 3)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -147,7 +170,7 @@ def test_sigterm_checkpoints_current_step_and_resumes_exactly(reference, demo_ti
     assert stopped is not None and stopped.exists()
     step = load_checkpoint(stopped)["step"]
     assert 3 <= step < STEPS
-    assert train(*args(demo_tiles, out, "--num-workers", "2", "--checkpoint-every", "100", "--resume", "auto")) == 0
+    assert train(*args(demo_tiles, out, "--checkpoint-every", "100", "--resume", "auto", workers=2)) == 0
     final = f"checkpoint_step_{STEPS}.pt"
     assert shas(out)[final] == shas(reference)[final]
     assert shas(out)[f"checkpoint_step_{step}.pt"] == shas(reference).get(f"checkpoint_step_{step}.pt", shas(out)[f"checkpoint_step_{step}.pt"])
@@ -176,18 +199,43 @@ def test_corrupt_latest_falls_back_to_newest_valid(reference, demo_tiles, tmp_pa
     assert shas(out) == shas(reference)
 
 
-def test_early_stopping_resumed_run_stops_at_the_same_step(demo_tiles, tmp_path):
-    es = ("--early-stopping", "--patience", "2", "--min-delta", "0.003", "--val-every", "2", "--lr", "0.003")
-    full = tmp_path / "es_full"
-    assert train(*args(demo_tiles, full, *es, steps=60)) == 0
+ES = ("--early-stopping", "--patience", "2", "--min-delta", "0.003", "--val-every", "2", "--lr", "0.003")
+
+
+@pytest.fixture(scope="module")
+def early_stopped(demo_tiles, tmp_path_factory):
+    """A run (at most 60 steps) that early stopping ends, and the step it stopped at."""
+    full = tmp_path_factory.mktemp("es") / "full"
+    assert train(*args(demo_tiles, full, *ES, steps=60)) == 0
     run = json.loads((full / "run.json").read_text())
-    stop = run["final_step"]
-    assert run["status"] == "early_stopped" and 6 <= stop < 60
+    assert run["status"] == "early_stopped" and 6 <= run["final_step"] < 60
+    return full, run["final_step"]
+
+
+def test_early_stopping_resumed_run_stops_at_the_same_step(early_stopped, demo_tiles, tmp_path):
+    """Resumed two steps before the stop (the later checkpoints gone, as after a crash there)."""
+    full, stop = early_stopped
     resumed = tmp_path / "es_resumed"
-    proc = spawn(args(demo_tiles, resumed, *es, steps=60), env={"AXS_FAULT": f"kill:checkpoint_step_{stop - 2}.pt"})
+    shutil.copytree(full, resumed)
+    ckpts = resumed / "checkpoints"
+    for path in ckpts.glob("checkpoint_step_*.pt"):
+        if int(path.stem.rsplit("_", 1)[1]) > stop - 2:
+            path.unlink()
+    (ckpts / "latest").write_text(f"checkpoint_step_{stop - 2}.pt\n")
+    assert read_latest(ckpts).name == f"checkpoint_step_{stop - 2}.pt"
+    assert train(*args(demo_tiles, resumed, *ES, "--resume", "auto", steps=60)) == 0
+    assert json.loads((resumed / "run.json").read_text())["final_step"] == stop
+    assert shas(resumed) == shas(full)
+
+
+@pytest.mark.slow
+def test_early_stopping_run_killed_in_a_write_stops_at_the_same_step(early_stopped, demo_tiles, tmp_path):
+    full, stop = early_stopped
+    resumed = tmp_path / "es_killed"
+    proc = spawn(args(demo_tiles, resumed, *ES, steps=60), env={"AXS_FAULT": f"kill:checkpoint_step_{stop - 2}.pt"})
     proc.wait(timeout=120)
     assert proc.returncode == -signal.SIGKILL
-    assert train(*args(demo_tiles, resumed, *es, "--resume", "auto", steps=60)) == 0
+    assert train(*args(demo_tiles, resumed, *ES, "--resume", "auto", steps=60)) == 0
     assert json.loads((resumed / "run.json").read_text())["final_step"] == stop
     assert shas(resumed) == shas(full)
 
@@ -255,27 +303,25 @@ def test_second_run_into_used_dir_is_refused(reference, demo_tiles, tmp_path, ca
 def test_live_lock_stops_a_second_run(demo_tiles, tmp_path):
     out = tmp_path / "locked"
     out.mkdir()
-    with run_dir.locked(out):
+    with locked(out):
         proc = spawn(args(demo_tiles, out, "--resume", "auto"))
         _, err = proc.communicate(timeout=120)
     assert proc.returncode == 2
     assert f"another run (pid {os.getpid()})" in err and "Traceback" not in err
 
 
-def test_guide_command_and_default_output_dir(demo_tiles, tmp_path):
-    """The guide's quick test, and --output-dir defaulting to runs/stage1_seed<SEED>."""
-    work = tmp_path / "cwd"
-    work.mkdir()
-    (work / "tiles").symlink_to(demo_tiles)
-    cmd = [sys.executable, str(ROOT / "scripts" / "train_stage1.py"), "--seed", "7", "--steps", "2", "--max-tiles", "10",
-           "--width", "8", "--no-plots", "--quiet"]
-    proc = subprocess.run(cmd, cwd=work, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert (work / "runs" / "stage1_seed7" / "checkpoints" / "checkpoint_step_2.pt").exists()
-    proc = subprocess.run(cmd[:2] + cmd[4:], cwd=work, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr
-    assert "notice: no --seed given" in proc.stderr  # shown even with --quiet
-    assert (work / "runs" / "stage1_seed42").is_dir()
+def test_guide_command_and_default_output_dir(demo_tiles, tmp_path, monkeypatch, capsys):
+    """The guide's quick test from a directory holding tiles/, and --output-dir defaulting to
+    runs/stage1_seed<SEED> (in this process; tests/test_guide.py runs the guide's script itself)."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "tiles").symlink_to(demo_tiles)
+    argv = ["--seed", "7", "--steps", "2", "--max-tiles", "10", "--width", "8", "--no-plots", "--quiet"]
+    assert train(*argv) == 0
+    assert (tmp_path / "runs" / "stage1_seed7" / "checkpoints" / "checkpoint_step_2.pt").exists()
+    capsys.readouterr()
+    assert train(*argv[2:]) == 0
+    assert "notice: no --seed given" in capsys.readouterr().err  # shown even with --quiet
+    assert (tmp_path / "runs" / "stage1_seed42").is_dir()
 
 
 def test_plots_samples_and_tensorboard_events_are_written(demo_tiles, tmp_path):

@@ -1,9 +1,13 @@
 """Kill harness: SIGKILL a training run at random moments, resume it each time, demand the same bits.
 
-``python -m axs_lib.killtest --kills 20 --seed 1234`` does this:
+A test tool, not part of the installed package: it lives beside the repository's tests and drives
+``scripts/train_stage1.py`` (the ``axs_lib`` next to it) in subprocesses.
+``python tools/killtest.py --kills 20 --seed 1234`` does this:
 
 1. trains an uninterrupted *reference* run of the Stage-1 trainer on the real demo tiles (small
-   model, 2 DataLoader workers, a checkpoint every 2 steps, validation every 4), in a subprocess;
+   model, 2 DataLoader workers, a checkpoint every 2 steps, validation every 4), in a subprocess
+   (or takes one trained already with `train_argv`: ``run_harness(..., reference=PATH)``, as the
+   tests do);
 2. starts the same run again and kills it ``--kills`` times. Each kill is one of
 
    * ``write``: the run is started with ``AXS_FAULT=kill:checkpoint_step_<k>.pt``, so it SIGKILLs
@@ -31,6 +35,7 @@ the killed run use the same setting, so the comparison is fair.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import hashlib
 import json
 import os
@@ -43,14 +48,18 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
-from axs_lib.checkpoint import load_checkpoint, read_latest
-from axs_lib.errors import CheckpointError
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # the axs_lib beside this script, not another install
+
+from axs_lib.checkpoint import load_checkpoint, read_latest  # noqa: E402
+from axs_lib.errors import CheckpointError  # noqa: E402
 
 ROOT_SEED_MAX = 2**32 - 1
 MAX_DELAY_S = 0.6  # a few steps of this small model: lands in steps, validation and writes alike
-TRAIN_SCRIPT = [sys.executable, "-m", "axs_lib.cli", "train", "stage1"]
+TRAIN_SCRIPT = [sys.executable, str(ROOT / "scripts" / "train_stage1.py")]  # the trainer beside this harness
+REPLAY = "python tools/killtest.py"
 
 
 @dataclass(frozen=True)
@@ -164,6 +173,18 @@ def spawn(argv: Sequence[str], env: dict[str, str], log_path: Path) -> subproces
         log.close()
 
 
+@contextlib.contextmanager
+def running(argv: Sequence[str], env: dict[str, str], log_path: Path) -> Iterator[subprocess.Popen]:
+    """`spawn`, and SIGKILL the run's group if the block is left while it still runs (a timeout, an
+    interrupted harness): in its own session, a Ctrl-C or a test timeout would not reach it."""
+    proc = spawn(argv, env, log_path)
+    try:
+        yield proc
+    finally:
+        if proc.poll() is None:
+            kill_group(proc)
+
+
 def kill_group(proc: subprocess.Popen) -> None:
     """SIGKILL the run's whole process group and reap the main process."""
     try:
@@ -262,12 +283,11 @@ def make_reference(data_dir: os.PathLike | str, out: os.PathLike | str, steps: i
     """Train the uninterrupted run the killed one must match (log beside it, ``<out>.log``); its exit code."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    proc = spawn(train_argv(Path(data_dir), out, steps, num_workers=num_workers), child_env(), out.with_suffix(".log"))
-    try:
-        return proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        kill_group(proc)
-        return -1
+    with running(train_argv(Path(data_dir), out, steps, num_workers=num_workers), child_env(), out.with_suffix(".log")) as proc:
+        try:
+            return proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            return -1
 
 
 def run_harness(
@@ -291,7 +311,7 @@ def run_harness(
     kill_plan = plan(seed, kills)
     result = Result(seed=seed, kills_planned=kills, steps=steps)
     log(f"kill harness: seed {seed}, {kills} kills, {steps} steps, {num_workers} workers "
-        f"(replay: python -m axs_lib.killtest --kills {kills} --seed {seed} --steps {steps})")
+        f"(replay: {REPLAY} --kills {kills} --seed {seed} --steps {steps})")
     for i, k in enumerate(kill_plan, 1):
         log(f"  kill {i}: {k.describe()}")
     workdir.mkdir(parents=True, exist_ok=True)
@@ -337,17 +357,16 @@ def run_harness(
         result.events.append(event)
         with open(run_log, "a") as f:
             f.write(f"--- kill {index}: {kill.kind} at {target}, resuming from step {s0}\n")
-        proc = spawn(argv, seg_env, run_log)
-        try:
-            if kill.kind == "write":
-                proc.wait(timeout=segment_timeout)
-                event.made = proc.returncode == -signal.SIGKILL
-                kill_group(proc)  # the workers of a process that killed itself
-            else:
-                event.made = _clock_kill(proc, metrics, inode_before, target_step, kill.delay, segment_timeout)
-        except subprocess.TimeoutExpired:
-            kill_group(proc)
-            event.problems.append(f"segment did not reach its target within {segment_timeout:.0f} s")
+        with running(argv, seg_env, run_log) as proc:
+            try:
+                if kill.kind == "write":
+                    proc.wait(timeout=segment_timeout)
+                    event.made = proc.returncode == -signal.SIGKILL
+                    kill_group(proc)  # the workers of a process that killed itself
+                else:
+                    event.made = _clock_kill(proc, metrics, inode_before, target_step, kill.delay, segment_timeout)
+            except subprocess.TimeoutExpired:
+                event.problems.append(f"segment did not reach its target within {segment_timeout:.0f} s")
         if not event.made:
             event.problems.append(f"run was not killed (exit {proc.returncode}); see {run_log}")
             log(f"kill {index}: NOT MADE ({kill.kind} at {target}): {'; '.join(event.problems)}")
@@ -363,13 +382,12 @@ def run_harness(
 
     # ------------------------------------------------------------------ finish and compare
     if result.error is None:
-        proc = spawn(train_argv(data_dir, run, steps, num_workers=num_workers) + ["--resume", "auto", *resume_args],
-                     env, run_log)
-        try:
-            code = proc.wait(timeout=segment_timeout * 2)
-        except subprocess.TimeoutExpired:
-            kill_group(proc)
-            code = None
+        final = train_argv(data_dir, run, steps, num_workers=num_workers) + ["--resume", "auto", *resume_args]
+        with running(final, env, run_log) as proc:
+            try:
+                code = proc.wait(timeout=segment_timeout * 2)
+            except subprocess.TimeoutExpired:
+                code = None
         if code != 0:
             result.error = f"final resume exited with {code}; see {run_log}"
             if result.events:  # the last kill was not survived: its resume failed
@@ -414,7 +432,7 @@ def _clock_kill(proc: subprocess.Popen, metrics: Path, inode_before: int | None,
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(
-        prog="python -m axs_lib.killtest",
+        prog=REPLAY,
         description="SIGKILL a Stage-1 run at random moments (some inside checkpoint writes), resume it each "
                     "time with --resume auto, and require its checkpoints to be byte-identical to an "
                     "uninterrupted run's. Exit 0 when every kill was survived, 1 otherwise.",

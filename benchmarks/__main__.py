@@ -32,6 +32,7 @@ def _calls(args: argparse.Namespace) -> dict[str, Callable[[object], dict]]:
         "bench_data": lambda main: main(),
         "bench_compare": lambda main: main(size_mb=size, repeats=1 if args.quick else 3),
         "bench_train": lambda main: main(["--quick"] if args.quick else []),
+        "bench_startup": lambda main: main(repeats=3 if args.quick else 7),
         "bench_checkpoint": lambda main: main(["--quick"] if args.quick else []),
         "bench_toolkit": lambda main: main(),
     }

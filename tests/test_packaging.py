@@ -4,19 +4,26 @@ pyproject.toml says what axs-lib works with (ranges, so ``pip install axs-lib`` 
 build a user already has); constraints.txt says what we tested (exact versions that the public
 index also has, so ``make install`` resolves for a user as it does here). The checks are plain
 functions fed first the real files, then a broken copy, so each one is seen to catch what it is for.
-No network: this reads files only.
+No network. The start-up checks at the end look at what a command imports and where its messages
+go, never at how long it takes.
 """
 
 from __future__ import annotations
 
+import logging
 import re
+import subprocess
+import sys
 import tomllib
+import warnings
 from pathlib import Path
 
 import pytest
 from packaging.requirements import Requirement
 from packaging.specifiers import SpecifierSet
 from packaging.utils import canonicalize_name
+
+from axs_lib.cli import command_names, commands_needed, main
 
 ROOT = Path(__file__).resolve().parents[1]
 EXTRAS = {"data", "ingest", "tensorboard", "lightning", "dev"}
@@ -169,3 +176,67 @@ def test_the_checks_catch_a_broken_pyproject(old, new, check):
 def test_the_constraint_check_catches_a_broken_constraints_file(old, new, expected):
     problems = constraint_problems(load_pyproject(GOOD)["project"], GOOD_PINS.replace(old, new))
     assert any(expected in p for p in problems), problems
+
+
+# ----------------------------------------------------------------------------- start-up and messages
+# What each command imports, not how long it takes (timings are benchmarks/bench_startup.py's job).
+
+IMPORTS_AFTER = (
+    "import sys\n"
+    "from axs_lib.cli import main\n"
+    "code = main(sys.argv[1:])\n"
+    "print(code, sorted(m for m in ('torch', 'numpy', 'matplotlib', 'axs_lib.commands.train', 'axs_lib.commands.tiles')"
+    " if m in sys.modules))\n"
+)
+
+
+def _imports_after(*argv: str) -> str:
+    done = subprocess.run([sys.executable, "-c", IMPORTS_AFTER, *argv], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv", [("--version",), ("env", "--help"), ("runs", "--help"), ("inspect", "--help")])
+def test_commands_that_do_not_need_torch_do_not_import_it(argv):
+    assert _imports_after(*argv) == "0 []"
+
+
+def test_commands_needed_picks_the_named_command_only():
+    assert commands_needed(["--debug", "env", "--json"]) == ["env"]
+    assert commands_needed(["--version"]) == []
+    for argv in ([], ["--help"], ["--version", "--help"], ["nosuch"], ["--", "env"]):
+        assert commands_needed(argv) is None, argv
+    assert set(command_names()) >= {"compare", "env", "inspect", "runs", "train", "verify"}
+
+
+def test_cli_prints_library_log_records_plainly_and_removes_its_handler(monkeypatch, capsys):
+    import axs_lib.commands.env as env_command
+
+    def noisy(args):
+        logging.getLogger("axs_lib.some_module").info("plain progress")
+        logging.getLogger("axs_lib.some_module").warning("tile x.npz skipped")
+        warnings.warn("late CUBLAS_WORKSPACE_CONFIG", RuntimeWarning)  # raised from this test file, not axs_lib
+        logging.getLogger("axs_lib.some_module").debug("not shown")
+        return 0
+
+    monkeypatch.setattr(env_command, "run", noisy)
+    logger = logging.getLogger("axs_lib")
+    handlers, level = list(logger.handlers), logger.level
+    with pytest.warns(RuntimeWarning, match="late CUBLAS"):  # not axs_lib's: handed on as Python would
+        assert main(["env"]) == 0
+    err = capsys.readouterr().err.splitlines()
+    assert err == ["plain progress", "axs: warning: tile x.npz skipped"]
+    assert (logger.handlers, logger.level) == (handlers, level)
+
+
+def test_cli_prints_axs_lib_warnings_as_one_line(monkeypatch, capsys):
+    import axs_lib.commands.env as env_command
+
+    # A warning whose frame lies in axs_lib (as for set_seed called by the trainer).
+    in_axs_lib = compile("import warnings\nwarnings.warn('CUDA was initialised before set_seed()', RuntimeWarning)\n",
+                         str(ROOT / "axs_lib" / "reproducibility.py"), "exec")
+    monkeypatch.setattr(env_command, "run", lambda args: exec(in_axs_lib, {}) or 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("always")
+        assert main(["env"]) == 0
+    assert capsys.readouterr().err == "axs: warning: CUDA was initialised before set_seed()\n"

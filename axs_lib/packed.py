@@ -36,7 +36,8 @@ PACK_VERSION = 1
 SHARD_SUFFIX = ".npy"
 DEFAULT_SHARD_TILES = 4096  # about 1.4 GB of 120 x 120 float32 tiles per shard
 ALIGN = 64
-_HEADER_BYTES = 128  # a fixed .npy header, rewritten once the shard's length is known
+_HEADER_BYTES = 128
+MAX_INDEX_BYTES = 1 << 30  # pack.json of 550k names is ~40 MB; a shard index ~3 MB per 4096 tiles  # a fixed .npy header, rewritten once the shard's length is known
 
 _shards: dict[str, "_Shard"] = {}  # per process: mapped shards by path
 _packed_parents: dict[str, bool] = {}
@@ -60,7 +61,7 @@ def is_packed_ref(ref: os.PathLike | str) -> bool:
 def _read_json(path: Path) -> dict:
     from axs_lib.tiles import read_json_file
 
-    doc = read_json_file(path, "pack index")
+    doc = read_json_file(path, "pack index", limit=MAX_INDEX_BYTES)
     if not isinstance(doc, dict):
         raise InputError(path, "pack index must hold a JSON object")
     return doc
@@ -103,6 +104,7 @@ class _Shard:
         from axs_lib.tiles import check_regular_file
 
         self.path = path
+        self.key: tuple | None = None
         check_regular_file(Path(path))
         index_path = Path(path).with_suffix(".json")
         index = _read_json(index_path)
@@ -152,10 +154,22 @@ class _Shard:
 
 
 def _shard(ref: str) -> _Shard:
+    """The mapped shard of ``ref``, mapped again when the shard or its index was replaced or
+    rewritten (one ``stat`` of each per read: a stale map must never serve old bytes)."""
     path = os.path.dirname(ref)
-    if path not in _shards:
-        _shards[path] = _Shard(path)
-    return _shards[path]
+    try:
+        key = tuple(_stat_key(os.stat(f)) for f in shard_files(path))
+    except OSError:
+        key = None  # _Shard names the problem
+    shard = _shards.get(path)
+    if shard is None or shard.key != key:
+        shard = _shards[path] = _Shard(path)
+        shard.key = key
+    return shard
+
+
+def _stat_key(st: os.stat_result) -> tuple[int, ...]:
+    return st.st_ino, st.st_size, st.st_ctime_ns, st.st_mtime_ns
 
 
 def read_packed_arrays(ref: os.PathLike | str) -> dict[str, np.ndarray]:

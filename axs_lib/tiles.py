@@ -518,6 +518,7 @@ def tile_shape(path: os.PathLike | str) -> tuple[int, ...] | None:
         except InputError:
             return None
     try:
+        check_regular_file(Path(path), MAX_TILE_BYTES, "tile")  # a FIFO named *.npz must not block
         with zipfile.ZipFile(path) as zf, zf.open(f"{S1_KEYS[0]}.npy") as f:
             major, _ = np.lib.format.read_magic(f)
             read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0

@@ -106,3 +106,14 @@ def test_bench_loader_smallest_gives_positive_figures(monkeypatch, capsys):
     results = bench_loader.main(["--startup", "20", "--loader-tiles", "16"])
     assert results["startup_20_second_vs_first"] > 0 and results["loader_packed_0_workers_tiles_per_s"] > 0
     assert "second/first" in capsys.readouterr().out
+
+
+def test_shard_index_larger_than_the_sidecar_limit_reads(synth_tiles, tmp_path):
+    src = tmp_path / "src"
+    src.mkdir()
+    for path in list_tiles(synth_tiles)[:3]:
+        (src / path.name).write_bytes(path.read_bytes())
+        (src / path.with_suffix(".json").name).write_text(json.dumps({"note": "x" * 600_000}))
+    pack_tiles(src, tmp_path / "p")
+    assert (tmp_path / "p" / "shard-00000.json").stat().st_size > 1 << 20
+    assert [len(read_tile(ref).meta["note"]) for ref in list_tiles(tmp_path / "p")] == [600_000] * 3

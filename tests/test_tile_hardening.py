@@ -23,7 +23,8 @@ from axs_lib.errors import InputError, UsageError
 from axs_lib.ingest import encode_tile
 from axs_lib.split import make_split
 from axs_lib.tiles import (
-    MAX_TILE_PX, MIN_TILE_PX, S1_KEYS, S2_KEYS, check_tiles, list_tiles, load_arrays, read_sidecar, read_tile, validate_tile,
+    MAX_TILE_PX, MIN_TILE_PX, S1_KEYS, S2_KEYS, check_tiles, list_tiles, load_arrays, read_sidecar, read_tile, summarize,
+    validate_tile,
 )
 
 
@@ -291,3 +292,12 @@ def test_any_sidecar_bytes_give_metadata_or_one_input_error(tmp_path, data):
             assert "\n" not in str(exc)
         else:
             assert isinstance(meta, dict)
+
+
+def test_summary_and_validate_do_not_block_on_a_fifo_tile(tmp_path, capsys):
+    tile(tmp_path, GOOD, "good")
+    os.mkfifo(tmp_path / "pipe.npz")
+    with no_hang():
+        assert summarize(tmp_path)["unreadable"] == 1
+        assert main(["tiles", "validate", str(tmp_path)]) == 1
+    assert "pipe.npz: tile is a FIFO (named pipe), not a regular file" in capsys.readouterr().out

@@ -264,6 +264,7 @@ class ExactResume(pl.Callback):
         if not torch.are_deterministic_algorithms_enabled():
             log.warning("deterministic algorithms are off: pass Trainer(deterministic=True) for bit-exact results")
         self._saved_step = trainer.global_step
+        _finish_epoch_boundary_restart(trainer.fit_loop)
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         keys: tuple[str | int, ...] = ("step", trainer.global_step, trainer.global_rank)
@@ -310,6 +311,22 @@ class ExactResume(pl.Callback):
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self.manager.close()
+
+
+def _finish_epoch_boundary_restart(fit_loop: Any) -> None:
+    """Resume from a checkpoint of an epoch's last batch as an uninterrupted run goes on.
+
+    Lightning 2.6 (``_FitLoop.reset``) counts the restored epoch as finished, but keeps its
+    restart stage "restarted mid-epoch" until the next epoch's first iteration is done, so
+    ``on_advance_start`` skips that next epoch's ``on_train_epoch_start`` hooks and its ready and
+    started counters: the training is right, the ``loops`` state in every later checkpoint is not
+    the uninterrupted run's. Clearing the stage here (after ``reset``, before the epoch starts)
+    lets the next epoch start as it would have. Lightning clears it itself after that iteration.
+    """
+    epoch_loop = fit_loop.epoch_loop
+    if (getattr(fit_loop, "restarted_mid_epoch", False) and getattr(epoch_loop, "restarted_on_train_batch_end", False)
+            and epoch_loop.batch_progress.is_last_batch):
+        fit_loop.reset_restart_stage()
 
 
 __all__ = ["AxsCheckpointIO", "ExactResume", "RUN_MARK", "expand", "portable", "resumable_loader"]

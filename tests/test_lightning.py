@@ -194,14 +194,14 @@ class _Tiny(pl.LightningModule):
         return torch.utils.data.DataLoader(self.data, batch_size=3, shuffle=True, num_workers=self.workers)
 
 
-def _tiny_fit(out: Path, exact: bool, workers: int, steps: int, ckpt_path: str | None = None) -> dict:
+def _tiny_fit(out: Path, exact: bool, workers: int, steps: int, ckpt_path: str | None = None, every: int = 5) -> dict:
     pl.seed_everything(0, workers=True, verbose=False)
     module = _Tiny(exact)
     module.workers = workers
     common = dict(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, deterministic=True, logger=False,
                   enable_progress_bar=False, enable_model_summary=False, default_root_dir=out)
     if exact:
-        callback = ExactResume(out, seed=5, checkpoint_every=5, environment=False)
+        callback = ExactResume(out, seed=5, checkpoint_every=every, environment=False)
         trainer = pl.Trainer(callbacks=[callback], plugins=[callback.checkpoint_io], enable_checkpointing=False, **common)
     else:
         saver = pl.callbacks.ModelCheckpoint(dirpath=out / "checkpoints", every_n_train_steps=5, save_top_k=-1,
@@ -229,6 +229,17 @@ def test_plain_lightning_differs_after_a_mid_epoch_resume_and_exact_resume_does_
                               ckpt_path=str(resumed_dir / "checkpoints" / "checkpoint_step_5.pt"))
     assert _same(exact_full, exact_resumed)
     assert _digests(resumed_dir)["checkpoint_step_10.pt"] == _digests(tmp_path / "exact")["checkpoint_step_10.pt"]
+
+
+def test_exact_resume_from_an_epoch_boundary_with_workers_is_byte_identical(tmp_path):
+    full = _tiny_fit(tmp_path / "exact", exact=True, workers=0, steps=10, every=4)  # 4 batches per epoch
+    resumed_dir = tmp_path / "exact2"
+    (resumed_dir / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "exact" / "checkpoints" / "checkpoint_step_4.pt", resumed_dir / "checkpoints")
+    resumed = _tiny_fit(resumed_dir, exact=True, workers=2, steps=10, every=4,
+                        ckpt_path=str(resumed_dir / "checkpoints" / "checkpoint_step_4.pt"))
+    assert _same(full, resumed)
+    assert _digests(resumed_dir) == _digests(tmp_path / "exact")
 
 
 def test_plain_lightning_checkpoints_hold_the_absolute_directory(tmp_path):

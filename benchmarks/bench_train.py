@@ -1,39 +1,50 @@
-"""Stage-1 trainer benchmark: what exactness costs, as ratios measured side by side in one run.
+"""Stage-1 trainer benchmark: what exactness costs inside a training loop, as side-by-side ratios.
 
-Four comparisons, each between two things run alternately on the same machine, same tiles, same
-thread count, with the median of a few repeats:
+Every contender runs once per repeat, in an order rotated from one repeat to the next, in this
+process, on the same tiles, thread count and device; a ratio is taken between the runs of one
+repeat and the figure is the median over repeats, printed with its range.
 
-* **trainer vs plain loop** (steps/s): ``axs train stage1`` called in-process (checkpoints every
-  ``--checkpoint-every`` steps plus the last, validation as configured, ``best.pt``, metrics log,
-  per-step reseeding, ``--no-plots --quiet``) against a plain PyTorch loop over the same UNet, the
-  same dataset, sampler and loader (so the same batches), the same loss, AdamW, LR schedule and
-  gradient clipping, with no checkpoints and no validation. Both count the same steps, and both
-  time from the loader's creation to the end of the last step (the trainer's own figure in
-  ``run.json``; it includes the final checkpoint write), so warm-up is equal. Both run with the same
-  determinism flags (the trainer's default, deterministic). Target: ratio >= 0.95.
-* **deterministic vs non-deterministic** (steps/s): the same trainer run with and without
-  ``--no-deterministic``. The guide's 10-30 % warning is about cuDNN/cuBLAS on a GPU; on a CPU
-  ``torch.use_deterministic_algorithms`` changes few kernels.
-* **checkpoint write**: `axs_lib.checkpoint.save_checkpoint` of the trainer's full checkpoint dict
-  (read back from the run) against bare ``torch.save`` of the same model and optimizer state to a
-  file, both in the same directory. Target: ratio <= 1.2. The time of ours is broken down into its
-  stages (weights-only guard, SHA-256 content digest, canonical copy, serialisation, fsync, rename
-  and directory fsync), and bare ``torch.save`` + fsync is shown as the durable baseline.
-* **resume vs fresh start-up**: wall time from launching ``python -m axs_lib.cli train stage1`` to
-  the end of its first optimizer step (seen as the first line in ``metrics.jsonl``, with
-  ``--log-every 1``), resuming from the run's first checkpoint (load, checksum, resume checks) vs
-  starting fresh. A bare ``python -c 'import axs_lib...'`` is timed too, to show how much of either
-  is the interpreter and imports.
+Contenders (steps/s, each timed from the first step to the end of the last, final checkpoint
+write included; the trainer's own ``steps_per_second`` from ``run.json``):
 
-Run ``python -m benchmarks.bench_train`` (about 3 minutes on a 2-core CPU) or ``--quick`` (about
-30 s). Tiles are synthetic 120 x 120 (``axs_lib.ingest.write_synthetic_tiles``), or the six real
-demo tiles with ``--demo-tiles``, written to a temporary directory.
+* **trainer, sync** and **trainer, async**: ``axs train stage1`` through its command line,
+  ``--checkpoint-mode sync`` and ``async``, ``--no-plots --no-tensorboard --quiet`` (optional
+  outputs), everything else as a user runs it: per-step reseeding, validation, ``best.pt``,
+  ``latest``, metrics log, run manifest.
+* **plain loop, same work**: the same UNet and initialisation, the same dataset, sampler and
+  loader (so the same batches), loss, AdamW, LR schedule, gradient clipping and precision; the
+  loss read at the trainer's log steps; validation (the trainer's own `evaluate`) at the same
+  steps; a bare ``torch.save`` of model, optimizer and scheduler state at the same checkpoint
+  steps (and of ``best.pt`` where the trainer would write only that). No reseeding, no checksum,
+  no fsync, no manifest. Target: trainer >= 0.97x of this, in both checkpoint modes.
+* **plain loop, bare**: the same loop with no validation and no checkpoints: the figure earlier
+  versions of this benchmark reported, shown for comparison.
+* **trainer, --no-deterministic**: the cost of the determinism flags (a cuDNN/cuBLAS matter: about
+  1.0 on a CPU, the guide's 10-30 % is a GPU figure).
+* **trainer, bf16-mixed** (on CUDA, or with ``--bf16``): ``--precision bf16-mixed`` vs 32.
+
+Loop stall per checkpoint: how long the trainer's loop is blocked in `CheckpointManager.save`
+(timed around each call), as a ratio to the plain loop's bare ``torch.save`` at the same steps of
+the same repeat. Async (the host snapshot; the write runs in the background): target <= 0.3x.
+Sync (the whole durable write): target <= 1.2x. The write alone, outside a loop, is
+``benchmarks.bench_checkpoint``'s figure.
+
+Start to first step: wall time from launching ``python -m axs_lib.cli train stage1`` on 6 tiles
+(synthetic 120 x 120, or the six real BigEarthNet demo tiles with ``--startup-tiles demo``; the
+tile content does not change the figure) to its first train record in ``metrics.jsonl``
+(``--log-every 1``): interpreter, imports, input checks, data fingerprint, setup and one step,
+each launch a fresh run directory (the data-fingerprint cache is warm after the first launch). Target < 3 s on a CPU. ``python -c "import
+..."`` of the same modules is timed beside it.
+
+``python -m benchmarks.bench_train`` (about 2 minutes on a 2-core CPU), ``--quick`` (about 40 s),
+``--device cuda`` (larger model, batch and worker count; see ``--help``).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import io
 import json
 import os
@@ -46,37 +57,55 @@ import tempfile
 import time
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Callable
 
 import torch
 from torch import nn
 
 from axs_lib import cli
-from axs_lib.checkpoint import (
-    CHECKSUM_KEY, FORMAT_KEY, FORMAT_VERSION, canonical, content_digest, fsync_dir, load_checkpoint, save_checkpoint,
-    unsafe_leaves,
-)
-from axs_lib.data import TileDataset, make_loader
+from axs_lib.data import TileDataset, ignore_stop_signals, make_loader
 from axs_lib.ingest import write_demo_tiles, write_synthetic_tiles
+from axs_lib.loader import ResumableLoader
 from axs_lib.reproducibility import derive_seed, seed_globals, set_seed
-from axs_lib.sampling import EpochSampler
+from axs_lib.run_dir import CheckpointManager
+from axs_lib.sampling import ResumableSampler
 from axs_lib.split import make_split
 from axs_lib.stage1.config import TrainConfig
 from axs_lib.stage1.losses import stage1_loss
-from axs_lib.stage1.model import UNet
-from axs_lib.stage1.train import lr_factor
+from axs_lib.stage1.model import UNet, band_means
+from axs_lib.stage1.train import _shutdown_workers, evaluate, lr_factor
 from axs_lib.tiles import list_tiles
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 42
-TRAINER_TARGET = 0.95  # trainer steps/s over plain-loop steps/s, at least
-WRITE_TARGET = 1.2  # save_checkpoint time over bare torch.save time, at most
-DEFAULT_WIDTH = TrainConfig().width  # the trainer's default model, for the checkpoint-write figure
+STARTUP_TILES = 6
+TARGETS = {  # (comparison, bound): ratio >= bound for speed, <= bound for time
+    "trainer_sync_vs_plain": (">=", 0.97),
+    "trainer_async_vs_plain": (">=", 0.97),
+    "async_stall_vs_torch_save": ("<=", 0.3),
+    "sync_stall_vs_torch_save": ("<=", 1.2),
+    "startup_s": ("<", 3.0),
+}
 
 PRESETS = {
     "default": dict(tiles=48, tile_size=120, width=4, batch_size=2, steps=100, checkpoint_every=50,
-                    repeats=3, startup_repeats=3, write_repeats=15),
-    "quick": dict(tiles=16, tile_size=120, width=4, batch_size=2, steps=50, checkpoint_every=25,
-                  repeats=1, startup_repeats=1, write_repeats=5),
+                    repeats=3, startup_repeats=3, num_workers=0, threads=1),
+    "quick": dict(tiles=16, tile_size=120, width=4, batch_size=2, steps=40, checkpoint_every=20,
+                  repeats=1, startup_repeats=2, num_workers=0, threads=1),
+    # a GPU step of the tiny CPU model is all kernel launches: the trainer's default width, a
+    # bigger batch, and workers so that tile decoding does not set the pace
+    "cuda": dict(tiles=64, tile_size=120, width=16, batch_size=8, steps=200, checkpoint_every=50,
+                 repeats=3, startup_repeats=3, num_workers=4, threads=4),
+}
+
+LABELS = {
+    "trainer_sync": "trainer, sync checkpoints",
+    "trainer_async": "trainer, async checkpoints",
+    "plain_same": "plain loop, same work",
+    "plain_bare": "plain loop, bare (no val/ckpt)",
+    "trainer_nondet": "trainer, --no-deterministic",
+    "trainer_bf16": "trainer, bf16-mixed (sync)",
+    "plain_same_bf16": "plain loop, same work, bf16",
 }
 
 
@@ -85,6 +114,12 @@ PRESETS = {
 
 def _median(values) -> float:
     return statistics.median(list(values))
+
+
+def _spread(values) -> dict:
+    """Median and range of a list of figures."""
+    values = list(values)
+    return {"median": _median(values), "min": min(values), "max": max(values), "n": len(values)}
 
 
 def _rotated(items: list, shift: int) -> list:
@@ -111,176 +146,233 @@ def _progress(message: str) -> None:
     print(f"  [bench_train] {message}", file=sys.stderr, flush=True)
 
 
-def trainer_argv(s: SimpleNamespace, data_dir: Path, out_dir: Path, *, deterministic: bool = True,
-                 steps: int | None = None, width: int | None = None, batch_size: int | None = None,
-                 checkpoint_every: int | None = None) -> list[str]:
-    """``axs train stage1`` arguments for one run of this benchmark."""
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(name)
+
+
+def trainer_argv(s: SimpleNamespace, data_dir: Path, out_dir: Path, *, mode: str = "sync", deterministic: bool = True,
+                 precision: str = "32") -> list[str]:
+    """``axs train stage1`` arguments for one trainer run of this benchmark."""
     argv = [
         "train", "stage1", "--data-dir", str(data_dir), "--output-dir", str(out_dir), "--seed", str(SEED),
-        "--steps", str(steps or s.steps), "--batch-size", str(batch_size or s.batch_size), "--width", str(width or s.width),
-        "--checkpoint-every", str(checkpoint_every or s.checkpoint_every), "--val-every", str(s.val_every),
-        "--num-workers", str(s.num_workers), "--device", s.device, "--no-plots", "--quiet",
+        "--steps", str(s.steps), "--batch-size", str(s.batch_size), "--width", str(s.width),
+        "--checkpoint-every", str(s.checkpoint_every), "--val-every", str(s.val_every), "--checkpoint-mode", mode,
+        "--precision", precision, "--num-workers", str(s.num_workers), "--device", s.device,
+        "--no-plots", "--no-tensorboard", "--quiet",
     ]
     if not deterministic:
         argv.append("--no-deterministic")
     return argv
 
 
-# --------------------------------------------------------------------------- steps/s
+# --------------------------------------------------------------------------- the two loops
+
+
+class SaveTimer:
+    """Times every `CheckpointManager.save` call (how long the training loop is blocked by it) and,
+    inside each, the trainer's run-manifest update before the write (``run.json``, written
+    atomically) and an async writer's wait for the previous write."""
+
+    def __init__(self):
+        self.calls: list[dict[str, float]] = []
+        self._current: dict[str, float] | None = None
+
+    def _wrap(self, owner, name: str, part: str | None):
+        original = getattr(owner, name)
+
+        @functools.wraps(original)
+        def timed(*args, **kwargs):
+            outer = part is None and self._current is None
+            if outer:
+                self._current = {"save": 0.0, "manifest": 0.0, "wait": 0.0}
+            start = time.perf_counter()
+            try:
+                return original(*args, **kwargs)
+            finally:
+                seconds = time.perf_counter() - start
+                if outer:
+                    self._current["save"] = seconds
+                    self.calls.append(self._current)
+                    self._current = None
+                elif part is not None and self._current is not None:
+                    self._current[part] += seconds
+
+        return original, timed
+
+    @contextlib.contextmanager
+    def patched(self):
+        from axs_lib.checkpoint_writer import AsyncCheckpointWriter
+        from axs_lib.stage1.train import Stage1Trainer
+
+        targets = [(CheckpointManager, "save", None), (AsyncCheckpointWriter, "wait", "wait")]
+        if hasattr(Stage1Trainer, "_before_write"):  # the trainer's manifest hook (bound in its __init__)
+            targets.append((Stage1Trainer, "_before_write", "manifest"))
+        originals = []
+        try:
+            for owner, name, part in targets:
+                original, timed = self._wrap(owner, name, part)
+                originals.append((owner, name, original))
+                setattr(owner, name, timed)
+            yield self
+        finally:
+            for owner, name, original in originals:
+                setattr(owner, name, original)
 
 
 def run_trainer(argv: list[str], out_dir: Path) -> dict:
-    """Run the trainer in this process through its command line; return its figures from ``run.json``."""
+    """Run the trainer in this process through its command line; its figures from ``run.json``."""
     captured = io.StringIO()
-    start = time.perf_counter()
-    with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured):
+    timer = SaveTimer()
+    with contextlib.redirect_stdout(captured), contextlib.redirect_stderr(captured), timer.patched():
         code = cli.main(argv)
-    wall = time.perf_counter() - start
     if code != 0:
         raise RuntimeError(f"axs {' '.join(argv)} exited {code}:\n{captured.getvalue()}")
     info = json.loads((out_dir / "run.json").read_text())
-    steps = info["final_step"]
-    loop = steps / info["steps_per_second"]
-    return {"steps_per_s": info["steps_per_second"], "steps": steps, "loop_s": loop, "outside_loop_s": wall - loop}
+    return {"steps_per_s": info["steps_per_second"], "steps": info["final_step"],
+            "saves_s": [c["save"] for c in timer.calls], "save_parts": timer.calls}
 
 
-def plain_loop(s: SimpleNamespace, data_dir: Path, steps: int, deterministic: bool = True) -> dict:
-    """The same training as the trainer with nothing else: no checkpoints, validation, logging or reseeding."""
+def plain_loop(s: SimpleNamespace, data_dir: Path, out_dir: Path, *, same_work: bool, precision: str = "32",
+               deterministic: bool = True) -> dict:
+    """The trainer's training with nothing of ours: optionally its validation and a bare torch.save."""
     cfg = TrainConfig()
-    device = torch.device("cuda" if s.device == "auto" and torch.cuda.is_available() else ("cpu" if s.device == "auto" else s.device))
-    set_seed(SEED, deterministic=deterministic)  # the same determinism flags as the trainer run it is compared with
-    paths = list_tiles(data_dir, None)
-    split = make_split(paths, SEED, cfg.val_fraction, cfg.split_source)
-    train_set = TileDataset(split.train, SEED, augment=cfg.augment, speckle_std=cfg.speckle_std)
-    seed_globals(derive_seed(SEED, "init"))
-    model = UNet(width=s.width, dropout=cfg.dropout).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda k: lr_factor(k, cfg.warmup_steps, steps))
+    device = _device(s.device)
     pin = device.type == "cuda"
-    start = time.perf_counter()  # as the trainer's figure: from the loader's creation to the last step
-    batches = iter(make_loader(train_set, EpochSampler(len(train_set), SEED), s.batch_size, s.num_workers, SEED, pin))
-    model.train()
-    for _ in range(steps):
-        batch = next(batches)
-        sar, target, mask = (batch[k].to(device, non_blocking=pin) for k in ("sar", "optical", "mask"))
-        optimizer.zero_grad(set_to_none=True)
-        loss = stage1_loss(model(sar), target, mask, cfg.l1_weight, cfg.ssim_weight)
-        loss.backward()
-        nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
-        optimizer.step()
-        scheduler.step()
-        loss.item()  # any real loop looks at its loss
-    seconds = time.perf_counter() - start
-    del batches
-    return {"steps_per_s": steps / seconds, "steps": steps, "loop_s": seconds}
+    set_seed(SEED, deterministic=deterministic)  # the determinism flags of the trainer run it is compared with
+    split = make_split(list_tiles(data_dir, None), cfg.split_seed, cfg.val_fraction, cfg.split_source)
+    train_set = TileDataset(split.train, SEED, augment=cfg.augment, speckle_std=cfg.speckle_std)
+    val_set = TileDataset(split.val, SEED, augment=False) if split.val and same_work else None
+    means = band_means(train_set)
+    seed_globals(derive_seed(SEED, "init"))
+    model = UNet(width=s.width, dropout=cfg.dropout, output_bias=means).to(device)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, warmup=cfg.warmup_steps, total=s.steps))
+    autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
+    loader = ResumableLoader(train_set, s.batch_size, seed=SEED, sampler=ResumableSampler(len(train_set), SEED),
+                             num_workers=s.num_workers, pin_memory=pin, worker_init_fn=ignore_stop_signals)
+    batches = loader.endless()
+    val_loader = make_loader(val_set, None, s.batch_size, s.num_workers, SEED, pin) if val_set is not None else None
+    out_dir.mkdir(parents=True, exist_ok=True)
+    saves: list[float] = []
+    best = float("inf")
 
-
-def measure_throughput(s: SimpleNamespace, data_dir: Path, work: Path) -> dict:
-    """Trainer (deterministic), plain loop and trainer (non-deterministic), order rotated per repeat."""
-    plain_loop(s, data_dir, min(3, s.steps))  # warm-up: first convolutions, allocator; not measured
-    runs: dict[str, list[dict]] = {"trainer": [], "plain": [], "nondet": []}
-    for r in range(s.repeats):
-        for mode in _rotated(list(runs), r):
-            _progress(f"repeat {r + 1}/{s.repeats}: {mode}, {s.steps} steps")
-            if mode == "plain":
-                runs[mode].append(plain_loop(s, data_dir, s.steps))
-            else:
-                out = work / f"{mode}_{r}"
-                runs[mode].append(run_trainer(trainer_argv(s, data_dir, out, deterministic=mode == "trainer"), out))
-    for mode, results in runs.items():
-        for result in results:
-            if result["steps"] != s.steps:
-                raise RuntimeError(f"{mode} ran {result['steps']} steps, not {s.steps}")
-    sps = {m: [r["steps_per_s"] for r in rs] for m, rs in runs.items()}
-    return {
-        "trainer_steps_per_s": _median(sps["trainer"]),
-        "plain_steps_per_s": _median(sps["plain"]),
-        "nondet_steps_per_s": _median(sps["nondet"]),
-        # ratios of the runs made next to each other in the same repeat, then the median
-        "trainer_vs_plain": _median(t / p for t, p in zip(sps["trainer"], sps["plain"])),
-        "det_vs_nondet": _median(d / n for d, n in zip(sps["trainer"], sps["nondet"])),
-        "trainer_outside_loop_s": _median(r["outside_loop_s"] for r in runs["trainer"]),
-        "all_steps_per_s": sps,
-        "base_run": work / "trainer_0",
-    }
-
-
-# --------------------------------------------------------------------------- checkpoint write
-
-
-def _timed(fn, *args):
-    start = time.perf_counter()
-    value = fn(*args)
-    return value, time.perf_counter() - start
-
-
-def _save_in_stages(checkpoint: dict, path: Path) -> dict[str, float]:
-    """What `save_checkpoint` does, step by step, each step timed (same calls, same order)."""
-    t: dict[str, float] = {}
-    unsafe, t["guard (unsafe_leaves)"] = _timed(unsafe_leaves, checkpoint)
-    assert not unsafe
-    body = {k: v for k, v in checkpoint.items() if k not in (FORMAT_KEY, CHECKSUM_KEY)}
-    body[FORMAT_KEY] = FORMAT_VERSION
-    body[CHECKSUM_KEY], t["content_digest (SHA-256)"] = _timed(content_digest, body)
-    body, t["canonical copy"] = _timed(canonical, body)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    with os.fdopen(fd, "wb") as f:
+    def save(name: str, step: int) -> None:
+        state = {"model_state_dict": model.state_dict(), "optimizer_state_dict": optimizer.state_dict(),
+                 "scheduler_state_dict": scheduler.state_dict(), "step": step}
         start = time.perf_counter()
-        torch.save(body, f)
-        f.flush()
-        t["torch.save to file"] = time.perf_counter() - start
-        _, t["fsync file"] = _timed(os.fsync, f.fileno())
+        torch.save(state, out_dir / name)
+        saves.append(time.perf_counter() - start)
+
+    model.train()
     start = time.perf_counter()
-    os.replace(tmp, path)
-    fsync_dir(path.parent)
-    t["rename + fsync dir"] = time.perf_counter() - start
-    return t
+    try:
+        for step in range(1, s.steps + 1):
+            batch = next(batches)
+            sar, target, mask = (batch[k].to(device, non_blocking=pin) for k in ("sar", "optical", "mask"))
+            optimizer.zero_grad(set_to_none=True)
+            with autocast():
+                pred = model(sar)
+            loss = stage1_loss(pred.float(), target, mask, cfg.l1_weight, cfg.ssim_weight)
+            loss.backward()
+            nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            last = step == s.steps
+            if step % cfg.log_every == 0 or last:
+                loss.item()  # the trainer reads its loss at its log steps
+            if not same_work:
+                continue
+            new_best = False
+            if val_loader is not None and (step % s.val_every == 0 or last):
+                val_loss = evaluate(model, val_loader, device, cfg, autocast)["val_loss"]
+                new_best, best = val_loss < best, min(best, val_loss)
+            if step % s.checkpoint_every == 0 or last:
+                save(f"step_{step}.pt", step)
+            elif new_best:
+                save("best.pt", step)
+    finally:
+        batches.close()
+        loader.close()
+        _shutdown_workers(val_loader)
+    seconds = time.perf_counter() - start
+    return {"steps_per_s": s.steps / seconds, "steps": s.steps, "saves_s": saves}
 
 
-def _bare_save(state: dict, path: Path) -> None:
-    torch.save(state, path)
+def contenders(s: SimpleNamespace, data_dir: Path, work: Path) -> dict[str, Callable[[int], dict]]:
+    """Each contender as ``run(repeat) -> figures``."""
 
+    def trainer(name: str, **kwargs) -> Callable[[int], dict]:
+        def run(r: int) -> dict:
+            out = work / f"{name}_{r}"
+            return run_trainer(trainer_argv(s, data_dir, out, **kwargs), out)
+        return run
 
-def _bare_save_fsync(state: dict, path: Path) -> None:
-    with open(path, "wb") as f:
-        torch.save(state, f)
-        f.flush()
-        os.fsync(f.fileno())
+    def plain(name: str, **kwargs) -> Callable[[int], dict]:
+        return lambda r: plain_loop(s, data_dir, work / f"{name}_{r}", **kwargs)
 
-
-def measure_checkpoint_write(checkpoint_file: Path, work: Path, repeats: int) -> dict:
-    """``save_checkpoint`` of the trainer's checkpoint dict vs bare ``torch.save`` of model + optimizer."""
-    _progress(f"checkpoint writes of {checkpoint_file.name} ({checkpoint_file.parent.parent.name}), {repeats} of each")
-    checkpoint = load_checkpoint(checkpoint_file)  # the trainer's full checkpoint dict
-    bare_state = {"model_state_dict": checkpoint["model_state_dict"], "optimizer_state_dict": checkpoint["optimizer_state_dict"]}
-    work.mkdir(parents=True, exist_ok=True)
-    methods = {
-        "ours": lambda: save_checkpoint(checkpoint, work / "ours.pt"),
-        "bare": lambda: _bare_save(bare_state, work / "bare.pt"),
-        "bare_fsync": lambda: _bare_save_fsync(bare_state, work / "bare_fsync.pt"),
-        "stages": lambda: _save_in_stages(checkpoint, work / "stages.pt"),
+    runs = {
+        "trainer_sync": trainer("trainer_sync", mode="sync"),
+        "trainer_async": trainer("trainer_async", mode="async"),
+        "plain_same": plain("plain_same", same_work=True),
+        "plain_bare": plain("plain_bare", same_work=False),
+        "trainer_nondet": trainer("trainer_nondet", mode="sync", deterministic=False),
     }
-    for fn in methods.values():  # warm-up: first write of each file, page cache, imports
-        fn()
-    times: dict[str, list[float]] = {m: [] for m in methods}
-    stages: list[dict[str, float]] = []
-    for r in range(repeats):
-        for method in _rotated(list(methods), r):
-            value, seconds = _timed(methods[method])
-            times[method].append(seconds)
-            if method == "stages":
-                stages.append(value)
-    median = {m: _median(v) for m, v in times.items()}
-    return {
-        "file_mb": (work / "ours.pt").stat().st_size / 1e6,
-        "bare_file_mb": (work / "bare.pt").stat().st_size / 1e6,
-        "ours_ms": 1e3 * median["ours"],
-        "bare_ms": 1e3 * median["bare"],
-        "bare_fsync_ms": 1e3 * median["bare_fsync"],
-        "ratio": _median(o / b for o, b in zip(times["ours"], times["bare"])),
-        "ratio_vs_bare_fsync": _median(o / b for o, b in zip(times["ours"], times["bare_fsync"])),
-        "stages_ms": {k: 1e3 * _median(st[k] for st in stages) for k in stages[0]},
+    if s.bf16:
+        runs["trainer_bf16"] = trainer("trainer_bf16", mode="sync", precision="bf16-mixed")
+        runs["plain_same_bf16"] = plain("plain_same_bf16", same_work=True, precision="bf16-mixed")
+    return runs
+
+
+def measure_loops(s: SimpleNamespace, data_dir: Path, work: Path) -> dict:
+    """Every contender once per repeat, order rotated; steps/s, per-repeat ratios and checkpoint stalls."""
+    warm = SimpleNamespace(**{**vars(s), "steps": 3})
+    for precision in ("32", "bf16-mixed") if s.bf16 else ("32",):  # first kernels, allocator: not measured
+        plain_loop(warm, data_dir, work / "warmup", same_work=True, precision=precision)
+    runs = contenders(s, data_dir, work)
+    results: dict[str, list[dict]] = {name: [] for name in runs}
+    for r in range(s.repeats):
+        for name in _rotated(list(runs), r):
+            _progress(f"repeat {r + 1}/{s.repeats}: {LABELS[name]}, {s.steps} steps")
+            result = runs[name](r)
+            if result["steps"] != s.steps:
+                raise RuntimeError(f"{name} ran {result['steps']} steps, not {s.steps}")
+            results[name].append(result)
+            with contextlib.suppress(FileNotFoundError):  # keep the disk use of a run to one run
+                shutil.rmtree(work / f"{name}_{r}")
+    for name in ("trainer_sync", "trainer_async"):
+        got, want = [len(x["saves_s"]) for x in results[name]], [len(x["saves_s"]) for x in results["plain_same"]]
+        if got != want:
+            raise RuntimeError(f"{name} wrote checkpoints {got} times per run, the plain loop {want}: not the same work")
+
+    sps = {name: [x["steps_per_s"] for x in rs] for name, rs in results.items()}
+
+    def ratio(a: str, b: str) -> dict:
+        return _spread(x / y for x, y in zip(sps[a], sps[b]))
+
+    def stall(mode: str) -> dict:
+        return _spread(_median(t["saves_s"]) / _median(p["saves_s"])
+                       for t, p in zip(results[f"trainer_{mode}"], results["plain_same"]))
+
+    ratios = {
+        "trainer_sync_vs_plain": ratio("trainer_sync", "plain_same"),
+        "trainer_async_vs_plain": ratio("trainer_async", "plain_same"),
+        "trainer_sync_vs_bare_loop": ratio("trainer_sync", "plain_bare"),
+        "plain_same_vs_bare_loop": ratio("plain_same", "plain_bare"),
+        "det_vs_nondet": ratio("trainer_sync", "trainer_nondet"),
+        "async_stall_vs_torch_save": stall("async"),
+        "sync_stall_vs_torch_save": stall("sync"),
     }
+    if s.bf16:
+        ratios["trainer_bf16_vs_32"] = ratio("trainer_bf16", "trainer_sync")
+        ratios["trainer_bf16_vs_plain_bf16"] = ratio("trainer_bf16", "plain_same_bf16")
+    save_ms = {name: 1e3 * _median(t for x in results[name] for t in x["saves_s"])
+               for name in ("trainer_sync", "trainer_async", "plain_same")}
+    parts_ms = {mode: {part: 1e3 * _median(c[part] for x in results[f"trainer_{mode}"] for c in x["save_parts"])
+                       for part in ("manifest", "wait")} for mode in ("sync", "async")}
+    return {"steps_per_s": {name: _spread(v) for name, v in sps.items()}, "ratios": ratios, "save_ms": save_ms,
+            "save_parts_ms": parts_ms, "saves_per_run": len(results["plain_same"][0]["saves_s"])}
 
 
 # --------------------------------------------------------------------------- start-up
@@ -299,15 +391,15 @@ def _logged_step(metrics: Path, step: int) -> bool:
     return False
 
 
-def _seconds_to_step(cmd: list[str], metrics: Path, step: int, env: dict, log: Path) -> float:
-    """Launch ``cmd``; seconds until ``metrics`` holds the train record of ``step``; then kill it."""
+def _seconds_to_step(cmd: list[str], metrics: Path, env: dict, log: Path) -> float:
+    """Launch ``cmd``; seconds until ``metrics`` holds the train record of step 1; then stop it."""
     with open(log, "wb") as err:
         start = time.perf_counter()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=err)
         try:
-            while not _logged_step(metrics, step):
+            while not _logged_step(metrics, 1):
                 if proc.poll() is not None:
-                    raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode} before step {step}:\n{log.read_text()}")
+                    raise RuntimeError(f"{' '.join(cmd)} exited {proc.returncode} before its first step:\n{log.read_text()}")
                 time.sleep(0.005)
             return time.perf_counter() - start
         finally:
@@ -315,46 +407,34 @@ def _seconds_to_step(cmd: list[str], metrics: Path, step: int, env: dict, log: P
             proc.wait()
 
 
-def measure_startup(s: SimpleNamespace, data_dir: Path, base_run: Path, work: Path, env: dict) -> dict:
-    """Process start to end of the first step: resumed from the base run's first checkpoint vs fresh."""
-    resume_step = s.checkpoint_every
-    source = base_run / "checkpoints" / f"checkpoint_step_{resume_step}.pt"
-    if not source.exists() or resume_step >= s.steps:
-        raise RuntimeError(f"need a checkpoint before the last step to resume from (steps {s.steps}, every {s.checkpoint_every})")
-    python = [sys.executable, "-m", "axs_lib.cli"]
+def startup_tiles(data_dir: Path, kind: str) -> str:
+    """Write the 6 tiles of the start-up figure; say which they are."""
+    if kind == "demo":  # unpacking the wheel's archives takes longer than the figure itself
+        write_demo_tiles(data_dir)
+        return f"{STARTUP_TILES} real BigEarthNet demo tiles"
+    write_synthetic_tiles(data_dir, count=STARTUP_TILES, size=120, seed=0)
+    return f"{STARTUP_TILES} synthetic 120x120 tiles"
+
+
+def measure_startup(s: SimpleNamespace, data_dir: Path, work: Path, env: dict) -> dict:
+    """Process start to the end of the first step of a fresh run, beside python + the same imports."""
     work.mkdir(parents=True, exist_ok=True)
-    times: dict[str, list[float]] = {"fresh": [], "resume": []} if s.no_import_baseline else {"fresh": [], "resume": [], "imports": []}
+    times: dict[str, list[float]] = {"trainer": []} if s.no_import_baseline else {"trainer": [], "imports": []}
+    imports = [sys.executable, "-c", "import axs_lib.cli, axs_lib.commands.train, axs_lib.stage1.train"]
     for r in range(s.startup_repeats):
         for mode in _rotated(list(times), r):
-            _progress(f"start-up repeat {r + 1}/{s.startup_repeats}: {mode}")
-            out = work / f"{mode}_{r}"
+            _progress(f"start-up {r + 1}/{s.startup_repeats}: {mode}")
             if mode == "imports":
-                cmd = [sys.executable, "-c", "import axs_lib.cli, axs_lib.stage1.train, axs_lib.commands.train"]
                 start = time.perf_counter()
-                subprocess.run(cmd, cwd=REPO, env=env, check=True)
+                subprocess.run(imports, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
                 times[mode].append(time.perf_counter() - start)
                 continue
-            if mode == "fresh":
-                cmd = python + trainer_argv(s, data_dir, out) + ["--log-every", "1"]
-                target = 1
-            else:
-                shutil.copytree(base_run, out, ignore=shutil.ignore_patterns(".lock"))
-                # what a killed run leaves: its log may run past the checkpoint; the trainer cuts it
-                # back itself, but the poller must not see those lines first
-                metrics = out / "metrics.jsonl"
-                kept = [l for l in metrics.read_text().splitlines() if json.loads(l).get("step", 0) <= resume_step]
-                metrics.write_text("".join(f"{l}\n" for l in kept))
-                ckpt = out / "checkpoints" / source.name
-                cmd = python + trainer_argv(s, data_dir, out) + ["--log-every", "1", "--resume", str(ckpt)]
-                target = resume_step + 1
-            times[mode].append(_seconds_to_step(cmd, out / "metrics.jsonl", target, env, work / f"{mode}_{r}.log"))
-    return {
-        "fresh_s": _median(times["fresh"]),
-        "resume_s": _median(times["resume"]),
-        "imports_s": _median(times["imports"]) if times.get("imports") else None,
-        "ratio": _median(a / b for a, b in zip(times["resume"], times["fresh"])),
-        "resume_step": resume_step,
-    }
+            out = work / f"run_{r}"
+            cmd = [sys.executable, "-m", "axs_lib.cli", "train", "stage1", "--data-dir", str(data_dir), "--output-dir", str(out),
+                   "--seed", str(SEED), "--steps", "2", "--batch-size", "2", "--log-every", "1", "--device", s.device,
+                   "--no-plots", "--no-tensorboard", "--quiet"]
+            times[mode].append(_seconds_to_step(cmd, out / "metrics.jsonl", env, work / f"run_{r}.log"))
+    return {"startup_s": _spread(times["trainer"]), "imports_s": _spread(times["imports"]) if "imports" in times else None}
 
 
 # --------------------------------------------------------------------------- main
@@ -363,36 +443,99 @@ def measure_startup(s: SimpleNamespace, data_dir: Path, base_run: Path, work: Pa
 def parse_args(argv=None) -> SimpleNamespace:
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_train", description=__doc__.split("\n\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--quick", action="store_true", help="about 30 s: 1 repeat, 50 steps, checkpoint every 25")
-    p.add_argument("--demo-tiles", action="store_true", help="the six real BigEarthNet demo tiles instead of synthetic ones")
-    p.add_argument("--tiles", type=int, help="synthetic tiles (default 48; quick 16)")
+    p.add_argument("--quick", action="store_true", help="1 repeat of 40 steps, 2 start-ups (about 40 s on a CPU)")
+    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda, for every contender; cuda picks "
+                                                    "the 'cuda' preset (width 16, batch 8, 200 steps, 4 workers, 4 threads)")
+    p.add_argument("--demo-tiles", action="store_true", help="train on the six real demo tiles instead of synthetic ones")
+    p.add_argument("--tiles", type=int, help="synthetic tiles (default 48; quick 16; cuda 64)")
     p.add_argument("--tile-size", type=int, help="synthetic tile side in pixels (default 120)")
-    p.add_argument("--width", type=int, help="U-Net base width (default 4: small, so overheads show most)")
-    p.add_argument("--batch-size", type=int, help="tiles per batch (default 2)")
-    p.add_argument("--steps", type=int, help="optimizer steps per run (default 100; quick 50)")
-    p.add_argument("--checkpoint-every", type=int, help="trainer checkpoint cadence (default 50; quick 25)")
-    p.add_argument("--val-every", type=int, help="trainer validation cadence (default: same as --checkpoint-every)")
-    p.add_argument("--repeats", type=int, help="runs of each training mode (default 3; quick 1)")
-    p.add_argument("--startup-repeats", type=int, help="launches of each start-up mode (default 3; quick 1)")
-    p.add_argument("--write-repeats", type=int, help="writes of each checkpoint method (default 15; quick 5)")
-    p.add_argument("--num-workers", type=int, default=0, help="DataLoader workers for both loops (default 0)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch intra-op threads for everything measured (default 1: on a busy 2-core machine two "
-                        "OpenMP threads wait on each other and the noise swamps the ratios)")
-    p.add_argument("--device", default="auto", help="auto (default), cpu or cuda, for trainer and plain loop alike")
-    p.add_argument("--no-import-baseline", action="store_true", help="do not time python + imports beside the start-ups")
-    p.add_argument("--skip-default-width", action="store_true",
-                   help=f"skip the checkpoint-write figure at the trainer's default width {DEFAULT_WIDTH}")
+    p.add_argument("--width", type=int, help="U-Net base width (default 4: small, so overheads show most; cuda 16)")
+    p.add_argument("--batch-size", type=int, help="tiles per batch (default 2; cuda 8)")
+    p.add_argument("--steps", type=int, help="optimizer steps per run (default 100; quick 40; cuda 200)")
+    p.add_argument("--checkpoint-every", type=int, help="checkpoint cadence (default 50, the trainer's; quick 20; cuda 50)")
+    p.add_argument("--val-every", type=int, help="validation cadence (default: same as --checkpoint-every)")
+    p.add_argument("--repeats", type=int, help="runs of each contender (default 3; quick 1)")
+    p.add_argument("--startup-repeats", type=int, help="launches for the start-up figure (default 3; quick 2)")
+    p.add_argument("--num-workers", type=int, help="DataLoader workers, every contender (default 0; cuda 4)")
+    p.add_argument("--threads", type=int,
+                   help="torch intra-op threads (default 1: on a busy 2-core machine two OpenMP threads wait on "
+                        "each other and the noise swamps the ratios; cuda 4)")
+    p.add_argument("--bf16", action="store_true", help="also the bf16-mixed contenders (always on CUDA)")
+    p.add_argument("--startup-tiles", choices=("synthetic", "demo"), default="synthetic",
+                   help="the 6 tiles of the start-up figure: synthetic 120x120 (default) or the real demo tiles "
+                        "(needs the data extra; unpacking them takes longer than the measurement)")
+    p.add_argument("--skip-startup", action="store_true", help="no start-up figure")
+    p.add_argument("--no-import-baseline", action="store_true", help="do not time python + imports beside the start-up")
     args = p.parse_args(argv)
-    preset = PRESETS["quick" if args.quick else "default"]
+    device = _device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: CUDA is not available on this machine")
+    preset = PRESETS["quick" if args.quick else "cuda" if device.type == "cuda" else "default"]
+    if args.quick and device.type == "cuda":
+        preset = {**PRESETS["cuda"], "repeats": 1, "startup_repeats": 2, "steps": 100}
     for key, value in preset.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
     if args.val_every is None:
         args.val_every = args.checkpoint_every
-    if args.quick:
-        args.skip_default_width = True
+    args.bf16 = args.bf16 or device.type == "cuda"
+    args.device = device.type if args.device == "auto" else args.device
     return SimpleNamespace(**vars(args))
+
+
+def _verdict(key: str, value: float) -> str:
+    if key not in TARGETS:
+        return ""
+    op, bound = TARGETS[key]
+    ok = {">=": value >= bound, "<=": value <= bound, "<": value < bound}[op]
+    return f"target {op} {bound:g}: {'meets' if ok else 'MISSES'}"
+
+
+def _fmt(spread: dict, unit: str = "", digits: int = 3) -> str:
+    return (f"{spread['median']:.{digits}f}{unit} [{spread['min']:.{digits}f}-{spread['max']:.{digits}f}]")
+
+
+def report(s: SimpleNamespace, tiles_desc: str, split, loops: dict, startup: dict | None, total: float, load_before: str) -> None:
+    """Print the table."""
+    device = torch.device(s.device)
+    where = f"{device.type} ({torch.cuda.get_device_name(device)})" if device.type == "cuda" else "cpu"
+    print(f"train: {tiles_desc} ({len(split.train)} train, {len(split.val)} val), UNet width {s.width}, batch {s.batch_size}, "
+          f"{s.steps} steps, checkpoint every {s.checkpoint_every}, validation every {s.val_every}, {s.num_workers} workers")
+    print(f"  machine: {os.cpu_count()} CPU cores ({_cpu_name()}), device {where}, torch {torch.__version__}, "
+          f"{s.threads} threads; load average {load_before} before, {_load()} after; {total:.0f} s in all")
+    print(f"  steps/s, median [min-max] of {s.repeats} runs each, order rotated per repeat:")
+    for name, spread in loops["steps_per_s"].items():
+        print(f"    {LABELS[name]:<34} {_fmt(spread, digits=2)}")
+    print("  ratios, median [min-max] of the per-repeat ratios:")
+    rows = [
+        ("trainer_sync_vs_plain", "trainer (sync) vs plain loop, same work", "steps/s"),
+        ("trainer_async_vs_plain", "trainer (async) vs plain loop, same work", "steps/s"),
+        ("trainer_sync_vs_bare_loop", "trainer (sync) vs bare plain loop", "steps/s, the earlier kind of figure"),
+        ("plain_same_vs_bare_loop", "plain loop, same work vs bare", "steps/s: what validation + torch.save cost"),
+        ("det_vs_nondet", "deterministic vs not (trainer)", "steps/s" + ("" if device.type == "cuda" else
+                                                                         ", CPU: the guide's 10-30% is a GPU figure")),
+        ("trainer_bf16_vs_32", "trainer bf16-mixed vs 32", "steps/s"),
+        ("trainer_bf16_vs_plain_bf16", "trainer vs plain loop, both bf16", "steps/s"),
+    ]
+    for key, label, unit in rows:
+        if key in loops["ratios"]:
+            verdict = _verdict(key, loops["ratios"][key]["median"])
+            print(f"    {label:<42} {_fmt(loops['ratios'][key])}x  ({unit}{'; ' + verdict if verdict else ''})")
+    ms = loops["save_ms"]
+    print(f"  loop stall per checkpoint ({loops['saves_per_run']} per run), median of the per-repeat ratios to the plain "
+          f"loop's bare torch.save ({ms['plain_same']:.1f} ms):")
+    for mode, what in (("async", "snapshot; written in the background"), ("sync", "the whole durable write")):
+        key, parts = f"{mode}_stall_vs_torch_save", loops["save_parts_ms"][mode]
+        print(f"    {mode:<5} CheckpointManager.save {ms['trainer_' + mode]:7.1f} ms  {_fmt(loops['ratios'][key])}x  "
+              f"({what}; {_verdict(key, loops['ratios'][key]['median'])})")
+        print(f"          of which the run manifest (run.json) before the write {parts['manifest']:.1f} ms"
+              + (f", waiting for the previous write {parts['wait']:.1f} ms" if mode == "async" else ""))
+    if startup is not None:
+        print(f"  start to first step, {startup['tiles']}, subprocess, median [min-max] of {s.startup_repeats}: "
+              f"{_fmt(startup['startup_s'], ' s', 2)}  ({_verdict('startup_s', startup['startup_s']['median'])}"
+              f"{'' if device.type == 'cpu' else ' (a CPU target)'}"
+              + (f"; python + the same imports alone {_fmt(startup['imports_s'], ' s', 2)}" if startup["imports_s"] else "")
+              + ")")
 
 
 def main(argv=None) -> dict:
@@ -406,7 +549,8 @@ def main(argv=None) -> dict:
         with tempfile.TemporaryDirectory(prefix="axs-bench-train-") as tmp:
             tmp = Path(tmp)
             os.environ["XDG_CACHE_HOME"] = str(tmp / "cache")  # keep the data-fingerprint cache out of ~/.cache
-            env = {**os.environ, "OMP_NUM_THREADS": str(s.threads), "PYTHONPATH": str(REPO)}
+            pythonpath = os.pathsep.join(p for p in (str(REPO), os.environ.get("PYTHONPATH")) if p)
+            env = {**os.environ, "OMP_NUM_THREADS": str(s.threads), "PYTHONPATH": pythonpath}
             torch.set_num_threads(s.threads)
             data_dir = tmp / "tiles"
             if s.demo_tiles:
@@ -415,18 +559,13 @@ def main(argv=None) -> dict:
             else:
                 paths = write_synthetic_tiles(data_dir, count=s.tiles, size=s.tile_size, seed=0)
                 tiles_desc = f"{len(paths)} synthetic {s.tile_size}x{s.tile_size} tiles"
-            split = make_split(paths, SEED, TrainConfig().val_fraction, TrainConfig().split_source)
-
-            tp = measure_throughput(s, data_dir, tmp / "runs")
-            base_run = tp.pop("base_run")
-            ckpt_file = base_run / "checkpoints" / f"checkpoint_step_{s.steps}.pt"
-            write = measure_checkpoint_write(ckpt_file, tmp / "writes", s.write_repeats)
-            write_default = None
-            if not s.skip_default_width and s.width != DEFAULT_WIDTH:
-                out = tmp / "runs" / "default_width"
-                run_trainer(trainer_argv(s, data_dir, out, steps=1, width=DEFAULT_WIDTH, checkpoint_every=1), out)
-                write_default = measure_checkpoint_write(out / "checkpoints" / "checkpoint_step_1.pt", tmp / "writes16", s.write_repeats)
-            startup = measure_startup(s, data_dir, base_run, tmp / "startup", env)
+            split = make_split(paths, TrainConfig().split_seed, TrainConfig().val_fraction, TrainConfig().split_source)
+            loops = measure_loops(s, data_dir, tmp / "runs")
+            startup = None
+            if not s.skip_startup:
+                small = tmp / "tiles6"
+                desc = startup_tiles(small, s.startup_tiles)
+                startup = {**measure_startup(s, small, tmp / "startup", env), "tiles": desc}
     finally:
         torch.set_num_threads(saved_threads)
         torch.use_deterministic_algorithms(saved_det)
@@ -435,58 +574,27 @@ def main(argv=None) -> dict:
         else:
             os.environ["XDG_CACHE_HOME"] = saved_cache
     total = time.perf_counter() - started
-
+    report(s, tiles_desc, split, loops, startup, total, load_before)
+    ratios = loops["ratios"]
     results = {
-        "trainer_steps_per_s": tp["trainer_steps_per_s"],
-        "plain_steps_per_s": tp["plain_steps_per_s"],
-        "trainer_vs_plain_ratio": tp["trainer_vs_plain"],
-        "nondet_steps_per_s": tp["nondet_steps_per_s"],
-        "det_vs_nondet_ratio": tp["det_vs_nondet"],
-        "checkpoint_write_ms": write["ours_ms"],
-        "torch_save_ms": write["bare_ms"],
-        "torch_save_fsync_ms": write["bare_fsync_ms"],
-        "checkpoint_write_ratio": write["ratio"],
-        "checkpoint_write_vs_fsync_ratio": write["ratio_vs_bare_fsync"],
-        "checkpoint_mb": write["file_mb"],
-        "checkpoint_stages_ms": write["stages_ms"],
-        "checkpoint_write_default_width": write_default,
-        "fresh_startup_s": startup["fresh_s"],
-        "resume_startup_s": startup["resume_s"],
-        "imports_s": startup["imports_s"],
-        "resume_vs_fresh_ratio": startup["ratio"],
-        "targets": {"trainer_vs_plain_ratio": TRAINER_TARGET, "checkpoint_write_ratio": WRITE_TARGET},
-        "all_steps_per_s": tp["all_steps_per_s"],
+        "steps_per_s": {name: v["median"] for name, v in loops["steps_per_s"].items()},
+        "steps_per_s_spread": loops["steps_per_s"],
+        "ratios": ratios,
+        "trainer_sync_vs_plain_ratio": ratios["trainer_sync_vs_plain"]["median"],
+        "trainer_async_vs_plain_ratio": ratios["trainer_async_vs_plain"]["median"],
+        "trainer_vs_bare_loop_ratio": ratios["trainer_sync_vs_bare_loop"]["median"],
+        "det_vs_nondet_ratio": ratios["det_vs_nondet"]["median"],
+        "bf16_vs_32_ratio": ratios["trainer_bf16_vs_32"]["median"] if "trainer_bf16_vs_32" in ratios else None,
+        "async_stall_ratio": ratios["async_stall_vs_torch_save"]["median"],
+        "sync_stall_ratio": ratios["sync_stall_vs_torch_save"]["median"],
+        "save_ms": loops["save_ms"],
+        "startup_s": startup["startup_s"]["median"] if startup else None,
+        "imports_s": startup["imports_s"]["median"] if startup and startup["imports_s"] else None,
+        "save_parts_ms": loops["save_parts_ms"],
+        "targets": {k: f"{op} {bound:g}" for k, (op, bound) in TARGETS.items()},
+        "device": s.device,
         "seconds": total,
     }
-
-    def verdict(ok: bool) -> str:
-        return "meets target" if ok else "MISSES target"
-
-    device = "cuda" if s.device == "auto" and torch.cuda.is_available() else ("cpu" if s.device == "auto" else s.device)
-    print(f"train: {tiles_desc} ({len(split.train)} train, {len(split.val)} val), UNet width {s.width}, batch {s.batch_size}, "
-          f"{s.steps} steps, checkpoint every {s.checkpoint_every}, validation every {s.val_every}, {s.num_workers} workers")
-    print(f"  machine: {os.cpu_count()} CPU cores ({_cpu_name()}), device {device}, torch {torch.__version__}, "
-          f"{s.threads} threads; load average {load_before} before, {_load()} after; {total:.0f} s in all")
-    print(f"  medians of {s.repeats} (order rotated); ratios are medians of the runs made side by side")
-    print("  every run (steps/s): " + "; ".join(f"{m} " + ", ".join(f"{v:.2f}" for v in vs) for m, vs in tp["all_steps_per_s"].items()))
-    print(f"  trainer vs plain loop:     {tp['trainer_vs_plain']:6.3f}x steps/s  "
-          f"(trainer {tp['trainer_steps_per_s']:.2f}, plain {tp['plain_steps_per_s']:.2f} steps/s; target >= {TRAINER_TARGET}: "
-          f"{verdict(tp['trainer_vs_plain'] >= TRAINER_TARGET)})")
-    print(f"  deterministic vs not:      {tp['det_vs_nondet']:6.3f}x steps/s  "
-          f"(deterministic {tp['trainer_steps_per_s']:.2f}, --no-deterministic {tp['nondet_steps_per_s']:.2f} steps/s; "
-          f"{device.upper()}: the guide's 10-30% is a GPU figure)")
-    for label, w in (("", write), (f" (width {DEFAULT_WIDTH})", write_default)):
-        if w is None:
-            continue
-        print(f"  checkpoint write{label}:{' ' * (10 - len(label))}{w['ratio']:6.2f}x time     "
-              f"(save_checkpoint {w['ours_ms']:.1f} ms, torch.save {w['bare_ms']:.1f} ms, {w['file_mb']:.2f} MB; "
-              f"target <= {WRITE_TARGET}: {verdict(w['ratio'] <= WRITE_TARGET)}; "
-              f"vs torch.save + fsync {w['bare_fsync_ms']:.1f} ms: {w['ratio_vs_bare_fsync']:.2f}x)")
-        print("      where save_checkpoint's time goes: " + ", ".join(f"{k} {v:.1f} ms" for k, v in w["stages_ms"].items()))
-    print(f"  resume vs fresh start-up:  {startup['ratio']:6.3f}x time     "
-          f"(to the end of the first step: resume from step {startup['resume_step']} {startup['resume_s']:.2f} s, "
-          f"fresh {startup['fresh_s']:.2f} s; " + (f"python + imports alone {startup['imports_s']:.2f} s; " if startup["imports_s"] else "")
-          + f"median of {s.startup_repeats})")
     return results
 
 

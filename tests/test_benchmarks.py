@@ -6,6 +6,7 @@ only checks that each one executes end to end and that its figures are finite po
 
 from __future__ import annotations
 
+import importlib
 import math
 import sys
 from pathlib import Path
@@ -49,19 +50,19 @@ def test_bench_compare_smallest(capsys):
 def test_bench_train_smallest(capsys):
     results = bench_train.main([
         "--tiles", "8", "--tile-size", "32", "--width", "2", "--batch-size", "2", "--steps", "4",
-        "--checkpoint-every", "2", "--repeats", "1", "--startup-repeats", "1", "--write-repeats", "1",
-        "--skip-default-width", "--no-import-baseline",
+        "--checkpoint-every", "2", "--repeats", "1", "--startup-repeats", "1", "--no-import-baseline", "--device", "cpu",
     ])
     _check_ratios(results, [
-        "trainer_steps_per_s", "plain_steps_per_s", "trainer_vs_plain_ratio", "nondet_steps_per_s", "det_vs_nondet_ratio",
-        "checkpoint_write_ms", "torch_save_ms", "torch_save_fsync_ms", "checkpoint_write_ratio",
-        "checkpoint_write_vs_fsync_ratio", "checkpoint_mb", "fresh_startup_s", "resume_startup_s",
-        "resume_vs_fresh_ratio",
+        "trainer_sync_vs_plain_ratio", "trainer_async_vs_plain_ratio", "trainer_vs_bare_loop_ratio", "det_vs_nondet_ratio",
+        "async_stall_ratio", "sync_stall_ratio", "startup_s",
     ])
-    _check_ratios(results["checkpoint_stages_ms"], list(results["checkpoint_stages_ms"]))
-    assert results["checkpoint_write_default_width"] is None and results["imports_s"] is None
+    _check_ratios(results["steps_per_s"], ["trainer_sync", "trainer_async", "plain_same", "plain_bare", "trainer_nondet"])
+    _check_ratios(results["save_ms"], ["trainer_sync", "trainer_async", "plain_same"])
+    assert results["bf16_vs_32_ratio"] is None and results["imports_s"] is None
     out = capsys.readouterr().out
-    for line in ("trainer vs plain loop:", "deterministic vs not:", "checkpoint write:", "resume vs fresh start-up:"):
+    for line in ("trainer (sync) vs plain loop, same work", "trainer (async) vs plain loop, same work",
+                 "trainer (sync) vs bare plain loop", "async CheckpointManager.save", "sync  CheckpointManager.save",
+                 "start to first step"):
         assert line in out
 
 
@@ -81,10 +82,22 @@ def test_runner_calls_every_benchmark(monkeypatch, capsys, argv, compare, train)
         return main
 
     for name in runner.BENCHMARKS:
-        monkeypatch.setattr(sys.modules[f"benchmarks.{name}"], "main", fake(name))
+        monkeypatch.setattr(importlib.import_module(f"benchmarks.{name}"), "main", fake(name))
     results = runner.main(argv)
     assert list(results) == list(runner.BENCHMARKS)
     assert calls["bench_data"] == ((), {})
     assert calls["bench_compare"] == ((), compare)
     assert calls["bench_train"] == ((train,), {})
     assert runner.main(["--only", "bench_train"]).keys() == {"bench_train"}
+
+
+def test_runner_reports_a_failing_benchmark_and_runs_the_others(monkeypatch, capsys):
+    def broken(*args, **kwargs):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(importlib.import_module("benchmarks.bench_data"), "main", broken)
+    monkeypatch.setattr(importlib.import_module("benchmarks.bench_compare"), "main", lambda **kwargs: {"ratio": 1.0})
+    results = runner.main(["--only", "bench_data", "--only", "bench_compare"])
+    assert results["bench_data"] == {"error": "RuntimeError: disk full"} and results["bench_compare"] == {"ratio": 1.0}
+    assert runner.failed(results) == ["bench_data"]
+    assert "FAILED: RuntimeError: disk full" in capsys.readouterr().out

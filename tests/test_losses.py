@@ -107,11 +107,12 @@ def test_masked_ssim_averages_only_tiles_with_valid_pixels(caplog):
     assert value.item() == pytest.approx(masked_ssim(pred[1:], target[1:], mask[1:]).item(), rel=1e-6)
 
 
-def test_loss_with_every_tile_valid_is_the_plain_batch_ssim_to_the_bit():
+def test_loss_with_every_tile_valid_is_l1_plus_one_minus_the_batch_ssim():
     pred, target, mask = batch(3)
     expected = masked_l1(pred, target, mask) + 0.5 * (1.0 - ssim(pred * mask, target * mask, data_range=1.0,
                                                                  size_average=True, win_size=SSIM_WIN))
-    assert torch.equal(stage1_loss(pred, target, mask, 1.0, 0.5), expected)
+    # the same value up to rounding: the loss averages per-tile terms (no branch, no host sync on GPU)
+    assert stage1_loss(pred, target, mask, 1.0, 0.5).item() == pytest.approx(expected.item(), rel=1e-6)
 
 
 def test_loss_ignores_a_tile_without_valid_pixels():

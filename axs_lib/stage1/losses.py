@@ -14,15 +14,33 @@ a batch of only such tiles has loss 0 and no gradient, so training neither stops
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 
 import torch
-from pytorch_msssim import ssim
+from pytorch_msssim import ssim as _msssim
 
 log = logging.getLogger(__name__)
 
 SSIM_WIN = 7  # fits tiles of 7 px and up; BigEarthNet patches are 120 px
+SSIM_SIGMA = 1.5  # pytorch_msssim's default
+
+
+@functools.lru_cache(maxsize=16)
+def _window(channels: int, ndim: int, device: torch.device) -> torch.Tensor:
+    """pytorch_msssim's Gaussian window, made once per device. Left to itself the library builds it on
+    the CPU and copies it to the GPU at every call: a host synchronisation in every training step."""
+    coords = torch.arange(SSIM_WIN, dtype=torch.float) - SSIM_WIN // 2  # as pytorch_msssim's _fspecial_gauss_1d
+    g = torch.exp(-(coords**2) / (2 * SSIM_SIGMA**2))
+    g = (g / g.sum()).unsqueeze(0).unsqueeze(0)
+    return g.repeat([channels] + [1] * (ndim - 1)).to(device)
+
+
+def ssim(x: torch.Tensor, y: torch.Tensor, *, size_average: bool) -> torch.Tensor:
+    """SSIM (data range 1) by pytorch_msssim, with its window cached on ``x``'s device."""
+    window = _window(x.shape[1], x.dim(), x.device).to(dtype=x.dtype)
+    return _msssim(x, y, data_range=1.0, size_average=size_average, win=window)
 METRICS = ("psnr", "ssim", "sam")
 
 
@@ -47,7 +65,7 @@ def masked_l1(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> t
 
 def ssim_per_tile(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """(N,) SSIM of each tile with invalid pixels zeroed in both images; NaN for a tile with none valid."""
-    values = ssim(pred * mask, target * mask, data_range=1.0, size_average=False, win_size=SSIM_WIN)
+    values = ssim(pred * mask, target * mask, size_average=False)
     return torch.where(_has_valid(mask), values, torch.full_like(values, math.nan))
 
 
@@ -56,22 +74,19 @@ def masked_ssim(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) ->
     valid = _has_valid(mask)
     _warn_empty(int((~valid).sum()), "SSIM")
     if bool(valid.all()):
-        return ssim(pred * mask, target * mask, data_range=1.0, size_average=True, win_size=SSIM_WIN)
+        return ssim(pred * mask, target * mask, size_average=True)
     return ssim_per_tile(pred, target, mask)[valid].mean()  # mean of nothing is NaN
 
 
 def _ssim_term(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``1 - SSIM`` for the loss, over tiles with valid pixels only; 0 (no gradient) when there are none.
+    """``1 - SSIM`` for the loss: the mean over tiles that have valid pixels; 0 (no gradient) when none has.
 
-    When every tile has valid pixels (the usual case) this is the batch-mean SSIM computed exactly
-    as it always was, so the bits of existing runs do not change.
+    Written with a weight per tile instead of a branch on which tiles are valid, so that the
+    training step never reads a value back from the GPU (a branch on a device tensor is a host sync).
     """
-    valid = _has_valid(mask)
-    if bool(valid.all()):
-        return 1.0 - ssim(pred * mask, target * mask, data_range=1.0, size_average=True, win_size=SSIM_WIN)
-    if not bool(valid.any()):
-        return (pred * 0.0).sum()
-    return 1.0 - ssim_per_tile(pred, target, mask)[valid].mean()
+    valid = _has_valid(mask).to(pred.dtype)
+    per_tile = ssim(pred * mask, target * mask, size_average=False)
+    return ((1.0 - per_tile) * valid).sum() / valid.sum().clamp_min(1.0)
 
 
 def stage1_loss(pred, target, mask, l1_weight: float = 1.0, ssim_weight: float = 0.5) -> torch.Tensor:

@@ -64,6 +64,7 @@ def train(args) -> int:
 
     try:
         import lightning.pytorch as pl
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
 
         from axs_lib.lightning import ExactResume
     except ImportError as exc:
@@ -85,12 +86,15 @@ def train(args) -> int:
     train_set = TileDataset(paths, args.seed, augment=not args.no_augment)
     seed_globals(derive_seed(args.seed, "init"))  # the initial weights depend on the seed alone
     module = build_module(args, train_set)
-    trainer = pl.Trainer(
-        max_steps=args.steps, max_epochs=-1, accelerator=args.accelerator, devices=1, deterministic=True,
-        callbacks=[exact], plugins=[exact.checkpoint_io], enable_checkpointing=False, logger=False,
-        enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
-        default_root_dir=output,
-    )
+    try:
+        trainer = pl.Trainer(
+            max_steps=args.steps, max_epochs=-1, accelerator=args.accelerator, devices=1, deterministic=True,
+            callbacks=[exact], plugins=[exact.checkpoint_io], enable_checkpointing=False, logger=False,
+            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+            default_root_dir=output,
+        )
+    except MisconfigurationException as exc:  # e.g. --accelerator gpu on a machine without one
+        raise UsageError(f"--accelerator {args.accelerator}: {str(exc).splitlines()[0]}") from None
     if ckpt_path is not None:
         print(f"resuming from {ckpt_path}", file=sys.stderr)
     trainer.fit(module, ckpt_path=ckpt_path)
@@ -129,7 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as exc:
         return int(exc.code or 0)
     if args.num_workers < 0:
-        parser.error(f"--num-workers must be >= 0, got {args.num_workers}")
+        print(f"{parser.prog}: error: --num-workers must be >= 0, got {args.num_workers}", file=sys.stderr)
+        return 2
     return run_handler(train, args, debug=args.debug)
 
 

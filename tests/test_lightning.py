@@ -170,6 +170,19 @@ def test_a_second_run_into_a_directory_with_checkpoints_is_refused(runs, capsys)
     assert _digests(root / "a") == before
 
 
+def test_bad_flags_and_a_missing_tile_folder_are_one_line_exit_2_and_create_nothing(runs, tmp_path, capsys):
+    _, tiles, example = runs
+    out = tmp_path / "new"
+    capsys.readouterr()
+    assert example.main(_args(tmp_path / "no-tiles", out, 0)) == 2
+    err = capsys.readouterr().err
+    assert "no-tiles" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert example.main(_args(tiles, out, -1)) == 2
+    assert "--num-workers must be >= 0" in capsys.readouterr().err
+    assert example.main([*_args(tiles, out, 0), "--resume", "latest"]) == 2
+    assert not out.exists()
+
+
 # --------------------------------------------------------------------------- plain Lightning vs ExactResume
 
 

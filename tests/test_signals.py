@@ -80,3 +80,50 @@ def test_a_signal_to_the_process_group_checkpoints_and_resumes_exactly(tiles, re
     ref = _shas(reference)
     got = _shas(out)
     assert {k: v for k, v in got.items() if k in ref} == ref
+
+
+def _spawn(tiles: Path, out: Path, *extra: str, fault: str | None = None) -> subprocess.Popen:
+    argv = [sys.executable, str(ROOT / "scripts" / "train_stage1.py"), "--data-dir", str(tiles), "--output-dir", str(out),
+            *ARGS, "--num-workers", "2", "--checkpoint-mode", "async", *extra]
+    env = {**os.environ, **({"AXS_FAULT": fault} if fault else {})}
+    return subprocess.Popen(argv, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _wait_for_line(proc: subprocess.Popen, text: str) -> None:
+    for line in proc.stderr:
+        if text in line:
+            return
+    raise AssertionError(f"the run ended before printing {text!r}: exit {proc.wait()}")
+
+
+def test_sigterm_while_a_background_checkpoint_write_is_in_flight_finishes_it_and_resumes_exactly(tiles, reference, tmp_path):
+    out = tmp_path / "run"
+    proc = _spawn(tiles, out, fault="slow:checkpoint_step_10.pt")
+    _wait_for_line(proc, "axs fault: slow commit")  # the writer thread sleeps before its rename
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=240)
+    assert proc.returncode == 143, err
+    assert "Traceback" not in err, err
+    ckpts = out / "checkpoints"
+    stopped = json.loads((out / "run.json").read_text())["final_step"]
+    assert (ckpts / "checkpoint_step_10.pt").exists()  # the write in flight was finished, not abandoned
+    assert (ckpts / "latest").read_text().strip() == f"checkpoint_step_{stopped}.pt"
+    assert main(["train", "stage1", "--data-dir", str(tiles), "--output-dir", str(out), *ARGS, "--num-workers", "1",
+                 "--resume", "auto"]) == 0
+    ref = _shas(reference)
+    assert {k: v for k, v in _shas(out).items() if k in ref} == ref
+
+
+def test_sigkill_during_a_background_checkpoint_write_then_resume_is_exact(tiles, reference, tmp_path):
+    out = tmp_path / "run"
+    proc = _spawn(tiles, out, fault="stop:checkpoint_step_20.pt")
+    _wait_for_line(proc, "axs fault: stopped before committing")  # the writer thread hangs mid-write
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    ckpts = out / "checkpoints"
+    assert not (ckpts / "checkpoint_step_20.pt").exists()
+    assert (ckpts / "latest").read_text().strip() == "checkpoint_step_10.pt"  # still names a complete file
+    assert main(["train", "stage1", "--data-dir", str(tiles), "--output-dir", str(out), *ARGS, "--num-workers", "2",
+                 "--checkpoint-mode", "async", "--resume", "auto"]) == 0
+    assert _shas(out) == _shas(reference)

@@ -31,7 +31,7 @@ from torch.utils.data import random_split
 from axs_lib.checkpoint import atomic_write_text
 from axs_lib.errors import InputError, UsageError
 from axs_lib.reproducibility import create_reproducible_generator
-from axs_lib.tiles import read_sidecar, sidecar_path
+from axs_lib.tiles import StatCache, read_sidecar, ref_key, sidecar_path
 
 SOURCES = ("auto", "sidecar", "random")
 
@@ -75,8 +75,37 @@ def split_lengths(n: int, val_fraction: float) -> tuple[int, int]:
     return n - val, val
 
 
-def make_split(paths: list[Path], seed: int, val_fraction: float = 0.1, source: str = "auto") -> Split:
-    """Split ``paths`` into train and validation tiles; see the module docstring for the sources."""
+def sidecar_splits(paths: list[Path], cache_dir: os.PathLike | str | None = None) -> dict[Path, str | None]:
+    """Each tile's sidecar ``split`` (None when absent), read once and then cached.
+
+    The cache is keyed like the tile checks (`axs_lib.tiles.stat_key` of tile and sidecar), so a
+    start over 100k tiles costs two ``stat`` calls per tile instead of opening every sidecar.
+    """
+    cache = StatCache("splits", cache_dir)
+    real_dirs: dict[str, str] = {}
+    labels: dict[Path, str | None] = {}
+    for path in paths:
+        key = ref_key(path, real_dirs)
+        if key is None:
+            labels[path] = read_sidecar(path).get("split")
+            continue
+        directory, name, keys = key
+        entry = name if name == path.name else f"{name}/{path.name}"
+        cached = cache.get(directory, entry, keys)
+        if isinstance(cached, list) and len(cached) == 1:
+            labels[path] = cached[0]
+        else:
+            labels[path] = read_sidecar(path).get("split")
+            cache.put(directory, entry, keys, [labels[path]])
+    cache.save()
+    return labels
+
+
+def make_split(paths: list[Path], seed: int, val_fraction: float = 0.1, source: str = "auto",
+               cache_dir: os.PathLike | str | None = None) -> Split:
+    """Split ``paths`` into train and validation tiles; see the module docstring for the sources.
+
+    Sidecar splits are cached under ``cache_dir`` (default: the data cache, `sidecar_splits`)."""
     if source not in SOURCES:
         raise UsageError(f"--split-source must be one of {', '.join(SOURCES)}, got {source!r}")
     if not 0.0 < val_fraction < 1.0:
@@ -86,7 +115,7 @@ def make_split(paths: list[Path], seed: int, val_fraction: float = 0.1, source: 
     paths = sorted((p if isinstance(p, Path) else Path(p) for p in paths), key=lambda p: p.name)
     if source == "random":
         return _random_split(paths, seed, val_fraction)
-    labelled = {p: read_sidecar(p).get("split") for p in paths}
+    labelled = sidecar_splits(paths, cache_dir)
     if source == "sidecar" or (None not in labelled.values() and {"train", "val"} <= set(labelled.values())):
         return _sidecar_split(labelled, seed, val_fraction)
     held_out = [p for p, split in labelled.items() if split == "test"]

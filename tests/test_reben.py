@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 
 import numpy as np
 import pyarrow as pa
@@ -118,8 +119,6 @@ def test_interrupted_conversion_continues_and_workers_give_the_same_bytes(reben,
 def test_missing_band_is_skipped_and_named(reben, tmp_path):
     s1_root, s2_root, metadata, _, rows = reben
     broken = tmp_path / "S2"
-    import shutil
-
     shutil.copytree(s2_root, broken)
     s2_dir = reben_folders(s1_root, broken, rows[0]["patch_id"], rows[0]["s1_name"])[1]
     (s2_dir / f"{rows[0]['patch_id']}_B08.tif").unlink()

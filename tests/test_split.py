@@ -139,3 +139,25 @@ def test_bad_arguments_are_usage_errors(tmp_path, kwargs, phrase):
         make_split(fake_paths(tmp_path, 4), seed=0, **kwargs)
     with pytest.raises(UsageError, match="no tiles"):
         make_split([], seed=0)
+
+
+def test_sidecar_splits_are_cached_until_a_sidecar_changes(tmp_path, monkeypatch):
+    from axs_lib import split as split_module
+    from axs_lib import tiles as tiles_module
+    from axs_lib.ingest import write_synthetic_tiles
+
+    monkeypatch.setattr(tiles_module, "RACY_SECONDS", -1.0)
+    paths = write_synthetic_tiles(tmp_path / "t", count=4, size=8, seed=0)
+    for path, split in zip(paths, ["train", "train", "val", "test"]):
+        path.with_suffix(".json").write_text(json.dumps({"split": split}))
+    reads = []
+    original = split_module.read_sidecar
+    monkeypatch.setattr(split_module, "read_sidecar", lambda p: reads.append(p.name) or original(p))
+    first = make_split(paths, seed=0, cache_dir=tmp_path / "c")
+    assert len(reads) == 4 and [p.name for p in first.excluded] == [paths[3].name]
+    reads.clear()
+    assert make_split(paths, seed=0, cache_dir=tmp_path / "c").manifest() == first.manifest()
+    assert reads == []
+    paths[2].with_suffix(".json").write_text(json.dumps({"split": "train"}))
+    again = make_split(paths, seed=0, cache_dir=tmp_path / "c")
+    assert reads == [paths[2].name] and again.source == "random"  # no val sidecar left: auto falls back

@@ -127,3 +127,34 @@ def test_sigkill_during_a_background_checkpoint_write_then_resume_is_exact(tiles
     assert main(["train", "stage1", "--data-dir", str(tiles), "--output-dir", str(out), *ARGS, "--num-workers", "2",
                  "--checkpoint-mode", "async", "--resume", "auto"]) == 0
     assert _shas(out) == _shas(reference)
+
+
+def test_the_documented_slurm_script_checkpoints_on_term_and_requeues(tiles, reference, tmp_path):
+    """docs/reproducibility.md's batch script, with ``scontrol requeue`` recorded instead of run and
+    SIGTERM sent to the batch shell alone (what ``--signal=B:TERM@60`` does)."""
+    from doc_blocks import parse_blocks
+
+    block = next(b for b in parse_blocks(ROOT / "docs" / "reproducibility.md") if "#SBATCH --signal" in b.code)
+    script = block.code.replace("scontrol requeue $SLURM_JOB_ID", "echo requeue $SLURM_JOB_ID > requeued")
+    (tmp_path / "job.sh").write_text(script)
+    config = subprocess.run([sys.executable, "-m", "axs_lib.cli", "train", "stage1", "--data-dir", str(tiles), *ARGS,
+                             "--num-workers", "2", "--print-config"], cwd=ROOT, capture_output=True, text=True, check=True)
+    (tmp_path / "exp.yaml").write_text(config.stdout)
+    bin_dir = Path(sys.executable).parent
+    env = {**os.environ, "SLURM_JOB_ID": "4242", "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    assert (bin_dir / "axs").exists(), "the axs console script is installed beside the interpreter"
+
+    job = subprocess.Popen(["bash", "job.sh"], cwd=tmp_path, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    out = tmp_path / "runs" / "exp"
+    deadline = time.monotonic() + 240
+    while _logged_steps(out) < 3 and job.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.05)
+    job.send_signal(signal.SIGTERM)  # to the batch shell only; its trap forwards it to the trainer
+    _, err = job.communicate(timeout=240)
+    assert (tmp_path / "requeued").read_text().split() == ["requeue", "4242"], err
+    assert json.loads((out / "run.json").read_text())["status"] == "interrupted"
+
+    again = subprocess.run(["bash", "job.sh"], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=240)
+    assert again.returncode == 0, again.stderr
+    ref = _shas(reference)
+    assert {k: v for k, v in _shas(out).items() if k in ref} == ref

@@ -37,7 +37,9 @@ class EventLog:
     def __init__(self, output_dir: Path, start_step: int):
         from torch.utils.tensorboard import SummaryWriter  # imported only when used: it is slow
 
-        self.writer = SummaryWriter(log_dir=str(output_dir / EVENTS_DIR), purge_step=start_step or None)
+        # purge what a killed run logged *after* the resumed step; the point at that step is the
+        # checkpoint's own and stays (metrics.jsonl keeps it too)
+        self.writer = SummaryWriter(log_dir=str(output_dir / EVENTS_DIR), purge_step=start_step + 1 if start_step else None)
 
     def add(self, record: dict) -> None:
         for name, value in record.items():

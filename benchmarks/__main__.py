@@ -2,7 +2,7 @@
 
 * ``bench_data``: loader tiles/s with 0 and 2 workers; data fingerprint vs plain hashlib.
 * ``bench_loader``: NPZ vs packed tiles/s at 0, 2 and 4 workers; trainer start-up (list, split,
-  check, fingerprint, first batch) at 1k and 10k tiles, first start vs second.
+  check, fingerprint, first batch), first start vs second, at 1k tiles (and 10k with ``--full``).
 * ``bench_compare``: ``axs compare`` vs ``torch.load`` + ``torch.equal`` on two synthetic
   checkpoints of ``--size-mb`` MiB (256 by default here; 1024, its own default, with ``--full``).
 * ``bench_checkpoint``: checkpoint write (sync, async stall, format 1) vs a bare ``torch.save``.
@@ -27,7 +27,11 @@ from typing import Callable
 
 BENCHMARKS = ("bench_data", "bench_loader", "bench_compare", "bench_checkpoint", "bench_train", "bench_toolkit",
               "bench_startup")
-LOADER_QUICK_STARTUP = 1_000  # tiles of bench_loader's start-up figure with --quick (10k as well by default)
+# bench_loader's start-up figure: 1k tiles by default, 10k too with --full (its own default; writing
+# and fingerprinting 10k files first takes minutes on a 2-core machine)
+LOADER_STARTUP = 1_000
+LOADER_FULL_STARTUP = 10_000
+LOADER_QUICK_TILES = 128  # loader tiles/s over half its default tile count
 COMPARE_SIZE_MB = 256
 COMPARE_FULL_SIZE_MB = 1024
 COMPARE_QUICK_SIZE_MB = 64
@@ -36,11 +40,13 @@ COMPARE_QUICK_SIZE_MB = 64
 def _calls(args: argparse.Namespace) -> dict[str, Callable[[object], dict]]:
     """How to call each module's ``main`` for these options."""
     device = ["--device", args.device] if args.device else []
+    loader = ["--startup", str(LOADER_STARTUP)] + (["--startup", str(LOADER_FULL_STARTUP)] if args.full else [])
+    loader += ["--loader-tiles", str(LOADER_QUICK_TILES)] if args.quick else []
     size = args.size_mb or (COMPARE_FULL_SIZE_MB if args.full else COMPARE_QUICK_SIZE_MB if args.quick else COMPARE_SIZE_MB)
     return {
         "bench_data": lambda main: main(),
         "bench_compare": lambda main: main(size_mb=size, repeats=1 if args.quick else 3),
-        "bench_loader": lambda main: main(["--startup", str(LOADER_QUICK_STARTUP)] if args.quick else []),
+        "bench_loader": lambda main: main(loader),
         "bench_train": lambda main: main((["--quick"] if args.quick else []) + device),
         "bench_startup": lambda main: main(repeats=3 if args.quick else 7),
         "bench_checkpoint": lambda main: main((["--quick"] if args.quick else []) + device),
@@ -51,10 +57,11 @@ def _calls(args: argparse.Namespace) -> dict[str, Callable[[object], dict]]:
 def main(argv=None) -> dict[str, dict]:
     """Run the selected benchmarks in order; return ``{name: figures}``."""
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description="Run the ratio benchmarks.")
-    parser.add_argument("--full", action="store_true", help=f"bench_compare at {COMPARE_FULL_SIZE_MB} MiB (default {COMPARE_SIZE_MB})")
+    parser.add_argument("--full", action="store_true", help=f"bench_compare at {COMPARE_FULL_SIZE_MB} MiB (default {COMPARE_SIZE_MB}), "
+                                                            f"bench_loader start-up at {LOADER_FULL_STARTUP} tiles too")
     parser.add_argument("--quick", action="store_true",
-                        help=f"short versions: bench_compare at {COMPARE_QUICK_SIZE_MB} MiB once, bench_loader start-up at "
-                             f"{LOADER_QUICK_STARTUP} tiles only, --quick of bench_train and bench_checkpoint")
+                        help=f"short versions: bench_compare at {COMPARE_QUICK_SIZE_MB} MiB once, bench_loader over "
+                             f"{LOADER_QUICK_TILES} tiles, --quick of bench_train and bench_checkpoint")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="for bench_train and bench_checkpoint (default: theirs, cuda when available)")
     parser.add_argument("--size-mb", type=int, help="bench_compare checkpoint size in MiB (overrides --full/--quick)")
     parser.add_argument("--only", action="append", choices=BENCHMARKS, metavar="NAME",

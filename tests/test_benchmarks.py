@@ -71,6 +71,7 @@ def test_bench_train_smallest(capsys):
     (["--full"], {"size_mb": runner.COMPARE_FULL_SIZE_MB, "repeats": 3}, []),
     (["--quick"], {"size_mb": runner.COMPARE_QUICK_SIZE_MB, "repeats": 1}, ["--quick"]),
     (["--size-mb", "32"], {"size_mb": 32, "repeats": 3}, []),
+    (["--quick", "--device", "cpu"], {"size_mb": runner.COMPARE_QUICK_SIZE_MB, "repeats": 1}, ["--quick", "--device", "cpu"]),
 ])
 def test_runner_calls_every_benchmark(monkeypatch, capsys, argv, compare, train):
     calls = {}
@@ -88,6 +89,8 @@ def test_runner_calls_every_benchmark(monkeypatch, capsys, argv, compare, train)
     assert calls["bench_data"] == ((), {})
     assert calls["bench_compare"] == ((), compare)
     assert calls["bench_train"] == ((train,), {})
+    startup = ["--startup", "1000"] + (["--startup", "10000"] if "--full" in argv else [])
+    assert calls["bench_loader"] == ((startup + (["--loader-tiles", "128"] if "--quick" in argv else []),), {})
     assert runner.main(["--only", "bench_train"]).keys() == {"bench_train"}
 
 

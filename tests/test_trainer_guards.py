@@ -201,3 +201,17 @@ def test_on_nonfinite_skip_drops_the_bad_updates_and_finishes(tiles, tmp_path, c
     info = json.loads((out / "run.json").read_text())
     assert code == 0 and info["final_step"] == 40 and info["skipped_steps"] > 0
     assert (out / "checkpoints" / "checkpoint_step_40.pt").exists()
+
+
+def test_resume_from_another_working_directory_finds_the_runs_tiles(tiles, tmp_path, capsys, monkeypatch):
+    work = tmp_path / "work"
+    shutil.copytree(tiles, work / "tiles")
+    monkeypatch.chdir(work)
+    assert main(["train", "stage1", "--data-dir", "tiles", "--output-dir", "run", *BASE]) == 0
+    (work / "run" / "checkpoints" / "checkpoint_step_4.pt").unlink()  # as if killed after step 2's checkpoint
+    (work / "run" / "checkpoints" / "latest").write_text("checkpoint_step_2.pt\n")
+    monkeypatch.chdir(tmp_path)  # elsewhere: "tiles" no longer resolves, and --data-dir is not repeated
+    code, _ = _train(capsys, "--output-dir", str(work / "run"), *BASE, "--resume", "auto")
+    assert code == 0
+    assert json.loads((work / "run" / "run.json").read_text())["final_step"] == 4
+    assert (work / "run" / "checkpoints" / "checkpoint_step_4.pt").exists()

@@ -10,6 +10,7 @@ from pathlib import Path
 from axs_lib.stage1.config import (CHECKPOINT_MODES, DEFAULT_SPLIT_SEED, FIELD_NAMES, MAXIMA, ON_NONFINITE, PRECISIONS,
                                    build_config, config_text, config_warnings, read_config_file)
 from axs_lib import argtypes
+from axs_lib.errors import AxsError
 from axs_lib.cli import add_debug_flag
 
 EXAMPLES = """examples:
@@ -154,7 +155,15 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _previous_data_dir(output_dir: Path) -> str | None:
+    """The tile directory of the run being resumed, as an absolute path (``run.json``'s ``paths``), so a
+    resume works from any working directory; the config's own spelling may be relative."""
+    from axs_lib.run_dir import read_run_json
+
     try:
-        return json.loads((output_dir / "run.json").read_text())["config"]["data_dir"]
-    except (OSError, ValueError, KeyError, TypeError):
+        info = read_run_json(output_dir) or {}
+    except AxsError:
         return None
+    for value in ((info.get("paths") or {}).get("data_dir"), (info.get("config") or {}).get("data_dir")):
+        if isinstance(value, str) and value:
+            return value
+    return None

@@ -158,3 +158,29 @@ def test_the_documented_slurm_script_checkpoints_on_term_and_requeues(tiles, ref
     assert again.returncode == 0, again.stderr
     ref = _shas(reference)
     assert {k: v for k, v in _shas(out).items() if k in ref} == ref
+
+
+def test_under_nohup_the_log_file_shows_step_lines_while_the_run_is_alive(tiles, tmp_path):
+    """stdout redirected to a file (nohup, Slurm, ``| tee``): no progress bar, a plain step line every
+    ``--log-every`` steps, flushed at once rather than when the process ends."""
+    log_path = tmp_path / "train.log"
+    out = tmp_path / "run"
+    argv = [sys.executable, str(ROOT / "scripts" / "train_stage1.py"), "--data-dir", str(tiles), "--output-dir", str(out),
+            *[a for a in ARGS if a != "--quiet"], "--steps", "400", "--checkpoint-every", "400", "--val-every", "400"]
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # as on a user's machine
+    with open(log_path, "w") as log:
+        proc = subprocess.Popen(["nohup", *argv], cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and proc.poll() is None:
+            if "step 3/400" in log_path.read_text():
+                break
+            time.sleep(0.05)
+        assert proc.poll() is None, log_path.read_text()  # still training, and the lines are already there
+        text = log_path.read_text()
+        assert "step 1/400" in text and "device cpu" in text
+        assert "\r" not in text  # no progress bar redraws in a log file
+    finally:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()

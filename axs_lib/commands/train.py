@@ -117,9 +117,9 @@ def register(sub: argparse._SubParsersAction) -> None:
 def _log(quiet: bool):
     def log(line: str) -> None:
         if line.startswith(("warning:", "notice:")):
-            print(line, file=sys.stderr)
+            print(line, file=sys.stderr, flush=True)
         elif not quiet:
-            print(line)
+            print(line, flush=True)  # a log file (nohup, Slurm) shows each line while the run is alive
     return log
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import argparse
 import math
 
-from axs_lib.reproducibility import check_seed
 
 
 def integer(text: str) -> int:
@@ -51,6 +50,8 @@ def non_negative_number(text: str) -> float:
 def seed(text: str) -> int:
     """A seed: an integer in [0, 2**32 - 1]."""
     try:
+        from axs_lib.reproducibility import check_seed  # imports torch: only when a seed is parsed
+
         return check_seed(integer(text))
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None

@@ -304,12 +304,44 @@ def locked(root: os.PathLike | str):
         os.close(fd)
 
 
-def lock_is_held(run: os.PathLike | str) -> bool:
-    """Whether a live process holds ``<run>/.lock`` (a probe: takes the lock and lets it go at once).
+PROC_LOCKS = "/proc/locks"
 
-    POSIX record locks belong to the process, so call this from a process that is not the run
-    itself (``axs runs``): closing any descriptor of the file drops the caller's own lock.
+
+def lock_holders(run: os.PathLike | str, proc_locks: str = PROC_LOCKS) -> set[int] | None:
+    """Process ids holding a record lock on ``<run>/.lock``, from the kernel's lock table.
+
+    Reads ``/proc/locks`` (lines like ``1: POSIX  ADVISORY  WRITE 4242 fe:00:5408308 0 EOF``,
+    device in hex and inode) and opens nothing in the run: POSIX record locks belong to a process,
+    and opening and closing the lock file from the process that holds it would drop its lock.
+    None when the table cannot be read (not Linux).
     """
+    try:
+        st = os.stat(Path(run) / LOCK, follow_symlinks=False)
+    except FileNotFoundError:
+        return set()
+    except OSError:
+        return None
+    try:
+        table = Path(proc_locks).read_text()
+    except OSError:
+        return None
+    file_id = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    holders = set()
+    for line in table.splitlines():
+        fields = line.split()
+        # Waiting requests are listed too, marked "->"; only granted locks count.
+        if len(fields) >= 6 and "->" not in fields and fields[1] in ("POSIX", "OFDLCK") and fields[5] == file_id:
+            holders.add(int(fields[4]) if fields[4].lstrip("-").isdigit() else -1)
+    return holders
+
+
+def lock_is_held(run: os.PathLike | str) -> bool:
+    """Whether a live process holds ``<run>/.lock``: from `lock_holders` where the kernel's table is
+    readable, else by a probe (take the lock and let it go at once; call that from a process that
+    is not the run itself)."""
+    holders = lock_holders(run)
+    if holders is not None:
+        return bool(holders)
     try:
         fd = os.open(Path(run) / LOCK, os.O_RDWR | os.O_NOFOLLOW)
     except OSError:

@@ -15,7 +15,7 @@ import torch
 
 from axs_lib.checkpoint import save_checkpoint
 from axs_lib.cli import main
-from axs_lib.commands.runs import lock_holders
+from axs_lib.run_dir import lock_holders
 from test_compare import make_checkpoint
 
 

@@ -26,6 +26,7 @@ from typing import Any
 
 from axs_lib.cli import add_debug_flag
 from axs_lib.errors import EXIT_OK, InputError
+from axs_lib.run_dir import LOCK
 
 EPILOG = """example:
   axs runs experiments/exp1_seed42 experiments/exp2_seed123 experiments/exp3_seed42
@@ -106,41 +107,8 @@ def _from_checkpoint(path: Path, trust: bool) -> dict:
     }
 
 
-LOCK_FILE = ".lock"  # the name axs_lib.run_dir gives it (not imported: that would import torch)
-PROC_LOCKS = "/proc/locks"
-
-
-def lock_holders(run: Path, proc_locks: str = PROC_LOCKS) -> set[int] | None:
-    """Process ids holding a record lock on ``<run>/.lock``, from the kernel's lock table.
-
-    Reads ``/proc/locks`` (lines like ``1: POSIX  ADVISORY  WRITE 4242 fe:00:5408308 0 EOF``,
-    device in hex and inode) and opens nothing in the run. None when the table cannot be read.
-    """
-    try:
-        st = os.stat(run / LOCK_FILE, follow_symlinks=False)
-    except FileNotFoundError:
-        return set()
-    except OSError:
-        return None
-    try:
-        table = Path(proc_locks).read_text()
-    except OSError:
-        return None
-    file_id = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
-    holders = set()
-    for line in table.splitlines():
-        fields = line.split()
-        # Waiting requests are listed too, marked "->"; only granted locks count.
-        if len(fields) >= 6 and "->" not in fields and fields[1] in ("POSIX", "OFDLCK") and fields[5] == file_id:
-            holders.add(int(fields[4]) if fields[4].lstrip("-").isdigit() else -1)
-    return holders
-
-
 def run_is_live(run: Path) -> bool:
-    """Whether a live process holds the run's lock (see the module notes on why it is read this way)."""
-    holders = lock_holders(run)
-    if holders is not None:
-        return bool(holders)
+    """Whether a live process holds the run's lock (`axs_lib.run_dir.lock_is_held`)."""
     from axs_lib.run_dir import lock_is_held
 
     return lock_is_held(run)
@@ -156,7 +124,7 @@ def _mark_killed(row: dict, run: Path) -> None:
         steps = {}
     row["status"] = "killed"
     row["step"] = max(steps) if steps else row["step"]
-    row["note"] = (f"run.json says running, but no process holds {run / LOCK_FILE}: the run was killed "
+    row["note"] = (f"run.json says running, but no process holds {run / LOCK}: the run was killed "
                    f"or crashed; its newest checkpoint is step {row['step'] if steps else 'none'} "
                    "(train again with --resume auto to continue)")
 

@@ -49,7 +49,8 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
-from axs_lib.checkpoint import CHECKSUM_KEY, check_content, iter_leaves, load_checkpoint
+from axs_lib.checkpoint import CHECKSUM_KEY, CHECKSUM_KEYS, LEGACY_CHECKSUM_KEY, check_content, iter_leaves, load_checkpoint
+from axs_lib.run_dir import step_checkpoints
 from axs_lib.errors import CheckpointError, InputError, UsageError
 from axs_lib.fingerprint.environment import diff_environments
 
@@ -60,7 +61,6 @@ DIFFERENT = "different"
 
 CHUNK_BYTES = 16 << 20  # elements compared at a time, per side
 MAX_ROWS = 20  # rows per table in the text report; JSON always has everything
-_STEP_FILE = re.compile(r"checkpoint_step_(\d+)\.pt$")
 
 _INT_OF_WIDTH = {1: torch.int8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
@@ -373,7 +373,7 @@ ENVIRONMENT_LEAVES = ("environment", "seed_info.cuda_available", "seed_info.cuda
 def is_environment(path: str) -> bool:
     """Whether a leaf's dotted path is environment metadata (compared and shown, not content)."""
     return any(path == p or path.startswith((p + ".", p + "[")) for p in ENVIRONMENT_LEAVES)
-HEADLINE_KEYS = ("format_version", "step", "epoch", "world_size", CHECKSUM_KEY)
+HEADLINE_KEYS = ("format_version", "step", "epoch", "world_size", CHECKSUM_KEY, LEGACY_CHECKSUM_KEY)
 DETERMINISM_FLAGS = {  # flag (in seed_info or environment) -> the value that means "deterministic"
     "deterministic": True,
     "use_deterministic_algorithms": True,
@@ -608,7 +608,7 @@ class CheckpointComparison:
         return "\n".join(lines)
 
 
-_HEADLINE_META = {"step", "epoch", CHECKSUM_KEY, "seed_info.seed", "seed_info.deterministic",
+_HEADLINE_META = {"step", "epoch", CHECKSUM_KEY, LEGACY_CHECKSUM_KEY, "seed_info.seed", "seed_info.deterministic",
                   "data_fingerprint.sha256", "environment.torch", "environment.cuda"}
 
 
@@ -646,7 +646,8 @@ def compare_checkpoints(a: os.PathLike | str, b: os.PathLike | str, options: Opt
     pages = (_MappedPages(a), _MappedPages(b))
     la, lb = dict(iter_leaves(ca)), dict(iter_leaves(cb))
     for lv in (la, lb):
-        lv.pop(CHECKSUM_KEY, None)
+        for key in CHECKSUM_KEYS:  # a checksum is about the file, not content (format 1 and 2 differ only there)
+            lv.pop(key, None)
     kept_a = [p for p in la if not options.ignores(p)]
     kept_b = {p for p in lb if not options.ignores(p)}
     result.ignored = len({*la, *lb}) - len({*kept_a, *kept_b})
@@ -700,7 +701,8 @@ def _check_not_damaged(ca: Any, cb: Any, a: Path, b: Path) -> None:
     Verifying both (which reads them through SHA-256) names the damaged one; this only runs in
     that case, so the usual comparison never pays for it.
     """
-    if not (isinstance(ca, dict) and isinstance(cb, dict) and CHECKSUM_KEY in ca and ca.get(CHECKSUM_KEY) == cb.get(CHECKSUM_KEY)):
+    if not (isinstance(ca, dict) and isinstance(cb, dict)
+            and any(k in ca and ca.get(k) == cb.get(k) for k in CHECKSUM_KEYS)):
         return
     check_content(ca, a)
     check_content(cb, b)
@@ -711,10 +713,7 @@ def _check_not_damaged(ca: Any, cb: Any, a: Path, b: Path) -> None:
 
 def checkpoint_steps(run_dir: os.PathLike | str) -> dict[int, Path]:
     """The ``checkpoint_step_<N>.pt`` files of a run directory (or of its ``checkpoints/``), by step."""
-    run_dir = Path(run_dir)
-    folder = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
-    steps = {int(m.group(1)): p for p in folder.iterdir() if (m := _STEP_FILE.search(p.name)) and p.is_file()}
-    return dict(sorted(steps.items()))
+    return dict(sorted((step, path) for step, path in step_checkpoints(run_dir)))
 
 
 @dataclass

@@ -51,7 +51,7 @@ def describe(path: Path, *, trust: bool = False) -> dict:
     """Everything ``axs inspect`` reports about one checkpoint, as JSON-safe values."""
     import torch
 
-    from axs_lib.checkpoint import CHECKSUM_KEY, iter_leaves, tensor_bytes
+    from axs_lib.checkpoint import CHECKSUM_KEYS, iter_leaves, tensor_bytes
     from axs_lib.compare import DETERMINISM_FLAGS, load_noting_trust
 
     ckpt, notes = load_noting_trust(path, trust=trust, verify=True)
@@ -74,7 +74,7 @@ def describe(path: Path, *, trust: bool = False) -> dict:
         "path": str(path),
         "file_bytes": path.stat().st_size,
         "loads_safely": not notes,
-        "checksum": "verified" if CHECKSUM_KEY in body else "none recorded (not written by axs)",
+        "checksum": "verified" if any(k in body for k in CHECKSUM_KEYS) else "none recorded (not written by axs)",
         "keys": [str(k) for k in body],
         **{k: _plain(body.get(k)) for k in ("format_version", "step", "epoch", "world_size")},
         "determinism_flags": _plain(flags),

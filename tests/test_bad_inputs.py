@@ -310,7 +310,7 @@ CASES = [
     ("batch-larger-than-data", nothing, T("--batch-size", "64"), 2, "--batch-size 64", "larger than the 4 training tiles"),
     ("max-tiles-zero", nothing, T("--max-tiles", "0"), 2, "--max-tiles", "positive integer, got 0"),
     ("width-negative", nothing, T("--width", "-8"), 2, "--width", "positive integer, got -8"),
-    ("lr-nan", nothing, T("--lr", "nan"), 2, "--lr", "must be >= 0, got nan"),
+    ("lr-nan", nothing, T("--lr", "nan"), 2, "--lr", "must be a finite number"),
     ("workers-negative", nothing, T("--num-workers", "-1"), 2, "--num-workers", "must be >= 0, got -1"),
     ("val-fraction-one", nothing, T("--val-fraction", "1"), 2, "--val-fraction", "between 0 and 1"),
     ("dropout-one", nothing, T("--dropout", "1.0"), 2, "--dropout", "[0, 1)"),

@@ -131,14 +131,15 @@ def run(args: argparse.Namespace) -> int:
     config.data_dir = given.get("data_dir") or "tiles"
     config.output_dir = given.get("output_dir") or f"runs/stage1_seed{config.seed}"
     log = _log(config.quiet)
-    for line in config_warnings(config):
-        log(line)
     if args.print_config:
+        for line in config_warnings(config):
+            log(line)
         print(config_text(config), end="")
         return 0
+    notes = []  # said once every input has been checked, so that bad input stays one line
     if "seed" not in given and not args.resume:
-        log(f"notice: no --seed given, using the default {config.seed}; pass --seed explicitly so the run "
-            "can be reproduced from its command line")
+        notes.append(f"notice: no --seed given, using the default {config.seed}; pass --seed explicitly so the run "
+                     "can be reproduced from its command line")
 
     def for_resume(stored: dict):
         """On resume, flags not given take the checkpoint's values; given ones are checked against them."""
@@ -150,7 +151,7 @@ def run(args: argparse.Namespace) -> int:
     from axs_lib.stage1.train import ResumeRequest, train_stage1  # torch and the trainer: only when training
 
     result = train_stage1(config, ResumeRequest(args.resume, args.force_resume, args.allow_world_size_change, args.adopt_checkpoint), overwrite=args.overwrite,
-                          log=log, config_for_resume=for_resume)
+                          log=log, config_for_resume=for_resume, notes=notes)
     return result.exit_code
 
 

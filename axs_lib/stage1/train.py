@@ -58,7 +58,7 @@ from axs_lib.run_dir import (CONFIG_FILE, ENVIRONMENT_JSON, METRICS, PLOTS, RUN_
 from axs_lib.sampling import ResumableSampler
 from axs_lib.split import make_split
 from axs_lib.stage1 import plots
-from axs_lib.stage1.config import TrainConfig, diff_result_fields, write_config_file
+from axs_lib.stage1.config import TrainConfig, config_warnings, diff_result_fields, write_config_file
 from axs_lib.stage1.early_stopping import EarlyStopping
 from axs_lib.stage1.events import available as events_available
 from axs_lib.stage1.events import open_event_log
@@ -182,7 +182,7 @@ def reshard(position: int, old_size: int, new_size: int, shard_size: int) -> int
 
 def train_stage1(config: TrainConfig, resume: ResumeRequest, *, overwrite: bool = False,
                  log: Callable[[str], None] | None = None,
-                 config_for_resume: Callable[[dict], TrainConfig] | None = None) -> RunResult:
+                 config_for_resume: Callable[[dict], TrainConfig] | None = None, notes: list[str] = ()) -> RunResult:
     """Run (or continue) a Stage-1 training described by ``config`` in ``config.output_dir``.
 
     Every input is checked before anything in the output directory is created, moved or removed:
@@ -193,7 +193,8 @@ def train_stage1(config: TrainConfig, resume: ResumeRequest, *, overwrite: bool 
     ``config_for_resume`` rebuilds the config on top of a checkpoint's stored result fields, so
     flags not given on a resume take the checkpoint's values; see `axs_lib.commands.train`.
     Under ``torchrun`` every rank calls this; rank 0 owns the output directory.
-    ``log`` receives progress lines (default: the ``axs_lib.stage1.train`` logger).
+    ``log`` receives progress lines (default: the ``axs_lib.stage1.train`` logger); ``notes`` are
+    lines of the caller's, said with the config's warnings once every input has passed.
     """
     device = _device(config.device)
     world = init_world(device)
@@ -206,6 +207,8 @@ def train_stage1(config: TrainConfig, resume: ResumeRequest, *, overwrite: bool 
         owned.callback(shutdown, world)
         setup = _check_inputs(config, resume, overwrite, device, world, say, config_for_resume)
         main_first(lambda: _open_run_dir(setup, overwrite, resume, owned, say), world)
+        for line in [*config_warnings(setup.config), *notes]:
+            say(line)
         trainer = Stage1Trainer(setup, device, world, say)
         owned.callback(trainer.manager.close)
         return trainer.run()

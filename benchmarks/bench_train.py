@@ -371,7 +371,16 @@ def measure_loops(s: SimpleNamespace, data_dir: Path, work: Path) -> dict:
                for name in ("trainer_sync", "trainer_async", "plain_same")}
     parts_ms = {mode: {part: 1e3 * _median(c[part] for x in results[f"trainer_{mode}"] for c in x["save_parts"])
                        for part in ("manifest", "wait")} for mode in ("sync", "async")}
+    # where a trainer run's extra time goes: its saves beyond the plain loop's torch.save, the rest
+    gaps_ms = {}
+    for mode in ("sync", "async"):
+        pairs = list(zip(results[f"trainer_{mode}"], results["plain_same"]))
+        gaps_ms[mode] = {
+            "run": 1e3 * _median(s.steps / t["steps_per_s"] - s.steps / p["steps_per_s"] for t, p in pairs),
+            "saves": 1e3 * _median(sum(t["saves_s"]) - sum(p["saves_s"]) for t, p in pairs),
+        }
     return {"steps_per_s": {name: _spread(v) for name, v in sps.items()}, "ratios": ratios, "save_ms": save_ms,
+            "gaps_ms": gaps_ms,
             "save_parts_ms": parts_ms, "saves_per_run": len(results["plain_same"][0]["saves_s"])}
 
 
@@ -521,6 +530,10 @@ def report(s: SimpleNamespace, tiles_desc: str, split, loops: dict, startup: dic
         if key in loops["ratios"]:
             verdict = _verdict(key, loops["ratios"][key]["median"])
             print(f"    {label:<42} {_fmt(loops['ratios'][key])}x  ({unit}{'; ' + verdict if verdict else ''})")
+    for mode in ("sync", "async"):
+        gap = loops["gaps_ms"][mode]
+        print(f"    trainer ({mode}) run minus plain loop run: {gap['run']:.0f} ms per {s.steps} steps, of which "
+              f"{gap['saves']:.0f} ms in checkpoint saves beyond the plain loop's torch.save (medians)")
     ms = loops["save_ms"]
     print(f"  loop stall per checkpoint ({loops['saves_per_run']} per run), median of the per-repeat ratios to the plain "
           f"loop's bare torch.save ({ms['plain_same']:.1f} ms):")
@@ -591,6 +604,7 @@ def main(argv=None) -> dict:
         "startup_s": startup["startup_s"]["median"] if startup else None,
         "imports_s": startup["imports_s"]["median"] if startup and startup["imports_s"] else None,
         "save_parts_ms": loops["save_parts_ms"],
+        "gaps_ms": loops["gaps_ms"],
         "targets": {k: f"{op} {bound:g}" for k, (op, bound) in TARGETS.items()},
         "device": s.device,
         "seconds": total,

@@ -169,9 +169,29 @@ def test_validation_loader_walks_in_order_without_augmentation(synth_tiles):
 def test_loader_settings():
     loader = make_loader(TileDataset([], seed=0, augment=False), EpochSampler(1, seed=0), batch_size=2, num_workers=2, seed=5, pin_memory=True)
     assert loader.persistent_workers and loader.num_workers == 2
-    assert loader.worker_init_fn.__name__ == "seed_worker"
+    assert loader.worker_init_fn.__name__ == "worker_init"  # ignores the stop signals, then seed_worker
     assert loader.pin_memory == torch.cuda.is_available()
     assert torch.equal(loader.generator.get_state(), torch.Generator().manual_seed(5).get_state())
+
+
+def test_a_worker_leaves_stop_signals_to_the_main_process_and_is_seeded():
+    import random
+    import signal
+
+    from axs_lib.data import STOP_SIGNALS, worker_init
+
+    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
+    try:
+        torch.manual_seed(1234)
+        worker_init(0)
+        assert all(signal.getsignal(s) is signal.SIG_IGN for s in STOP_SIGNALS)
+        first = random.random()
+        torch.manual_seed(1234)
+        worker_init(0)
+        assert random.random() == first  # seed_worker ran: python's generator follows torch's seed
+    finally:
+        for s, handler in before.items():
+            signal.signal(s, handler)
 
 
 @pytest.mark.parametrize("key", [12, (0, 0, 12), -1])

@@ -386,7 +386,10 @@ def check_resume(ckpt: dict, *, seed: int | None = None, config: dict | None = N
         problems += diff_fields(ckpt.get("config") or {}, config)
     if data_fingerprint is not None:
         stored_fp = ckpt.get("data_fingerprint") or {}
-        if stored_fp.get("sha256") != data_fingerprint.get("sha256"):
+        if stored_fp.get("scheme") != data_fingerprint.get("scheme"):
+            problems.append(f"data fingerprint scheme: checkpoint {stored_fp.get('scheme', 'file-bytes (v1)')!r}, now "
+                            f"{data_fingerprint.get('scheme')!r}; the tiles may be the same, but this version cannot tell")
+        elif stored_fp.get("sha256") != data_fingerprint.get("sha256"):
             problems.append(
                 f"tile set: checkpoint {stored_fp.get('num_tiles')} tiles ({str(stored_fp.get('sha256'))[:12]}), "
                 f"now {data_fingerprint.get('num_tiles')} tiles ({str(data_fingerprint.get('sha256'))[:12]})"

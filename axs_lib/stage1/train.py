@@ -65,7 +65,7 @@ from axs_lib.stage1.events import open_event_log
 from axs_lib.stage1.losses import mean_over_tiles, stage1_loss, tile_metrics
 from axs_lib.stage1.model import UNet, band_means
 from axs_lib.state import TrainingState
-from axs_lib.tiles import list_tiles, read_tile
+from axs_lib.tiles import check_tiles, list_tiles
 
 logger = logging.getLogger(__name__)
 EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138}  # 128 + signal number
@@ -249,10 +249,11 @@ def _check_inputs(config, resume, overwrite, device, world, say, config_for_resu
     seed_info = set_seed(config.seed, deterministic=config.deterministic, benchmark=config.benchmark)
     paths = list_tiles(config.data_dir, config.max_tiles)
     split = make_split(paths, config.split_seed, config.val_fraction, config.split_source)
-    _check_tiles([*split.train, *split.val])
+    check_tiles([*split.train, *split.val])  # every tile the run reads, before anything is written (cached)
     if config.batch_size * world.size > len(split.train):
         raise UsageError(f"--batch-size {config.batch_size} x {world.size} ranks is larger than the {len(split.train)} training tiles")
-    data_fp = data_fingerprint(paths, split.manifest())
+    # a resume is accepted as exact only on content hashed now, never on a cached digest
+    data_fp = data_fingerprint(paths, split.manifest(), verify=ckpt is not None)
     env_fp = environment_fingerprint()
     if ckpt is not None:
         problems = check_resume(ckpt, config, data_fp, world.size, resume.allow_world_size_change)
@@ -265,18 +266,6 @@ def _check_inputs(config, resume, overwrite, device, world, say, config_for_resu
             say(f"warning: environment differs from the checkpoint's, bits may differ: {d['key']}: {d['a']!r} -> {d['b']!r}")
     return _Setup(config, run, manager, ckpt, ckpt_path, seed_info, split, paths, data_fp, env_fp,
                   int(ckpt.get("world_size", 1)) if ckpt is not None else world.size)
-
-
-def _check_tiles(paths: list) -> None:
-    """Every tile the run will read, checked before anything is written (cached where the tiles module can)."""
-    from axs_lib import tiles
-
-    check = getattr(tiles, "check_tiles", None)
-    if check is not None:
-        check(paths)
-    else:
-        for path in paths:
-            read_tile(path)
 
 
 RESUME_KEYS = ("step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "sampler_state", "early_stopping")

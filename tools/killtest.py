@@ -14,7 +14,11 @@ A test tool, not part of the installed package: it lives beside the repository's
      itself in the middle of writing that checkpoint (temp file half written, not yet renamed);
    * ``clock``: once the run has logged a training step past the one it resumed from, wait a random
      delay and SIGKILL its whole process group (main process and DataLoader workers). The moment
-     lands wherever it lands: in a step, in validation, in a checkpoint or ``best.pt`` write.
+     lands wherever it lands: in a step, in validation, in a checkpoint or ``best.pt`` write;
+   * ``term``: the same moment, but SIGTERM to the whole process group, as Slurm, systemd and
+     ``timeout`` send it: the run must checkpoint at the step it is in and exit 143. That extra
+     checkpoint (at a step the reference has none) is checked to load, and left out of the
+     final comparison.
 
    After every kill the harness checks what a crash may leave behind: every checkpoint file
    loads with a valid checksum, every ``checkpoint_step_<N>.pt`` present is byte-identical to the
@@ -66,14 +70,15 @@ REPLAY = "python tools/killtest.py"
 class Kill:
     """One planned kill. ``offset`` is in checkpoints (write) or steps (clock) past the resume point."""
 
-    kind: str  # "write" or "clock"
+    kind: str  # "write", "clock" or "term"
     offset: int
     delay: float  # seconds after the target step was logged (clock kills)
 
     def describe(self) -> str:
         if self.kind == "write":
             return f"write: die inside the write of the checkpoint {self.offset} after the resume point"
-        return f"clock: {self.delay:.2f} s after step +{self.offset} is logged"
+        signal_name = "SIGTERM" if self.kind == "term" else "SIGKILL"
+        return f"{self.kind}: {signal_name} to the group {self.delay:.2f} s after step +{self.offset} is logged"
 
 
 @dataclass
@@ -125,18 +130,24 @@ class Result:
         return line
 
 
-def plan(seed: int, kills: int, write_share: float = 0.4) -> list[Kill]:
-    """The kills for ``seed``: a pure function of its arguments, at least one of each kind when kills >= 2."""
+def plan(seed: int, kills: int, write_share: float = 0.4, term_share: float = 0.2) -> list[Kill]:
+    """The kills for ``seed``: a pure function of its arguments, at least one write and one clock
+    kill when kills >= 2."""
     rng = random.Random(seed)
     out = []
     for _ in range(kills):
-        kind = "write" if rng.random() < write_share else "clock"
+        draw = rng.random()
+        kind = "write" if draw < write_share else "term" if draw < write_share + term_share else "clock"
         offset = rng.randint(1, 2)
         delay = round(rng.uniform(0.0, MAX_DELAY_S), 3)
         out.append(Kill(kind, offset, delay))
-    if kills >= 2 and len({k.kind for k in out}) == 1:  # at least one kill of each kind
-        i = rng.randrange(kills)
-        out[i] = Kill("clock" if out[i].kind == "write" else "write", out[i].offset, out[i].delay)
+    kinds = {k.kind for k in out}
+    if kills >= 2 and not {"write", "clock"} <= kinds:  # at least one write and one clock kill
+        missing = "write" if "write" not in kinds else "clock"
+        i = next((j for j, k in enumerate(out) if k.kind != ("clock" if missing == "write" else "write")), rng.randrange(kills))
+        if sum(k.kind == out[i].kind for k in out) == 1:  # do not take away the only one of another kind
+            i = next(j for j, k in enumerate(out) if sum(m.kind == k.kind for m in out) > 1)
+        out[i] = Kill(missing, out[i].offset, out[i].delay)
     return out
 
 
@@ -252,9 +263,17 @@ def _inode(path: Path) -> int | None:
         return None
 
 
-def check_after_kill(run: Path, reference: dict[str, str]) -> tuple[list[str], str | None]:
+def check_after_kill(run: Path, reference: dict[str, str], interrupts: set[str] | None = None) -> tuple[list[str], str | None]:
     """What a crash may not leave behind: a damaged checkpoint, a step file unlike the reference's,
-    a latest pointer on a missing or damaged file. Returns (problems, latest name)."""
+    a latest pointer on a missing or damaged file. Returns (problems, latest name).
+
+    After a SIGTERM the run has written a checkpoint at the step it stopped in; the reference has
+    no file of that name, so a step file that is absent from the reference is compared only when it
+    is not such an interrupt checkpoint (it must still load)."""
+    interrupts = interrupts or set()
+    latest_path = None
+    with contextlib.suppress(CheckpointError):
+        latest_path = read_latest(run / "checkpoints")
     problems = []
     ckpts = run / "checkpoints"
     for path in sorted(ckpts.glob("*.pt")) if ckpts.is_dir() else []:
@@ -263,7 +282,8 @@ def check_after_kill(run: Path, reference: dict[str, str]) -> tuple[list[str], s
         except CheckpointError as exc:
             problems.append(f"damaged after kill: {exc}")
             continue
-        if path.name.startswith("checkpoint_step_") and sha256(path) != reference.get(path.name):
+        interrupt = path.name not in reference and (path.name in interrupts or (latest_path is not None and path.name == latest_path.name))
+        if path.name.startswith("checkpoint_step_") and not interrupt and sha256(path) != reference.get(path.name):
             problems.append(f"{path.name} differs from the reference's")
     latest_name = None
     try:
@@ -333,6 +353,7 @@ def run_harness(
     run = workdir / "killed"
     run_log = workdir / "killed.log"
     first = True
+    interrupts: set[str] = set()  # checkpoints written on SIGTERM, at steps the reference has none
     for index, kill in enumerate(kill_plan, 1):
         s0 = resume_point(run)
         argv = train_argv(data_dir, run, steps, num_workers=num_workers)
@@ -342,7 +363,7 @@ def run_harness(
         metrics = run / "metrics.jsonl"
         inode_before = _inode(metrics)
         remaining = steps - s0
-        if kill.kind == "clock" and remaining < kill.offset + 6:
+        if kill.kind in ("clock", "term") and remaining < kill.offset + 6:
             kill = Kill("write", 1, kill.delay)  # too near the end for a clock kill to land surely
         if kill.kind == "write":
             ckpt_every = 2
@@ -364,7 +385,8 @@ def run_harness(
                     event.made = proc.returncode == -signal.SIGKILL
                     kill_group(proc)  # the workers of a process that killed itself
                 else:
-                    event.made = _clock_kill(proc, metrics, inode_before, target_step, kill.delay, segment_timeout)
+                    signum = signal.SIGTERM if kill.kind == "term" else signal.SIGKILL
+                    event.made = _clock_kill(proc, metrics, inode_before, target_step, kill.delay, segment_timeout, signum)
             except subprocess.TimeoutExpired:
                 event.problems.append(f"segment did not reach its target within {segment_timeout:.0f} s")
         if not event.made:
@@ -372,7 +394,9 @@ def run_harness(
             log(f"kill {index}: NOT MADE ({kill.kind} at {target}): {'; '.join(event.problems)}")
             result.error = f"kill {index} could not be made"
             break
-        problems, event.latest_after = check_after_kill(run, ref_shas if not resume_args else {})
+        problems, event.latest_after = check_after_kill(run, ref_shas if not resume_args else {}, interrupts)
+        if kill.kind == "term" and event.latest_after:
+            interrupts.add(event.latest_after)  # the checkpoint the run wrote at the step it stopped in
         if resume_args:  # self-test: the bits are meant to differ, only check that files are sound
             problems = [p for p in problems if "differs from the reference" not in p]
         event.problems += problems
@@ -393,7 +417,7 @@ def run_harness(
             if result.events:  # the last kill was not survived: its resume failed
                 result.events[-1].survived = False
         else:
-            run_shas = checkpoint_shas(run)
+            run_shas = {n: h for n, h in checkpoint_shas(run).items() if n not in interrupts or n in ref_shas}
             names = sorted(set(ref_shas) | set(run_shas))
             result.mismatches = [n for n in names if ref_shas.get(n) != run_shas.get(n)]
             if sha256(reference / "metrics.jsonl") != sha256(run / "metrics.jsonl"):
@@ -408,8 +432,11 @@ def run_harness(
 
 
 def _clock_kill(proc: subprocess.Popen, metrics: Path, inode_before: int | None, target_step: int,
-                delay: float, timeout: float) -> bool:
-    """Wait until this segment has logged ``target_step``, sleep ``delay``, SIGKILL the group.
+                delay: float, timeout: float, signum: int = signal.SIGKILL) -> bool:
+    """Wait until this segment has logged ``target_step``, sleep ``delay``, signal the group.
+
+    SIGKILL: made when the process died of it. SIGTERM: made when the run exited 143 (it
+    checkpointed at the step it was in); the group is then reaped.
 
     The metrics log is rewritten (new inode) when a run starts or resumes, so lines left by the
     previous segment are not mistaken for progress of this one."""
@@ -426,6 +453,16 @@ def _clock_kill(proc: subprocess.Popen, metrics: Path, inode_before: int | None,
     time.sleep(delay)
     if proc.poll() is not None:
         return False
+    if signum == signal.SIGTERM:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            return False
+        code = proc.returncode
+        kill_group(proc)
+        return code == 143
     kill_group(proc)
     return proc.returncode == -signal.SIGKILL
 

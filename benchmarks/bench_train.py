@@ -23,6 +23,10 @@ write included; the trainer's own ``steps_per_second`` from ``run.json``):
   1.0 on a CPU, the guide's 10-30 % is a GPU figure).
 * **trainer, bf16-mixed** (on CUDA, or with ``--bf16``): ``--precision bf16-mixed`` vs 32.
 
+Beside the wall-time ratios, trainer vs plain loop is also given in steps per CPU-second of this
+process (``time.process_time`` over the same span): on a shared machine other processes' load
+moves wall time far more than CPU time, but CPU time does not see fsync waits or loader workers.
+
 Loop stall per checkpoint: how long the trainer's loop is blocked in `CheckpointManager.save`
 (timed around each call), as a ratio to the plain loop's bare ``torch.save`` at the same steps of
 the same repeat. Async (the host snapshot; the write runs in the background): target <= 0.3x.
@@ -33,8 +37,8 @@ Start to first step: wall time from launching ``python -m axs_lib.cli train stag
 (synthetic 120 x 120, or the six real BigEarthNet demo tiles with ``--startup-tiles demo``; the
 tile content does not change the figure) to its first train record in ``metrics.jsonl``
 (``--log-every 1``): interpreter, imports, input checks, data fingerprint, setup and one step,
-each launch a fresh run directory (the data-fingerprint cache is warm after the first launch). Target < 3 s on a CPU. ``python -c "import
-..."`` of the same modules is timed beside it.
+each launch a fresh run directory (the data-fingerprint cache is warm after the first launch).
+Target < 3 s on a CPU. ``python -c "import ..."`` of the same modules is timed beside it.
 
 ``python -m benchmarks.bench_train`` (about 2 minutes on a 2-core CPU), ``--quick`` (about 40 s),
 ``--device cuda`` (larger model, batch and worker count; see ``--help``).
@@ -178,6 +182,7 @@ class SaveTimer:
     def __init__(self):
         self.calls: list[dict[str, float]] = []
         self._current: dict[str, float] | None = None
+        self.cpu_marks: list[float] = []  # process CPU time after the run files are written and at the run's end
 
     def _wrap(self, owner, name: str, part: str | None):
         original = getattr(owner, name)
@@ -201,6 +206,16 @@ class SaveTimer:
 
         return original, timed
 
+    def _mark_cpu_after(self, original):
+        @functools.wraps(original)
+        def marked(*args, **kwargs):
+            try:
+                return original(*args, **kwargs)
+            finally:
+                self.cpu_marks.append(time.process_time())
+
+        return marked
+
     @contextlib.contextmanager
     def patched(self):
         from axs_lib.checkpoint_writer import AsyncCheckpointWriter
@@ -215,6 +230,11 @@ class SaveTimer:
                 original, timed = self._wrap(owner, name, part)
                 originals.append((owner, name, original))
                 setattr(owner, name, timed)
+            for name in ("_write_run_files", "run"):  # the loop runs between the end of these two
+                if hasattr(Stage1Trainer, name):
+                    original = getattr(Stage1Trainer, name)
+                    originals.append((Stage1Trainer, name, original))
+                    setattr(Stage1Trainer, name, self._mark_cpu_after(original))
             yield self
         finally:
             for owner, name, original in originals:
@@ -230,7 +250,8 @@ def run_trainer(argv: list[str], out_dir: Path) -> dict:
     if code != 0:
         raise RuntimeError(f"axs {' '.join(argv)} exited {code}:\n{captured.getvalue()}")
     info = json.loads((out_dir / "run.json").read_text())
-    return {"steps_per_s": info["steps_per_second"], "steps": info["final_step"],
+    cpu = timer.cpu_marks[-1] - timer.cpu_marks[0] if len(timer.cpu_marks) == 2 else float("nan")
+    return {"steps_per_s": info["steps_per_second"], "steps": info["final_step"], "cpu_s": cpu,
             "saves_s": [c["save"] for c in timer.calls], "save_parts": timer.calls}
 
 
@@ -266,7 +287,7 @@ def plain_loop(s: SimpleNamespace, data_dir: Path, out_dir: Path, *, same_work: 
         saves.append(time.perf_counter() - start)
 
     model.train()
-    start = time.perf_counter()
+    start, cpu_start = time.perf_counter(), time.process_time()
     try:
         for step in range(1, s.steps + 1):
             batch = next(batches)
@@ -296,8 +317,8 @@ def plain_loop(s: SimpleNamespace, data_dir: Path, out_dir: Path, *, same_work: 
         batches.close()
         loader.close()
         _shutdown_workers(val_loader)
-    seconds = time.perf_counter() - start
-    return {"steps_per_s": s.steps / seconds, "steps": s.steps, "saves_s": saves}
+    seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    return {"steps_per_s": s.steps / seconds, "steps": s.steps, "cpu_s": cpu, "saves_s": saves}
 
 
 def contenders(s: SimpleNamespace, data_dir: Path, work: Path) -> dict[str, Callable[[int], dict]]:
@@ -351,6 +372,11 @@ def measure_loops(s: SimpleNamespace, data_dir: Path, work: Path) -> dict:
     def ratio(a: str, b: str) -> dict:
         return _spread(x / y for x, y in zip(sps[a], sps[b]))
 
+    def cpu_ratio(a: str, b: str) -> dict:
+        """Steps per CPU-second of ``a`` over ``b``: steadier than wall time on a shared machine,
+        blind to I/O waits (fsync) and to work done in other processes (loader workers)."""
+        return _spread(y["cpu_s"] / x["cpu_s"] for x, y in zip(results[a], results[b]))
+
     def stall(mode: str) -> dict:
         return _spread(_median(t["saves_s"]) / _median(p["saves_s"])
                        for t, p in zip(results[f"trainer_{mode}"], results["plain_same"]))
@@ -361,6 +387,8 @@ def measure_loops(s: SimpleNamespace, data_dir: Path, work: Path) -> dict:
         "trainer_sync_vs_bare_loop": ratio("trainer_sync", "plain_bare"),
         "plain_same_vs_bare_loop": ratio("plain_same", "plain_bare"),
         "det_vs_nondet": ratio("trainer_sync", "trainer_nondet"),
+        "cpu_trainer_sync_vs_plain": cpu_ratio("trainer_sync", "plain_same"),
+        "cpu_trainer_async_vs_plain": cpu_ratio("trainer_async", "plain_same"),
         "async_stall_vs_torch_save": stall("async"),
         "sync_stall_vs_torch_save": stall("sync"),
     }
@@ -523,6 +551,9 @@ def report(s: SimpleNamespace, tiles_desc: str, split, loops: dict, startup: dic
         ("plain_same_vs_bare_loop", "plain loop, same work vs bare", "steps/s: what validation + torch.save cost"),
         ("det_vs_nondet", "deterministic vs not (trainer)", "steps/s" + ("" if device.type == "cuda" else
                                                                          ", CPU: the guide's 10-30% is a GPU figure")),
+        ("cpu_trainer_sync_vs_plain", "trainer (sync) vs plain, same work", "steps per CPU-second of this process: "
+         "steadier on a busy machine, blind to fsync waits and loader workers"),
+        ("cpu_trainer_async_vs_plain", "trainer (async) vs plain, same work", "steps per CPU-second, likewise"),
         ("trainer_bf16_vs_32", "trainer bf16-mixed vs 32", "steps/s"),
         ("trainer_bf16_vs_plain_bf16", "trainer vs plain loop, both bf16", "steps/s"),
     ]
@@ -597,6 +628,8 @@ def main(argv=None) -> dict:
         "trainer_async_vs_plain_ratio": ratios["trainer_async_vs_plain"]["median"],
         "trainer_vs_bare_loop_ratio": ratios["trainer_sync_vs_bare_loop"]["median"],
         "det_vs_nondet_ratio": ratios["det_vs_nondet"]["median"],
+        "cpu_trainer_sync_vs_plain_ratio": ratios["cpu_trainer_sync_vs_plain"]["median"],
+        "cpu_trainer_async_vs_plain_ratio": ratios["cpu_trainer_async_vs_plain"]["median"],
         "bf16_vs_32_ratio": ratios["trainer_bf16_vs_32"]["median"] if "trainer_bf16_vs_32" in ratios else None,
         "async_stall_ratio": ratios["async_stall_vs_torch_save"]["median"],
         "sync_stall_ratio": ratios["sync_stall_vs_torch_save"]["median"],

@@ -54,7 +54,8 @@ def test_bench_train_smallest(capsys):
     ])
     _check_ratios(results, [
         "trainer_sync_vs_plain_ratio", "trainer_async_vs_plain_ratio", "trainer_vs_bare_loop_ratio", "det_vs_nondet_ratio",
-        "async_stall_ratio", "sync_stall_ratio", "startup_s",
+        "async_stall_ratio", "sync_stall_ratio", "startup_s", "cpu_trainer_sync_vs_plain_ratio",
+        "cpu_trainer_async_vs_plain_ratio",
     ])
     _check_ratios(results["steps_per_s"], ["trainer_sync", "trainer_async", "plain_same", "plain_bare", "trainer_nondet"])
     _check_ratios(results["save_ms"], ["trainer_sync", "trainer_async", "plain_same"])

@@ -157,10 +157,14 @@ def reap_workers_at_exit() -> None:
 
 
 def _kill_leftover_workers() -> None:
-    for child in multiprocessing.active_children():
-        if child.daemon:
-            child.kill()
-            child.join(timeout=5)
+    # torch's SIGCHLD handler would raise "worker killed" into this handler at the first death
+    # and leave the other workers to the SIGTERM that they ignore
+    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+    leftover = [child for child in multiprocessing.active_children() if child.daemon]
+    for child in leftover:
+        child.kill()
+    for child in leftover:
+        child.join(timeout=5)
 
 
 def worker_init(worker_id: int) -> None:

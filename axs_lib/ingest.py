@@ -188,28 +188,15 @@ def _iso(stamp: str) -> str:
 def _convert_pair(s1_dir: Path, s2_dir: Path) -> tuple[dict[str, np.ndarray], dict]:
     """Read one S1/S2 pair; raise `InputError` naming the offending file when it cannot be used."""
     s1_meta, s2_meta = _patch_metadata(s1_dir), _patch_metadata(s2_dir)
-    files = {key: s1_dir / f"{s1_dir.name}_{band}.tif" for key, band in S1_BANDS.items()}
-    files |= {key: s2_dir / f"{s2_dir.name}_{band}.tif" for key, band in S2_BANDS.items()}
-    arrays = {}
-    for key, path in files.items():
-        try:
-            arrays[key] = _read_band(path)
-        except Exception as exc:  # noqa: BLE001 - rasterio raises RasterioIOError and friends
-            raise InputError(path, f"unreadable band: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
-        if key in S1_BANDS:
-            arrays[key] = arrays[key].astype(np.float32, copy=False)
-    s1_grid, s2_grid = _grid(files["s1_vv"]), _grid(files["s2_b2"])
-    if s1_grid != s2_grid:
-        raise InputError(s1_dir, f"S1 and S2 grids differ (S1 {s1_grid}, S2 {s2_grid})")
-    check_arrays(s1_dir, arrays)
+    arrays, crs, bounds = _read_pair(s1_dir, s2_dir)
     splits, places, flags = official_metadata()
     s2_name = s2_dir.name
     meta = {
         "tile_id": s2_name,
         "s1_patch": s1_dir.name,
         "s2_patch": s2_name,
-        "crs": s2_grid[0],
-        "bounds": s2_grid[1],
+        "crs": crs,
+        "bounds": bounds,
         "labels": list(s2_meta.get("labels", s1_meta.get("labels", []))),
         "source": BIGEARTHNET_SOURCE,
     }
@@ -415,8 +402,9 @@ def _reben_meta(row: dict, s1_dir: Path, s2_dir: Path) -> dict:
     return {k: v for k, v in meta.items() if v is not None}
 
 
-def _read_reben_pair(s1_dir: Path, s2_dir: Path) -> tuple[dict[str, np.ndarray], str, list[float]]:
-    """The six bands of a pair and its grid; raises `InputError` naming the offending file."""
+def _read_pair(s1_dir: Path, s2_dir: Path) -> tuple[dict[str, np.ndarray], str, list[float]]:
+    """The six bands of an S1/S2 pair (v1 or v2 folders) and its grid; raises `InputError` naming
+    the offending file."""
     files = {key: s1_dir / f"{s1_dir.name}_{band}.tif" for key, band in S1_BANDS.items()}
     files |= {key: s2_dir / f"{s2_dir.name}_{band}.tif" for key, band in S2_BANDS.items()}
     arrays = {}
@@ -447,7 +435,7 @@ def _reben_task(task: tuple[str, str, str, dict]) -> tuple[str, str, str]:
     if (out_dir / f"{stem}{TILE_SUFFIX}").is_file() and (out_dir / f"{stem}{SIDECAR_SUFFIX}").is_file():
         return "present", stem, ""
     try:
-        arrays, crs, bounds = _read_reben_pair(s1_dir, s2_dir)
+        arrays, crs, bounds = _read_pair(s1_dir, s2_dir)
     except InputError as exc:
         return "skipped", stem, str(exc)
     report = IngestReport()

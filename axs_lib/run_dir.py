@@ -445,11 +445,12 @@ class CheckpointManager:
             return None
         if target != "auto":
             path = Path(target)
+            ckpt = load_checkpoint(path)  # a damaged or unsafe file is named as such first
             if not adopt and path.resolve().parent != self.folder.resolve():
                 raise UsageError(f"{path}: checkpoint of another run (not in {self.folder}); continuing it here "
                                  "would mix two runs in one directory: pass --adopt-checkpoint to do it anyway, "
                                  "or resume in that run's own directory")
-            return path, load_checkpoint(path)
+            return path, ckpt
         skipped: list[Path] = []
         for path in self._candidates(say):
             try:

@@ -233,12 +233,14 @@ def test_warmup_as_long_as_the_run_is_warned_about(capsys, tmp_path):
     assert "--warmup-steps 100 >= --steps 100" in config_warnings(build_config({"steps": 100, "warmup_steps": 100}))[0]
 
 
-def test_warmup_warning_reaches_stderr_before_training_starts(capsys, tmp_path):
-    code = main([*TRAIN, "--seed", "1", "--steps", "5", "--warmup-steps", "10", "--data-dir", str(tmp_path / "none"),
-                 "--output-dir", str(tmp_path / "out"), "--quiet"])
+def test_warmup_warning_is_said_by_a_run_that_starts_and_never_beside_an_input_error(capsys, tmp_path, synth_tiles):
+    argv = [*TRAIN, "--seed", "1", "--steps", "1", "--warmup-steps", "10", "--width", "4", "--batch-size", "2",
+            "--no-plots", "--no-tensorboard", "--quiet"]
+    assert main([*argv, "--data-dir", str(tmp_path / "none"), "--output-dir", str(tmp_path / "bad")]) == 2
     err = capsys.readouterr().err
-    assert code == 2  # no tiles there; the warning came first
-    assert "warning: --warmup-steps 10 >= --steps 5" in err
+    assert err.count("\n") == 1 and "no such directory" in err  # bad input: one line, the warning not beside it
+    assert main([*argv, "--data-dir", str(synth_tiles), "--output-dir", str(tmp_path / "good")]) == 0
+    assert "warning: --warmup-steps 10 >= --steps 1" in capsys.readouterr().err
 
 
 def test_a_changed_precision_is_a_resume_difference():

@@ -26,6 +26,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import Callable
 from pathlib import Path
 
 import torch
@@ -54,11 +55,13 @@ class AsyncCheckpointWriter:
 
     # ------------------------------------------------------------------ public
     def submit(self, directory: os.PathLike | str, names: list[str] | tuple[str, ...], checkpoint: dict,
-               latest: str | None = None) -> None:
+               latest: str | None = None, before: Callable[[], None] | None = None) -> None:
         """Snapshot ``checkpoint`` into host memory and write it in the background.
 
         Same arguments and same files as `write_checkpoint_files`. Blocks only while an earlier
         write finishes (raising its error, if it had one) and while the state is copied.
+        ``before`` runs in the background thread before the first byte is written (the run
+        directory's manifest update: a name is recorded before its file exists).
         """
         if self._closed:
             raise RuntimeError("AsyncCheckpointWriter.submit after close")
@@ -68,7 +71,7 @@ class AsyncCheckpointWriter:
         check_savable(checkpoint)  # content that could not be read back fails here, in the caller
         snapshot = self._snapshot(checkpoint)
         self._thread = threading.Thread(
-            target=self._write, args=(Path(directory), list(names), snapshot, latest),
+            target=self._write, args=(Path(directory), list(names), snapshot, latest, before),
             name="axs-checkpoint-writer",
         )  # not a daemon: an interpreter that exits still finishes the write in flight
         self._thread.start()
@@ -126,8 +129,11 @@ class AsyncCheckpointWriter:
         self._buffers = used
         return snapshot
 
-    def _write(self, directory: Path, names: list[str], snapshot: dict, latest: str | None) -> None:
+    def _write(self, directory: Path, names: list[str], snapshot: dict, latest: str | None,
+               before: Callable[[], None] | None = None) -> None:
         try:
+            if before is not None:
+                before()
             self._digest = write_checkpoint_files(directory, names, snapshot, latest=latest)
         except BaseException as error:  # noqa: BLE001 - handed to the caller's next submit/wait/close
             self._error = error

@@ -508,16 +508,19 @@ class CheckpointManager:
             return []
         latest = names[-1] if write_step else None
         # best.pt first: a resume from this step's checkpoint would not write it again
-        if self.on_write is not None:
-            self.on_write([f"{CHECKPOINTS}/{n}" for n in names] + ([f"{CHECKPOINTS}/{LATEST}"] if latest else []))
+        written = [f"{CHECKPOINTS}/{n}" for n in names] + ([f"{CHECKPOINTS}/{LATEST}"] if latest else [])
+        record = (lambda: self.on_write(written)) if self.on_write is not None else None
         self.folder.mkdir(parents=True, exist_ok=True)
         if self.checkpoint_mode == "async":
             if self._writer is None:
                 from axs_lib.checkpoint_writer import AsyncCheckpointWriter
 
                 self._writer = AsyncCheckpointWriter()
-            self._writer.submit(self.folder, names, checkpoint, latest=latest)
+            # the manifest update goes to the writer thread too: still before the files, not in the loop
+            self._writer.submit(self.folder, names, checkpoint, latest=latest, before=record)
         else:
+            if record is not None:
+                record()
             from axs_lib.checkpoint import write_checkpoint_files
 
             write_checkpoint_files(self.folder, names, checkpoint, latest=latest)

@@ -35,6 +35,7 @@ import logging
 import math
 import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -57,7 +58,6 @@ from axs_lib.run_dir import (CONFIG_FILE, ENVIRONMENT_JSON, METRICS, PLOTS, RUN_
                              TENSORBOARD, CheckpointManager, MetricsLog, RunDir, write_json)
 from axs_lib.sampling import ResumableSampler
 from axs_lib.split import make_split
-from axs_lib.stage1 import plots
 from axs_lib.stage1.config import TrainConfig, config_warnings, diff_result_fields, write_config_file
 from axs_lib.stage1.early_stopping import EarlyStopping
 from axs_lib.stage1.events import available as events_available
@@ -350,6 +350,7 @@ class Stage1Trainer:
         self.metrics_log = MetricsLog(self.output_dir / METRICS)
         self.events = None
         self.run_info: dict[str, Any] = {}
+        self._run_info_lock = threading.Lock()
         self.autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16,
                                           enabled=config.precision == "bf16-mixed")
 
@@ -363,15 +364,17 @@ class Stage1Trainer:
 
     # ------------------------------------------------------------------ run directory records
     def _before_write(self, names: list[str]) -> None:
-        """Manifest first: a name is in run.json before its file exists (see `axs_lib.run_dir`)."""
-        self.setup.run.record(*names)
-        self._save_run_info()
+        """Manifest first: a name is in run.json before its file exists (see `axs_lib.run_dir`).
+        With ``--checkpoint-mode async`` this runs in the writer thread."""
+        self._save_run_info(record=names)
 
-    def _save_run_info(self, **changes) -> None:
-        self.run_info.update(changes)
-        if self.world.is_main:
-            self.run_info["written"] = self.setup.run.manifest()
-            write_json(self.output_dir / RUN_JSON, self.run_info)
+    def _save_run_info(self, record: list[str] = (), **changes) -> None:
+        with self._run_info_lock:  # the loop and the checkpoint writer thread both update run.json
+            self.setup.run.record(*record)
+            self.run_info.update(changes)
+            if self.world.is_main:
+                self.run_info["written"] = self.setup.run.manifest()
+                write_json(self.output_dir / RUN_JSON, self.run_info)
 
     def _write_run_files(self) -> None:
         setup, config = self.setup, self.config
@@ -551,8 +554,8 @@ class Stage1Trainer:
         return RunResult(exit_code, state.step, self.output_dir, status, best, sorted(p.name for p in ckpt_dir.glob("*.pt")))
 
     def _refresh_plots(self, step: int) -> None:
-        self.setup.run.record(f"{PLOTS}/loss.png", f"{SAMPLES}/step_{step}.png")
-        self._save_run_info()
+        from axs_lib.stage1 import plots  # matplotlib: imported by runs that draw, not by --no-plots
+        self._save_run_info(record=[f"{PLOTS}/loss.png", f"{SAMPLES}/step_{step}.png"])
         plots.refresh(self.output_dir, self.metrics_log.read(), self.model, self.val_set, self.device, step, SAMPLE_TILES,
                       events=self.events)
 

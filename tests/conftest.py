@@ -20,6 +20,7 @@ from __future__ import annotations
 import os
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, so it applies in here too
+os.environ.setdefault("MKL_NUM_THREADS", "1")  # as the kill harness sets it: both are in the environment fingerprint
 
 import fcntl  # noqa: E402
 import shutil  # noqa: E402

@@ -28,7 +28,7 @@ test: install
 	exit $$status
 
 soak: install
-	$(PY) -m pytest -q -m slow
+	$(PY) -m pytest -q -s -m slow  # -s: the kill harness prints its replay line and each kill
 
 bench: install
 	$(PY) -m benchmarks

@@ -32,9 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
-from axs_lib.checkpoint import atomic_open
+from axs_lib.atomic import atomic_open
 from axs_lib.errors import InputError, UsageError
-from axs_lib.reproducibility import derive_seed
 from axs_lib.tiles import S1_KEYS, S2_KEYS, SIDECAR_SUFFIX, SPLIT_ALIASES, TILE_SUFFIX, check_arrays
 
 S1_BANDS = {"s1_vv": "VV", "s1_vh": "VH"}
@@ -319,6 +318,8 @@ def write_synthetic_tiles(out_dir: os.PathLike | str, count: int, size: int, see
     Tile ``i`` draws from ``derive_seed(seed, "synthetic", i)``, so the bytes depend only on
     (seed, i, size) and a larger set extends a smaller one.
     """
+    from axs_lib.reproducibility import derive_seed  # torch: only when synthetic tiles are made
+
     if count < 1:
         raise UsageError(f"--count must be >= 1, got {count}")
     if size < 2:

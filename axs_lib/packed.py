@@ -27,7 +27,7 @@ from pathlib import Path
 
 import numpy as np
 
-from axs_lib.checkpoint import atomic_open, atomic_write_text
+from axs_lib.atomic import atomic_open, atomic_write_text
 from axs_lib.errors import InputError, UsageError
 
 PACK_INDEX = "pack.json"

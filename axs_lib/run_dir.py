@@ -98,7 +98,7 @@ def step_checkpoints(path: os.PathLike | str) -> list[tuple[int, Path]]:
 
 
 def write_json(path: Path, data: Any) -> None:
-    from axs_lib.checkpoint import atomic_write_text
+    from axs_lib.atomic import atomic_write_text
 
     atomic_write_text(path, json.dumps(data, indent=2, sort_keys=False, default=str) + "\n")
 
@@ -592,7 +592,7 @@ class MetricsLog:
 
     def truncate_after(self, step: int) -> None:
         """Drop records past ``step`` (written by the killed run after its last checkpoint)."""
-        from axs_lib.checkpoint import atomic_write_text
+        from axs_lib.atomic import atomic_write_text
 
         if not self.path.exists():
             return

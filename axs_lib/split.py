@@ -28,7 +28,7 @@ from pathlib import Path
 
 from torch.utils.data import random_split
 
-from axs_lib.checkpoint import atomic_write_text
+from axs_lib.atomic import atomic_write_text
 from axs_lib.errors import InputError, UsageError
 from axs_lib.reproducibility import create_reproducible_generator
 from axs_lib.tiles import StatCache, read_sidecar, ref_key, sidecar_path

@@ -41,7 +41,6 @@ from pathlib import Path
 from typing import Any
 
 from axs_lib.errors import InputError, UsageError
-from axs_lib.reproducibility import check_seed
 
 DEFAULT_SEED = 42
 DEFAULT_SPLIT_SEED = 0  # fixed, so runs that differ only in --seed share their train/val tiles
@@ -165,6 +164,8 @@ def validate(config: TrainConfig) -> TrainConfig:
     """Raise `UsageError` naming the first field that is out of range."""
     for name in ("seed", "split_seed"):
         try:
+            from axs_lib.reproducibility import check_seed  # torch: only when a config is validated
+
             setattr(config, name, check_seed(getattr(config, name)))
         except (TypeError, ValueError) as exc:
             raise UsageError(f"{flag(name)}: {exc}") from None

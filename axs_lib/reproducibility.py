@@ -22,7 +22,6 @@ import hashlib
 import numbers
 import os
 import random
-import sys
 import warnings
 from typing import Any, Dict
 
@@ -153,7 +152,7 @@ def set_seed(seed: int, deterministic: bool = True, benchmark: bool = False) -> 
 
     torch.backends.cudnn.deterministic = deterministic
     torch.backends.cudnn.benchmark = benchmark
-    _use_deterministic_algorithms(deterministic)
+    torch.use_deterministic_algorithms(deterministic)
 
     _last_seed_info = {
         "seed": seed,
@@ -168,23 +167,6 @@ def set_seed(seed: int, deterministic: bool = True, benchmark: bool = False) -> 
         "cublas_workspace_config_in_force": cublas_in_force if deterministic else False,
     }
     return dict(_last_seed_info)
-
-
-def _use_deterministic_algorithms(mode: bool) -> None:
-    """``torch.use_deterministic_algorithms(mode)`` without its import of ``torch._inductor`` (about
-    2 s of every process start, ``torch._dynamo`` included) when inductor is not loaded yet.
-
-    The public call sets two things: the ATen flag, and ``torch._inductor.config.deterministic``
-    for compiled code. Inductor reads ``TORCHINDUCTOR_DETERMINISTIC`` when it is first imported, so
-    setting that variable gives compiled code the same mode later; once inductor is loaded, the
-    public call is used as it is.
-    """
-    set_flag = getattr(torch._C, "_set_deterministic_algorithms", None)
-    if "torch._inductor.config" in sys.modules or set_flag is None:
-        torch.use_deterministic_algorithms(mode)
-        return
-    os.environ["TORCHINDUCTOR_DETERMINISTIC"] = "1" if mode else "0"
-    set_flag(mode)
 
 
 def last_seed_info() -> Dict[str, Any] | None:

@@ -228,7 +228,6 @@ class _Setup:
     paths: list
     data_fp: dict
     env_fp: dict
-    resumed_from_world: int = 1
 
 
 def _check_inputs(config, resume, overwrite, device, world, say, config_for_resume) -> _Setup:
@@ -264,8 +263,7 @@ def _check_inputs(config, resume, overwrite, device, world, say, config_for_resu
             say(f"warning: resuming despite a difference: {line}")
         for d in diff_environments(ckpt.get("environment"), env_fp):
             say(f"warning: environment differs from the checkpoint's, bits may differ: {d['key']}: {d['a']!r} -> {d['b']!r}")
-    return _Setup(config, run, manager, ckpt, ckpt_path, seed_info, split, paths, data_fp, env_fp,
-                  int(ckpt.get("world_size", 1)) if ckpt is not None else world.size)
+    return _Setup(config, run, manager, ckpt, ckpt_path, seed_info, split, paths, data_fp, env_fp)
 
 
 RESUME_KEYS = ("step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "sampler_state", "early_stopping")

@@ -14,7 +14,6 @@ directory, the second reuses it. The target is second/first <= 0.3 at 10k tiles.
 from __future__ import annotations
 
 import argparse
-import itertools
 import shutil
 import sys
 import tempfile
@@ -23,6 +22,8 @@ import warnings
 from pathlib import Path
 
 from axs_lib import tiles as tiles_module
+from benchmarks import bench_data
+from benchmarks.bench_data import BATCH_SIZE, EPOCHS
 from axs_lib.data import TileDataset, make_loader
 from axs_lib.fingerprint.data import data_fingerprint
 from axs_lib.ingest import write_synthetic_tiles
@@ -33,8 +34,6 @@ from axs_lib.tiles import check_tiles, list_tiles
 
 LOADER_TILES = 256
 TILE_SIZE = 120
-BATCH_SIZE = 16
-EPOCHS = 2
 WORKERS = (0, 2, 4)
 STARTUP_COUNTS = (1_000, 10_000)
 STARTUP_TILE_SIZE = 32
@@ -42,16 +41,8 @@ DISTINCT = 16  # start-up sets repeat this many distinct tiles under new names (
 
 
 def loader_tiles_per_second(refs: list[Path], num_workers: int) -> float:
-    """Augmented samples per second over ``EPOCHS`` epochs, every sample read and decoded."""
-    dataset = TileDataset(refs, seed=0, augment=True, speckle_std=0.1, cache_tiles=0)
-    loader = make_loader(dataset, EpochSampler(len(refs), seed=0), BATCH_SIZE, num_workers, seed=0)
-    num_batches = EPOCHS * len(refs) // BATCH_SIZE - 1
-    iterator = iter(loader)
-    next(iterator)  # start-up (worker processes) is not throughput
-    start = time.perf_counter()
-    for _ in itertools.islice(iterator, num_batches):
-        pass
-    return num_batches * BATCH_SIZE / (time.perf_counter() - start)
+    """Augmented samples per second over ``EPOCHS`` epochs, every sample read and decoded (cache off)."""
+    return bench_data.loader_tiles_per_second(refs, num_workers, cache_tiles=0)
 
 
 def startup_seconds(data_dir: Path, cache_dir: Path) -> float:

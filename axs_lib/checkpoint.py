@@ -25,7 +25,6 @@ weights_only=True)`` opens it with no allow-list. On top of that we add:
 from __future__ import annotations
 
 import collections
-import contextlib
 import errno
 import hashlib
 import os
@@ -210,7 +209,7 @@ def _canonical(obj: Any, tensors: Callable[[torch.Tensor], torch.Tensor]) -> Any
 
 # In their own module, which imports no torch, so that tile and run-directory tools start fast;
 # named here too, where the checkpoint code and its users have always found them.
-from axs_lib.atomic import atomic_link, atomic_open, atomic_write_text, fsync_dir  # noqa: E402,F401
+from axs_lib.atomic import atomic_link, atomic_open, atomic_write_text  # noqa: E402,F401
 
 
 # --------------------------------------------------------------------------- save / load

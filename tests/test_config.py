@@ -7,7 +7,6 @@ checks the config exactly as a training run does and then exits before touching 
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import pytest
 import yaml

@@ -44,7 +44,7 @@ from typing import Any, Callable
 
 from axs_lib.errors import CheckpointError, InputError, UsageError
 
-log = logging.getLogger(__name__)
+logger = logging.getLogger(__name__)
 
 CHECKPOINTS = "checkpoints"
 RUN_JSON = "run.json"
@@ -145,9 +145,6 @@ class RunDir:
         self.previous: dict | None = None  # the run.json found here before this run started
         self.written: set[str] = set()
         self._lock_fd: int | None = None
-
-    def path(self, name: str) -> Path:
-        return self.root / name
 
     # ------------------------------------------------------------------ checks (read-only)
     def check(self, *, resume: bool, overwrite: bool) -> None:
@@ -440,7 +437,7 @@ class CheckpointManager:
         """
         from axs_lib.checkpoint import load_checkpoint
 
-        say = log or (lambda line: logging.getLogger(__name__).warning(line))
+        say = log or logger.warning
         if target is None:
             return None
         if target != "auto":

@@ -124,6 +124,7 @@ def shell_commands(block: Block) -> list[str]:
 import contextlib  # noqa: E402
 import io  # noqa: E402
 import os  # noqa: E402
+import runpy  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 import warnings  # noqa: E402
@@ -152,6 +153,93 @@ def make_workspace(path: Path, tiles: Path) -> Path:
 
 def run_shell(script: str, cwd: Path, timeout: float = 600) -> subprocess.CompletedProcess:
     return subprocess.run(["bash", "-c", script], cwd=cwd, env=EXAMPLE_ENV, capture_output=True, text=True, timeout=timeout)
+
+
+# --------------------------------------------------------------------------- commands in this process
+#
+# A documented command such as `axs compare runs/a runs/b` or `python scripts/train_stage1.py --seed 42`
+# costs seconds in a new interpreter (importing torch, and torch.optim importing torch._dynamo) and a
+# fraction of that here, where both are already imported: the same argument vector reaches the same
+# `main` either way. So a command made only of plain words (no quotes, variables, globs, redirections,
+# pipes, `&` or `;`) whose program is `axs` or `python <file>.py` runs in this process; anything else is
+# a shell's job and runs in bash. Real processes stay where they are the point: a command sent to the
+# background and killed is never plain. `CMD || echo ...` runs CMD here and, when it fails, the rest in
+# bash with `$?` set to CMD's status.
+
+PLAIN_WORD = re.compile(r"[\w@%+=:,./-]+\Z")
+OR_ELSE = re.compile(r"(?P<first>[^|&;]+?)\s+\|\|\s+(?P<rest>.+)\Z", re.DOTALL)
+# A line that leaves state for the next one (a variable, the directory, an option, a function):
+# a block holding one runs as a single bash script, as written.
+SHELL_STATE = re.compile(r"\s*(export\s|cd\s|pushd\s|source\s|\.\s|set\s|alias\s|function\s|[A-Za-z_]\w*=|\w+\s*\(\)\s*\{)")
+
+
+def in_process_argv(command: str, cwd: Path) -> list[str] | None:
+    """The argument vector of ``command`` when this process can run it as a shell would, else None."""
+    words = command.replace("\\\n", " ").split()
+    if not words or not all(PLAIN_WORD.match(word) for word in words):
+        return None
+    if words[0] == "axs":
+        return words
+    if words[0] in ("python", "python3") and len(words) > 1 and words[1].endswith(".py") and (cwd / words[1]).is_file():
+        return words
+    return None
+
+
+def run_in_process(argv: list[str], cwd: Path) -> subprocess.CompletedProcess:
+    """Run ``axs ...`` through `axs_lib.cli.main`, or ``python FILE.py ...`` as ``__main__``, in ``cwd``.
+
+    What a fresh interpreter would not carry over is undone afterwards: seeds, determinism flags,
+    the environment, ``sys.path`` and ``sys.argv``. Python warnings show once per place in the code
+    for each command, as they would in a new process.
+    """
+    from axs_lib.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_path, saved_argv = list(sys.path), sys.argv
+    try:
+        with (contextlib.chdir(cwd), contextlib.redirect_stdout(out), contextlib.redirect_stderr(err),
+              process_state_restored(), warnings.catch_warnings()):
+            warnings.simplefilter("default")
+            if argv[0] == "axs":
+                code = main(argv[1:])
+            else:
+                sys.argv = argv[1:]
+                code = _run_script(argv[1])
+    finally:
+        sys.path[:] = saved_path
+        sys.argv = saved_argv
+    return subprocess.CompletedProcess(argv, code, out.getvalue(), err.getvalue())
+
+
+def _run_script(path: str) -> int:
+    try:
+        runpy.run_path(path, run_name="__main__")
+    except SystemExit as exc:  # the exit status the interpreter would have given
+        if exc.code is None or isinstance(exc.code, int):
+            return exc.code or 0
+        print(exc.code, file=sys.stderr)
+        return 1
+    return 0
+
+
+def run_command(command: str, cwd: Path, prelude: str = "") -> subprocess.CompletedProcess:
+    """One command line of a shell block, in this process when it is plain, else in bash (after ``prelude``)."""
+    argv = in_process_argv(command, cwd)
+    if argv is not None:
+        return run_in_process(argv, cwd)
+    m = OR_ELSE.match(command)
+    if m is not None and (argv := in_process_argv(m["first"], cwd)) is not None:
+        first = run_in_process(argv, cwd)
+        if first.returncode == 0:
+            return first
+        rest = run_shell(f"{prelude}(exit {first.returncode}) || {m['rest']}\n", cwd)
+        return subprocess.CompletedProcess(command, rest.returncode, first.stdout + rest.stdout, first.stderr + rest.stderr)
+    return run_shell(f"{prelude}{command}\n", cwd)
+
+
+def needs_one_shell(commands: list[str]) -> bool:
+    """Whether a block's lines share shell state, so that they must run as one bash script."""
+    return any(SHELL_STATE.match(command) for command in commands)
 
 
 def exec_python(code: str, where: str, namespace: dict, cwd: Path) -> tuple[str, list[str]]:

@@ -7,9 +7,12 @@ For ``docs/*.md`` and ``README.md``:
   fresh working directory per document that holds ``tiles/`` (the six real demo tiles, shared by
   the whole session) and links to ``axs_lib/``, ``scripts/``, ``tools/`` and ``benchmarks/``.
   Later blocks see what earlier ones wrote (a run trained in one block is compared in the next).
-  A shell block runs as one ``bash`` script with ``set -e -o pipefail`` (so a failing command
-  fails the block; write ``cmd || echo ...`` for a command that is meant to fail). Python blocks
-  share one namespace per document and run in this process (state they change is restored).
+  A shell block runs line by line with ``set -e -o pipefail`` semantics (a failing command, or a
+  failing part of a pipe, fails the block; write ``cmd || echo ...`` for a command that is meant
+  to fail): a plain ``axs ...`` or ``python FILE.py ...`` line runs in this process, any other line
+  in bash, and a block whose lines share shell state (a variable, ``cd``, ``export``) as one bash
+  script (``doc_blocks.run_command``). Python blocks share one namespace per document and run in
+  this process (state they change is restored).
 * A block whose fence is preceded by an ``<!-- illustrative ... -->`` comment is not executed,
   only parsed: ``compile()`` for Python, ``bash -n`` for shell.
 * Blocks in other languages (``text``, untagged) are prose, not checked.
@@ -28,6 +31,7 @@ import io
 import re
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -37,14 +41,18 @@ from doc_blocks import (
     REPO,
     Block,
     exec_python,
+    in_process_argv,
     make_workspace,
+    needs_one_shell,
     parse_blocks,
     process_state_restored,
+    run_command,
     run_shell,
     shell_commands,
 )
 
 DOCS = sorted((REPO / "docs").glob("*.md")) + ([REPO / "README.md"] if (REPO / "README.md").exists() else [])
+PRELUDE = "set -e -o pipefail\n"  # a failing command, or a failing part of a pipe, fails its block
 RECURSIVE = re.compile(r"(^|[\s;&|(])(make\s+(test|soak|bench)|pytest|py\.test|python\s+-m\s+pytest)\b")
 
 
@@ -62,7 +70,7 @@ def shell_script(block: Block) -> str:
         if RECURSIVE.search(command):
             pytest.fail(f"{block.where}: `{command}` would run the test suite from inside it; "
                         "put <!-- illustrative --> on the line before the fence")
-    return "set -e -o pipefail\n" + "\n".join(commands) + "\n"
+    return PRELUDE + "\n".join(commands) + "\n"
 
 
 def run_block(block: Block, namespace: dict, work: Path) -> str:
@@ -74,11 +82,20 @@ def run_block(block: Block, namespace: dict, work: Path) -> str:
             raise AssertionError(f"{block.where}: python block failed: {type(exc).__name__}: {exc}\n{block.code}") from exc
         return out
     script = shell_script(block)
-    proc = run_shell(script, work)
+    commands = shell_commands(block)
+    if needs_one_shell(commands):
+        runs = [(script, run_shell(script, work))]
+    else:  # line by line, as `set -e` would: plain axs/python lines in this process (see doc_blocks)
+        runs = []
+        for command in commands:
+            runs.append((command, run_command(command, work, prelude=PRELUDE)))
+            if runs[-1][1].returncode != 0:
+                break
+    what, proc = runs[-1]
     assert proc.returncode == 0, (
-        f"{block.where}: shell block exited {proc.returncode}\n--- script\n{script}--- stdout\n{proc.stdout[-4000:]}"
+        f"{block.where}: shell block exited {proc.returncode}\n--- command\n{what}\n--- stdout\n{proc.stdout[-4000:]}"
         f"--- stderr\n{proc.stderr[-4000:]}")
-    return proc.stdout
+    return "".join(p.stdout for _, p in runs)
 
 
 # --------------------------------------------------------------------------- the docs' examples
@@ -202,3 +219,54 @@ def test_axs_console_script_help():
     proc = subprocess.run([str(Path(REPO / ".venv" / "bin" / "axs")) if (REPO / ".venv/bin/axs").exists() else "axs", "--help"],
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "examples:" in proc.stdout, proc.stderr
+
+
+# --------------------------------------------------------------------------- the command runner
+
+
+@pytest.mark.parametrize("command, plain", [
+    ("axs compare runs/a runs/b", True),
+    ("python scripts/train_stage1.py --seed 42 \\\n  --steps 2", True),
+    ("python tools/no_such_tool.py a", False),  # not a file: the shell reports it
+    ("python -c 'print(1)'", False),
+    ("axs compare runs/a runs/b > out.txt", False),
+    ("axs compare runs/*", False),
+    ("axs env | head -1", False),
+    ("axs train stage1 --seed $SEED", False),
+    ("OMP_NUM_THREADS=2 axs env", False),
+    ("axs env & wait", False),
+    ("axs env; axs env", False),
+    ("axs compare \"runs/a b\" runs/c", False),
+    ("sha256sum runs/a/checkpoints/x.pt", False),
+])
+def test_only_plain_axs_and_python_script_lines_run_in_this_process(command, plain):
+    assert (in_process_argv(command, REPO) is not None) is plain
+
+
+def test_a_line_in_this_process_gives_the_exit_status_output_and_leaves_no_trace(tmp_path):
+    (tmp_path / "script.py").write_text(
+        "import sys\nsys.path.insert(0, 'elsewhere')\nprint('args', sys.argv[1:])\n"
+        "print('to stderr', file=sys.stderr)\nsys.exit(int(sys.argv[1]))\n")
+    path, argv = list(sys.path), sys.argv
+    ok = run_command("python script.py 0 x", tmp_path)
+    assert (ok.returncode, ok.stdout, ok.stderr) == (0, "args ['0', 'x']\n", "to stderr\n")
+    assert run_command("python script.py 3", tmp_path).returncode == 3
+    assert (sys.path, sys.argv) == (path, argv)
+    assert run_command("axs compare --no-such-flag a b", tmp_path).returncode == 2
+
+
+def test_or_else_gets_the_status_of_the_command_run_in_this_process(tmp_path):
+    (tmp_path / "script.py").write_text("import sys\nsys.exit(int(sys.argv[1]))\n")
+    failed = run_command('python script.py 4 || echo "refused with exit status $?"', tmp_path)
+    assert (failed.returncode, failed.stdout) == (0, "refused with exit status 4\n")
+    passed = run_command('python script.py 0 || echo "not printed"', tmp_path)
+    assert (passed.returncode, passed.stdout) == (0, "")
+
+
+def test_lines_that_share_shell_state_run_as_one_script(tmp_path):
+    assert needs_one_shell(["export SEED=3", "axs env"])
+    assert needs_one_shell(["cd runs", "axs runs a"])
+    assert not needs_one_shell(["axs env", "axs train stage1 --seed 1 & pid=$!; kill $pid"])
+    doc = tmp_path / "d.md"
+    doc.write_text("```bash\nN=7\necho $N\n```\n")
+    assert run_block(parse_blocks(doc)[0], {}, tmp_path) == "7\n"

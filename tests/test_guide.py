@@ -6,7 +6,9 @@ Every fenced block of it has exactly one entry in `TREATMENTS` (a block without 
 without a block, fails `test_every_guide_block_has_exactly_one_treatment`), and is run by
 `test_guide_block`, one test per block, in a fresh working directory that holds ``tiles/`` (the
 six real demo tiles) and links to the repository's ``axs_lib/``, ``scripts/`` and ``tools/``, so
-the guide's relative paths work as written. ``python``, ``pip`` and ``axs`` are the test's venv.
+the guide's relative paths work as written. ``python``, ``pip`` and ``axs`` are the test's venv; a
+plain ``axs ...`` or ``python FILE.py ...`` line runs in the test's process through the same entry
+point with the same arguments, any other line in bash (``doc_blocks.run_command``).
 
 Kinds of treatment (nothing is skipped silently):
 
@@ -47,7 +49,8 @@ import torch
 import axs_lib.reproducibility as repro
 from axs_lib.checkpoint import load_checkpoint
 from conftest import build_once, train_in_process
-from doc_blocks import EXAMPLE_ENV, Block, exec_python, make_workspace, parse_blocks, process_state_restored, run_shell, shell_commands
+from doc_blocks import (EXAMPLE_ENV, Block, exec_python, make_workspace, parse_blocks, process_state_restored, run_command,
+                        run_shell, shell_commands)
 
 ROOT = Path(__file__).resolve().parents[1]
 GUIDE = Path(__file__).parent / "data" / "reproducibility-guide.md"
@@ -595,7 +598,7 @@ def test_guide_block(block_id, workspace, trainer_checkpoint, isolated):
     elif block.is_shell:
         expected = t.exit_codes or (0,) * len(shell_commands(block))
         for command, want in zip([c for c in _commands(code, block)], expected):
-            proc = run_shell(command, workspace)
+            proc = run_command(command, workspace)
             r.results.append(proc)
             assert proc.returncode == want, f"{block.where}: `{command}` exited {proc.returncode}, expected {want}\n{proc.stdout}\n{proc.stderr}"
     else:

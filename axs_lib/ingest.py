@@ -128,8 +128,12 @@ def _read_list(name: str) -> list[str]:
     return bz2.decompress(data).decode("utf-8").split()
 
 
+# split by patch, (country, season) by patch, quality flags by patch
+OfficialLists = tuple[dict[str, str], dict[str, tuple[str, str]], dict[str, list[str]]]
+
+
 @functools.lru_cache(maxsize=1)
-def official_metadata() -> tuple[dict[str, str], dict[str, tuple[str, str]], dict[str, list[str]]]:
+def official_metadata() -> OfficialLists:
     """BigEarthNet's official lists, keyed by Sentinel-2 patch name: split, (country, season), flags."""
     splits = {name: split for split, file in _SPLIT_LISTS.items() for name in _read_list(file)}
     places = {}
@@ -184,11 +188,11 @@ def _iso(stamp: str) -> str:
     return stamp.replace(" ", "T")
 
 
-def _convert_pair(s1_dir: Path, s2_dir: Path) -> tuple[dict[str, np.ndarray], dict]:
+def _convert_pair(s1_dir: Path, s2_dir: Path, lists: OfficialLists | None) -> tuple[dict[str, np.ndarray], dict]:
     """Read one S1/S2 pair; raise `InputError` naming the offending file when it cannot be used."""
     s1_meta, s2_meta = _patch_metadata(s1_dir), _patch_metadata(s2_dir)
     arrays, crs, bounds = _read_pair(s1_dir, s2_dir)
-    splits, places, flags = official_metadata()
+    splits, places, flags = lists if lists is not None else official_metadata()
     s2_name = s2_dir.name
     meta = {
         "tile_id": s2_name,
@@ -219,14 +223,15 @@ def _patch_folders(root: Path) -> list[Path]:
     return sorted((p for p in root.iterdir() if p.is_dir()), key=lambda p: p.name)
 
 
-def convert_bigearthnet(s1_root: os.PathLike | str, s2_root: os.PathLike | str, out_dir: os.PathLike | str) -> IngestReport:
+def convert_bigearthnet(s1_root: os.PathLike | str, s2_root: os.PathLike | str, out_dir: os.PathLike | str, *,
+                        lists: OfficialLists | None = None) -> IngestReport:
     """Convert BigEarthNet(-MM) v1.0 S1 and S2 patch folders into tiles named after the S2 patch.
 
     Each S1 folder's ``*_labels_metadata.json`` names its S2 partner (``corresponding_s2_patch``).
     The sidecar keeps both patch names, product names, acquisition times, CRS, bounds, labels, and
     from the official lists bundled with ``bigearthnet-common``: split, country, season and quality
-    flags, when the patch is listed. Unpaired or unreadable patches are reported in
-    ``report.skipped`` and not written. Raises `InputError` for a missing root or a conflicting
+    flags, when the patch is listed (``lists`` replaces those lists: `DEMO_LISTS` for the demo).
+    Unpaired or unreadable patches are reported in ``report.skipped`` and not written. Raises `InputError` for a missing root or a conflicting
     existing file in ``out_dir``.
     """
     s1_root, s2_root = Path(s1_root), Path(s2_root)
@@ -242,7 +247,7 @@ def convert_bigearthnet(s1_root: os.PathLike | str, s2_root: os.PathLike | str, 
                 report.skipped.append((s1_dir.name, f"unpaired: its S2 partner {s2_name!r} is not in {s2_root}"))
                 continue
             paired.add(s2_name)
-            arrays, meta = _convert_pair(s1_dir, s2_root / s2_name)
+            arrays, meta = _convert_pair(s1_dir, s2_root / s2_name, lists)
         except InputError as exc:
             report.skipped.append((s1_dir.name, str(exc)))
             continue
@@ -266,6 +271,20 @@ def extract_examples(dest: os.PathLike | str) -> tuple[Path, Path]:
     return roots[0], roots[1]
 
 
+# The six example patches' entries in the official lists, as `official_metadata` reads them (a test
+# checks that they still agree): the demo needs six rows, and decompressing the lists of all 590,326
+# patches takes longer (5-9 s) than the rest of the conversion.
+DEMO_LISTS: OfficialLists = (
+    {"S2A_MSIL2A_20170613T101031_87_48": "test", "S2A_MSIL2A_20170617T113321_36_85": "train",
+     "S2A_MSIL2A_20170617T113321_4_55": "train", "S2A_MSIL2A_20171221T112501_56_35": "train",
+     "S2B_MSIL2A_20170924T93020_69_24": "train"},
+    {"S2A_MSIL2A_20170613T101031_87_48": ("Austria", "Summer"), "S2A_MSIL2A_20170617T113321_36_85": ("Ireland", "Summer"),
+     "S2A_MSIL2A_20170617T113321_4_55": ("Ireland", "Summer"), "S2A_MSIL2A_20171221T112501_56_35": ("Portugal", "Winter"),
+     "S2B_MSIL2A_20170924T93020_69_24": ("Finland", "Fall"), "S2B_MSIL2A_20180204T94161_57_38": ("Finland", "Winter")},
+    {"S2B_MSIL2A_20180204T94161_57_38": ["seasonal_snow"]},
+)
+
+
 def write_demo_tiles(out_dir: os.PathLike | str) -> list[Path]:
     """Write the six real S1/S2 pairs shipped inside the ``bigearthnet-common`` wheel as tiles.
 
@@ -273,7 +292,7 @@ def write_demo_tiles(out_dir: os.PathLike | str) -> list[Path]:
     `convert_bigearthnet`. Safe to repeat into the same directory: identical tiles are left alone.
     """
     with tempfile.TemporaryDirectory(prefix="axs-bigearthnet-") as tmp:
-        report = convert_bigearthnet(*extract_examples(tmp), out_dir)
+        report = convert_bigearthnet(*extract_examples(tmp), out_dir, lists=DEMO_LISTS)
     if report.skipped:
         raise RuntimeError(f"demo conversion skipped patches: {report.skipped}")
     return report.tiles

@@ -13,7 +13,8 @@ import rasterio
 
 from axs_lib.cli import main
 from axs_lib.errors import InputError, UsageError
-from axs_lib.ingest import convert_bigearthnet, extract_examples, write_demo_tiles, write_synthetic_tiles
+from axs_lib.ingest import (DEMO_LISTS, convert_bigearthnet, extract_examples, official_metadata, write_demo_tiles,
+                             write_synthetic_tiles)
 from axs_lib.tiles import list_tiles, read_tile, validate_tile
 
 DEMO_STEMS = [
@@ -101,7 +102,7 @@ def test_repeating_demo_is_idempotent_and_different_files_are_not_overwritten(tm
     assert victim.read_text() == '{"mine": true}\n'
 
 
-def test_unpaired_and_unreadable_patches_are_reported_and_skipped(patches, tmp_path, capsys):
+def test_unpaired_and_unreadable_patches_are_reported_and_skipped(patches, demo_tiles, tmp_path, capsys):
     s1_root, s2_root = patches
     shutil.rmtree(s2_root / "S2A_MSIL2A_20170617T113321_36_85")  # S1 partner left unpaired
     broken = s2_root / "S2B_MSIL2A_20170924T93020_69_24" / "S2B_MSIL2A_20170924T93020_69_24_B04.tif"
@@ -124,6 +125,20 @@ def test_unpaired_and_unreadable_patches_are_reported_and_skipped(patches, tmp_p
     assert main(["tiles", "from-bigearthnet", str(s1_root), str(s2_root), str(tmp_path / "cli")]) == 1
     lines = capsys.readouterr().out.splitlines()
     assert len(lines) == 4 and lines[-1].startswith("3 tiles written, 0 already present, 3 patches skipped")
+    # Conversion reads the official lists (loaded above); the demo uses their six rows, pinned.
+    for tile in report.written:
+        assert (out / f"{tile.stem}.json").read_bytes() == (demo_tiles / f"{tile.stem}.json").read_bytes()
+    splits, places, flags = official_metadata()
+    assert DEMO_LISTS == ({n: splits[n] for n in DEMO_STEMS if n in splits}, {n: places[n] for n in DEMO_STEMS},
+                          {n: flags[n] for n in DEMO_STEMS if n in flags})
+
+
+def test_the_demo_sidecars_carry_the_pinned_list_entries(demo_tiles):
+    for name in DEMO_STEMS:
+        meta = json.loads((demo_tiles / f"{name}.json").read_text())
+        assert meta.get("split") == DEMO_LISTS[0].get(name)
+        assert (meta["country"], meta["season"]) == DEMO_LISTS[1][name]
+        assert meta.get("quality_flags") == DEMO_LISTS[2].get(name)
 
 
 def test_missing_roots_are_input_errors(tmp_path):

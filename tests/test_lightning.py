@@ -107,7 +107,8 @@ def _strings(obj, found: list) -> None:
             _strings(value, found)
 
 
-@pytest.mark.parametrize("moment", ["random", "during_a_checkpoint_write"])
+# A kill at a random moment is the soak's (make soak); inside a checkpoint write is the harder case.
+@pytest.mark.parametrize("moment", [pytest.param("random", marks=pytest.mark.slow), "during_a_checkpoint_write"])
 def test_sigkill_with_workers_then_resume_with_other_worker_count_is_byte_identical(runs, tmp_path, moment):
     """Killed with 2 workers (the whole process group) and resumed with 0.
 

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from axs_lib import reproducibility as rep
+from doc_blocks import run_command
 from axs_lib.reproducibility import (
     add_seed_to_checkpoint,
     create_reproducible_generator,
@@ -377,11 +378,10 @@ def test_validate_checkpoint_seed_does_not_match_a_stored_seed_that_is_not_an_in
 
 
 def test_reproducibility_script_help_exits_0_and_without_verify_exits_2():
-    root = Path(__file__).resolve().parents[1]
-    script = [sys.executable, str(root / "axs_lib" / "reproducibility.py")]
-    shown = subprocess.run([*script, "--help"], capture_output=True, text=True, timeout=60)
+    root = Path(__file__).resolve().parents[1]  # as __main__, in this process (test_verify runs it in its own)
+    shown = run_command("python axs_lib/reproducibility.py --help", root)
     assert shown.returncode == 0 and "--verify" in shown.stdout, shown.stderr
-    bare = subprocess.run(script, capture_output=True, text=True, timeout=60)
+    bare = run_command("python axs_lib/reproducibility.py", root)
     assert bare.returncode == 2 and "--verify" in bare.stderr
 
 

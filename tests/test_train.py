@@ -159,6 +159,7 @@ def test_kill_during_checkpoint_write_then_resume(reference, demo_tiles, tmp_pat
     assert shas(out) == shas(reference)
 
 
+@pytest.mark.slow  # make test has SIGTERM to the whole group, the harder case (test_signals)
 def test_sigterm_checkpoints_current_step_and_resumes_exactly(reference, demo_tiles, tmp_path):
     out = tmp_path / "terminated"
     proc = spawn(args(demo_tiles, out, "--checkpoint-every", "100", workers=2))

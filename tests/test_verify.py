@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from axs_lib import verify
+from axs_lib.cli import main
 from axs_lib.reproducibility import set_seed, verify_reproducibility
 from axs_lib.verify import first_difference, run_verification
+from doc_blocks import run_command
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -76,6 +78,7 @@ def run_cli(*args, env=None):
 
 
 def test_guide_command_prints_guide_lines_and_exits_zero():
+    # A real interpreter: the script fixes sys.path[0] so that axs_lib/ itself does not shadow modules.
     proc = run_cli("axs_lib/reproducibility.py", "--verify", "--seed", "42", "--iterations", "2")
     assert proc.returncode == 0, proc.stderr
     for line in ("Testing reproducibility...", "  Running 2 iterations...",
@@ -83,25 +86,18 @@ def test_guide_command_prints_guide_lines_and_exits_zero():
         assert line in proc.stdout.splitlines()
 
 
-def test_cli_exits_one_on_injected_nondeterminism():
-    code = (
-        "import sys, tests.test_verify as t, axs_lib.verify as v\n"
-        "v._augment = t._nondeterministic_augment\n"
-        "from axs_lib.cli import main\n"
-        "sys.exit(main(['verify', '--iterations', '2']))\n"
-    )
-    proc = run_cli("-c", code)
-    assert proc.returncode == 1, proc.stdout + proc.stderr
-    assert "Reproducibility NOT verified" in proc.stdout
+def test_cli_exits_one_on_injected_nondeterminism(monkeypatch, capsys):
+    monkeypatch.setattr(verify, "_augment", _nondeterministic_augment)  # workers are forked: they see it too
+    assert main(["verify", "--iterations", "2"]) == 1
+    assert "Reproducibility NOT verified" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("args", [["--seed", "-1"], ["--seed", "abc"], ["--seed", str(2**32)], ["--iterations", "0"]])
-def test_cli_bad_arguments_exit_two(args):
-    proc = run_cli("-m", "axs_lib.cli", "verify", *args)
-    assert proc.returncode == 2
-    assert "Traceback" not in proc.stderr
+def test_cli_bad_arguments_exit_two(args, capsys):
+    assert main(["verify", *args]) == 2
+    assert "Traceback" not in capsys.readouterr().err
 
 
 def test_script_without_verify_flag_is_a_usage_error():
-    proc = run_cli("axs_lib/reproducibility.py")
+    proc = run_command("python axs_lib/reproducibility.py", ROOT)  # as __main__, in this process
     assert proc.returncode == 2 and "usage" in proc.stderr

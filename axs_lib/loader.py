@@ -211,7 +211,14 @@ class ResumableLoader:
         self._active = None  # an iteration in progress must not move the new state
 
     def close(self) -> None:
-        """Stop persistent worker processes now (they also stop when the loader is collected)."""
+        """Stop persistent worker processes now.
+
+        They also stop when the loader is freed, promptly when by reference counting. A loader held
+        in a reference cycle (a framework's trainer, say) is freed by the cycle collector, which may
+        close the workers' queues before DataLoader tells them to stop: each worker then costs
+        DataLoader's 5 s join timeout. Call ``close()`` (or use the loader in a ``with`` block)
+        when its owner is such an object; `axs_lib.lightning.ExactResume` does.
+        """
         self._active = None
         iterator, self._loader._iterator = self._loader._iterator, None
         if iterator is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import importlib.util
+import multiprocessing
 import os
 import random
 import shutil
@@ -260,6 +261,15 @@ def test_plain_lightning_checkpoints_hold_the_absolute_directory(tmp_path):
     _tiny_fit(tmp_path / "plain", exact=False, workers=0, steps=5)
     raw = (tmp_path / "plain" / "checkpoints" / "step5.ckpt").read_bytes()
     assert str(tmp_path).encode() in raw  # ModelCheckpoint's dirpath: why two directories never match
+
+
+def test_a_fit_with_workers_leaves_no_worker_process_behind(tmp_path):
+    """Lightning's trainer holds the loader in reference cycles; ExactResume stops the workers at
+    teardown, so the cycle collector never meets live workers (each would cost a 5 s join timeout
+    and then ignore the SIGTERM that follows)."""
+    before = set(multiprocessing.active_children())
+    _tiny_fit(tmp_path / "exact", exact=True, workers=2, steps=4, every=4)
+    assert [child for child in multiprocessing.active_children() if child not in before] == []
 
 
 def test_a_hand_passed_checkpoint_of_another_seed_is_refused(tmp_path):

@@ -55,6 +55,7 @@ def test_harness_passes_a_run_killed_inside_a_checkpoint_write(stage1_reference,
     assert "files byte-identical" in result.summary()
 
 
+@pytest.mark.slow  # the harness's self-test runs where the harness does: in make soak, before its kills
 def test_harness_reports_a_resume_with_another_seed_as_different(stage1_reference, demo_tiles, tmp_path):
     """The harness can fail: resuming with --seed 43 --force-resume must not pass as identical."""
     lines = []

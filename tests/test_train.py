@@ -301,14 +301,23 @@ def test_second_run_into_used_dir_is_refused(reference, demo_tiles, tmp_path, ca
     assert shas(out) == before and (out / "notes.txt").read_text() == "mine"
 
 
-def test_live_lock_stops_a_second_run(demo_tiles, tmp_path):
+def test_live_lock_stops_a_second_run(demo_tiles, tmp_path, capsys):
+    """The lock is a POSIX record lock, held per process: another process holds it (a small one,
+    without torch) while the run starts here."""
     out = tmp_path / "locked"
     out.mkdir()
-    with locked(out):
-        proc = spawn(args(demo_tiles, out, "--resume", "auto"))
-        _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 2
-    assert f"another run (pid {os.getpid()})" in err and "Traceback" not in err
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys; from axs_lib.run_dir import locked\n"
+                               "with locked(sys.argv[1]):\n    print('held', flush=True); sys.stdin.read()", str(out)],
+        cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        assert train(*args(demo_tiles, out, "--resume", "auto")) == 2
+    finally:
+        holder.communicate(timeout=60)
+    err = capsys.readouterr().err
+    assert f"another run (pid {holder.pid})" in err and "Traceback" not in err
+    assert train(*args(demo_tiles, out, "--resume", "auto", "--steps", "1")) == 0  # released with its holder
 
 
 def test_guide_command_and_default_output_dir(demo_tiles, tmp_path, monkeypatch, capsys):

@@ -18,6 +18,7 @@ Run as a script, ``python axs_lib/reproducibility.py --verify --seed 42`` is ``a
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import numbers
 import os
@@ -103,7 +104,19 @@ def seed_globals(seed64: int) -> None:
     """
     random.seed(seed64)
     np.random.seed(seed64 & SEED_MAX)
-    torch.manual_seed(seed64)  # also seeds every CUDA device, lazily when CUDA is not initialised
+    if _accelerator_present():
+        torch.manual_seed(seed64)  # also seeds every CUDA device, lazily when CUDA is not initialised
+    else:
+        # The same CPU generator state. torch.manual_seed would also queue a lazy seed for each
+        # accelerator backend it was built with (CUDA, XPU, MTIA), none present here, capturing a
+        # formatted stack for each: 0.15-2 ms per call, called at every step and every sample.
+        torch.default_generator.manual_seed(seed64)
+
+
+@functools.cache
+def _accelerator_present() -> bool:
+    """Whether a device other than the CPU is visible (cached: it does not change in a process)."""
+    return torch.accelerator.is_available()
 
 
 # --------------------------------------------------------------------------- guide API

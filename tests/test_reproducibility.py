@@ -393,3 +393,17 @@ def test_last_seed_info_tracks_latest_call():
         warnings.simplefilter("error")
         set_seed(78)
     assert rep.last_seed_info()["seed"] == 78
+
+
+@pytest.mark.parametrize("seed64", [0, 1, 2**32 + 7, 2**63 + 5, 2**64 - 1])
+def test_seed_globals_without_an_accelerator_leaves_torch_manual_seeds_cpu_state(seed64, monkeypatch):
+    torch.manual_seed(seed64)
+    expected = torch.get_rng_state()
+    torch.manual_seed(0)
+    monkeypatch.setattr(rep, "_accelerator_present", lambda: False)  # the fast path, here even where a GPU is
+    seed_globals(seed64)
+    assert torch.equal(torch.get_rng_state(), expected)
+    monkeypatch.setattr(rep, "_accelerator_present", lambda: True)  # torch.manual_seed itself
+    torch.manual_seed(0)
+    seed_globals(seed64)
+    assert torch.equal(torch.get_rng_state(), expected)

@@ -16,10 +16,7 @@ pixels (NaN in any band) are 0 in ``sar`` and ``optical`` and 0 in ``mask``.
 
 from __future__ import annotations
 
-import atexit
 import collections
-import multiprocessing
-import signal
 from pathlib import Path
 
 import numpy as np
@@ -28,6 +25,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from axs_lib.reproducibility import create_reproducible_generator, derive_seed, seed_worker
 from axs_lib.tiles import OPTICAL_RANGE, SAR_DB_RANGE, read_tile
+from axs_lib.workers import ignore_stop_signals, reap_workers_at_exit
 
 DEFAULT_CACHE_TILES = 512  # decoded tiles kept per process (about 200 MB at 120 x 120)
 
@@ -121,50 +119,6 @@ def _add_speckle(sar_db: np.ndarray, std: float, generator: torch.Generator) -> 
     numpy float64 (single-threaded, so its bits cannot depend on thread count)."""
     factor = 1.0 + std * torch.randn(sar_db.shape, generator=generator, dtype=torch.float64).numpy()
     return (sar_db + 10.0 * np.log10(np.maximum(factor, 1e-3))).astype(np.float32)
-
-
-# Signals a scheduler sends to the whole process group. Workers leave them to the main process,
-# which checkpoints and then shuts the workers down; a worker that died of SIGTERM first would
-# turn a clean stop into a DataLoader error.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
-
-
-def ignore_stop_signals(worker_id: int = 0) -> None:
-    """In a DataLoader worker: leave SIGINT/SIGTERM/SIGUSR1 to the main process.
-
-    The main process shuts its workers down through their queues (`ResumableLoader.close`, the end
-    of an iteration), so they never need a signal. The one place that does send SIGTERM is
-    multiprocessing's exit handler for daemonic children still alive when the interpreter exits;
-    `reap_workers_at_exit` makes that a SIGKILL first, so a forgotten loader cannot hang the exit.
-    """
-    for signum in STOP_SIGNALS:
-        signal.signal(signum, signal.SIG_IGN)
-
-
-_reaper_registered = False
-
-
-def reap_workers_at_exit() -> None:
-    """Register (once, in the main process) an exit handler that SIGKILLs leftover DataLoader workers.
-
-    Registered after ``multiprocessing`` set up its own exit handler, so it runs before it (atexit
-    is last in, first out): the workers it would SIGTERM, which ignore that, are already gone.
-    """
-    global _reaper_registered
-    if not _reaper_registered:
-        atexit.register(_kill_leftover_workers)
-        _reaper_registered = True
-
-
-def _kill_leftover_workers() -> None:
-    # torch's SIGCHLD handler would raise "worker killed" into this handler at the first death
-    # and leave the other workers to the SIGTERM that they ignore
-    signal.signal(signal.SIGCHLD, signal.SIG_DFL)
-    leftover = [child for child in multiprocessing.active_children() if child.daemon]
-    for child in leftover:
-        child.kill()
-    for child in leftover:
-        child.join(timeout=5)
 
 
 def worker_init(worker_id: int) -> None:

@@ -30,6 +30,7 @@ fixed for a given run.
 from __future__ import annotations
 
 import functools
+import signal
 import weakref
 from typing import Any, Callable, Iterator
 
@@ -38,6 +39,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from axs_lib.reproducibility import create_reproducible_generator, seed_worker
 from axs_lib.sampling import ResumableSampler, SampleIndex
+from axs_lib.workers import STOP_SIGNALS, stop_signals_held
 
 _OWNED_ARGS = ("shuffle", "sampler", "batch_sampler", "generator", "batch_size", "in_order")
 
@@ -46,6 +48,9 @@ def _init_worker(user_init: Callable[[int], None] | None, worker_id: int) -> Non
     seed_worker(worker_id)
     if user_init is not None:
         user_init(worker_id)
+    # The loader forks its workers with the stop signals held (axs_lib.workers.stop_signals_held):
+    # they reach the worker from here on, after a worker_init_fn that ignores them has run.
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 class _BatchPlan:
@@ -177,7 +182,9 @@ class ResumableLoader:
         token = self._active = object()
         self._plan.endless = endless
         shard = len(self.sampler)
-        for batch in iter(self._loader):  # the plan reads the state here, at the start
+        with stop_signals_held():  # workers may be forked here
+            batches = iter(self._loader)  # the plan reads the state here, at the start
+        for batch in batches:
             if self._active is not token:
                 raise RuntimeError("another iteration of this ResumableLoader started; this one has ended")
             position = self.position + self.batch_size

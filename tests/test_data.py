@@ -178,7 +178,8 @@ def test_a_worker_leaves_stop_signals_to_the_main_process_and_is_seeded():
     import random
     import signal
 
-    from axs_lib.data import STOP_SIGNALS, worker_init
+    from axs_lib.data import worker_init
+    from axs_lib.workers import STOP_SIGNALS
 
     before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
     try:

@@ -23,6 +23,7 @@ import pytest
 
 from axs_lib.cli import main
 from axs_lib.ingest import write_synthetic_tiles
+from axs_lib.workers import ignore_stop_signals
 
 ROOT = Path(__file__).resolve().parents[1]
 STEPS = 30
@@ -188,3 +189,28 @@ def test_under_nohup_the_log_file_shows_step_lines_while_the_run_is_alive(tiles,
     finally:
         os.killpg(proc.pid, signal.SIGKILL)
         proc.wait()
+
+
+# --------------------------------------------------------------------------- worker start-up
+
+
+def _stopped_before_ignoring(worker_id: int) -> None:
+    """A scheduler's SIGTERM landing in a starting worker before it ignores the stop signals
+    (torch's own worker SIGTERM handler is already installed then, and kills the worker)."""
+    os.kill(os.getpid(), signal.SIGTERM)
+    ignore_stop_signals(worker_id)
+
+
+def test_a_stop_signal_reaching_a_worker_before_it_ignores_stop_signals_does_not_kill_it():
+    from torch.utils.data import DataLoader
+
+    from axs_lib.loader import ResumableLoader
+    from axs_lib.workers import stop_signals_held
+
+    with ResumableLoader(list(range(8)), 2, seed=0, num_workers=2, worker_init_fn=_stopped_before_ignoring) as loader:
+        assert sorted(i for batch in loader for i in batch.tolist()) == list(range(8))
+    plain = DataLoader(list(range(8)), 2, num_workers=2, worker_init_fn=_stopped_before_ignoring)
+    with stop_signals_held():  # how the trainer starts its validation workers
+        batches = iter(plain)
+    assert sorted(i for batch in batches for i in batch.tolist()) == list(range(8))
+    assert not signal.pthread_sigmask(signal.SIG_BLOCK, [])  # nothing left blocked here

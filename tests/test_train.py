@@ -26,7 +26,6 @@ import torch
 import killtest
 from axs_lib.checkpoint import CHECKSUM_KEY, FORMAT_KEY, content_digest, load_checkpoint, read_latest
 from axs_lib.cli import main
-from axs_lib.run_dir import locked
 from conftest import REFERENCE_STEPS as STEPS
 
 ROOT = Path(__file__).resolve().parents[1]

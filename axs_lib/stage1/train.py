@@ -47,8 +47,9 @@ from torch import nn
 from tqdm import tqdm
 
 from axs_lib import run_dir
-from axs_lib.data import TileDataset, ignore_stop_signals, make_loader, reap_workers_at_exit
+from axs_lib.data import TileDataset, make_loader
 from axs_lib.loader import ResumableLoader
+from axs_lib.workers import ignore_stop_signals, reap_workers_at_exit, stop_signals_held
 from axs_lib.distributed import any_rank, average_gradients, gather, init_world, main_first, shutdown
 from axs_lib.errors import EXIT_FAILURE, AxsError, CheckpointError, UsageError
 from axs_lib.fingerprint.data import data_fingerprint
@@ -157,8 +158,10 @@ def evaluate(model: nn.Module, loader, device: torch.device, config: TrainConfig
     model.eval()
     loss_sum, count = 0.0, 0
     per_tile: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], "sam": []}
+    with stop_signals_held():  # workers start here (the first time): see stop_signals_held
+        batches = iter(loader)
     with torch.no_grad():
-        for batch in loader:
+        for batch in batches:
             sar, target, mask = (batch[k].to(device) for k in ("sar", "optical", "mask"))
             with autocast():
                 pred = model(sar).float()

@@ -231,8 +231,8 @@ def convert_bigearthnet(s1_root: os.PathLike | str, s2_root: os.PathLike | str, 
     The sidecar keeps both patch names, product names, acquisition times, CRS, bounds, labels, and
     from the official lists bundled with ``bigearthnet-common``: split, country, season and quality
     flags, when the patch is listed (``lists`` replaces those lists: `DEMO_LISTS` for the demo).
-    Unpaired or unreadable patches are reported in ``report.skipped`` and not written. Raises `InputError` for a missing root or a conflicting
-    existing file in ``out_dir``.
+    Unpaired or unreadable patches are reported in ``report.skipped`` and not written. Raises
+    `InputError` for a missing root or a conflicting existing file in ``out_dir``.
     """
     s1_root, s2_root = Path(s1_root), Path(s2_root)
     s1_dirs, s2_dirs = _patch_folders(s1_root), _patch_folders(s2_root)

@@ -30,7 +30,6 @@ fixed for a given run.
 from __future__ import annotations
 
 import functools
-import signal
 import weakref
 from typing import Any, Callable, Iterator
 
@@ -39,7 +38,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from axs_lib.reproducibility import create_reproducible_generator, seed_worker
 from axs_lib.sampling import ResumableSampler, SampleIndex
-from axs_lib.workers import STOP_SIGNALS, stop_signals_held
+from axs_lib.workers import release_stop_signals, stop_signals_held
 
 _OWNED_ARGS = ("shuffle", "sampler", "batch_sampler", "generator", "batch_size", "in_order")
 
@@ -48,9 +47,7 @@ def _init_worker(user_init: Callable[[int], None] | None, worker_id: int) -> Non
     seed_worker(worker_id)
     if user_init is not None:
         user_init(worker_id)
-    # The loader forks its workers with the stop signals held (axs_lib.workers.stop_signals_held):
-    # they reach the worker from here on, after a worker_init_fn that ignores them has run.
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
+    release_stop_signals()  # the loader forks its workers with them held (see _run)
 
 
 class _BatchPlan:

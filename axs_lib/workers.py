@@ -38,7 +38,7 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     """
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
-    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)  # held since the fork: see stop_signals_held
+    release_stop_signals()  # one that arrived since the fork is discarded now
 
 
 @contextlib.contextmanager
@@ -57,6 +57,12 @@ def stop_signals_held():
         yield
     finally:
         signal.pthread_sigmask(signal.SIG_SETMASK, previous)
+
+
+def release_stop_signals() -> None:
+    """In a worker forked under `stop_signals_held`: let the stop signals in again (after its
+    ``worker_init_fn``, so that one which ignores them never sees one)."""
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
 _reaper_registered = False

@@ -23,6 +23,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")  # before torch is imported, so it
 os.environ.setdefault("MKL_NUM_THREADS", "1")  # as the kill harness sets it: both are in the environment fingerprint
 
 import fcntl  # noqa: E402
+import importlib.util  # noqa: E402
 import shutil  # noqa: E402
 import sys  # noqa: E402
 from pathlib import Path  # noqa: E402
@@ -58,6 +59,14 @@ def build_once(tmp_path_factory: pytest.TempPathFactory, name: str, build: Calla
             build(out)
             done.touch()
     return out
+
+
+def import_file(path: Path, name: str):
+    """The Python file ``path`` imported as module ``name`` (an example script, not on sys.path)."""
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def train_in_process(argv: list[str]) -> None:

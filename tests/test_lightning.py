@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import importlib.util
 import multiprocessing
 import os
 import random
@@ -30,6 +29,7 @@ from axs_lib.cli import main as axs_main  # noqa: E402
 from axs_lib.errors import UsageError  # noqa: E402
 from axs_lib.ingest import write_synthetic_tiles  # noqa: E402
 from axs_lib.lightning import RUN_MARK, AxsCheckpointIO, ExactResume, expand, portable, resumable_loader  # noqa: E402
+from conftest import import_file  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "lightning_stage1.py"
@@ -37,10 +37,7 @@ STEPS, EVERY = 12, 4
 
 
 def _example():
-    spec = importlib.util.spec_from_file_location("lightning_stage1_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_file(EXAMPLE, "lightning_stage1_example")
 
 
 def _args(tiles: Path, out: Path, workers: int, *extra: str) -> list[str]:

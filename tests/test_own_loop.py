@@ -3,7 +3,6 @@ made exact by the toolkit: reruns, worker counts, and SIGKILL + --resume auto gi
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import random
 import signal
@@ -16,6 +15,7 @@ import pytest
 import torch
 
 from axs_lib.ingest import write_synthetic_tiles
+from conftest import import_file
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "own_loop.py"
@@ -23,10 +23,7 @@ STEPS, EVERY = 24, 4
 
 
 def load_example():
-    spec = importlib.util.spec_from_file_location("own_loop_example", EXAMPLE)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return import_file(EXAMPLE, "own_loop_example")
 
 
 own_loop = load_example()

@@ -1,14 +1,26 @@
-"""Data-parallel training under ``torchrun`` with results that depend only on the world size.
+"""Data-parallel training under ``torchrun`` whose bits do not depend on the number of ranks.
 
 ``torchrun --nproc_per_node=N scripts/train_stage1.py ...`` starts N processes; each reads its
 rank from the environment (``RANK``, ``WORLD_SIZE``, ``LOCAL_RANK``) and joins a process group
 (gloo on CPU, NCCL on GPU). Without those variables everything here is a no-op for one process.
 
-Gradients are averaged with one all-reduce of a single flat buffer laid out in parameter order.
-That is the arithmetic of ``DistributedDataParallel`` without its gradient buckets, whose layout
-DDP rebuilds after the first iteration (so a resumed run would reduce in another grouping for one
-step) and whose chunking decides the summation order on more than two ranks. A fixed layout makes
-the reduction order a function of the world size alone.
+The world size only decides who computes what. An optimizer step is a fixed set of ``k``
+micro-batches of ``m`` samples (`MicroBatchPlan`): which samples form micro-batch ``j`` and every
+random draw in it belong to ``(step, j)``, never to a rank. The ranks split the micro-batch slots
+into equal contiguous blocks (so ``W`` must divide ``k``), and `GradientTree` sums the slots'
+gradients in ONE fixed binary tree over the slots, whatever ``W``:
+
+* The tree is the dyadic tree over slots ``0 .. k-1``: node ``(level, i)`` covers slots
+  ``[i * 2**level, (i + 1) * 2**level)`` cut at ``k``; its value is ``left + right``, or just
+  ``left`` when the right child covers no slot. The root is the step's gradient.
+* Each rank computes the values of the largest nodes that lie wholly in its block (at most about
+  ``2 log2 k`` of them, each by the same recursion), all ranks ``all_gather`` those, and every
+  rank evaluates the top of the tree from them, in tree order.
+
+A node's value is the same floating-point expression whoever computes it, so W = 1, 2, 4, 8 give
+bit-identical gradients (and a checkpoint resumes exactly on another W). The cost is one
+all_gather of at most ``2 log2(k/W) + 2`` flat buffers per rank instead of one all-reduce; with one
+micro-batch per rank it is one buffer, the volume of a ring all-reduce (benchmarks/bench_ddp.py).
 
 Every collective here is called by all ranks in the same order; decisions that must agree (stop on
 a signal, errors found by rank 0) are shared explicitly, so no rank waits forever on another.
@@ -60,8 +72,181 @@ def shutdown(world: World) -> None:
         dist.destroy_process_group()
 
 
+# --------------------------------------------------------------------------- micro-batches
+
+
+@dataclass(frozen=True)
+class MicroBatchPlan:
+    """An optimizer step as ``micro_batches`` micro-batches of ``micro_batch_size`` samples, split over ranks.
+
+    ``slots`` are the micro-batch indices this rank computes: a contiguous block of
+    ``micro_batches // world_size``. The global batch (``micro_batch_size * micro_batches``
+    samples, consecutive in the epoch order) and the slot of every sample do not depend on the
+    world size. Raises `PlanError` when the world size does not divide the micro-batch count.
+    """
+
+    micro_batch_size: int
+    micro_batches: int = 1
+    world_size: int = 1
+    rank: int = 0
+
+    def __post_init__(self):
+        for name in ("micro_batch_size", "micro_batches", "world_size"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise PlanError(f"{name} must be an integer >= 1, got {value!r}")
+        if isinstance(self.rank, bool) or not isinstance(self.rank, int) or not 0 <= self.rank < self.world_size:
+            raise PlanError(f"rank must be in [0, {self.world_size}), got {self.rank!r}")
+        if self.micro_batches % self.world_size:
+            raise PlanError(
+                f"{self.world_size} ranks cannot share {self.micro_batches} micro-batches per step exactly: the world "
+                f"size must divide the number of micro-batches (global batch {self.global_batch_size} / micro-batch "
+                f"{self.micro_batch_size} = {self.micro_batches}); choose a global batch that is a multiple of "
+                f"{self.micro_batch_size * self.world_size}")
+
+    @classmethod
+    def from_global(cls, global_batch_size: int, micro_batch_size: int, world_size: int = 1, rank: int = 0) -> "MicroBatchPlan":
+        """The plan for a global batch of ``global_batch_size`` samples in micro-batches of ``micro_batch_size``."""
+        if isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int) or global_batch_size < 1:
+            raise PlanError(f"global_batch_size must be an integer >= 1, got {global_batch_size!r}")
+        if isinstance(micro_batch_size, int) and micro_batch_size >= 1 and global_batch_size % micro_batch_size:
+            raise PlanError(f"global batch {global_batch_size} is not a multiple of micro-batch {micro_batch_size}")
+        return cls(micro_batch_size, global_batch_size // max(1, micro_batch_size), world_size, rank)
+
+    @property
+    def global_batch_size(self) -> int:
+        return self.micro_batch_size * self.micro_batches
+
+    @property
+    def per_rank(self) -> int:
+        return self.micro_batches // self.world_size
+
+    @property
+    def slots(self) -> range:
+        return range(self.rank * self.per_rank, (self.rank + 1) * self.per_rank)
+
+
+class PlanError(AxsError, ValueError):
+    """A micro-batch plan that cannot be exact (bad sizes, or W not dividing the micro-batch count)."""
+
+
+# --------------------------------------------------------------------------- the fixed tree
+
+Node = tuple[int, int]  # (level, index): slots [index * 2**level, (index + 1) * 2**level), cut at the slot count
+
+
+def _span(node: Node, count: int) -> tuple[int, int]:
+    level, index = node
+    return index << level, min((index + 1) << level, count)
+
+
+def _root(count: int) -> Node:
+    return (max(0, (count - 1).bit_length()), 0)
+
+
+def cover(start: int, stop: int, count: int) -> list[Node]:
+    """The largest tree nodes lying wholly in slots ``[start, stop)``, left to right."""
+    def walk(node: Node) -> list[Node]:
+        lo, hi = _span(node, count)
+        if lo >= count or hi <= start or lo >= stop:
+            return []
+        if start <= lo and hi <= stop:
+            return [node]
+        level, index = node
+        return walk((level - 1, 2 * index)) + walk((level - 1, 2 * index + 1))
+    return walk(_root(count))
+
+
+def tree_value(node: Node, known: dict[Node, torch.Tensor], count: int) -> torch.Tensor | None:
+    """The value of ``node`` from the known values of nodes below (or at) it: ``left + right`` up the tree."""
+    if node in known:
+        return known[node]
+    lo, _ = _span(node, count)
+    level, index = node
+    if lo >= count:
+        return None
+    if level == 0:
+        raise KeyError(f"slot {index} has no value")
+    left = tree_value((level - 1, 2 * index), known, count)
+    right = tree_value((level - 1, 2 * index + 1), known, count)
+    return left if right is None else left + right
+
+
+class GradientTree:
+    """Sums per-micro-batch gradients in the fixed tree over slots, identically for any world size.
+
+    After each micro-batch's ``backward()``, call ``add(loss)``: it takes the parameters' ``.grad``
+    as that slot's gradient (and clears it for the next slot), with the micro-batch's loss. After
+    this rank's last slot, ``reduce()`` combines every rank's part in tree order, writes the sum
+    into each parameter's ``.grad`` and returns the summed loss (a 0-dim tensor, the same on every
+    rank). Scale each micro-batch's loss by ``1 / micro_batches`` before backward for a mean.
+
+    Memory: this rank's slot gradients are kept until ``reduce`` (one flat buffer per slot of the
+    block; the local tree is evaluated once at the end).
+    """
+
+    def __init__(self, parameters, plan: MicroBatchPlan, world: World | None = None):
+        self.parameters = [p for p in parameters]
+        self.plan = plan
+        self.world = world or World(rank=plan.rank, size=plan.world_size)
+        if self.world.size != plan.world_size or self.world.rank != plan.rank:
+            raise PlanError(f"the plan is for rank {plan.rank} of {plan.world_size}, this process is rank "
+                            f"{self.world.rank} of {self.world.size}")
+        k, per_rank = plan.micro_batches, plan.per_rank
+        self._nodes = [cover(r * per_rank, (r + 1) * per_rank, k) for r in range(plan.world_size)]
+        self._leaves: dict[Node, torch.Tensor] = {}
+
+    def _flat(self, loss: torch.Tensor | None) -> torch.Tensor:
+        parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.parameters]
+        ref = self.parameters[0]
+        extra = torch.zeros(1, dtype=ref.dtype, device=ref.device) if loss is None else loss.detach().reshape(1).to(ref.dtype)
+        return torch.cat([*parts, extra])
+
+    def add(self, loss: torch.Tensor | None = None) -> None:
+        """Take the current ``.grad`` of every parameter as the next slot's gradient, then clear it."""
+        slots = self.plan.slots
+        if len(self._leaves) >= len(slots):
+            raise RuntimeError(f"this rank computes {len(slots)} micro-batches per step; add() was called once more")
+        slot = slots[len(self._leaves)]
+        self._leaves[(0, slot)] = self._flat(loss)
+        for p in self.parameters:
+            p.grad = None
+
+    def reduce(self) -> torch.Tensor:
+        """Write the tree sum of all slots' gradients into ``.grad``; return the summed loss."""
+        if len(self._leaves) != len(self.plan.slots):
+            raise RuntimeError(f"reduce() after {len(self._leaves)} of this rank's {len(self.plan.slots)} micro-batches")
+        k = self.plan.micro_batches
+        mine = [tree_value(node, self._leaves, k) for node in self._nodes[self.plan.rank]]
+        self._leaves = {}
+        known = dict(zip(self._nodes[self.plan.rank], mine))
+        if self.world.distributed:
+            known = self._exchange(mine)
+        total = tree_value(_root(k), known, k)
+        offset = 0
+        for p in self.parameters:
+            n = p.numel()
+            p.grad = total[offset:offset + n].view_as(p).clone()
+            offset += n
+        return total[offset]
+
+    def _exchange(self, mine: list[torch.Tensor]) -> dict[Node, torch.Tensor]:
+        """Every rank's node values, by one all_gather of equally sized (zero-padded) stacks."""
+        width = max(len(nodes) for nodes in self._nodes)
+        stack = torch.zeros((width, mine[0].numel()), dtype=mine[0].dtype, device=mine[0].device)
+        for i, value in enumerate(mine):
+            stack[i] = value
+        gathered = [torch.empty_like(stack) for _ in range(self.world.size)]
+        dist.all_gather(gathered, stack)
+        return {node: gathered[r][i] for r, nodes in enumerate(self._nodes) for i, node in enumerate(nodes)}
+
+
 def average_gradients(parameters: list[torch.nn.Parameter], world: World) -> None:
-    """Average gradients over ranks with one all-reduce of a flat buffer in parameter order."""
+    """Average gradients over ranks with one all-reduce of a flat buffer in parameter order.
+
+    The classic fixed-world-size reduction (DDP's arithmetic without its buckets): its result
+    depends on W. Kept as the baseline of benchmarks/bench_ddp.py; the trainer uses `GradientTree`.
+    """
     if not world.distributed:
         return
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in parameters]

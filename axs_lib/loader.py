@@ -21,6 +21,15 @@ Two ways to iterate:
 A batch counts as consumed once it is handed to the loop: a checkpoint written while processing
 it resumes with the next one. One iteration runs at a time; starting another ends the first.
 
+Micro-batches across ranks (``plan=`` a `axs_lib.distributed.MicroBatchPlan`): an optimizer step
+takes the next ``plan.global_batch_size`` samples of the (unsharded) epoch order, cut into
+``plan.micro_batches`` micro-batches; this rank gets only its ``plan.slots``. The state is then
+counted in whole steps: it moves past a step when the rank's last micro-batch of that step is
+handed out, and is the same on every rank and for every world size, so a checkpoint taken at a
+step boundary resumes on any number of ranks. Finite iteration yields the epoch's whole steps
+(the tail that fills no step is left to the epoch order of the next epoch's reshuffle, as
+``drop_last`` would).
+
 Workers are seeded with `seed_worker` (then the user's ``worker_init_fn``) and the DataLoader's
 generator comes from `create_reproducible_generator(seed)`, as in `axs_lib.data.make_loader`.
 Neither is what makes samples exact (`SeededDataset` is); they keep anything else a worker draws
@@ -66,6 +75,10 @@ class _BatchPlan:
         if owner is None:
             return iter(())
         # Read the state now; the generators below keep no reference to the loader (see above).
+        if owner.plan is not None:
+            if self.endless:
+                return _endless_steps(owner.sampler.stream((owner.epoch, owner.position)), owner.plan)
+            return _epoch_steps(owner.sampler.shard(owner.epoch), owner.epoch, owner.position, owner.plan)
         if self.endless:
             return _endless_batches(owner.sampler.stream((owner.epoch, owner.position)), owner.batch_size)
         return _epoch_batches(owner.sampler.shard(owner.epoch), owner.epoch, owner.position, owner.batch_size, owner.drop_last)
@@ -84,6 +97,24 @@ def _epoch_batches(shard: list[int], epoch: int, position: int, size: int, drop_
         yield [SampleIndex(shard[p], epoch, p) for p in positions]
 
 
+def _rank_part(block: list[SampleIndex], plan) -> Iterator[list[SampleIndex]]:
+    """This rank's micro-batches of one step's ``block`` of samples."""
+    m = plan.micro_batch_size
+    for slot in plan.slots:
+        yield block[slot * m:(slot + 1) * m]
+
+
+def _endless_steps(stream: Iterator[SampleIndex], plan) -> Iterator[list[SampleIndex]]:
+    while True:
+        yield from _rank_part([next(stream) for _ in range(plan.global_batch_size)], plan)
+
+
+def _epoch_steps(shard: list[int], epoch: int, position: int, plan) -> Iterator[list[SampleIndex]]:
+    size = plan.global_batch_size
+    for start in range(position, len(shard) - size + 1, size):
+        yield from _rank_part([SampleIndex(shard[p], epoch, p) for p in range(start, start + size)], plan)
+
+
 class ResumableLoader:
     """A DataLoader over ``dataset`` with an exact ``state_dict`` and O(1) resume.
 
@@ -94,6 +125,9 @@ class ResumableLoader:
     ``multiprocessing_context``...). ``persistent_workers`` defaults to ``num_workers > 0``.
 
     ``len(loader)`` is the number of batches of a whole epoch, as for a DataLoader.
+
+    ``plan`` (a `axs_lib.distributed.MicroBatchPlan`, ``batch_size`` its micro-batch size, the
+    sampler unsharded) yields this rank's micro-batches of each step; see the module docstring.
     """
 
     def __init__(
@@ -110,6 +144,7 @@ class ResumableLoader:
         pin_memory: bool = False,
         persistent_workers: bool | None = None,
         worker_init_fn: Callable[[int], None] | None = None,
+        plan: Any = None,
         **dataloader_kwargs: Any,
     ):
         if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
@@ -125,6 +160,16 @@ class ResumableLoader:
             raise ValueError(f"the sampler covers {sampler.num_samples} samples but the dataset has {len(dataset)}")  # type: ignore[arg-type]
         if drop_last and len(sampler) < batch_size:
             raise ValueError(f"drop_last with batch_size {batch_size} > {len(sampler)} samples per epoch leaves no batch")
+        if plan is not None:
+            if plan.micro_batch_size != batch_size:
+                raise ValueError(f"batch_size {batch_size} differs from the plan's micro_batch_size {plan.micro_batch_size}")
+            if sampler.num_replicas != 1:
+                raise ValueError("with a micro-batch plan the sampler must not be sharded (num_replicas=1): the plan "
+                                 "gives each rank its micro-batches of every step")
+            if plan.global_batch_size > len(sampler):
+                raise ValueError(f"a global batch of {plan.global_batch_size} samples is larger than the "
+                                 f"{len(sampler)} samples of an epoch")
+        self.plan = plan
         self.dataset = dataset
         self.batch_size = batch_size
         self.seed = seed
@@ -162,6 +207,8 @@ class ResumableLoader:
         self.sampler.epoch, self.sampler.position = epoch, position
 
     def __len__(self) -> int:
+        if self.plan is not None:
+            return len(self.sampler) // self.plan.global_batch_size * self.plan.per_rank
         full, rest = divmod(len(self.sampler), self.batch_size)
         return full + (1 if rest and not self.drop_last else 0)
 
@@ -169,6 +216,8 @@ class ResumableLoader:
         """The rest of the current epoch; the state then moves to the next epoch at position 0."""
         if self.drop_last and len(self.sampler) - self.position < self.batch_size:
             self._move_to(self.epoch + 1, 0)  # what is left of this epoch makes no full batch
+        if self.plan is not None and len(self.sampler) - self.position < self.plan.global_batch_size:
+            self._move_to(self.epoch + 1, 0)  # what is left of this epoch makes no full step
         return self._run(endless=False)
 
     def endless(self) -> Iterator[Any]:
@@ -181,6 +230,9 @@ class ResumableLoader:
         shard = len(self.sampler)
         with stop_signals_held():  # workers may be forked here
             batches = iter(self._loader)  # the plan reads the state here, at the start
+        if self.plan is not None:
+            yield from self._run_steps(batches, token, endless, shard)
+            return
         for batch in batches:
             if self._active is not token:
                 raise RuntimeError("another iteration of this ResumableLoader started; this one has ended")
@@ -191,6 +243,21 @@ class ResumableLoader:
                 self._move_to(self.epoch + 1, 0)
             else:
                 self._move_to(self.epoch, position)
+            yield batch
+
+    def _run_steps(self, batches: Iterator[Any], token: object, endless: bool, shard: int) -> Iterator[Any]:
+        """Micro-batches of a plan: the state moves one whole step when the rank's last one is handed out."""
+        size, per_rank = self.plan.global_batch_size, self.plan.per_rank
+        for count, batch in enumerate(batches, 1):
+            if self._active is not token:
+                raise RuntimeError("another iteration of this ResumableLoader started; this one has ended")
+            if count % per_rank == 0:
+                if endless:
+                    self._move_to(*self.sampler.advance(self.epoch, self.position, size))
+                elif shard - (self.position + size) < size:
+                    self._move_to(self.epoch + 1, 0)
+                else:
+                    self._move_to(self.epoch, self.position + size)
             yield batch
 
     # ------------------------------------------------------------------ state

@@ -11,6 +11,8 @@ from axs_lib.stage1.config import (CHECKPOINT_MODES, DEFAULT_SPLIT_SEED, FIELD_N
 from axs_lib import argtypes
 from axs_lib.errors import AxsError
 from axs_lib.cli import add_debug_flag
+from axs_lib.errors import UsageError
+from axs_lib.portable import DEFAULT_THREADS as PORTABLE_THREADS
 
 EXAMPLES = """examples:
   axs train stage1 --data-dir tiles/ --output-dir runs/exp1/ --seed 42 --steps 100 --max-tiles 10
@@ -41,8 +43,14 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     train = p.add_argument_group("training")
     train.add_argument("--seed", type=argtypes.seed, default=S, help="root seed (default 42; pass it explicitly)")
     train.add_argument("--steps", type=argtypes.integer, default=S, help=f"optimizer steps (default 1000, at most {MAXIMA['steps']})")
-    train.add_argument("--batch-size", type=argtypes.integer, default=S, help=f"tiles per batch (default 4, at most {MAXIMA['batch_size']})")
-    train.add_argument("--accum-steps", type=argtypes.integer, default=S, help=f"batches accumulated per optimizer step (default 1, at most {MAXIMA['accum_steps']})")
+    train.add_argument("--batch-size", "--micro-batch-size", dest="batch_size", type=argtypes.integer, default=S,
+                       help=f"tiles per micro-batch (default 4, at most {MAXIMA['batch_size']})")
+    train.add_argument("--accum-steps", type=argtypes.integer, default=S,
+                       help=f"micro-batches per optimizer step (default 1, at most {MAXIMA['accum_steps']})")
+    train.add_argument("--global-batch-size", type=argtypes.integer, default=None, metavar="G",
+                       help="tiles per optimizer step, in micro-batches of --micro-batch-size: sets --accum-steps to "
+                            "G / micro-batch size. Under torchrun the ranks split the micro-batches (the world size must "
+                            "divide their number); the bits do not depend on the number of ranks")
     train.add_argument("--lr", type=argtypes.finite_number, default=S, help="peak AdamW learning rate (default 1e-3)")
     train.add_argument("--weight-decay", type=argtypes.finite_number, default=S, help="AdamW weight decay (default 1e-4)")
     train.add_argument("--warmup-steps", type=argtypes.integer, default=S, help="linear warm-up before cosine decay (default 50; a warning when >= --steps)")
@@ -67,6 +75,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                      help="allow nondeterministic kernels (faster on GPU, not reproducible)")
     det.add_argument("--benchmark", action="store_true", default=S, help="cuDNN autotuning (not reproducible)")
     det.add_argument("--device", default=S, help="auto (default), cpu, cuda or cuda:N")
+    det.add_argument("--portable", action="store_true", default=S,
+                     help="the same bits on any core count and any x86-64 CPU with AVX2: fixed thread count, ATen, "
+                          "oneDNN and MKL pinned to AVX2 (CPU only; see docs/distributed.md)")
+    det.add_argument("--threads", type=argtypes.integer, default=S, metavar="N",
+                     help="intra-op threads, recorded in the run (default: torch's, one per core; with --portable "
+                          f"{PORTABLE_THREADS}); results depend on it unless --portable fixes it")
     run = p.add_argument_group("run")
     run.add_argument("--output-dir", default=S, help="run directory (default runs/stage1_seed<SEED>)")
     run.add_argument("--num-workers", type=argtypes.integer, default=S, help=f"DataLoader workers; results do not depend on it (default 0, at most {MAXIMA['num_workers']})")
@@ -122,11 +136,28 @@ def _log(quiet: bool):
     return log
 
 
+def _global_batch(args: argparse.Namespace, explicit: dict, file_values: dict) -> None:
+    """``--global-batch-size G``: ``--accum-steps`` becomes G / micro-batch size (checked to divide)."""
+    total = args.global_batch_size
+    if total is None:
+        return
+    micro = explicit.get("batch_size", file_values.get("batch_size", 4))
+    if not isinstance(micro, int) or micro < 1 or total < 1 or total % micro:
+        raise UsageError(f"--global-batch-size {total} is not a positive multiple of --micro-batch-size {micro}")
+    accum = total // micro
+    if "accum_steps" in explicit and explicit["accum_steps"] != accum:
+        raise UsageError(f"--global-batch-size {total} / --micro-batch-size {micro} = {accum} micro-batches, but "
+                         f"--accum-steps {explicit['accum_steps']} was given: pass one of them")
+    explicit["accum_steps"] = accum
+
+
 def run(args: argparse.Namespace) -> int:
     explicit = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
     file_values = read_config_file(args.config) if args.config else {}
+    _global_batch(args, explicit, file_values)
     given = {**file_values, **explicit}
     config = build_config(explicit, file_values)
+
     config.data_dir = given.get("data_dir") or "tiles"
     config.output_dir = given.get("output_dir") or f"runs/stage1_seed{config.seed}"
     log = _log(config.quiet)

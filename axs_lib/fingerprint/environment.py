@@ -62,7 +62,14 @@ EXPLANATIONS = {
     "tf32_cudnn": "TF32 convolutions on in one run",
     "env": "environment variables that steer numerics differ",
     "machine": "another processor architecture",
+    "portable": "portable CPU mode (pinned threads and instruction set) in one run and not the other, or pinned differently",
 }
+
+# What a portable run's checkpoint keeps of the fingerprint: the software, the architecture and the
+# pinning. The CPU model, its capability, the core count and the thread variables are exactly what
+# portable mode makes irrelevant (axs_lib.portable), and no GPU computes a portable run.
+PORTABLE_KEYS = ("python", "python_implementation", "machine", "os", "torch", "torch_git", "numpy", "cuda", "cudnn",
+                 "blas", "deterministic_algorithms")
 
 
 def _cpu_model() -> str:
@@ -132,6 +139,11 @@ def environment_fingerprint() -> dict[str, Any]:
         "tf32_cudnn": bool(torch.backends.cudnn.allow_tf32),
         "env": {name: os.environ[name] for name in RELEVANT_ENV_VARS if name in os.environ},
     }
+
+
+def portable_fingerprint(fingerprint: dict[str, Any], pinning: dict[str, Any]) -> dict[str, Any]:
+    """The fingerprint a portable run stores in its checkpoints: `PORTABLE_KEYS` plus the pinning."""
+    return {**{k: fingerprint.get(k) for k in PORTABLE_KEYS}, "portable": dict(pinning)}
 
 
 def installed_packages() -> dict[str, str]:

@@ -66,6 +66,7 @@ MAXIMA = {
     "num_workers": 256,
     "max_tiles": 10**9,
     "keep_last": 10**6,
+    "threads": 1024,
 }
 
 MAX_CONFIG_BYTES = 1 << 20  # a config is a few dozen lines; anything larger is not one
@@ -73,7 +74,7 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a few dozen lines; anything larger is 
 # Result fields added after checkpoints were first written, with the value those older checkpoints
 # implicitly had: a checkpoint that lacks the key agrees with a run that uses this value.
 # (``split_seed`` is not here: older runs split with ``seed``, so they do differ.)
-IMPLICIT_IN_OLDER_CHECKPOINTS = {"precision": "32", "on_nonfinite": "stop"}
+IMPLICIT_IN_OLDER_CHECKPOINTS = {"precision": "32", "on_nonfinite": "stop", "portable": False, "threads": None}
 
 
 @dataclass
@@ -115,6 +116,9 @@ class TrainConfig:
     deterministic: bool = True
     benchmark: bool = False
     device: str = "auto"
+    # the same bits on any core count and x86-64 CPU generation: see axs_lib.portable
+    portable: bool = False
+    threads: int | None = None  # intra-op threads; None: torch's default (portable: axs_lib.portable.DEFAULT_THREADS)
     # run settings: no effect on the bits
     output_dir: str | None = field(default=None, metadata={"run": True})
     num_workers: int = field(default=0, metadata={"run": True})
@@ -179,7 +183,7 @@ def validate(config: TrainConfig) -> TrainConfig:
             raise UsageError(f"{flag(name)} must be >= 0, got {value!r}")
         if not math.isfinite(value):
             raise UsageError(f"{flag(name)} must be a finite number, got {value!r}")
-    for name in ("max_tiles", "keep_last"):
+    for name in ("max_tiles", "keep_last", "threads"):
         value = getattr(config, name)
         if value is not None and (not _is_int(value) or value < 1):
             raise UsageError(f"{flag(name)} must be a positive integer, got {value!r}")
@@ -200,6 +204,11 @@ def validate(config: TrainConfig) -> TrainConfig:
             raise UsageError(f"{flag(name)} must be {_or(choices)}, got {getattr(config, name)!r}")
     if not isinstance(config.device, str) or (config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda:")):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
+    if not isinstance(config.portable, bool):
+        raise UsageError(f"--portable must be true or false, got {config.portable!r}")
+    if config.portable and config.device.startswith("cuda"):
+        raise UsageError(f"--portable pins the CPU's arithmetic; it cannot apply to --device {config.device} "
+                         "(GPU models stay outside the cross-machine promise)")
     return config
 
 

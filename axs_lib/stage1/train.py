@@ -3,16 +3,20 @@
 Every random draw that shapes the result is derived from the seed and a counter
 (`axs_lib.reproducibility.derive_seed`): weights from ``init``, the epoch order from
 ``shuffle/<epoch>``, each sample's augmentation from ``augment/<epoch>/<index>``, and the global
-generators (dropout) are re-seeded from ``step/<step>/<rank>`` at every optimizer step. So the
-state at a step is a pure function of (seed, tiles, result config), and a checkpoint needs only
-model, optimizer, scheduler, sampler position and early-stopping state to continue exactly: a run
-killed at any moment and resumed ends byte-identical to one that never stopped, whatever the
+generators (dropout) are re-seeded from ``step/<step>/<micro-batch>`` before every micro-batch.
+So the state at a step is a pure function of (seed, tiles, result config), and a checkpoint needs
+only model, optimizer, scheduler, sampler position and early-stopping state to continue exactly:
+a run killed at any moment and resumed ends byte-identical to one that never stopped, whatever the
 number of DataLoader workers.
 
-Under ``torchrun`` each rank trains on its shard of every epoch with its own ``step/<step>/<rank>``
-stream, gradients are averaged in a fixed layout (`axs_lib.distributed`), every rank validates
-(same weights, same result, so all agree on early stopping) and rank 0 writes files. Results
-depend on the world size, not on timing.
+A step is ``--accum-steps`` micro-batches of ``--batch-size`` tiles (``--global-batch-size`` /
+``--micro-batch-size`` say the same), consecutive in the epoch order. Under ``torchrun`` the
+ranks split the micro-batches and `axs_lib.distributed.GradientTree` sums their gradients in one
+fixed tree over the micro-batch slots, so the world size changes who computes what and nothing
+else: 1, 2 or 4 ranks write the same bytes, and a checkpoint resumes on any of them. Every rank
+validates (same weights, same result, so all agree on early stopping) and rank 0 writes files.
+With ``--portable`` the CPU arithmetic is pinned as well (`axs_lib.portable`): the same bytes on
+any core count and x86-64 CPU with AVX2.
 
 Order of work at optimizer step N: train step -> (validation, ``best.pt``) -> checkpoint ->
 ``latest`` pointer. A checkpoint is written at every ``checkpoint_every`` steps, at the last step,
@@ -50,11 +54,12 @@ from axs_lib import run_dir
 from axs_lib.data import TileDataset, make_loader
 from axs_lib.loader import ResumableLoader
 from axs_lib.workers import ignore_stop_signals, reap_workers_at_exit, stop_signals_held
-from axs_lib.distributed import any_rank, average_gradients, gather, init_world, main_first, shutdown
+from axs_lib.distributed import GradientTree, MicroBatchPlan, PlanError, any_rank, init_world, main_first, shutdown
 from axs_lib.errors import EXIT_FAILURE, AxsError, CheckpointError, UsageError
 from axs_lib.fingerprint.data import data_fingerprint
-from axs_lib.fingerprint.environment import diff_environments, environment_fingerprint, environment_report
-from axs_lib.reproducibility import derive_seed, get_seed_state, seed_globals, set_seed
+from axs_lib.fingerprint.environment import (diff_environments, environment_fingerprint, environment_report,
+                                              portable_fingerprint)
+from axs_lib.reproducibility import derive_seed, seed_globals, set_seed
 from axs_lib.run_dir import (CONFIG_FILE, ENVIRONMENT_JSON, METRICS, PLOTS, RUN_JSON, RUN_MARKER, SAMPLES, SPLIT_JSON,
                              TENSORBOARD, CheckpointManager, MetricsLog, RunDir, write_json)
 from axs_lib.sampling import ResumableSampler
@@ -78,8 +83,8 @@ class ResumeRequest:
     """How to start: fresh, from the run's newest valid checkpoint (``auto``), or from a file."""
 
     target: str | None = None  # None, "auto" or a checkpoint path
-    force: bool = False  # continue despite a changed seed, config, tile set, world size or format
-    allow_world_size_change: bool = False  # continue on another number of ranks, re-sharding the epoch
+    force: bool = False  # continue despite a changed seed, config, tile set or format
+    allow_world_size_change: bool = False  # continue a per-rank-sharded checkpoint of an earlier version
     adopt: bool = False  # continue another run's checkpoint (a file outside this run's checkpoints/) here
 
 
@@ -142,10 +147,21 @@ def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
 
-def check_resume(ckpt: dict, config: TrainConfig, data_fp: dict, world_size: int, allow_world_size_change: bool = False) -> list[str]:
-    """Every reason this checkpoint cannot continue this run exactly (empty when it can)."""
-    return diff_result_fields(ckpt.get("config") or {}, config.result_fields()) + run_dir.check_resume(
-        ckpt, data_fingerprint=data_fp, world_size=world_size, allow_world_size_change=allow_world_size_change)
+def check_resume(ckpt: dict, config: TrainConfig, data_fp: dict, allow_world_size_change: bool = False) -> list[str]:
+    """Every reason this checkpoint cannot continue this run exactly (empty when it can).
+
+    The world size is not one: a step's micro-batches do not depend on it. Only a checkpoint of an
+    earlier version, which sharded every step per rank and recorded its ``world_size``, cannot
+    continue exactly on this one unless it was written by a single process.
+    """
+    problems = diff_result_fields(ckpt.get("config") or {}, config.result_fields()) + run_dir.check_resume(
+        ckpt, data_fingerprint=data_fp)
+    legacy = ckpt.get("world_size", 1)
+    if legacy != 1 and not allow_world_size_change:
+        problems.append(f"world size: the checkpoint was written by an earlier version that sharded each step over "
+                        f"{legacy} ranks; this version's steps do not depend on the ranks (--allow-world-size-change "
+                        "continues it on the global order, with other bits)")
+    return problems
 
 
 def evaluate(model: nn.Module, loader, device: torch.device, config: TrainConfig, autocast=contextlib.nullcontext) -> dict[str, float]:
@@ -176,6 +192,8 @@ def evaluate(model: nn.Module, loader, device: torch.device, config: TrainConfig
 
 def reshard(position: int, old_size: int, new_size: int, shard_size: int) -> int:
     """Sampler position after a world-size change: the same share of the epoch already consumed.
+
+    Used for checkpoints of the earlier per-rank sharding (``new_size`` 1: the global order).
 
     ``position`` counts samples within one rank's shard, so ``position * old_size`` samples of the
     epoch were consumed; each of ``new_size`` ranks continues at ``that // new_size``.
@@ -231,10 +249,40 @@ class _Setup:
     paths: list
     data_fp: dict
     env_fp: dict
+    plan: MicroBatchPlan
+    pinning: dict | None  # portable mode's record (axs_lib.portable), None otherwise
+
+    @property
+    def checkpoint_environment(self) -> dict:
+        """The fingerprint stored in checkpoints: in portable mode only what the pinning leaves free to differ."""
+        return portable_fingerprint(self.env_fp, self.pinning) if self.pinning is not None else self.env_fp
+
+
+def _pin_cpu(config: TrainConfig) -> dict | None:
+    """Portable mode's pinning, or just the thread count; before anything computes (see axs_lib.portable)."""
+    if config.portable:
+        from axs_lib import portable
+
+        if torch.device(config.device if config.device != "auto" else "cpu").type != "cpu" or (
+                config.device == "auto" and torch.cuda.is_available()):
+            raise UsageError("--portable pins the CPU's arithmetic: use it with --device cpu (GPU models stay "
+                             "outside the cross-machine promise)")
+        return portable.pin(config.threads)
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    return None
+
+
+def _plan(config: TrainConfig, world) -> MicroBatchPlan:
+    try:
+        return MicroBatchPlan(config.batch_size, config.accum_steps, world.size, world.rank)
+    except PlanError as exc:
+        raise UsageError(f"--global-batch-size {config.batch_size * config.accum_steps} on {world.size} ranks: {exc}") from None
 
 
 def _check_inputs(config, resume, overwrite, device, world, say, config_for_resume) -> _Setup:
     """Check the output directory, the resume checkpoint, the tiles and the sizes; write nothing."""
+    pinning = _pin_cpu(config)
     output_dir = Path(config.output_dir)
     run = RunDir(output_dir)
     run.check(resume=resume.target is not None, overwrite=overwrite)
@@ -247,26 +295,30 @@ def _check_inputs(config, resume, overwrite, device, world, say, config_for_resu
     if ckpt is not None and config_for_resume is not None:
         config = config_for_resume(ckpt.get("config") or {})
         manager.keep_last, manager.keep_best, manager.checkpoint_mode = config.keep_last, config.keep_best, config.checkpoint_mode
+        pinning = _pin_cpu(config)  # flags not given take the checkpoint's values: --portable and --threads too
 
     seed_info = set_seed(config.seed, deterministic=config.deterministic, benchmark=config.benchmark)
     paths = list_tiles(config.data_dir, config.max_tiles)
     split = make_split(paths, config.split_seed, config.val_fraction, config.split_source)
     check_tiles([*split.train, *split.val])  # every tile the run reads, before anything is written (cached)
-    if config.batch_size * world.size > len(split.train):
-        raise UsageError(f"--batch-size {config.batch_size} x {world.size} ranks is larger than the {len(split.train)} training tiles")
+    plan = _plan(config, world)
+    if plan.global_batch_size > len(split.train):
+        raise UsageError(f"a global batch of {plan.global_batch_size} tiles (--batch-size {config.batch_size} x "
+                         f"--accum-steps {config.accum_steps}) is larger than the {len(split.train)} training tiles")
     # a resume is accepted as exact only on content hashed now, never on a cached digest
     data_fp = data_fingerprint(paths, split.manifest(), verify=ckpt is not None)
     env_fp = environment_fingerprint()
     if ckpt is not None:
-        problems = check_resume(ckpt, config, data_fp, world.size, resume.allow_world_size_change)
+        problems = check_resume(ckpt, config, data_fp, resume.allow_world_size_change)
         if problems and not resume.force:
             raise UsageError(f"{ckpt_path}: cannot resume exactly: " + "; ".join(problems) + " (pass --force-resume to continue anyway)")
         _check_state_shapes(ckpt, ckpt_path, config)  # even --force-resume cannot load weights that do not fit
         for line in problems:
             say(f"warning: resuming despite a difference: {line}")
-        for d in diff_environments(ckpt.get("environment"), env_fp):
+        here = portable_fingerprint(env_fp, pinning) if pinning is not None else env_fp
+        for d in diff_environments(ckpt.get("environment"), here):
             say(f"warning: environment differs from the checkpoint's, bits may differ: {d['key']}: {d['a']!r} -> {d['b']!r}")
-    return _Setup(config, run, manager, ckpt, ckpt_path, seed_info, split, paths, data_fp, env_fp)
+    return _Setup(config, run, manager, ckpt, ckpt_path, seed_info, split, paths, data_fp, env_fp, plan, pinning)
 
 
 RESUME_KEYS = ("step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "sampler_state", "early_stopping")
@@ -341,9 +393,13 @@ class Stage1Trainer:
             say(f"resuming from {setup.ckpt_path} at step {self.state.step}")
         self.pin = device.type == "cuda"
         reap_workers_at_exit()
-        sampler = ResumableSampler(len(self.train_set), config.seed, num_replicas=world.size, rank=world.rank)
-        self.loader = ResumableLoader(self.train_set, config.batch_size, seed=config.seed, sampler=sampler,
+        self.plan = setup.plan
+        # one global epoch order; the plan gives this rank its micro-batches of every step
+        sampler = ResumableSampler(len(self.train_set), config.seed)
+        self.loader = ResumableLoader(self.train_set, config.batch_size, seed=config.seed, sampler=sampler, plan=self.plan,
                                       num_workers=config.num_workers, pin_memory=self.pin, worker_init_fn=ignore_stop_signals)
+        # one micro-batch on one process: its gradient is the step's, nothing to sum
+        self.tree = GradientTree(self.parameters, self.plan, world) if self.plan.micro_batches > 1 else None
         self.loader.load_state_dict({"epoch": start[0], "position": start[1]})
         self.state.components["sampler_state"] = self.loader
         self.batches = self.loader.endless()
@@ -358,9 +414,10 @@ class Stage1Trainer:
     def _resume_position(self, ckpt: dict) -> tuple[int, int]:
         epoch, position = int(ckpt["sampler_state"]["epoch"]), int(ckpt["sampler_state"]["position"])
         old_size = int(ckpt.get("world_size", 1))
-        if old_size != self.world.size:
-            position = reshard(position, old_size, self.world.size, math.ceil(len(self.train_set) / self.world.size))
-            self.say(f"notice: world size {old_size} -> {self.world.size}: epoch {epoch} continues at position {position} of each rank's shard")
+        if old_size != 1:  # an earlier version's per-rank shard position (--allow-world-size-change)
+            position = reshard(position, old_size, 1, len(self.train_set))
+            self.say(f"notice: a checkpoint sharded over {old_size} ranks: epoch {epoch} continues at position {position} "
+                     "of the global order")
         return epoch, position
 
     # ------------------------------------------------------------------ run directory records
@@ -386,6 +443,9 @@ class Stage1Trainer:
         self.run_info = {
             RUN_MARKER: 1, "status": "running", "config": config.to_dict(), "seed": config.seed, "seed_info": setup.seed_info,
             "environment": setup.env_fp, "data_fingerprint": setup.data_fp, "world_size": self.world.size,
+            "micro_batches": {"global_batch_size": self.plan.global_batch_size, "micro_batch_size": self.plan.micro_batch_size,
+                              "per_rank": self.plan.per_rank},
+            "portable": setup.pinning,
             "paths": {"data_dir": str(Path(config.data_dir).resolve()), "output_dir": str(self.output_dir.resolve())},
             "resumed_from": {"path": str(setup.ckpt_path), "step": self.state.step} if setup.ckpt is not None else None,
             "started_at": _now(), "ended_at": None, "final_step": self.state.step, "best": None,
@@ -407,12 +467,16 @@ class Stage1Trainer:
 
     # ------------------------------------------------------------------ checkpoints
     def checkpoint(self) -> dict:
-        """The full training state; every rank's RNG state included (a collective: all ranks call it)."""
+        """The full training state: the same dict on every rank and for every world size.
+
+        No ``world_size`` and no per-rank RNG states: the global generators are re-seeded before
+        every micro-batch, and after each step they hold the next step's first seed (see
+        `_train_step`), so ``rng_state`` does not depend on which rank computed what.
+        """
         checkpoint = self.state.state_dict()
         checkpoint.update({
-            "metrics": self.metrics, "config": self.config.result_fields(), "environment": self.setup.env_fp,
-            "data_fingerprint": self.setup.data_fp, "world_size": self.world.size,
-            "rank_rng_states": gather(get_seed_state(), self.world),
+            "metrics": self.metrics, "config": self.config.result_fields(), "environment": self.setup.checkpoint_environment,
+            "data_fingerprint": self.setup.data_fp,
         })
         return checkpoint
 
@@ -422,20 +486,30 @@ class Stage1Trainer:
 
     # ------------------------------------------------------------------ the loop
     def _train_step(self, step: int) -> torch.Tensor:
-        """One optimizer step; returns the step's loss as a device tensor (no host sync here)."""
-        config, model = self.config, self.model
-        seed_globals(derive_seed(config.seed, "step", step, self.world.rank))
+        """One optimizer step; returns the step's loss as a device tensor (no host sync here).
+
+        This rank computes its micro-batches (``self.plan.slots``), each with the global
+        generators seeded from ``step/<step>/<slot>``; `GradientTree` sums all slots' gradients
+        (and losses) in the fixed tree, the same on every rank for every world size.
+        """
+        config, model, plan = self.config, self.model, self.plan
         self.optimizer.zero_grad(set_to_none=True)
         total = torch.zeros((), device=self.device)
-        for _ in range(config.accum_steps):
+        for slot in plan.slots:
+            seed_globals(derive_seed(config.seed, "step", step, slot))
             batch = next(self.batches)
             sar, target, mask = (batch[k].to(self.device, non_blocking=self.pin) for k in ("sar", "optical", "mask"))
             with self.autocast():
                 pred = model(sar)
-            loss = stage1_loss(pred.float(), target, mask, config.l1_weight, config.ssim_weight) / config.accum_steps
+            loss = stage1_loss(pred.float(), target, mask, config.l1_weight, config.ssim_weight) / plan.micro_batches
             loss.backward()
-            total += loss.detach()
-        average_gradients(self.parameters, self.world)
+            if self.tree is not None:
+                self.tree.add(loss)
+            else:
+                total += loss.detach()
+        if self.tree is not None:
+            total = self.tree.reduce()
+        seed_globals(derive_seed(config.seed, "step", step + 1, 0))  # rng_state of a checkpoint: rank-free
         if config.on_nonfinite == "skip" and not bool(torch.isfinite(total)):  # a host sync, in skip mode only
             self.say(f"warning: step {step + 1}: non-finite loss {float(total)}; update skipped (--on-nonfinite skip)")
             self.optimizer.zero_grad(set_to_none=True)

@@ -209,6 +209,10 @@ def validate(config: TrainConfig) -> TrainConfig:
     if config.portable and config.device.startswith("cuda"):
         raise UsageError(f"--portable pins the CPU's arithmetic; it cannot apply to --device {config.device} "
                          "(GPU models stay outside the cross-machine promise)")
+    if config.portable and config.threads is None:
+        from axs_lib.portable import DEFAULT_THREADS
+
+        config.threads = DEFAULT_THREADS  # recorded, so that the run says which count its bits need
     return config
 
 

@@ -155,7 +155,7 @@ def check_resume(ckpt: dict, config: TrainConfig, data_fp: dict, allow_world_siz
     continue exactly on this one unless it was written by a single process.
     """
     problems = diff_result_fields(ckpt.get("config") or {}, config.result_fields()) + run_dir.check_resume(
-        ckpt, data_fingerprint=data_fp)
+        ckpt, data_fingerprint=data_fp, allow_world_size_change=True)  # the world size: below
     legacy = ckpt.get("world_size", 1)
     if legacy != 1 and not allow_world_size_change:
         problems.append(f"world size: the checkpoint was written by an earlier version that sharded each step over "

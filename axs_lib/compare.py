@@ -52,7 +52,7 @@ import torch
 from axs_lib.checkpoint import CHECKSUM_KEY, CHECKSUM_KEYS, LEGACY_CHECKSUM_KEY, check_content, iter_leaves, load_checkpoint
 from axs_lib.run_dir import step_checkpoints
 from axs_lib.errors import CheckpointError, InputError, UsageError
-from axs_lib.fingerprint.environment import diff_environments
+from axs_lib.fingerprint.environment import diff_environments, PORTABLE_KEYS
 
 IDENTICAL_BYTES = "identical bytes"
 IDENTICAL_CONTENT = "identical content"
@@ -437,10 +437,15 @@ def _cause(row: MetaRow) -> str | None:
         return "another train/val split"
     if key.startswith("data_fingerprint."):
         return "other tiles: the data fingerprints differ"
+    if key == "config.portable":
+        return (f"portable CPU mode in one run only (A {row.a!r}, B {row.b!r}): the thread count and instruction "
+                "set were pinned in one and left to the machine in the other")
+    if key == "config.threads":
+        return f"another intra-op thread count: A {row.a!r}, B {row.b!r} (sums are split and added in another order)"
     if key.startswith("config."):
         return "another training config"
-    if key == "world_size":
-        return f"another world size: A {row.a!r}, B {row.b!r}"
+    if key == "world_size":  # written by versions whose steps were sharded per rank
+        return f"another world size under the earlier per-rank sharding: A {row.a!r}, B {row.b!r}"
     return None
 
 
@@ -468,6 +473,10 @@ def explain(rows: list[MetaRow], a: Any, b: Any) -> list[str]:
         if not row.equal and (cause := _cause(row)):
             causes.setdefault(cause, []).append(row.key)
     env_a, env_b = (c.get("environment") if isinstance(c, dict) else None for c in (a, b))
+    if isinstance(env_a, dict) and isinstance(env_b, dict) and ("portable" in env_a) != ("portable" in env_b):
+        # a portable run records only what its pinning leaves free: compare those fields alone
+        keep = {*PORTABLE_KEYS, "portable"}
+        env_a, env_b = ({k: v for k, v in env.items() if k in keep} for env in (env_a, env_b))
     for d in diff_environments(env_a, env_b):
         if d["explains"]:
             causes.setdefault(d["explains"], []).append(f"environment.{d['key']}")

@@ -124,6 +124,5 @@ def in_effect() -> dict[str, Any]:
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "cpu_has_avx2": cpu_has_avx2(),
         **{k: os.environ.get(k) for k in PINNED_ENV},
-        "portable": torch.get_num_threads() >= 1 and torch.backends.cpu.get_cpu_capability() == LEVEL
-        and all(os.environ.get(k) == v for k, v in PINNED_ENV.items()),
+        "portable": torch.backends.cpu.get_cpu_capability() == LEVEL and all(os.environ.get(k) == v for k, v in PINNED_ENV.items()),
     }

@@ -67,6 +67,16 @@ def test_bench_train_smallest(capsys):
         assert line in out
 
 
+def test_bench_ddp_smallest_measures_both_reductions_with_the_same_bytes_at_two_ranks(capsys):
+    from benchmarks import bench_ddp
+
+    results = bench_ddp.main(["--quick", "--world-sizes", "2", "--rounds", "1", "--steps", "1"])
+    w2 = results["w2"]
+    assert w2["tree"] > 0 and w2["flat"] > 0 and w2["ratio"] == w2["tree"] / w2["flat"]
+    assert abs(w2["bytes_tree"] - w2["bytes_flat"]) <= 4  # one buffer each way at W=2 (the tree's carries the loss)
+    assert "bytes/step tree" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("argv, compare, train", [
     ([], {"size_mb": runner.COMPARE_SIZE_MB, "repeats": 3}, []),
     (["--full"], {"size_mb": runner.COMPARE_FULL_SIZE_MB, "repeats": 3}, []),
@@ -92,6 +102,7 @@ def test_runner_calls_every_benchmark(monkeypatch, capsys, argv, compare, train)
     assert calls["bench_train"] == ((train,), {})
     startup = ["--startup", "1000"] + (["--startup", "10000"] if "--full" in argv else [])
     assert calls["bench_loader"] == ((startup + (["--loader-tiles", "128"] if "--quick" in argv else []),), {})
+    assert calls["bench_ddp"] == ((["--quick"] if "--quick" in argv else [],), {})
     assert runner.main(["--only", "bench_train"]).keys() == {"bench_train"}
 
 

@@ -135,3 +135,16 @@ def test_resuming_a_portable_run_with_another_thread_count_is_refused_naming_it(
     assert proc.returncode == 2
     assert "threads: checkpoint 4, now 2" in proc.stderr
     assert digests(out) == digests(portable_runs[0])
+
+
+def test_compare_names_portable_mode_as_the_cause_when_only_one_run_used_it(portable_runs, demo_tiles, tmp_path, capsys):
+    out = tmp_path / "plain"
+    try:
+        assert main(["train", "stage1", *argv(demo_tiles, out, "--threads", "4")]) == 0  # the same thread count
+    finally:
+        torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
+    capsys.readouterr()
+    assert main(["compare", str(portable_runs[0]), str(out)]) == 1
+    report = capsys.readouterr().out
+    assert "portable CPU mode in one run only" in report
+    assert "another CPU model" not in report and "another intra-op thread count" not in report

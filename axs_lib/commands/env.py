@@ -6,6 +6,7 @@ import argparse
 import json
 
 from axs_lib.cli import add_debug_flag
+from axs_lib.portable import PINNED_ENV
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -25,14 +26,20 @@ def register(sub: argparse._SubParsersAction) -> None:
 def run(args: argparse.Namespace) -> int:
     # Imported here: the fingerprint needs torch, and building the parser must not.
     from axs_lib.fingerprint.environment import environment_fingerprint, environment_report
+    from axs_lib.portable import in_effect
 
     report = environment_report() if args.packages else {"fingerprint": environment_fingerprint()}
+    report["pinning"] = in_effect()
     if args.json:
         print(json.dumps(report, indent=2, sort_keys=False))
         return 0
     rows = dict(report["fingerprint"])
     rows["gpus"] = "; ".join(f"{g['name']} (sm {g['capability']})" for g in rows["gpus"]) or "none"
     rows["env"] = " ".join(f"{k}={v}" for k, v in rows["env"].items()) or "(none set)"
+    pin = report["pinning"]
+    rows["pinning"] = (f"{'portable' if pin['portable'] else 'not portable'}: {pin['intra_op_threads']} threads, ATen "
+                       f"{pin['cpu_capability']}, " + ", ".join(f"{k}={pin[k] or 'unset'}" for k in PINNED_ENV)
+                       + ("" if pin["cpu_has_avx2"] else "; this CPU has no AVX2: --portable cannot run here"))
     width = max(len(k) for k in rows)
     for key, value in rows.items():
         print(f"{key:<{width}}  {value}")

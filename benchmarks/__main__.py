@@ -13,6 +13,8 @@
 * ``bench_startup``: ``axs`` command start-up against ``python -c pass`` and ``import torch``.
 * ``bench_ddp``: the world-size-invariant gradient tree vs a flat all-reduce, steps/s and bytes per
   step, at 2 and 4 CPU ranks (gloo).
+* ``bench_portable``: trainer steps/s with ``--portable`` vs the same thread count unpinned and vs
+  torch's defaults.
 
 Every figure is a ratio of two things measured side by side in the same run; see
 ``benchmarks/README.md``. ``--device cuda`` runs bench_train and bench_checkpoint on the GPU.
@@ -28,7 +30,7 @@ import traceback
 from typing import Callable
 
 BENCHMARKS = ("bench_data", "bench_loader", "bench_compare", "bench_checkpoint", "bench_train", "bench_toolkit",
-              "bench_startup", "bench_ddp")
+              "bench_startup", "bench_ddp", "bench_portable")
 # bench_loader's start-up figure: 1k tiles by default, 10k too with --full (its own default; writing
 # and fingerprinting 10k files first takes minutes on a 2-core machine)
 LOADER_STARTUP = 1_000
@@ -54,6 +56,7 @@ def _calls(args: argparse.Namespace) -> dict[str, Callable[[object], dict]]:
         "bench_checkpoint": lambda main: main((["--quick"] if args.quick else []) + device),
         "bench_toolkit": lambda main: main(),
         "bench_ddp": lambda main: main(["--quick"] if args.quick else []),
+        "bench_portable": lambda main: main(["--quick"] if args.quick else []),
     }
 
 

@@ -103,6 +103,7 @@ def test_runner_calls_every_benchmark(monkeypatch, capsys, argv, compare, train)
     startup = ["--startup", "1000"] + (["--startup", "10000"] if "--full" in argv else [])
     assert calls["bench_loader"] == ((startup + (["--loader-tiles", "128"] if "--quick" in argv else []),), {})
     assert calls["bench_ddp"] == ((["--quick"] if "--quick" in argv else [],), {})
+    assert calls["bench_portable"] == ((["--quick"] if "--quick" in argv else [],), {})
     assert runner.main(["--only", "bench_train"]).keys() == {"bench_train"}
 
 

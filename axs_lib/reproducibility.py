@@ -99,8 +99,9 @@ def seed_globals(seed64: int) -> None:
     """Seed python ``random``, numpy's global generator, torch CPU and every CUDA device.
 
     Takes a 64-bit seed (as from `derive_seed`). numpy's legacy seeder takes 32 bits and gets the
-    low 32; torch's CPU generator (mt19937) also keeps only the low 32 bits, CUDA's uses all 64. The trainer calls this at every optimizer step with ``step/<step>/<rank>``,
-    so code that draws from the global generators (dropout) is exact after a resume.
+    low 32; torch's CPU generator (mt19937) also keeps only the low 32 bits, CUDA's uses all 64.
+    The trainer calls this before every micro-batch with ``step/<step>/<micro-batch>``, so code
+    that draws from the global generators (dropout) is exact after a resume and on any world size.
     """
     random.seed(seed64)
     np.random.seed(seed64 & SEED_MAX)

@@ -221,6 +221,8 @@ class ResumableLoader:
         if not isinstance(state, dict):
             raise ValueError(f"loader state must be a dict, got {type(state).__name__}")
         saved = state.get("num_samples", self.sampler.num_samples)
+        if isinstance(saved, bool) or not isinstance(saved, int):
+            raise ValueError(f"loader state: num_samples is {repr(saved)[:60]}, not a count")
         if saved != self.sampler.num_samples:
             raise ValueError(f"loader state is for {saved} samples but this dataset has {self.sampler.num_samples}: "
                              "the epoch orders would differ")

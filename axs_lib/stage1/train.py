@@ -309,7 +309,7 @@ class Stage1Trainer:
         self.state = TrainingState(seed=config.seed, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                    early_stopping=self.stopper)
         if setup.ckpt is not None:
-            self.state.load_state_dict(setup.ckpt, source=str(setup.ckpt_path))
+            self.state.load_state_dict(setup.ckpt, source=str(setup.ckpt_path), check_seed=False)  # checked with --force-resume
             self.metrics = dict(setup.ckpt.get("metrics") or {})
             start = self._resume_position(setup.ckpt)
             say(f"resuming from {setup.ckpt_path} at step {self.state.step}")

@@ -36,15 +36,31 @@ in where Lightning already offers a seam (read from ``lightning/pytorch/loops/fi
   (``seed_info``, ``config``, ``world_size``, ``environment``); `ExactResume.resume` finds the
   newest valid checkpoint (``--resume auto``) and refuses one of another seed, config or world size
   with the trainer's message, and ``on_load_checkpoint`` repeats the check for a ``ckpt_path`` the
-  user passed by hand.
+  user passed by hand. A fit that starts from step 0 (``ckpt_path=None``, or ``"last"`` with no
+  last file, which Lightning turns into None) into a folder holding step checkpoints is refused at
+  ``on_train_start``, before anything is written over them.
+* **Stop signals** (`axs_lib.signals.StopRequest`, installed at ``on_train_start``, after
+  Lightning's own SIGTERM handler, which would end the fit at the end of any batch with exit
+  status 0): SIGTERM, SIGINT or SIGUSR1 is acted on at the next optimizer-step boundary: the
+  checkpoint of that step is written and `StopRequested` (a ``SystemExit`` with status 143, 130 or
+  138) ends the fit. `ResumableLoader`'s workers ignore the signals, and ``on_exception`` stops them
+  (Lightning's teardown hooks do not run after an exception), so the exit never waits on them.
+* **Gradient accumulation**: each micro-batch of a step gets its own stream (keyed by its place in
+  the step), checkpoints are written only at step boundaries, and a resume from one is exact
+  (``tests/test_lightning.py``). A file saved between the
+  micro-batches of a step (``ModelCheckpoint`` after a resume, a manual ``trainer.save_checkpoint``)
+  lacks the gradients gathered so far: it is marked when written and a resume from it is refused.
+
+Every refusal is an `axs_lib.errors.AxsError` (`UsageError` for a checkpoint that cannot continue
+this run, `CheckpointError` for a damaged one), raised out of `ExactResume.resume` or out of
+``trainer.fit``; its text is the one line to print.
 
 Lightning is an optional dependency (``pip install 'axs-lib[lightning]'``); nothing else in
 ``axs_lib`` imports this module.
 
 Not covered: Lightning's own ``ModelCheckpoint`` naming, ``ckpt_path="last"``/``"hpc"`` lookups
-(use `ExactResume.resume`), iterable-style training data, more than one training dataloader of
-which some are not resumable, and gradient accumulation past what the per-batch seeding keys give
-(each micro-batch of an accumulated step gets its own stream, keyed by its place in the step).
+(use `ExactResume.resume`), iterable-style training data, and more than one training dataloader
+of which some are not resumable.
 """
 
 from __future__ import annotations

@@ -339,6 +339,10 @@ class ExactResume(pl.Callback):
         # After Lightning's own SIGTERM handler (registered just before this hook): that one would
         # end the fit at the end of the batch, mid-accumulation and with exit status 0.
         self._stop = StopRequest().install()
+        connector = getattr(trainer, "_signal_connector", None)
+        if getattr(connector, "received_sigterm", False):  # it came during setup, to Lightning's handler
+            self._stop.signum = signal.SIGTERM  # ours to act on, at the first step boundary
+            connector.received_sigterm = False
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         keys: tuple[str | int, ...] = ("step", trainer.global_step, trainer.global_rank)
@@ -421,7 +425,8 @@ class ExactResume(pl.Callback):
         # error in the module): stop the workers and finish a write in flight here, or the exit
         # would wait on workers that ignore multiprocessing's SIGTERM.
         self._release_signals()
-        self._close()
+        with contextlib.suppress(Exception):  # the exception under way is the one to report
+            self._close()
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
         self._release_signals()
@@ -432,15 +437,14 @@ class ExactResume(pl.Callback):
             self._stop.restore()
 
     def _close(self) -> None:
-        with contextlib.suppress(Exception):  # a failed write was reported where it happened
-            self.manager.close()
         # The trainer's objects refer to each other, so its loaders are freed by the cycle
         # collector, which may close their worker queues before DataLoader tells the workers to
         # stop: each worker would then wait out a 5 s join timeout and ignore the SIGTERM after
         # it. Stopping them here, while everything is alive, takes milliseconds.
-        for loader in self._loaders:
+        loaders, self._loaders = self._loaders, []
+        for loader in loaders:
             loader.close()
-        self._loaders = []
+        self.manager.close()  # a write in flight finishes (or reports its error)
 
 
 def _finish_epoch_boundary_restart(fit_loop: Any) -> None:

@@ -99,7 +99,8 @@ class TrainingState:
         ``check_seed=False``) was written with another seed than this state's.
         """
         if not isinstance(checkpoint, dict):
-            raise CheckpointError(source, f"cannot restore the training state: the checkpoint is a {type(checkpoint).__name__}, not a dict")
+            raise CheckpointError(source, "cannot restore the training state: the checkpoint is a "
+                                          f"{type(checkpoint).__name__}, not a dict")
         missing = [k for k in ("step", *self.components, *self.extras) if k not in checkpoint]
         if missing:
             raise CheckpointError(source, f"cannot restore the training state: missing {', '.join(missing)}")
@@ -113,8 +114,8 @@ class TrainingState:
             info = checkpoint.get("seed_info")
             stored = info.get("seed") if isinstance(info, dict) else checkpoint.get("seed")
             if stored != self.seed:
-                raise CheckpointError(source, f"cannot continue this run exactly: seed: checkpoint {_short(stored)}, now {self.seed} "
-                                      "(a run with another seed starts fresh, in another directory)")
+                raise CheckpointError(source, f"cannot continue this run exactly: seed: checkpoint {_short(stored)}, "
+                                      f"now {self.seed} (a run with another seed starts fresh, in another directory)")
         for key, obj in self.components.items():
             try:
                 obj.load_state_dict(checkpoint[key])

@@ -439,7 +439,8 @@ class _SaveMidAccumulation(pl.Callback):
 
 def test_gradient_accumulation_resumes_exactly_and_a_file_saved_mid_accumulation_is_refused(tmp_path):
     mid = tmp_path / "run" / "checkpoints" / "mid.ckpt"
-    exact, trainer, module = _tiny_trainer(tmp_path / "run", steps=6, every=3, accumulate=2, callbacks=[_SaveMidAccumulation(mid)])
+    exact, trainer, module = _tiny_trainer(tmp_path / "run", steps=6, every=3, accumulate=2,
+                                           callbacks=[_SaveMidAccumulation(mid)])
     trainer.fit(module)
     full = _digests(tmp_path / "run")
     assert sorted(full) == ["checkpoint_step_3.pt", "checkpoint_step_6.pt"] and mid.exists()

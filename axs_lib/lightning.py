@@ -36,21 +36,39 @@ in where Lightning already offers a seam (read from ``lightning/pytorch/loops/fi
   (``seed_info``, ``config``, ``world_size``, ``environment``); `ExactResume.resume` finds the
   newest valid checkpoint (``--resume auto``) and refuses one of another seed, config or world size
   with the trainer's message, and ``on_load_checkpoint`` repeats the check for a ``ckpt_path`` the
-  user passed by hand.
+  user passed by hand. A fit that starts from step 0 (``ckpt_path=None``, or ``"last"`` with no
+  last file, which Lightning turns into None) into a folder holding step checkpoints is refused at
+  ``on_train_start``, before anything is written over them.
+* **Stop signals** (`axs_lib.signals.StopRequest`, installed at ``on_train_start``, after
+  Lightning's own SIGTERM handler, which would end the fit at the end of any batch with exit
+  status 0): SIGTERM, SIGINT or SIGUSR1 is acted on at the next optimizer-step boundary: the
+  checkpoint of that step is written and `StopRequested` (a ``SystemExit`` with status 143, 130 or
+  138) ends the fit. `ResumableLoader`'s workers ignore the signals, and ``on_exception`` stops them
+  (Lightning's teardown hooks do not run after an exception), so the exit never waits on them.
+* **Gradient accumulation**: each micro-batch of a step gets its own stream (keyed by its place in
+  the step), checkpoints are written only at step boundaries, and a resume from one is exact
+  (``tests/test_lightning.py``). A file saved between the
+  micro-batches of a step (``ModelCheckpoint`` after a resume, a manual ``trainer.save_checkpoint``)
+  lacks the gradients gathered so far: it is marked when written and a resume from it is refused.
+
+Every refusal is an `axs_lib.errors.AxsError` (`UsageError` for a checkpoint that cannot continue
+this run, `CheckpointError` for a damaged one), raised out of `ExactResume.resume` or out of
+``trainer.fit``; its text is the one line to print.
 
 Lightning is an optional dependency (``pip install 'axs-lib[lightning]'``); nothing else in
 ``axs_lib`` imports this module.
 
 Not covered: Lightning's own ``ModelCheckpoint`` naming, ``ckpt_path="last"``/``"hpc"`` lookups
-(use `ExactResume.resume`), iterable-style training data, more than one training dataloader of
-which some are not resumable, and gradient accumulation past what the per-batch seeding keys give
-(each micro-batch of an accumulated step gets its own stream, keyed by its place in the step).
+(use `ExactResume.resume`), iterable-style training data, and more than one training dataloader
+of which some are not resumable.
 """
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 from pathlib import Path
 from typing import Any, Callable
 
@@ -66,15 +84,17 @@ import torch
 from torch.utils.data import Dataset
 
 from axs_lib.checkpoint import load_checkpoint, save_checkpoint
-from axs_lib.errors import UsageError
+from axs_lib.errors import AxsError, UsageError
 from axs_lib.loader import ResumableLoader
 from axs_lib.reproducibility import add_seed_to_checkpoint, check_seed, derive_seed, last_seed_info, seed_globals
-from axs_lib.run_dir import CheckpointManager, check_resume, checkpoint_name, step_of
+from axs_lib.run_dir import BEST, LATEST, CheckpointManager, check_resume, checkpoint_name, step_of
 from axs_lib.sampling import ResumableSampler
+from axs_lib.signals import StopRequest, StopRequested
 
 log = logging.getLogger(__name__)
 
 RUN_MARK = "<run>"  # stands for the run directory in stored strings
+ACCUMULATING_KEY = "axs_mid_accumulation"  # in a file saved between the micro-batches of one step
 
 
 # --------------------------------------------------------------------------- portable content
@@ -145,6 +165,7 @@ class AxsCheckpointIO(CheckpointIO):
                  manager: CheckpointManager | None = None):
         self.manager = manager if manager is not None else CheckpointManager(output_dir, keep_last=keep_last, keep_best=False)
         self.root = Path(output_dir)
+        self._written: set[str] = set()  # real paths of the files this plugin wrote
 
     def save_checkpoint(self, checkpoint: dict[str, Any], path: os.PathLike | str, storage_options: Any = None) -> None:
         if storage_options is not None:
@@ -157,6 +178,7 @@ class AxsCheckpointIO(CheckpointIO):
         else:
             path.parent.mkdir(parents=True, exist_ok=True)
             save_checkpoint(content, path)
+        self._written.add(os.path.realpath(path))
 
     def load_checkpoint(self, path: os.PathLike | str, map_location: Any = None, weights_only: bool | None = None) -> dict[str, Any]:
         # weights_only=False (Lightning's default for its own files) is not honoured: ours never need it
@@ -164,7 +186,41 @@ class AxsCheckpointIO(CheckpointIO):
         return expand(checkpoint, self.root)
 
     def remove_checkpoint(self, path: os.PathLike | str) -> None:
+        """Delete a checkpoint that ``ModelCheckpoint`` rotates out, if it is the run's own.
+
+        The path comes from ``ModelCheckpoint``'s state, which a resume restores from a file: a
+        crafted one could name ``<run>/x/../../anything``. So only a regular file directly in the
+        run's ``checkpoints/`` folder (no ``..``, no link) is removed, never ``latest``, ``best.pt``
+        or a ``checkpoint_step_<N>.pt`` (the manager's, with its own retention), and only one this
+        plugin wrote or, written before a resume, one that loads as a checkpoint of ours
+        (checksum verified). Anything else is left, with a warning.
+        """
+        reason = self._foreign(Path(path))
+        if reason:
+            log.warning("not removing %s: %s", path, reason)
+            return
         Path(path).unlink(missing_ok=True)
+        self._written.discard(os.path.realpath(path))
+
+    def _foreign(self, path: Path) -> str:
+        """Why ``path`` is not a checkpoint of this run that ModelCheckpoint may delete ("" when it is)."""
+        text = os.fspath(path)
+        if ".." in Path(text).parts:
+            return "the path climbs out with '..'"
+        folder = os.path.realpath(self.manager.folder)
+        if os.path.realpath(os.path.dirname(os.path.abspath(text))) != folder:
+            return f"not in the run's checkpoint folder {self.manager.folder}"
+        if path.name in (LATEST, BEST) or step_of(path.name) is not None:
+            return "the run's checkpoint manager keeps this file"
+        if path.is_symlink() or not path.is_file():
+            return "not a regular file"
+        if os.path.realpath(path) in self._written:
+            return ""
+        try:
+            load_checkpoint(path)
+        except AxsError as exc:
+            return f"not a checkpoint this run wrote ({exc})"
+        return ""
 
     def teardown(self) -> None:
         self.manager.close()
@@ -219,7 +275,10 @@ class ExactResume(pl.Callback):
         self._environment = environment
         self._fingerprint: dict[str, Any] | None = None
         self._saved_step: int | None = None
+        self._stepped_at: int | None = None  # global_step after the last batch seen
+        self._accumulating = False  # the last batch added gradients without an optimizer step
         self._loaders: list[ResumableLoader] = []
+        self._stop: StopRequest | None = None
 
     @property
     def state_key(self) -> str:
@@ -240,6 +299,9 @@ class ExactResume(pl.Callback):
         return str(path)
 
     def _refuse_mismatch(self, checkpoint: dict, path: os.PathLike | str, world_size: int) -> None:
+        if checkpoint.get(ACCUMULATING_KEY):
+            raise UsageError(f"{path}: cannot resume exactly: written in the middle of an accumulated step (its "
+                             "gradients are not in the file); resume from a checkpoint_step_<N>.pt of ExactResume")
         problems = check_resume(checkpoint, seed=self.seed, config=self.config, world_size=world_size,
                                 allow_world_size_change=self.allow_world_size_change)
         if problems:
@@ -263,10 +325,24 @@ class ExactResume(pl.Callback):
         if wrong:
             raise UsageError(f"ExactResume needs the training dataloader to be an axs_lib.loader.ResumableLoader "
                              f"(see axs_lib.lightning.resumable_loader), got {', '.join(wrong)}")
+        # Lightning has resolved ckpt_path by now ("last" with no last file becomes None): a fresh
+        # start must not write step after step over an earlier run's checkpoints
+        if trainer.ckpt_path is None:
+            self.manager.resume(None)
+        else:
+            self.manager.resumed_from = Path(trainer.ckpt_path)
         if not torch.are_deterministic_algorithms_enabled():
             log.warning("deterministic algorithms are off: pass Trainer(deterministic=True) for bit-exact results")
-        self._saved_step = trainer.global_step
+        self._saved_step = self._stepped_at = trainer.global_step
+        self._accumulating = False
         _finish_epoch_boundary_restart(trainer.fit_loop)
+        # After Lightning's own SIGTERM handler (registered just before this hook): that one would
+        # end the fit at the end of the batch, mid-accumulation and with exit status 0.
+        self._stop = StopRequest().install()
+        connector = getattr(trainer, "_signal_connector", None)
+        if getattr(connector, "received_sigterm", False):  # it came during setup, to Lightning's handler
+            self._stop.signum = signal.SIGTERM  # ours to act on, at the first step boundary
+            connector.received_sigterm = False
 
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
         keys: tuple[str | int, ...] = ("step", trainer.global_step, trainer.global_rank)
@@ -277,20 +353,46 @@ class ExactResume(pl.Callback):
     def on_train_batch_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if step == self._saved_step:  # no optimizer step since the last save (accumulating)
+        # No optimizer step in this batch (accumulating): not a step boundary. Checked before
+        # ModelCheckpoint's hook (Lightning runs checkpoint callbacks last), so a file it writes
+        # now is marked (on_save_checkpoint) and refused on resume.
+        self._accumulating = step == self._stepped_at
+        if self._accumulating:
             return
+        self._stepped_at = step
+        stop = self._stop_requested(trainer)
         every = self.checkpoint_every
-        if (every is not None and step % every == 0) or step == trainer.max_steps:
+        if step != self._saved_step and ((every is not None and step % every == 0) or step == trainer.max_steps or stop):
             self.save(trainer, step)
+        if stop:
+            self._leave(trainer, step)
+
+    def _stop_requested(self, trainer: "pl.Trainer") -> bool:
+        """Whether a stop signal reached any rank (a collective on several ranks: all call it at each step)."""
+        requested = self._stop is not None and self._stop.requested
+        if trainer.world_size > 1:
+            requested = bool(trainer.strategy.reduce_boolean_decision(requested, all=False))
+        return requested
+
+    def _leave(self, trainer: "pl.Trainer", step: int) -> None:
+        """End the fit after a stop signal, the checkpoint of ``step`` written: `StopRequested`, a
+        SystemExit with status 128 + signal number (Lightning tears down and re-raises it)."""
+        self.manager.wait()
+        signum = self._stop.signum if self._stop is not None and self._stop.signum is not None else signal.SIGTERM
+        log.warning("stopped by %s at step %d: checkpoint written; continue with resume(\"auto\")",
+                    signal.Signals(signum).name, step)
+        raise StopRequested(signum)
 
     def on_train_end(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
         if trainer.global_step != self._saved_step and trainer.max_steps == -1:  # an epoch-limited run's last step
             self.save(trainer, trainer.global_step)
         self.manager.wait()
+        self._release_signals()
 
     def save(self, trainer: "pl.Trainer", step: int) -> None:
         """Write ``checkpoints/checkpoint_step_<step>.pt`` (all ranks call it; rank 0 writes)."""
-        trainer.save_checkpoint(self.manager.folder / checkpoint_name(step))
+        # weights_only=False said outright: the full state (left unset, Lightning logs that it chose it at every save)
+        trainer.save_checkpoint(self.manager.folder / checkpoint_name(step), weights_only=False)
         self._saved_step = step
 
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
@@ -301,6 +403,8 @@ class ExactResume(pl.Callback):
             checkpoint["environment"] = self._fingerprint
         info = last_seed_info()
         add_seed_to_checkpoint(checkpoint, info if info is not None and info.get("seed") == self.seed else {"seed": self.seed})
+        if self._accumulating:  # the gradients of the step under way are not in the file: not resumable
+            checkpoint[ACCUMULATING_KEY] = True
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
         self._refuse_mismatch(checkpoint, trainer.ckpt_path or "<checkpoint>", trainer.world_size)
@@ -309,17 +413,38 @@ class ExactResume(pl.Callback):
         return {"seed": self.seed, "checkpoint_every": self.checkpoint_every}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        pass  # what matters was checked in on_load_checkpoint; the settings are this run's own
+        # What matters was checked in on_load_checkpoint; the settings are this run's own. Only
+        # the shape is checked here, as every load_state_dict of the toolkit does.
+        if not isinstance(state_dict, dict) or not {"seed", "checkpoint_every"} <= state_dict.keys():
+            got = sorted(map(str, state_dict))[:4] if isinstance(state_dict, dict) else type(state_dict).__name__
+            raise UsageError(f"{self.manager.folder}: ExactResume state must be a dict with 'seed' and "
+                             f"'checkpoint_every', got {str(got)[:120]}")
+
+    def on_exception(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", exception: BaseException) -> None:
+        # Lightning's teardown hooks do not run after an exception (a refusal, a stop signal, an
+        # error in the module): stop the workers and finish a write in flight here, or the exit
+        # would wait on workers that ignore multiprocessing's SIGTERM.
+        self._release_signals()
+        with contextlib.suppress(Exception):  # the exception under way is the one to report
+            self._close()
 
     def teardown(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", stage: str) -> None:
-        self.manager.close()
+        self._release_signals()
+        self._close()
+
+    def _release_signals(self) -> None:
+        if self._stop is not None:
+            self._stop.restore()
+
+    def _close(self) -> None:
         # The trainer's objects refer to each other, so its loaders are freed by the cycle
         # collector, which may close their worker queues before DataLoader tells the workers to
         # stop: each worker would then wait out a 5 s join timeout and ignore the SIGTERM after
         # it. Stopping them here, while everything is alive, takes milliseconds.
-        for loader in self._loaders:
+        loaders, self._loaders = self._loaders, []
+        for loader in loaders:
             loader.close()
-        self._loaders = []
+        self.manager.close()  # a write in flight finishes (or reports its error)
 
 
 def _finish_epoch_boundary_restart(fit_loop: Any) -> None:

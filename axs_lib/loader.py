@@ -34,6 +34,13 @@ Workers are seeded with `seed_worker` (then the user's ``worker_init_fn``) and t
 generator comes from `create_reproducible_generator(seed)`, as in `axs_lib.data.make_loader`.
 Neither is what makes samples exact (`SeededDataset` is); they keep anything else a worker draws
 fixed for a given run.
+
+Workers ignore SIGINT, SIGTERM and SIGUSR1 (`axs_lib.workers`): a scheduler signals the whole
+process group, and the stop is the main process's to act on (`axs_lib.signals.StopRequest`: save,
+then leave; `close` or the end of the ``with`` block shuts the workers down through their queues).
+They are forked with those signals held, so one that lands while a worker starts is discarded,
+and any worker still alive when the interpreter exits is SIGKILLed (it would ignore the SIGTERM
+that multiprocessing sends), so a forgotten loader cannot hang the exit.
 """
 
 from __future__ import annotations
@@ -47,16 +54,20 @@ from torch.utils.data import DataLoader, Dataset
 
 from axs_lib.reproducibility import create_reproducible_generator, seed_worker
 from axs_lib.sampling import ResumableSampler, SampleIndex
-from axs_lib.workers import release_stop_signals, stop_signals_held
+from axs_lib.workers import ignore_stop_signals, reap_workers_at_exit, stop_signals_held
 
 _OWNED_ARGS = ("shuffle", "sampler", "batch_sampler", "generator", "batch_size", "in_order")
 
 
 def _init_worker(user_init: Callable[[int], None] | None, worker_id: int) -> None:
     seed_worker(worker_id)
+    # A scheduler's signal to the process group is the main process's to act on (it checkpoints,
+    # then shuts the workers down through their queues); a worker it killed would turn the stop
+    # into a DataLoader error. Ignored (and the one held since the fork, see _run, discarded)
+    # before the user's own init, which may decide otherwise.
+    ignore_stop_signals(worker_id)
     if user_init is not None:
         user_init(worker_id)
-    release_stop_signals()  # the loader forks its workers with them held (see _run)
 
 
 class _BatchPlan:
@@ -228,6 +239,8 @@ class ResumableLoader:
         token = self._active = object()
         self._plan.endless = endless
         shard = len(self.sampler)
+        if self.num_workers > 0:
+            reap_workers_at_exit()  # they ignore multiprocessing's SIGTERM at exit (see axs_lib.workers)
         with stop_signals_held():  # workers may be forked here
             batches = iter(self._loader)  # the plan reads the state here, at the start
         if self.plan is not None:
@@ -275,6 +288,8 @@ class ResumableLoader:
         if not isinstance(state, dict):
             raise ValueError(f"loader state must be a dict, got {type(state).__name__}")
         saved = state.get("num_samples", self.sampler.num_samples)
+        if isinstance(saved, bool) or not isinstance(saved, int):
+            raise ValueError(f"loader state: num_samples is {repr(saved)[:60]}, not a count")
         if saved != self.sampler.num_samples:
             raise ValueError(f"loader state is for {saved} samples but this dataset has {self.sampler.num_samples}: "
                              "the epoch orders would differ")

@@ -60,6 +60,8 @@ BEST = "best.pt"
 LATEST = "latest"
 UNLOADABLE_SUFFIX = ".unloadable"
 STEP_FILE = re.compile(r"^checkpoint_step_(\d+)\.pt$")
+# A checkpoint-folder temp file of `axs_lib.atomic` (``.<name>.<random>.tmp``) for a name the manager writes
+_STALE_TEMP = re.compile(r"^\.(checkpoint_step_\d+\.pt|best\.pt|latest)\.[^/]+\.tmp$")
 RUN_MARKER = "axs_run"  # run.json key that says "this directory is a run of ours"
 # Names an earlier version's run wrote, for a run.json without a manifest (no directory removed whole).
 _LEGACY_FILES = (RUN_JSON, ENVIRONMENT_JSON, SPLIT_JSON, METRICS)
@@ -407,7 +409,10 @@ class CheckpointManager:
     checkpoints after each save, never the one ``latest`` or ``best.pt`` names.
 
     ``resume("auto")`` returns the newest checkpoint that loads and passes its checksum (``latest``
-    first, then step files newest first), logging every file it skips and why.
+    first, then step files newest first), logging every file it skips and why; given the run's
+    ``seed``/``config``/``data_fingerprint`` it refuses a checkpoint of another run. A run that did
+    not resume never writes over step checkpoints already in the folder: its first save refuses
+    (and first removes the temp files of a write that was killed half-way).
     """
 
     def __init__(self, output_dir: os.PathLike | str, *, keep_last: int | None = None, keep_best: bool = True,
@@ -424,20 +429,40 @@ class CheckpointManager:
         self.on_write = on_write  # told the run-relative names about to be written (the run's manifest)
         self.best_step: int | None = None
         self.skipped: list[Path] = []  # unloadable checkpoints newer than the resumed one
+        self.resumed_from: Path | None = None  # the checkpoint this run continues (set by resume)
+        self._started = False  # the first save checks the folder (see _check_start)
         self._writer = None
 
     # ------------------------------------------------------------------ resume
     def resume(self, target: str | os.PathLike | None = "auto", *, log: Callable[[str], None] | None = None,
-               adopt: bool = False) -> tuple[Path, dict] | None:
+               adopt: bool = False, seed: int | None = None, config: dict | None = None,
+               data_fingerprint: dict | None = None, force: bool = False) -> tuple[Path, dict] | None:
         """The checkpoint to continue from: ``(path, dict)``, or None for a fresh start.
 
-        ``target``: None (fresh), ``"auto"`` (newest valid here) or a checkpoint file. A file
+        ``target``: None (a fresh start: refused when the folder already holds step checkpoints,
+        which it would write over), ``"auto"`` (newest valid here) or a checkpoint file. A file
         outside this run's ``checkpoints/`` belongs to another run: refused unless ``adopt``.
+        Given ``seed``, ``config`` or ``data_fingerprint``, the checkpoint found must match them
+        (`check_resume`): a `UsageError` names every difference, unless ``force``.
         Reads only: unloadable files are set aside later by `set_aside_unloadable`.
         """
+        found = self._find(target, log or logger.warning, adopt)
+        if found is None:
+            if target is None:
+                self._check_start()
+            return None
+        path, ckpt = found
+        if seed is not None or config is not None or data_fingerprint is not None:
+            problems = check_resume(ckpt, seed=seed, config=config, data_fingerprint=data_fingerprint)
+            if problems and not force:
+                raise UsageError(f"{path}: cannot resume exactly: " + "; ".join(problems)
+                                 + " (a fresh run belongs in another directory)")
+        self.resumed_from = path
+        return found
+
+    def _find(self, target: str | os.PathLike | None, say: Callable[[str], None], adopt: bool) -> tuple[Path, dict] | None:
         from axs_lib.checkpoint import load_checkpoint
 
-        say = log or logger.warning
         if target is None:
             return None
         if target != "auto":
@@ -463,6 +488,27 @@ class CheckpointManager:
                                   f"{', ...' if len(skipped) > 3 else ''}); refusing to start again from step 0 over them: "
                                   "move them away or use another --output-dir")
         return None
+
+    def _check_start(self) -> None:
+        """Refuse to start a run from step 0 over step checkpoints already in the folder: it would
+        write over them, step by step. Continue them (``resume("auto")``) or use another directory."""
+        earlier = [p.name for _, p in step_checkpoints(self.folder)]
+        if earlier:
+            raise UsageError(f"{self.folder}: holds checkpoints of an earlier run ({', '.join(earlier[:3])}"
+                             f"{', ...' if len(earlier) > 3 else ''}); a fresh start would write over them: "
+                             "continue it (resume \"auto\", --resume auto) or use another output directory")
+
+    def _first_save(self) -> None:
+        """Once, before this run's first write: refuse a fresh start over earlier checkpoints, and
+        remove the temp files a write killed half-way left here (ours only, by name)."""
+        if self.resumed_from is None:
+            self._check_start()
+        if self.folder.is_dir() and not self.folder.is_symlink():
+            for p in self.folder.iterdir():
+                if _STALE_TEMP.match(p.name) and p.is_file() and not p.is_symlink():
+                    p.unlink(missing_ok=True)
+                    logger.info("removed %s, left by a checkpoint write that was interrupted", p)
+        self._started = True
 
     def _candidates(self, say) -> list[Path]:
         from axs_lib.checkpoint import read_latest
@@ -503,6 +549,8 @@ class CheckpointManager:
         names = ([BEST] if best and self.keep_best else []) + ([checkpoint_name(step)] if write_step else [])
         if not names:
             return []
+        if not self._started:
+            self._first_save()
         latest = names[-1] if write_step else None
         # best.pt first: a resume from this step's checkpoint would not write it again
         written = [f"{CHECKPOINTS}/{n}" for n in names] + ([f"{CHECKPOINTS}/{LATEST}"] if latest else [])

@@ -117,7 +117,8 @@ class SeededDataset(Dataset):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or "epoch" not in state:
-            raise ValueError(f"SeededDataset state must be a dict with 'epoch', got {state!r}")
+            got = sorted(map(str, state))[:4] if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"SeededDataset state must be a dict with 'epoch', got {str(got)[:120]}")
         self.set_epoch(state["epoch"])
 
     def __repr__(self) -> str:

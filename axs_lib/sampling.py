@@ -189,7 +189,8 @@ class ResumableSampler(Sampler[SampleIndex]):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         if not isinstance(state, dict) or not {"epoch", "position"} <= state.keys():
-            raise ValueError(f"sampler state must be a dict with 'epoch' and 'position', got {state!r}")
+            got = sorted(map(str, state))[:4] if isinstance(state, dict) else type(state).__name__
+            raise ValueError(f"sampler state must be a dict with 'epoch' and 'position', got {str(got)[:120]}")
         self.epoch, self.position = self._checked(state["epoch"], state["position"])
 
     def _checked(self, epoch: Any, position: Any) -> tuple[int, int]:
@@ -206,7 +207,7 @@ def _non_negative(name: str, value: Any) -> int:
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
-        raise ValueError(f"{name} must be an integer >= 0, got {value!r}")
+        raise ValueError(f"{name} must be an integer >= 0, got {repr(value)[:60]}")
     return int(value)
 
 

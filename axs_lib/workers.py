@@ -11,6 +11,9 @@ a worker that died first would turn that into a DataLoader error. So:
 * workers still alive when the interpreter exits are SIGKILLed (`reap_workers_at_exit`), since
   multiprocessing's SIGTERM would be ignored.
 
+The main process's side (the stop signals as a flag the loop checks between steps) is
+`axs_lib.signals.StopRequest`.
+
 Imports no torch: the toolkit's loader and the Stage-1 data module both use it.
 """
 
@@ -21,11 +24,11 @@ import contextlib
 import multiprocessing
 import signal
 
-
-# Signals a scheduler sends to the whole process group. Workers leave them to the main process,
-# which checkpoints and then shuts the workers down; a worker that died of SIGTERM first would
-# turn a clean stop into a DataLoader error.
-STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1)
+# Signals a scheduler sends to the whole process group (one list, in `axs_lib.signals`, whose
+# `StopRequest` is the main process's side). Workers leave them to the main process, which
+# checkpoints and then shuts the workers down; a worker that died of SIGTERM first would turn a
+# clean stop into a DataLoader error.
+from axs_lib.signals import STOP_SIGNALS
 
 
 def ignore_stop_signals(worker_id: int = 0) -> None:
@@ -60,8 +63,8 @@ def stop_signals_held():
 
 
 def release_stop_signals() -> None:
-    """In a worker forked under `stop_signals_held`: let the stop signals in again (after its
-    ``worker_init_fn``, so that one which ignores them never sees one)."""
+    """In a worker forked under `stop_signals_held`: let the stop signals in again (`ignore_stop_signals`
+    does, once they are ignored, so one held since the fork is discarded rather than delivered)."""
     signal.pthread_sigmask(signal.SIG_UNBLOCK, STOP_SIGNALS)
 
 
@@ -76,6 +79,7 @@ def reap_workers_at_exit() -> None:
     """
     global _reaper_registered
     if not _reaper_registered:
+        import multiprocessing.util  # noqa: F401 - registers its exit handler now if not yet, so ours runs first
         atexit.register(_kill_leftover_workers)
         _reaper_registered = True
 

@@ -11,6 +11,9 @@ were killed and resumed (``axs compare RUN_A RUN_B``). What makes that so is `ax
 `ExactResume` (per-step seeding, checkpoints, resume checks), its `AxsCheckpointIO` plugin, and a
 `ResumableLoader` as the training dataloader. This file is only the model and the flags.
 
+SIGTERM (to the whole process group, as Slurm sends it), SIGINT or SIGUSR1: a checkpoint at the
+step reached, exit 143, 130 or 138; ``--resume auto`` continues exactly.
+
 Augmentation: `TileDataset` draws each sample's flips, turns and speckle from its own generator,
 keyed by (epoch, sample index), taking the epoch from the `SampleIndex` the loader hands it.
 """
@@ -28,6 +31,7 @@ import torch  # noqa: E402
 from axs_lib import argtypes  # noqa: E402
 from axs_lib.cli import OneLineParser, run_handler  # noqa: E402
 from axs_lib.errors import UsageError  # noqa: E402
+from axs_lib.signals import StopRequested  # noqa: E402
 
 
 def build_module(args, train_set):
@@ -74,10 +78,9 @@ def train(args) -> int:
     config = {"width": args.width, "dropout": args.dropout, "lr": args.lr, "batch_size": args.batch_size,
               "augment": not args.no_augment, "max_tiles": args.max_tiles}
     exact = ExactResume(output, seed=args.seed, config=config, checkpoint_every=args.checkpoint_every)
+    # refused (UsageError, one line): a checkpoint of another seed or config, one written in the
+    # middle of an accumulated step, and a fresh start over an earlier run's checkpoints
     ckpt_path = exact.resume(args.resume, log=lambda line: print(line, file=sys.stderr))
-    if ckpt_path is None and any(exact.manager.folder.glob("checkpoint_step_*.pt")):
-        raise UsageError(f"{exact.manager.folder}: holds checkpoints of an earlier run; pass --resume auto to continue it "
-                         "or choose another --output-dir")
     paths = list_tiles(args.data_dir, args.max_tiles)
     if args.batch_size > len(paths):
         raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(paths)} tiles in {args.data_dir}")
@@ -135,7 +138,10 @@ def main(argv: list[str] | None = None) -> int:
     if args.num_workers < 0:
         print(f"{parser.prog}: error: --num-workers must be >= 0, got {args.num_workers}", file=sys.stderr)
         return 2
-    return run_handler(train, args, debug=args.debug)
+    try:
+        return run_handler(train, args, debug=args.debug)
+    except StopRequested as stop:  # SIGTERM, SIGINT or SIGUSR1: ExactResume wrote the checkpoint of the step reached
+        return int(stop.code)
 
 
 if __name__ == "__main__":

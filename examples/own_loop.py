@@ -12,7 +12,11 @@ any moment and ``--resume auto`` give checkpoints identical to the byte):
 * ``seed_globals(derive_seed(seed, "step", step))`` at the top of every step: dropout;
 * ``TrainingState(...)``: model, optimizer, scheduler, loader and step as one checkpoint dict;
 * ``CheckpointManager(output_dir)``: atomic ``checkpoints/checkpoint_step_<N>.pt``, ``latest``,
-  resume from the newest valid one.
+  resume from the newest valid one, refused when its seed, config or tiles differ from this run's
+  (and a fresh start refused over an earlier run's checkpoints);
+* ``StopRequest()``: SIGTERM, SIGINT or SIGUSR1 (to the whole process group, as Slurm sends it)
+  becomes a flag checked after each step: the loop checkpoints at the step it reached and exits
+  143, 130 or 138; ``--resume auto`` continues it exactly. The loader's workers ignore the signal.
 
     python examples/own_loop.py --data-dir tiles/ --output-dir runs/own --seed 42 --steps 40 \\
         --num-workers 2 --checkpoint-every 10 [--resume auto]
@@ -32,11 +36,13 @@ from torch.utils.data import Dataset
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the axs_lib beside this example
 
-from axs_lib.errors import AxsError, UsageError  # noqa: E402
+from axs_lib.errors import AxsError  # noqa: E402
+from axs_lib.fingerprint.data import data_fingerprint  # noqa: E402
 from axs_lib.loader import ResumableLoader  # noqa: E402
 from axs_lib.reproducibility import derive_seed, seed_globals, set_seed  # noqa: E402
 from axs_lib.run_dir import CheckpointManager  # noqa: E402
 from axs_lib.samples import SeededDataset  # noqa: E402
+from axs_lib.signals import StopRequest, StopRequested  # noqa: E402
 from axs_lib.state import TrainingState  # noqa: E402
 from axs_lib.tiles import SAR_DB_RANGE, list_tiles, read_tile  # noqa: E402
 
@@ -124,17 +130,15 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 
 def train(args: argparse.Namespace, log=print) -> int:
-    """Train to ``args.steps``; return the final step."""
+    """Train to ``args.steps``; return the final step. A stop signal ends it early with a
+    checkpoint at the step reached, by raising `StopRequested` (a SystemExit: exit 143, 130, 138)."""
     refs = list_tiles(args.data_dir)
     config = {"steps": args.steps, "batch_size": args.batch_size, "crop": args.crop, "lr": args.lr, "num_tiles": len(refs)}
+    data = data_fingerprint(refs, {"train": sorted(Path(r).name for r in refs)})
     run = CheckpointManager(args.output_dir)
-    found = run.resume("auto" if args.resume else None, log=log)
-    if found is None and args.resume is None and any(run.folder.glob("checkpoint_step_*.pt")):
-        raise UsageError(f"{run.folder}: holds checkpoints; pass --resume auto to continue, or use another --output-dir")
-    if found is not None:
-        problems = run.check_resume(found[1], seed=args.seed, config=config)
-        if problems:
-            raise UsageError(f"{found[0]}: cannot continue this run exactly: {'; '.join(problems)}")
+    # Refused (UsageError, one line): a checkpoint of another seed, config or tile set, and a fresh
+    # start into a folder that holds checkpoints (it would write over them).
+    found = run.resume("auto" if args.resume else None, log=log, seed=args.seed, config=config, data_fingerprint=data)
 
     set_seed(args.seed)  # determinism flags (and the guide's seed_info)
     seed_globals(derive_seed(args.seed, "init"))
@@ -144,7 +148,7 @@ def train(args: argparse.Namespace, log=print) -> int:
     dataset = SeededDataset(LandCoverTiles(refs, args.crop), args.seed)
     loader = ResumableLoader(dataset, args.batch_size, seed=args.seed, num_workers=args.num_workers)
     state = TrainingState(model=model, optimizer=optimizer, scheduler=scheduler, loader=loader, seed=args.seed,
-                          extras={"config": config})
+                          extras={"config": config, "data_fingerprint": data})
     if found is not None:
         state.load_state_dict(found[1], source=str(found[0]))
         log(f"resuming from {found[0]} at step {state.step}")
@@ -152,7 +156,7 @@ def train(args: argparse.Namespace, log=print) -> int:
     loss_fn = nn.BCEWithLogitsLoss()
     batches = loader.endless()
     model.train()
-    with loader, run:
+    with loader, run, StopRequest() as stop:
         while state.step < args.steps:
             seed_globals(derive_seed(args.seed, "step", state.step))  # dropout: a function of the step
             x, y = next(batches)
@@ -162,9 +166,12 @@ def train(args: argparse.Namespace, log=print) -> int:
             optimizer.step()
             scheduler.step()
             state.step += 1
-            if state.step % args.checkpoint_every == 0 or state.step == args.steps:
+            if state.step % args.checkpoint_every == 0 or state.step == args.steps or stop.requested:
                 run.save(state.state_dict(), state.step)
                 log(f"step {state.step}: loss {loss.item():.4f}, checkpoint written")
+            if stop.requested:
+                log(f"stopped by {stop.name} at step {state.step}; continue with --resume auto")
+                raise StopRequested(stop.signum)  # leaving the with block stops the workers, finishes the write
     return state.step
 
 

@@ -165,7 +165,7 @@ def test_a_second_run_into_a_directory_with_checkpoints_is_refused(runs, capsys)
     root, tiles, example = runs
     before = _digests(root / "a")
     assert example.main(_args(tiles, root / "a", 0)) == 2
-    assert "pass --resume auto" in capsys.readouterr().err
+    assert "--resume auto" in capsys.readouterr().err
     assert _digests(root / "a") == before
 
 
@@ -343,3 +343,135 @@ def test_without_lightning_the_module_names_the_extra_and_the_package_still_impo
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "pip install 'axs-lib[lightning]'" in proc.stdout
+
+
+# --------------------------------------------------------------------------- stop signals, refusals, hostile state
+
+
+def test_sigterm_to_the_process_group_checkpoints_the_step_reached_exits_143_and_resumes_exactly(runs, tmp_path):
+    """As Slurm stops a job: SIGTERM to the trainer and its 2 workers. Step 8's write is held 3 s
+    (AXS_FAULT=slow), so the signal lands before the run can end, wherever it lands in steps 5-8."""
+    root, tiles, example = runs
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, str(EXAMPLE), *_args(tiles, out, 2)], cwd=REPO, start_new_session=True,
+                            env={**os.environ, "AXS_FAULT": "slow:checkpoint_step_8.pt"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = out / "checkpoints" / "checkpoint_step_4.pt"
+    deadline = time.monotonic() + 300
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)  # no hang at exit: the workers ignore SIGTERM, ExactResume stops them
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err and "DataLoader worker" not in err, err[-2000:]
+    stopped = int(err.split("stopped by SIGTERM at step ")[1].split(":")[0])
+    assert 4 <= stopped <= 8
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"checkpoint_step_{stopped}.pt"
+    assert example.main(_args(tiles, out, 0, "--resume", "auto")) == 0
+    reference = _digests(root / "a")
+    assert {k: v for k, v in _digests(out).items() if k in reference} == reference
+
+
+def _tiny_trainer(out: Path, steps: int, every: int = 5, accumulate: int = 1, callbacks=()) -> tuple:
+    exact = ExactResume(out, seed=5, checkpoint_every=every, environment=False)
+    trainer = pl.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, deterministic=True, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         accumulate_grad_batches=accumulate, callbacks=[exact, *callbacks], plugins=[exact.checkpoint_io])
+    module = _Tiny(exact=True)
+    module.workers = 0
+    return exact, trainer, module
+
+
+@pytest.mark.filterwarnings("ignore:.*there is no last checkpoint available")  # Lightning's own, before our refusal
+def test_a_fresh_fit_over_checkpoints_is_refused_also_with_ckpt_path_last_and_writes_nothing(tmp_path):
+    _tiny_fit(tmp_path / "run", exact=True, workers=0, steps=5)
+    before = _digests(tmp_path / "run")
+    exact, trainer, module = _tiny_trainer(tmp_path / "run", steps=10)
+    with pytest.raises(UsageError, match="holds checkpoints of an earlier run"):
+        exact.resume(None)
+    for ckpt_path in (None, "last"):  # "last" with no last file: Lightning would start from step 0
+        exact, trainer, module = _tiny_trainer(tmp_path / "run", steps=10)
+        with pytest.raises(UsageError, match="holds checkpoints of an earlier run"):
+            trainer.fit(module, ckpt_path=ckpt_path)
+    assert _digests(tmp_path / "run") == before
+
+
+def test_no_weights_only_line_at_any_save(tmp_path, caplog):
+    with caplog.at_level("INFO", logger="lightning.pytorch"):
+        _tiny_fit(tmp_path / "run", exact=True, workers=0, steps=4, every=2)
+    assert len(_digests(tmp_path / "run")) == 2
+    assert not [r for r in caplog.records if "weights_only" in r.getMessage()]
+
+
+def test_remove_checkpoint_deletes_only_the_runs_own_files_in_its_checkpoint_folder(tmp_path):
+    run = tmp_path / "run"
+    io = AxsCheckpointIO(run)
+    victim = tmp_path / "precious.txt"
+    victim.write_text("not the run's")
+    io.save_checkpoint({"w": torch.ones(2)}, run / "checkpoints" / "checkpoint_step_2.pt")
+    io.save_checkpoint({"w": torch.ones(2)}, run / "checkpoints" / "epoch=0.ckpt")
+    planted = run / "checkpoints" / "planted.ckpt"
+    planted.write_text("not a checkpoint")
+    crafted = expand({"best_model_path": f"{RUN_MARK}/checkpoints/x/../../../precious.txt"}, run)["best_model_path"]
+    for path in (crafted, str(victim), run / "checkpoints" / "checkpoint_step_2.pt", run / "checkpoints" / "latest", planted):
+        io.remove_checkpoint(path)
+    assert victim.read_text() == "not the run's" and planted.exists()
+    assert (run / "checkpoints" / "checkpoint_step_2.pt").exists() and (run / "checkpoints" / "latest").exists()
+    io.remove_checkpoint(run / "checkpoints" / "epoch=0.ckpt")  # its own: ModelCheckpoint's rotation works
+    assert not (run / "checkpoints" / "epoch=0.ckpt").exists()
+    other = AxsCheckpointIO(run)  # after a resume: a file of ours written by the earlier process
+    io.save_checkpoint({"w": torch.ones(2)}, run / "checkpoints" / "epoch=1.ckpt")
+    other.remove_checkpoint(run / "checkpoints" / "epoch=1.ckpt")
+    assert not (run / "checkpoints" / "epoch=1.ckpt").exists()
+
+
+class _SaveMidAccumulation(pl.Callback):
+    """Saves a file as ModelCheckpoint may: at a batch end between the micro-batches of one step."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if batch_idx == 2 and not self.path.exists():  # micro-batch 0 of step 2 (accumulate 2)
+            trainer.save_checkpoint(self.path, weights_only=False)
+
+
+def test_gradient_accumulation_resumes_exactly_and_a_file_saved_mid_accumulation_is_refused(tmp_path):
+    mid = tmp_path / "run" / "checkpoints" / "mid.ckpt"
+    exact, trainer, module = _tiny_trainer(tmp_path / "run", steps=6, every=3, accumulate=2,
+                                           callbacks=[_SaveMidAccumulation(mid)])
+    trainer.fit(module)
+    full = _digests(tmp_path / "run")
+    assert sorted(full) == ["checkpoint_step_3.pt", "checkpoint_step_6.pt"] and mid.exists()
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "run" / "checkpoints" / "checkpoint_step_3.pt", resumed / "checkpoints")
+    exact, trainer, module = _tiny_trainer(resumed, steps=6, every=3, accumulate=2)
+    trainer.fit(module, ckpt_path=exact.resume("auto"))
+    assert _digests(resumed)["checkpoint_step_6.pt"] == full["checkpoint_step_6.pt"]
+    exact, trainer, module = _tiny_trainer(tmp_path / "other", steps=6, every=3, accumulate=2)
+    with pytest.raises(UsageError, match="middle of an accumulated step"):
+        trainer.fit(module, ckpt_path=str(mid))
+
+
+def test_an_error_in_the_fit_leaves_no_worker_behind_and_state_of_the_wrong_type_is_one_line(tmp_path):
+    class Failing(_Tiny):
+        def training_step(self, batch, batch_idx):
+            if self.global_step == 2:
+                raise ValueError("the module failed")
+            return super().training_step(batch, batch_idx)
+
+    before = set(multiprocessing.active_children())
+    exact = ExactResume(tmp_path / "run", seed=5, checkpoint_every=10, environment=False)
+    trainer = pl.Trainer(max_steps=5, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, callbacks=[exact], plugins=[exact.checkpoint_io])
+    module = Failing(exact=True)
+    module.workers = 2
+    with pytest.raises(ValueError, match="the module failed"):
+        trainer.fit(module)
+    assert [child for child in multiprocessing.active_children() if child not in before] == []  # closed by on_exception
+    for state in ([1, 2], {"seed": 5}):
+        with pytest.raises(UsageError) as caught:
+            exact.load_state_dict(state)
+        assert len(str(caught.value).splitlines()) == 1

@@ -113,7 +113,44 @@ def test_every_checkpoint_loads_weights_only(tiles, reference, tmp_path):
         assert set(checkpoint["sampler_state"]) >= {"epoch", "position"}
 
 
-def test_a_directory_with_checkpoints_needs_resume(tiles, tmp_path, reference):
+def test_sigterm_to_the_process_group_checkpoints_the_step_reached_exits_143_and_resumes_exactly(tiles, tmp_path, reference):
+    """As Slurm stops a job: SIGTERM to every process of the group, the loader's 2 workers included.
+    Step 8's write is held 3 s (AXS_FAULT=slow), so the signal lands before the run can end."""
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, str(EXAMPLE), *argv(tiles, out, 2)], cwd=REPO, start_new_session=True,
+                            env={**os.environ, "AXS_FAULT": "slow:checkpoint_step_8.pt"},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 120
+    while not (out / "checkpoints" / "checkpoint_step_4.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr
+    assert "Traceback" not in stderr and "DataLoader worker" not in stderr, stderr
+    stopped = int(stdout.split("stopped by SIGTERM at step ")[1].split(";")[0])
+    assert 4 <= stopped <= 8
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"checkpoint_step_{stopped}.pt"
+    assert train(tiles, out, 1, "--resume", "auto") == STEPS
+    assert {k: v for k, v in checkpoint_bytes(out).items() if k in reference} == reference
+
+
+def test_a_resume_with_another_seed_is_refused_naming_it_and_writes_nothing(tiles, tmp_path, reference, capsys):
+    out = tmp_path / "seeded"
+    train(tiles, out, 0, "--steps", "8")
+    before = checkpoint_bytes(out)
+    args = argv(tiles, out, 0, "--steps", "8", "--resume", "auto")
+    args[args.index("--seed") + 1] = "8"
+    assert own_loop.main(args) == 2
+    err = capsys.readouterr().err
+    assert "cannot resume exactly: seed: checkpoint 7, now 8" in err and len(err.strip().splitlines()) == 1
+    assert checkpoint_bytes(out) == before
+
+
+def test_a_fresh_run_into_a_directory_with_checkpoints_is_refused_and_writes_nothing(tiles, tmp_path, reference, capsys):
     out = tmp_path / "again"
-    train(tiles, out, 0)
-    assert own_loop.main(argv(tiles, out, 0)) == 2
+    train(tiles, out, 0, "--steps", "4")
+    before = checkpoint_bytes(out)
+    assert own_loop.main(argv(tiles, out, 0, "--steps", "4")) == 2
+    assert "--resume auto" in capsys.readouterr().err
+    assert checkpoint_bytes(out) == before

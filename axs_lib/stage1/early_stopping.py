@@ -59,5 +59,36 @@ class EarlyStopping:
         return asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+        """Restore every field; a state of the wrong shape or type is refused (ValueError, one line)
+        before any field changes."""
+        fields = self.state_dict()
+        if not isinstance(state, dict):
+            raise ValueError(f"early-stopping state must be a dict, got {type(state).__name__}")
+        unknown = sorted(str(k)[:40] for k in state if k not in fields)
+        if unknown:
+            raise ValueError(f"early-stopping state has unknown fields: {', '.join(unknown[:5])}")
+        merged = {**fields, **state}
+        for key, kind in _FIELD_TYPES.items():
+            if not _is(merged[key], kind):
+                raise ValueError(f"early-stopping state: {key} is {repr(merged[key])[:60]}, not {kind}")
+        restored = EarlyStopping(**merged)  # checks mode, patience and min_delta
+        if restored.bad_validations < 0:
+            raise ValueError(f"early-stopping state: bad_validations is {restored.bad_validations}, not a count")
+        for key in fields:
+            setattr(self, key, getattr(restored, key))
+
+
+_FIELD_TYPES = {"patience": "int", "min_delta": "number", "mode": "str", "metric": "str", "best": "number or None",
+                "best_step": "int or None", "bad_validations": "int", "stopped_step": "int or None"}
+
+
+def _is(value, kind: str) -> bool:
+    if value is None:
+        return kind.endswith("or None")
+    if isinstance(value, bool):
+        return False
+    if kind.startswith("int"):
+        return isinstance(value, int)
+    if kind.startswith("number"):
+        return isinstance(value, (int, float))
+    return isinstance(value, str)

@@ -53,6 +53,7 @@ from tqdm import tqdm
 from axs_lib import run_dir
 from axs_lib.data import TileDataset, make_loader
 from axs_lib.loader import ResumableLoader
+from axs_lib.signals import EXIT_CODES, StopRequest
 from axs_lib.workers import ignore_stop_signals, reap_workers_at_exit, stop_signals_held
 from axs_lib.distributed import GradientTree, MicroBatchPlan, PlanError, any_rank, init_world, main_first, shutdown
 from axs_lib.errors import EXIT_FAILURE, AxsError, CheckpointError, UsageError
@@ -74,7 +75,7 @@ from axs_lib.state import TrainingState
 from axs_lib.tiles import check_tiles, list_tiles
 
 logger = logging.getLogger(__name__)
-EXIT_INTERRUPTED = {signal.SIGINT: 130, signal.SIGTERM: 143, signal.SIGUSR1: 138}  # 128 + signal number
+EXIT_INTERRUPTED = EXIT_CODES  # 128 + signal number (axs_lib.signals)
 SAMPLE_TILES = 3  # validation tiles shown in samples/step_<N>.png
 
 
@@ -106,33 +107,6 @@ def lr_factor(step: int, warmup: int, total: int) -> float:
         return (step + 1) / warmup
     progress = (step - warmup) / max(1, total - warmup)
     return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-
-
-class _StopRequest:
-    """Turns SIGINT/SIGTERM/SIGUSR1 into a flag checked between steps, so the run can checkpoint and leave.
-
-    Schedulers signal the whole process group (Slurm, systemd, Kubernetes, ``timeout``); DataLoader
-    workers ignore these signals (`axs_lib.data.make_loader`), so the main process is the one that
-    decides, checkpoints at the current step and shuts the workers down in order.
-    """
-
-    def __init__(self):
-        self.signum: int | None = None
-        self._previous: dict[int, Any] = {}
-
-    def __enter__(self):
-        for signum in EXIT_INTERRUPTED:
-            self._previous[signum] = signal.signal(signum, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        if self.signum is not None:  # a second Ctrl-C: stop now
-            raise KeyboardInterrupt
-        self.signum = signum
-
-    def __exit__(self, *exc):
-        for signum, handler in self._previous.items():
-            signal.signal(signum, handler)
 
 
 def _device(name: str) -> torch.device:
@@ -387,7 +361,7 @@ class Stage1Trainer:
         self.state = TrainingState(seed=config.seed, model=self.model, optimizer=self.optimizer, scheduler=self.scheduler,
                                    early_stopping=self.stopper)
         if setup.ckpt is not None:
-            self.state.load_state_dict(setup.ckpt, source=str(setup.ckpt_path))
+            self.state.load_state_dict(setup.ckpt, source=str(setup.ckpt_path), check_seed=False)  # checked with --force-resume
             self.metrics = dict(setup.ckpt.get("metrics") or {})
             start = self._resume_position(setup.ckpt)
             say(f"resuming from {setup.ckpt_path} at step {self.state.step}")
@@ -555,7 +529,7 @@ class Stage1Trainer:
                    disable=config.quiet or not world.is_main or not tty, dynamic_ncols=True)
         self.model.train()
         try:
-            with _StopRequest() as stop_request, bar:
+            with StopRequest() as stop_request, bar:  # workers ignore the signals (axs_lib.workers)
                 while state.step < config.steps:
                     loss = self._train_step(state.step)
                     state.step += 1
@@ -600,7 +574,7 @@ class Stage1Trainer:
                         break
                     if interrupted:
                         signum = stop_request.signum or signal.SIGTERM
-                        status, exit_code = "interrupted", EXIT_INTERRUPTED.get(signum, 128 + int(signum))
+                        status, exit_code = "interrupted", stop_request.exit_code
                         self.manager.wait()
                         self.say(f"interrupted by {signal.Signals(signum).name} at step {step}: checkpoint written; "
                                  "continue with the same command plus --resume auto")

@@ -177,6 +177,15 @@ class RunDir:
             what = f"its {RUN_JSON} is not a run manifest" if self.previous is not None else f"it has no {RUN_JSON}"
             raise UsageError(f"{root}: not a training run directory ({what}); refusing to "
                              f"{'overwrite' if overwrite else 'resume'} in it: choose an empty or new --output-dir")
+        listed = self.previous.get("written") if is_run(self.previous) else None
+        if overwrite and not resume and isinstance(listed, list) and ckpt.is_dir() and not ckpt.is_symlink():
+            # --overwrite removes only what the earlier run recorded; a step checkpoint it did not record
+            # would stay and be written over by this run's step of that number: refuse before training
+            foreign = [p.name for _, p in step_checkpoints(ckpt) if f"{CHECKPOINTS}/{p.name}" not in listed]
+            if foreign:
+                raise UsageError(f"{ckpt}: holds checkpoints the earlier run did not write ({', '.join(foreign[:3])}"
+                                 f"{', ...' if len(foreign) > 3 else ''}); --overwrite removes only that run's files and "
+                                 "this run would write over these: move them away or choose another --output-dir")
 
     # ------------------------------------------------------------------ create and lock
     def open(self) -> "RunDir":

@@ -215,3 +215,20 @@ def test_resume_from_another_working_directory_finds_the_runs_tiles(tiles, tmp_p
     assert code == 0
     assert json.loads((work / "run" / "run.json").read_text())["final_step"] == 4
     assert (work / "run" / "checkpoints" / "checkpoint_step_4.pt").exists()
+
+
+def test_overwrite_over_a_step_checkpoint_the_earlier_run_did_not_write_is_refused_before_training(demo_tiles, tmp_path, capsys):
+    from axs_lib.cli import main
+
+    out = tmp_path / "run"
+    argv = ["train", "stage1", "--data-dir", str(demo_tiles), "--output-dir", str(out), "--seed", "1", "--steps", "2",
+            "--width", "4", "--checkpoint-every", "2", "--no-plots", "--quiet"]
+    assert main(argv) == 0
+    stranger = out / "checkpoints" / "checkpoint_step_1.pt"
+    stranger.write_bytes(b"the user's own file")
+    capsys.readouterr()
+    assert main([*argv, "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "holds checkpoints the earlier run did not write (checkpoint_step_1.pt)" in err
+    assert stranger.read_bytes() == b"the user's own file"
+    assert (out / "checkpoints" / "checkpoint_step_2.pt").exists()  # nothing of the earlier run removed either

@@ -164,7 +164,8 @@ def _read_band(path: Path) -> np.ndarray:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         with rasterio.open(path) as ds:
-            _check_declared(path, ds.count, ds.height, ds.width, ds.dtypes[0] if ds.count else None)
+            _check_declared(path, ds.count, ds.height, ds.width, ds.dtypes[0] if ds.count else None,
+                            ds.block_shapes[0] if ds.count else (0, 0))
             band = ds.read(1)
             nodata = ds.nodata
     if nodata is not None:
@@ -173,11 +174,15 @@ def _read_band(path: Path) -> np.ndarray:
     return band
 
 
-def _check_declared(path: Path, count: int, height: int, width: int, dtype: str | None) -> None:
+def _check_declared(path: Path, count: int, height: int, width: int, dtype: str | None, block: tuple[int, int]) -> None:
     if count < 1:
         raise InputError(path, "GeoTIFF holds no band")
     if min(height, width) < MIN_TILE_PX or max(height, width) > MAX_TILE_PX:
         raise InputError(path, f"GeoTIFF declares {width}x{height} px; tile sides must be {MIN_TILE_PX} to {MAX_TILE_PX} px")
+    # GDAL decodes whole blocks: a 120 x 120 image stored as one 16384 x 16384 block costs 0.5 GB
+    if block[0] * block[1] > MAX_TILE_PX * MAX_TILE_PX:
+        raise InputError(path, f"GeoTIFF stores its pixels in {block[1]}x{block[0]} px blocks, more than a "
+                               f"{MAX_TILE_PX} x {MAX_TILE_PX} px tile holds")
     if dtype not in _BAND_DTYPES:
         raise InputError(path, f"GeoTIFF band type {dtype} is not a number type a tile can hold")
 

@@ -285,6 +285,21 @@ def test_a_geotiff_declaring_30000_px_is_refused_before_its_pixels_are_read(rebe
     assert [(p, "B04.tif: GeoTIFF declares 30000x30000 px" in r) for p, r in report.skipped] == [(rows[0]["patch_id"], True)]
 
 
+def test_a_small_geotiff_stored_in_one_huge_block_is_refused_before_its_pixels_are_read(tmp_path, monkeypatch):
+    band = tmp_path / "block.tif"
+    with rasterio.open(band, "w", driver="GTiff", width=120, height=120, count=1, dtype="uint16", tiled=True, blockxsize=8192,
+                       blockysize=8192, compress="deflate", crs="EPSG:32633", transform=Affine(10, 0, 500000, 0, -10, 5000000)) as ds:
+        ds.write(np.ones((120, 120), np.uint16), 1)
+    assert band.stat().st_size < 1 << 20  # GDAL would decode 128 MB to read it
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("pixels read before the block size was checked")
+
+    monkeypatch.setattr(rasterio.io.DatasetReader, "read", no_read)
+    with pytest.raises(InputError, match=r"block.tif: GeoTIFF stores its pixels in 8192x8192 px blocks, more than a 4096 x 4096 px tile holds"):
+        ingest._read_band(band)
+
+
 def test_a_worker_killed_mid_conversion_fails_in_bounded_time_with_one_line(reben, tmp_path):
     """The out-of-memory killer, played by the fault hook: the worker writing one tile SIGKILLs
     itself. multiprocessing.Pool waited forever for its task; the command must exit 1."""

@@ -183,7 +183,7 @@ def test_a_metadata_name_that_is_not_a_plain_name_is_refused_before_anything_is_
     assert _files(tmp_path) == before  # not even the output directory
 
 
-def test_a_metadata_name_pointing_at_a_real_folder_outside_the_roots_still_writes_nothing_there(reben, tmp_path):
+def test_a_metadata_name_pointing_at_a_real_folder_outside_the_roots_still_writes_nothing_there(reben, tmp_path, capsys):
     s1_root, s2_root, _, _, rows = reben
     # a patch_id whose folder exists, reached through "..": the old converter read it and wrote the
     # tile at <out>/../../<name>.npz
@@ -193,7 +193,10 @@ def test_a_metadata_name_pointing_at_a_real_folder_outside_the_roots_still_write
     pq.write_table(pa.Table.from_pylist(_with_row(rows, 0, patch_id=escape)), metadata)
     with pytest.raises(InputError, match="row 0: patch_id .* holds a path separator"):
         convert_reben(s1_root, s2_root, tmp_path / "a" / "out", metadata)
-    assert not list(tmp_path.rglob("*.npz"))
+    assert main(["tiles", "from-bigearthnet", str(s1_root), str(s2_root), str(tmp_path / "a" / "out"), "--metadata", str(metadata)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"axs: error: {metadata}: row 0: patch_id ") and len(err.strip().splitlines()) == 1
+    assert not list(tmp_path.rglob("*.npz")) and not (tmp_path / "a").exists()
 
 
 def _bomb(path, rows, length):

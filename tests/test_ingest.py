@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -185,8 +187,28 @@ def test_a_v1_partner_name_that_is_not_a_plain_name_is_skipped_and_nothing_is_wr
     meta = json.loads(meta_path.read_text())
     meta_path.write_text(json.dumps({**meta, "corresponding_s2_patch": target}))
     out = tmp_path / "out" / "tiles"
-    report = convert_bigearthnet(s1_root, s2_root, out)
+    report = convert_bigearthnet(s1_root, s2_root, out, lists=DEMO_LISTS)
     reason = dict(report.skipped)[S1_87_48]
     assert reason.startswith(f"{meta_path}: corresponding_s2_patch '") and reason.endswith("holds a path separator; a plain name is required")
     assert sorted(p.name for p in tmp_path.rglob("*.npz")) == sorted(p.name for p in report.written)
     assert all(p.parent == out for p in tmp_path.rglob("*.npz"))
+
+
+def test_a_v1_patch_metadata_file_that_is_a_fifo_is_skipped_without_hanging(patches, tmp_path):
+    s1_root, s2_root = patches
+    meta_path = s1_root / S1_87_48 / f"{S1_87_48}_labels_metadata.json"
+    meta_path.unlink()
+    os.mkfifo(meta_path)
+
+    def alarm(*_):
+        raise AssertionError("blocked reading a FIFO")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(20)
+    try:
+        report = convert_bigearthnet(s1_root, s2_root, tmp_path / "out", lists=DEMO_LISTS)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert dict(report.skipped)[S1_87_48] == f"{meta_path}: patch metadata is a FIFO (named pipe), not a regular file"
+    assert len(report.written) == 5

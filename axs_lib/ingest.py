@@ -694,9 +694,11 @@ def convert_reben(
     ``metadata`` is reBEN's ``metadata.parquet``; each row pairs ``patch_id`` (S2) with ``s1_name``
     (S1) and gives labels, split (``validation`` is written as ``val``), country and the snow and
     cloud flags. Flagged patches are left out unless ``keep_snow_cloud`` (and then carry
-    ``quality_flags``). ``jobs`` worker processes read the GeoTIFFs; the table is read in batches of
-    `REBEN_BATCH_ROWS` rows, so memory does not grow with the dataset. Resumable: a tile already
-    in ``out_dir`` is left alone. Every input is checked before ``out_dir`` is created.
+    ``quality_flags``). ``jobs`` worker processes read the GeoTIFFs; a worker that dies ends the
+    conversion with `AxsError` (exit 1). The table is read a row group at a time with its text as
+    dictionaries, held to the ``REBEN_MAX_*`` bounds, and decoded `REBEN_BATCH_ROWS` rows at a
+    time. Resumable: a tile already in ``out_dir`` is left alone. Every input, each row of the
+    table included (plain names, bounded values), is checked before ``out_dir`` is created.
     """
     if jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {jobs}")

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 from pathlib import Path
@@ -49,15 +50,21 @@ def _tree(root: Path) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in root.rglob("*"))
 
 
+def _row_problem(row: dict) -> bool:
+    texts = [row[c] for c in ("patch_id", "s1_name", "split", "country") if isinstance(row[c], str)] + list(row["labels"] or [])
+    return (name_problem(row["patch_id"]) is not None or name_problem(row["s1_name"]) is not None
+            or len(row["labels"] or []) > REBEN_MAX_LABELS or any(len(t.encode()) > REBEN_MAX_TEXT_BYTES for t in texts))
+
+
 @FUZZ
-@given(rows=_ROWS, dictionary=st.booleans())
-def test_any_metadata_rows_convert_or_give_one_line_and_write_only_into_the_output(rows, dictionary):
+@given(rows=_ROWS, dictionary=st.booleans(), group_rows=st.integers(1, 4))
+def test_any_metadata_rows_convert_or_give_one_line_and_write_only_into_the_output(rows, dictionary, group_rows):
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "S1").mkdir()
         (tmp / "S2").mkdir()
         metadata = tmp / "metadata.parquet"
-        pq.write_table(pa.Table.from_pylist(rows, schema=_schema()), metadata, use_dictionary=dictionary)
+        pq.write_table(pa.Table.from_pylist(rows, schema=_schema()), metadata, use_dictionary=dictionary, row_group_size=group_rows)
         before = _tree(tmp)
         out = tmp / "deep" / "out"
         try:
@@ -65,12 +72,14 @@ def test_any_metadata_rows_convert_or_give_one_line_and_write_only_into_the_outp
         except InputError as exc:
             assert "\n" not in str(exc) and exc.path == str(metadata)
             assert _tree(tmp) == before  # refused before anything was created
+            match = re.match(r"row (\d+): ", exc.problem)
+            if match:  # a value: the row it names has a problem (rows count across row groups)
+                assert _row_problem(rows[int(match.group(1))]), exc.problem
+            else:  # a size the footer declares
+                assert exc.problem.startswith(("row group ", "declares ")) and any(_row_problem(row) for row in rows), exc.problem
             return
         # accepted: every name was plain and every value within bounds
-        for row in rows:
-            assert name_problem(row["patch_id"]) is None and name_problem(row["s1_name"]) is None
-            assert len(row["labels"] or []) <= REBEN_MAX_LABELS
-            assert all(len(x.encode()) <= REBEN_MAX_TEXT_BYTES for x in row["labels"] or [])
+        assert not any(_row_problem(row) for row in rows)
         assert len(report.skipped) == len(rows)  # no band files: every pair is skipped, none written
         assert set(_tree(tmp)) - set(before) <= {"deep", "deep/out"}
 

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import re
 import stat
 import time
 import zipfile
@@ -106,6 +107,7 @@ _KIND_WORDS = {
 # separator, not "." or "..", no control character (it would break the one-line messages), and
 # short enough that "<name>.json" and its temp file ".<name>.json.XXXXXXXX.tmp" fit in 255 bytes.
 MAX_NAME_BYTES = 200
+_CONTROL = re.compile("[\x00-\x1f\x7f]")  # one regex search: this runs on every row of a 550k-row table
 
 
 def name_problem(name: Any) -> str | None:
@@ -118,7 +120,7 @@ def name_problem(name: Any) -> str | None:
         return f"{name!r} is not a plain name"
     if "/" in name or "\\" in name:
         return f"{name[:80]!r} holds a path separator; a plain name is required"
-    if any(ord(c) < 32 or ord(c) == 127 for c in name):
+    if _CONTROL.search(name):
         return f"{name[:80]!r} holds a control character"
     if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
         return f"is {len(name.encode('utf-8', 'surrogateescape'))} bytes long, more than the {MAX_NAME_BYTES} allowed"

@@ -239,6 +239,10 @@ def test_declared_row_counts_and_label_counts_are_held_to_bounds(reben, tmp_path
     monkeypatch.setattr(ingest, "REBEN_MAX_ROWS", 5)
     with pytest.raises(InputError, match="declares 6 rows, more than the 5 allowed"):
         convert_reben(s1_root, s2_root, tmp_path / "out", metadata)
+    monkeypatch.setattr(ingest, "REBEN_MAX_ROWS", 10)
+    monkeypatch.setattr(ingest, "REBEN_MAX_GROUP_BYTES", 100)
+    with pytest.raises(InputError, match=r"row group 0: the reBEN columns declare \d+ uncompressed bytes, more than the 100 allowed"):
+        convert_reben(s1_root, s2_root, tmp_path / "out", metadata)
     monkeypatch.undo()
     many = tmp_path / "many.parquet"
     pq.write_table(pa.Table.from_pylist(_with_row(rows, 2, labels=["Arable land"] * 65)), many)

@@ -27,6 +27,7 @@ import importlib.util
 import itertools
 import math
 import os
+import pickle
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -204,6 +205,7 @@ def check_dataset(
         return _run_user_code(f"drawing samples of {name}", lambda: _draw(ds, seed, batch_size, batches, workers, split))
 
     reference = draw(dataset, 0)
+    _check_picklable(name, keys, reference)
     runs = {
         "rerun": lambda: draw(build()[0], 0),
         "workers": lambda: draw(dataset, num_workers),
@@ -213,6 +215,20 @@ def check_dataset(
     for check in CHECKS:
         report.differences[check] = first_difference(check, keys, reference, runs[check]())
     return report
+
+
+def _check_picklable(name: str, keys: list[SampleIndex], samples: list) -> None:
+    """Worker processes send samples back pickled, and a sample that cannot be pickled is lost
+    in the worker's queue thread while the loader waits for it forever: find it here, in this
+    process, and name it."""
+    for key, sample in zip(keys, samples):
+        try:
+            pickle.dumps(sample, protocol=pickle.HIGHEST_PROTOCOL)
+        except Exception as exc:  # noqa: BLE001 - PicklingError, TypeError, AttributeError...
+            detail = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else ""
+            raise UsageError(f"{name}: sample (epoch {key.epoch}, index {int(key)}) cannot be pickled, so worker processes "
+                             f"cannot send it ({type(exc).__name__}: {detail}); return tensors, arrays, numbers, "
+                             "strings and containers of them") from None
 
 
 def dataset_keys(dataset, seed: int) -> Iterator[SampleIndex]:

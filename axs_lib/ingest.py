@@ -16,12 +16,12 @@ no tile, which no reader picks up.
 from __future__ import annotations
 
 import bz2
+import concurrent.futures
 import functools
 import importlib.resources
 import io
 import itertools
 import json
-import multiprocessing
 import os
 import tarfile
 import tempfile
@@ -33,8 +33,9 @@ from pathlib import Path
 import numpy as np
 
 from axs_lib.atomic import atomic_open
-from axs_lib.errors import InputError, UsageError
-from axs_lib.tiles import S1_KEYS, S2_KEYS, SIDECAR_SUFFIX, SPLIT_ALIASES, TILE_SUFFIX, check_arrays
+from axs_lib.errors import EXIT_FAILURE, AxsError, InputError, UsageError
+from axs_lib.tiles import (MAX_TILE_PX, MIN_TILE_PX, S1_KEYS, S2_KEYS, SIDECAR_SUFFIX, SPLIT_ALIASES, TILE_SUFFIX, check_arrays,
+                           name_problem, read_json_file)
 
 S1_BANDS = {"s1_vv": "VV", "s1_vh": "VH"}
 S2_BANDS = {"s2_b2": "B02", "s2_b3": "B03", "s2_b4": "B04", "s2_b8": "B08"}
@@ -147,19 +148,43 @@ def official_metadata() -> OfficialLists:
     return splits, places, flags
 
 
+# Band types a GeoTIFF may hold: what Sentinel-1/2 products use, and nothing wider than 8 bytes.
+_BAND_DTYPES = ("uint8", "int8", "uint16", "int16", "uint32", "int32", "float32", "float64")
+
+
 def _read_band(path: Path) -> np.ndarray:
-    """One single-band GeoTIFF as a 2-D array; its nodata value, if any, becomes NaN."""
+    """One single-band GeoTIFF as a 2-D array; its nodata value, if any, becomes NaN.
+
+    The declared size and type are checked before any pixel is read: a compressed or sparse
+    file of a few KB can declare 30000 x 30000 pixels, and reading it would allocate gigabytes
+    before the tile limits saw the array.
+    """
     import rasterio  # heavy (GDAL): only the converters need it
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", rasterio.errors.NotGeoreferencedWarning)
         with rasterio.open(path) as ds:
+            _check_declared(path, ds.count, ds.height, ds.width, ds.dtypes[0] if ds.count else None,
+                            ds.block_shapes[0] if ds.count else (0, 0))
             band = ds.read(1)
             nodata = ds.nodata
     if nodata is not None:
         band = band.astype(np.float32)
         band[band == nodata] = np.nan
     return band
+
+
+def _check_declared(path: Path, count: int, height: int, width: int, dtype: str | None, block: tuple[int, int]) -> None:
+    if count < 1:
+        raise InputError(path, "GeoTIFF holds no band")
+    if min(height, width) < MIN_TILE_PX or max(height, width) > MAX_TILE_PX:
+        raise InputError(path, f"GeoTIFF declares {width}x{height} px; tile sides must be {MIN_TILE_PX} to {MAX_TILE_PX} px")
+    # GDAL decodes whole blocks: a 120 x 120 image stored as one 16384 x 16384 block costs 0.5 GB
+    if block[0] * block[1] > MAX_TILE_PX * MAX_TILE_PX:
+        raise InputError(path, f"GeoTIFF stores its pixels in {block[1]}x{block[0]} px blocks, more than a "
+                               f"{MAX_TILE_PX} x {MAX_TILE_PX} px tile holds")
+    if dtype not in _BAND_DTYPES:
+        raise InputError(path, f"GeoTIFF band type {dtype} is not a number type a tile can hold")
 
 
 def _grid(path: Path) -> tuple[str, list[float], tuple[int, int]]:
@@ -171,13 +196,11 @@ def _grid(path: Path) -> tuple[str, list[float], tuple[int, int]]:
 
 
 def _patch_metadata(folder: Path) -> dict:
+    """A v1 patch's metadata JSON, read as sidecars are (a regular file of bounded size, strict JSON)."""
     path = folder / f"{folder.name}{METADATA_SUFFIX}"
-    try:
-        meta = json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise InputError(path, "missing patch metadata file") from None
-    except (OSError, ValueError) as exc:
-        raise InputError(path, f"unreadable patch metadata: {exc}") from None
+    if not os.path.lexists(path):
+        raise InputError(path, "missing patch metadata file")
+    meta = read_json_file(path, "patch metadata")
     if not isinstance(meta, dict):
         raise InputError(path, "patch metadata is not a JSON object")
     return meta
@@ -243,7 +266,10 @@ def convert_bigearthnet(s1_root: os.PathLike | str, s2_root: os.PathLike | str, 
     for s1_dir in s1_dirs:
         try:
             s2_name = _patch_metadata(s1_dir).get("corresponding_s2_patch")
-            if not isinstance(s2_name, str) or not (s2_root / s2_name).is_dir():
+            problem = name_problem(s2_name)
+            if problem:  # it names the tile and a folder: "../x" or "/x" would reach outside both roots
+                raise InputError(s1_dir / f"{s1_dir.name}{METADATA_SUFFIX}", f"corresponding_s2_patch {problem}")
+            if not (s2_root / s2_name).is_dir():
                 report.skipped.append((s1_dir.name, f"unpaired: its S2 partner {s2_name!r} is not in {s2_root}"))
                 continue
             paired.add(s2_name)
@@ -357,7 +383,22 @@ def write_synthetic_tiles(out_dir: os.PathLike | str, count: int, size: int, see
 
 REBEN_SOURCE = "BigEarthNet v2.0 (reBEN, Sentinel-1 + Sentinel-2 patches)"
 REBEN_COLUMNS = ("patch_id", "s1_name", "labels", "split", "country", "contains_seasonal_snow", "contains_cloud_or_shadow")
-REBEN_BATCH_ROWS = 2048  # metadata rows in memory at once: memory stays flat at 550k patches
+REBEN_BATCH_ROWS = 2048  # metadata rows decoded to Python at once
+# Bounds on metadata.parquet, checked from its footer before any data page is read, and on its
+# values before they are decoded. A parquet file says little about what it decodes to: a 3 KB
+# file can hold one 10 MB string in its dictionary page and a run-length-encoded index that
+# repeats it two million times. So the text columns are read as dictionaries (indices plus each
+# distinct value once: memory follows the file's declared uncompressed size, which is bounded
+# here) and every distinct value is held to a length before a batch becomes Python objects.
+REBEN_MAX_ROWS = 10_000_000  # reBEN has 549,488 patches
+# Uncompressed bytes of the columns read, per row group: reading a group peaks near 4x this
+# (a synthetic table of reBEN's 549,488 rows in one group, ~60 MB: 250 MB RSS in all).
+REBEN_MAX_GROUP_BYTES = 256 << 20
+REBEN_MAX_LABELS = 64  # labels of one patch (BigEarthNet has 19 classes, 43 in v1)
+REBEN_MAX_LABEL_VALUES = 32_000_000  # labels in one row group (reBEN: ~1.6 million)
+REBEN_MAX_TEXT_BYTES = 256  # any string value: a patch name is ~60 bytes, the longest label 87
+_REBEN_TEXT = ("patch_id", "s1_name", "split", "country")
+_REBEN_NAMES = ("patch_id", "s1_name")
 _REBEN_FLAGS = {"contains_seasonal_snow": "seasonal_snow", "contains_cloud_or_shadow": "cloud_or_shadow"}
 
 
@@ -433,6 +474,8 @@ def _read_pair(s1_dir: Path, s2_dir: Path) -> tuple[dict[str, np.ndarray], str, 
             raise InputError(path, "missing band file")
         try:
             arrays[key] = _read_band(path)
+        except InputError:
+            raise
         except Exception as exc:  # noqa: BLE001 - rasterio raises RasterioIOError and friends
             raise InputError(path, f"unreadable band: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
         if key in S1_BANDS:
@@ -467,31 +510,175 @@ def _reben_task(task: tuple[str, str, str, dict]) -> tuple[str, str, str]:
 
 
 def _open_reben_metadata(path: Path):
-    """The metadata table as a `pyarrow.parquet.ParquetFile`, its columns checked."""
+    """The metadata table as a `pyarrow.parquet.ParquetFile`, its columns, types and declared sizes
+    checked; text columns are read as dictionaries (see `REBEN_MAX_GROUP_BYTES`)."""
     pq = require("pyarrow.parquet")
     if not path.is_file():
         raise InputError(path, "no such file" if not path.exists() else "not a regular file")
     try:
         table = pq.ParquetFile(path)
     except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
-        raise InputError(path, f"not a readable parquet file: {str(exc).splitlines()[0] if str(exc) else type(exc).__name__}") from None
+        raise InputError(path, f"not a readable parquet file: {_first_line(exc)}") from None
     names = set(table.schema_arrow.names)
     missing = [c for c in REBEN_COLUMNS if c not in names]
     if missing:
         raise InputError(path, f"missing column {missing[0]!r} (has: {', '.join(sorted(names)) or 'nothing'}); expected reBEN's metadata.parquet")
-    return table
+    _check_reben_types(path, table.schema_arrow)
+    leaves = _check_reben_sizes(path, table.metadata)
+    try:
+        return pq.ParquetFile(path, read_dictionary=[leaf for leaf in leaves if leaf.split(".")[0] in (*_REBEN_TEXT, "labels")])
+    except Exception as exc:  # noqa: BLE001
+        raise InputError(path, f"not a readable parquet file: {_first_line(exc)}") from None
 
 
-def _reben_tasks(table, s1_root: Path, s2_root: Path, out_dir: Path, keep_snow_cloud: bool, report: RebenReport):
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return (text[0] if text else type(exc).__name__)[:200]
+
+
+def _check_reben_types(path: Path, schema) -> None:
+    import pyarrow as pa
+
+    def text(t) -> bool:
+        return pa.types.is_string(t) or pa.types.is_large_string(t) or (pa.types.is_dictionary(t) and text(t.value_type))
+
+    for column in REBEN_COLUMNS:
+        t = schema.field(column).type
+        if column in _REBEN_NAMES:
+            ok = text(t)
+        elif column in _REBEN_TEXT:
+            ok = text(t) or pa.types.is_null(t)
+        elif column == "labels":
+            ok = pa.types.is_null(t) or ((pa.types.is_list(t) or pa.types.is_large_list(t)) and (text(t.value_type) or pa.types.is_null(t.value_type)))
+        else:
+            ok = pa.types.is_boolean(t) or pa.types.is_null(t)
+        if not ok:
+            raise InputError(path, f"column {column!r} has type {t}; reBEN's metadata.parquet has "
+                                   + ("strings" if column in _REBEN_TEXT else "lists of strings" if column == "labels" else "booleans"))
+
+
+def _check_reben_sizes(path: Path, metadata) -> list[str]:
+    """Hold the footer's declared row counts and sizes to the bounds; return the leaf column paths read."""
+    if metadata.num_rows > REBEN_MAX_ROWS:
+        raise InputError(path, f"declares {metadata.num_rows} rows, more than the {REBEN_MAX_ROWS} allowed")
+    leaves = [metadata.schema.column(i).path for i in range(metadata.num_columns)]
+    wanted = [i for i, leaf in enumerate(leaves) if leaf.split(".")[0] in REBEN_COLUMNS]
+    for g in range(metadata.num_row_groups):
+        group = metadata.row_group(g)
+        rows, total = group.num_rows, 0
+        for i in wanted:
+            chunk = group.column(i)
+            total += chunk.total_uncompressed_size
+            limit = min(rows * REBEN_MAX_LABELS, REBEN_MAX_LABEL_VALUES) if leaves[i].startswith("labels") else rows
+            if chunk.num_values > max(limit, rows):
+                raise InputError(path, f"row group {g}: column {leaves[i]!r} declares {chunk.num_values} values for {rows} rows, "
+                                       f"more than the {max(limit, rows)} allowed")
+        if total > REBEN_MAX_GROUP_BYTES:
+            raise InputError(path, f"row group {g}: the reBEN columns declare {total} uncompressed bytes, more than the "
+                                   f"{REBEN_MAX_GROUP_BYTES} allowed")
+    return [leaves[i] for i in wanted]
+
+
+def _reben_rows(table, path: Path, columns: list[str]):
+    """(row number, row dict) of every row, a row group at a time, each value bounded before it is
+    decoded to Python objects."""
+    row = 0
+    for g in range(table.metadata.num_row_groups):
+        try:
+            group = table.read_row_group(g, columns=columns)
+        except Exception as exc:  # noqa: BLE001 - pyarrow raises ArrowInvalid, OSError, ...
+            raise InputError(path, f"row group {g}: unreadable: {_first_line(exc)}") from None
+        for column in columns:
+            _check_text_lengths(path, group.column(column), column, row)
+        for batch in group.to_batches(max_chunksize=REBEN_BATCH_ROWS):
+            decoded = batch.cast(_decoded_schema(batch.schema)) if any(_is_dict(f.type) for f in batch.schema) else batch
+            for values in decoded.to_pylist():
+                yield row, values
+                row += 1
+
+
+def _is_dict(t) -> bool:
+    import pyarrow as pa
+
+    return pa.types.is_dictionary(t) or ((pa.types.is_list(t) or pa.types.is_large_list(t)) and pa.types.is_dictionary(t.value_type))
+
+
+def _decoded_schema(schema):
+    import pyarrow as pa
+
+    def plain(t):
+        if pa.types.is_dictionary(t):
+            return t.value_type
+        if pa.types.is_list(t) and pa.types.is_dictionary(t.value_type):
+            return pa.list_(t.value_type.value_type)
+        if pa.types.is_large_list(t) and pa.types.is_dictionary(t.value_type):
+            return pa.large_list(t.value_type.value_type)
+        return t
+
+    return pa.schema([pa.field(f.name, plain(f.type)) for f in schema])
+
+
+def _check_text_lengths(path: Path, column, name: str, first_row: int) -> None:
+    """Refuse a string longer than `REBEN_MAX_TEXT_BYTES` or a row with more than `REBEN_MAX_LABELS`
+    labels, naming the first row that holds one, without decoding the column."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
+    row = first_row
+    for chunk in column.chunks:
+        rows_of = None
+        if pa.types.is_list(chunk.type) or pa.types.is_large_list(chunk.type):
+            counts = pc.list_value_length(chunk).fill_null(0).to_numpy(zero_copy_only=False)
+            over = np.flatnonzero(counts > REBEN_MAX_LABELS)
+            if over.size:
+                raise InputError(path, f"row {row + int(over[0])}: {name} holds {int(counts[over[0]])} values, more than the {REBEN_MAX_LABELS} allowed")
+            rows_of = np.repeat(np.arange(len(chunk)), counts)
+            values = chunk.flatten()
+        else:
+            values = chunk
+        if pa.types.is_dictionary(values.type):
+            lengths = pc.binary_length(values.dictionary).fill_null(0).to_numpy(zero_copy_only=False)
+            codes = values.indices.fill_null(0).to_numpy(zero_copy_only=False)
+            lengths = lengths[codes] if lengths.size else np.zeros(len(codes), dtype=np.int64)
+        elif pa.types.is_string(values.type) or pa.types.is_large_string(values.type):
+            lengths = pc.binary_length(values).fill_null(0).to_numpy(zero_copy_only=False)
+        else:  # booleans and nulls: nothing to expand
+            lengths = np.zeros(len(values), dtype=np.int64)
+        over = np.flatnonzero(lengths > REBEN_MAX_TEXT_BYTES)
+        if over.size:
+            at = int(over[0]) if rows_of is None else int(rows_of[over[0]])
+            raise InputError(path, f"row {row + at}: {name} holds a string of {int(lengths[over[0]])} bytes, more than the {REBEN_MAX_TEXT_BYTES} allowed")
+        row += len(chunk)
+
+
+def _check_reben_names(table, path: Path) -> int:
+    """Refuse the table unless every value is within bounds and every ``patch_id`` and ``s1_name``
+    is a plain name: each names a folder to read and ``patch_id`` the tile to write, so ``../x``
+    or ``/x`` would reach outside the roots. Run over the whole table before anything is written
+    (about 2 s for reBEN's 549,488 rows); returns the row count."""
+    rows = 0
+    for row, values in _reben_rows(table, path, list(REBEN_COLUMNS)):
+        for column in _REBEN_NAMES:
+            problem = name_problem(values[column])
+            if problem:
+                raise InputError(path, f"row {row}: {column} {problem}")
+        rows += 1
+    return rows
+
+
+def _reben_tasks(table, path: Path, s1_root: Path, s2_root: Path, out_dir: Path, keep_snow_cloud: bool, report: RebenReport):
     """Conversion tasks, one metadata batch at a time; flagged patches are counted, not yielded."""
-    for batch in table.iter_batches(batch_size=REBEN_BATCH_ROWS, columns=list(REBEN_COLUMNS)):
-        for row in batch.to_pylist():
-            if not keep_snow_cloud and any(row.get(column) for column in _REBEN_FLAGS):
-                report.snow_cloud += 1
-                yield None
-                continue
-            s1_dir, s2_dir = reben_folders(s1_root, s2_root, row["patch_id"], row["s1_name"])
-            yield (str(s1_dir), str(s2_dir), str(out_dir), _reben_meta(row, s1_dir, s2_dir))
+    for row, values in _reben_rows(table, path, list(REBEN_COLUMNS)):
+        if not keep_snow_cloud and any(values.get(column) for column in _REBEN_FLAGS):
+            report.snow_cloud += 1
+            yield None
+            continue
+        for column in _REBEN_NAMES:  # checked before anything was written; the file may have changed since
+            problem = name_problem(values[column])
+            if problem:
+                raise InputError(path, f"row {row}: {column} {problem}")
+        s1_dir, s2_dir = reben_folders(s1_root, s2_root, values["patch_id"], values["s1_name"])
+        yield (str(s1_dir), str(s2_dir), str(out_dir), _reben_meta(values, s1_dir, s2_dir))
 
 
 def convert_reben(
@@ -509,9 +696,11 @@ def convert_reben(
     ``metadata`` is reBEN's ``metadata.parquet``; each row pairs ``patch_id`` (S2) with ``s1_name``
     (S1) and gives labels, split (``validation`` is written as ``val``), country and the snow and
     cloud flags. Flagged patches are left out unless ``keep_snow_cloud`` (and then carry
-    ``quality_flags``). ``jobs`` worker processes read the GeoTIFFs; the table is read in batches of
-    `REBEN_BATCH_ROWS` rows, so memory does not grow with the dataset. Resumable: a tile already
-    in ``out_dir`` is left alone. Every input is checked before ``out_dir`` is created.
+    ``quality_flags``). ``jobs`` worker processes read the GeoTIFFs; a worker that dies ends the
+    conversion with `AxsError` (exit 1). The table is read a row group at a time with its text as
+    dictionaries, held to the ``REBEN_MAX_*`` bounds, and decoded `REBEN_BATCH_ROWS` rows at a
+    time. Resumable: a tile already in ``out_dir`` is left alone. Every input, each row of the
+    table included (plain names, bounded values), is checked before ``out_dir`` is created.
     """
     if jobs < 1:
         raise UsageError(f"--jobs must be >= 1, got {jobs}")
@@ -520,16 +709,20 @@ def convert_reben(
         if not root.is_dir():
             raise InputError(root, "no such directory" if not root.exists() else "not a directory")
     table = _open_reben_metadata(metadata)
+    _check_reben_names(table, metadata)
     require("rasterio")
     out_dir = _prepare_out_dir(out_dir)
     tqdm = require("tqdm").tqdm
     report = RebenReport()
     start = time.perf_counter()
-    tasks = _reben_tasks(table, s1_root, s2_root, out_dir, keep_snow_cloud, report)
+    tasks = _reben_tasks(table, metadata, s1_root, s2_root, out_dir, keep_snow_cloud, report)
     bar = tqdm(total=table.metadata.num_rows, unit="patch", disable=None if progress else True, smoothing=0.05)
-    pool = multiprocessing.Pool(jobs) if jobs > 1 else None
+    # concurrent.futures, not multiprocessing.Pool: a Pool whose worker is killed (the OOM killer)
+    # replaces the worker and waits forever for the lost task; the executor notices the death
+    # and fails every pending result with BrokenProcessPool.
+    pool = concurrent.futures.ProcessPoolExecutor(jobs) if jobs > 1 else None
     try:
-        for status, stem, reason in _run_tasks(tasks, pool):
+        for status, stem, reason in _run_tasks(tasks, pool, out_dir):
             bar.update(1)
             if status == "conflict":
                 raise InputError(out_dir, f"tile {stem}: {reason}")
@@ -542,15 +735,16 @@ def convert_reben(
     finally:
         bar.close()
         if pool is not None:
-            pool.terminate()
-            pool.join()
+            pool.shutdown(wait=True, cancel_futures=True)
     report.seconds = time.perf_counter() - start
     return report
 
 
-def _run_tasks(tasks, pool):
+def _run_tasks(tasks, pool, out_dir: Path):
     """Results of ``tasks`` (``None`` tasks give ("filtered", ...)): in order without a pool, in
-    windows of `REBEN_BATCH_ROWS` through the pool so that queued work stays bounded."""
+    windows of `REBEN_BATCH_ROWS` through the pool so that queued work stays bounded. A worker
+    that dies is one line (`AxsError`, exit 1); every tile written before is complete and a rerun
+    continues from there."""
     if pool is None:
         for task in tasks:
             yield ("filtered", "", "") if task is None else _reben_task(task)
@@ -563,5 +757,10 @@ def _run_tasks(tasks, pool):
             else:
                 window.append(task)
         if window and (len(window) >= REBEN_BATCH_ROWS or task is StopIteration):
-            yield from pool.imap_unordered(_reben_task, window, chunksize=16)
+            try:
+                yield from pool.map(_reben_task, window, chunksize=16)
+            except concurrent.futures.process.BrokenProcessPool:
+                raise AxsError(f"{out_dir}: a worker process converting tiles died (killed by a signal, e.g. the "
+                               "out-of-memory killer); the tiles written are complete: rerun to continue, "
+                               "with fewer --jobs if memory ran out", exit_code=EXIT_FAILURE) from None
             window = []

@@ -7,8 +7,21 @@ sample, and 550k files strain a filesystem. ``axs tiles pack DIR OUT`` writes th
   ``np.load(path, mmap_mode="r")`` maps it without reading it. Each tile is its six contract
   arrays, raw C-order bytes in contract order, starting on a 64-byte boundary.
 * ``OUT/shard-00000.json``: that shard's index, one entry per tile: name, byte offset, shape, the
-  six dtypes, and the sidecar metadata (``null`` when the tile had no sidecar).
+  six dtypes, the XXH3-64 checksum of the tile's bytes (``xxh3``) and the sidecar metadata
+  (``null`` when the tile had no sidecar).
 * ``OUT/pack.json``: the format, and each shard's file names and tile names.
+
+Integrity: a per-tile ``.npz`` has its zip CRC; a packed tile has its ``xxh3``, checked at every
+read of the tile (XXH3 hashes at memory speed, a few tens of microseconds for a 120 x 120 tile), so
+a flipped bit in a shard is one line naming the shard and the tile, never a silently wrong sample.
+Format version 1 had no checksums: such a pack is refused with the command that rewrites it.
+
+Sizes are bounded per tile, not per shard: a shard is mapped, never read whole, so a default
+shard (4096 tiles, about 1.4 GB) is as cheap to open as a small one, while each tile's shape is
+held to the tile limits and its bytes to the span of the file.
+
+Names: every tile name in an index becomes part of a path (``<shard>/<name>.npz``), so each must
+be a plain name (`axs_lib.tiles.name_problem`) and appear once in the pack.
 
 A packed tile's ref is a path *inside* its shard, ``OUT/shard-00000.npy/<stem>.npz``: its ``name``
 and ``stem`` are those of the unpacked tile, so split manifests, data fingerprints and logs read
@@ -26,18 +39,22 @@ import os
 from pathlib import Path
 
 import numpy as np
+import xxhash
 
 from axs_lib.atomic import atomic_open, atomic_write_text
 from axs_lib.errors import InputError, UsageError
 
 PACK_INDEX = "pack.json"
 PACK_FORMAT = "axs-packed-tiles"
-PACK_VERSION = 1
+PACK_VERSION = 2  # 1: no per-tile checksums (refused: repack)
 SHARD_SUFFIX = ".npy"
 DEFAULT_SHARD_TILES = 4096  # about 1.4 GB of 120 x 120 float32 tiles per shard
 ALIGN = 64
 _HEADER_BYTES = 128
-MAX_INDEX_BYTES = 1 << 30  # pack.json of 550k names is ~40 MB; a shard index ~3 MB per 4096 tiles  # a fixed .npy header, rewritten once the shard's length is known
+MAX_INDEX_BYTES = 1 << 30  # pack.json of 550k names is ~40 MB; a shard index ~3 MB per 4096 tiles
+# A shard is memory-mapped, never read whole: its size costs nothing, so it is not held to the
+# per-tile limit (every tile in it is). This bound only keeps offsets in a sane integer range.
+MAX_SHARD_BYTES = 1 << 48
 
 _shards: dict[str, "_Shard"] = {}  # per process: mapped shards by path
 _packed_parents: dict[str, bool] = {}
@@ -71,17 +88,35 @@ def pack_index(directory: os.PathLike | str) -> dict:
     """The checked ``pack.json`` of a packed directory."""
     path = Path(directory) / PACK_INDEX
     doc = _read_json(path)
+    if doc.get("format") == PACK_FORMAT and doc.get("version") == 1:
+        raise InputError(path, f"a version 1 pack, written before shards carried checksums; pack the tiles again "
+                               f"(axs tiles pack TILES_DIR NEW_DIR) to read them with integrity checks")
     if doc.get("format") != PACK_FORMAT or doc.get("version") != PACK_VERSION:
-        raise InputError(path, f"not a {PACK_FORMAT} version {PACK_VERSION} index (format {doc.get('format')!r}, version {doc.get('version')!r})")
+        raise InputError(path, f"not a {PACK_FORMAT} version {PACK_VERSION} index (format {_short(doc.get('format'))}, version {_short(doc.get('version'))})")
     shards = doc.get("shards")
     if not isinstance(shards, list) or not all(
         isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("tiles"), list) for s in shards
     ):
         raise InputError(path, "malformed shard list")
+    from axs_lib.tiles import name_problem
+
+    names: set[str] = set()
     for shard in shards:
-        if os.path.basename(shard["file"]) != shard["file"] or not shard["file"].endswith(SHARD_SUFFIX):
-            raise InputError(path, f"shard file name {shard['file']!r} must be a plain *{SHARD_SUFFIX} name in the directory")
+        if name_problem(shard["file"]) or not shard["file"].endswith(SHARD_SUFFIX):
+            raise InputError(path, f"shard file name {_short(shard['file'])} must be a plain *{SHARD_SUFFIX} name in the directory")
+        for row, name in enumerate(shard["tiles"]):
+            problem = name_problem(name)
+            if problem:
+                raise InputError(path, f"shard {shard['file']}, tile {row}: name {problem}")
+            if name in names:
+                raise InputError(path, f"shard {shard['file']}, tile {row}: name {name!r} appears twice in the pack")
+            names.add(name)
     return doc
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
 
 
 def list_packed(directory: os.PathLike | str, max_tiles: int | None = None) -> list[Path]:
@@ -90,7 +125,7 @@ def list_packed(directory: os.PathLike | str, max_tiles: int | None = None) -> l
     refs = []
     for shard in pack_index(directory)["shards"]:
         base = directory / shard["file"]
-        refs.extend(base / f"{name}.npz" for name in shard["tiles"] if isinstance(name, str))
+        refs.extend(base / f"{name}.npz" for name in shard["tiles"])
     refs.sort(key=lambda p: p.name)
     if not refs:
         raise InputError(directory / PACK_INDEX, "no tiles in the pack")
@@ -101,20 +136,25 @@ class _Shard:
     """A mapped shard and its index; slices are views of the map until copied."""
 
     def __init__(self, path: str):
-        from axs_lib.tiles import check_regular_file
+        from axs_lib.tiles import check_regular_file, name_problem
 
         self.path = path
         self.key: tuple | None = None
-        check_regular_file(Path(path))
+        check_regular_file(Path(path), MAX_SHARD_BYTES, "shard")
         index_path = Path(path).with_suffix(".json")
         index = _read_json(index_path)
         tiles = index.get("tiles")
         if not isinstance(tiles, list):
             raise InputError(index_path, "malformed shard index: no tile list")
         self.entries = {}
-        for entry in tiles:
-            if not (isinstance(entry, dict) and isinstance(entry.get("name"), str)):
-                raise InputError(index_path, "malformed shard index entry")
+        for row, entry in enumerate(tiles):
+            if not isinstance(entry, dict):
+                raise InputError(index_path, f"malformed shard index entry {row}: not an object")
+            problem = name_problem(entry.get("name"))
+            if problem:
+                raise InputError(index_path, f"shard index entry {row}: name {problem}")
+            if entry["name"] in self.entries:
+                raise InputError(index_path, f"shard index entry {row}: name {entry['name']!r} appears twice")
             self.entries[entry["name"]] = entry
         try:
             self.data = np.load(path, mmap_mode="r", allow_pickle=False)
@@ -136,21 +176,43 @@ class _Shard:
 
         entry = self.entry(ref)
         keys = (*S1_KEYS, *S2_KEYS)
+        tile = os.path.basename(ref)
         try:
-            offset, (h, w), dtypes = int(entry["offset"]), [int(v) for v in entry["shape"]], [np.dtype(d) for d in entry["dtypes"]]
+            offset, shape, dtypes = _int(entry["offset"]), [_int(v) for v in entry["shape"]], list(entry["dtypes"])
+            checksum = entry["xxh3"]
         except (KeyError, TypeError, ValueError):
-            raise InputError(ref, "malformed shard index entry") from None
-        if len(dtypes) != len(keys) or offset < 0:
-            raise InputError(ref, "malformed shard index entry")
-        check_shape_limits(ref, (h, w))
-        arrays = {}
+            raise InputError(self.path, f"tile {tile}: malformed shard index entry") from None
+        if len(shape) != 2 or len(dtypes) != len(keys) or offset < 0 or not isinstance(checksum, str):
+            raise InputError(self.path, f"tile {tile}: malformed shard index entry")
         for key, dtype in zip(keys, dtypes):
-            size = h * w * dtype.itemsize
-            if offset + size > self.data.shape[0]:
-                raise InputError(self.path, f"truncated shard: tile {os.path.basename(ref)} ends past the end of the file")
-            arrays[key] = np.frombuffer(self.data, dtype=dtype, count=h * w, offset=offset).reshape(h, w)
+            # only the contract's little-endian dtypes: np.dtype() of an index string could name an
+            # object dtype, which no buffer may be read as
+            if dtype not in (_F4,) + (() if key in S1_KEYS else (_U2,)):
+                raise InputError(self.path, f"tile {tile}: {key} has dtype {_short(dtype)} in the shard index, expected {_F4}" + ("" if key in S1_KEYS else f" or {_U2}"))
+        h, w = shape
+        check_shape_limits(ref, (h, w))
+        sizes = [h * w * np.dtype(d).itemsize for d in dtypes]
+        end = offset + sum(sizes)
+        if end > self.data.shape[0]:
+            raise InputError(self.path, f"truncated shard: tile {tile} ends past the end of the file")
+        got = xxhash.xxh3_64_hexdigest(self.data[offset:end])
+        if got != checksum:
+            raise InputError(self.path, f"tile {tile}: checksum mismatch (index says xxh3 {_short(checksum)}, the bytes give {got}): the shard is corrupted")
+        arrays = {}
+        for key, dtype, size in zip(keys, dtypes, sizes):
+            arrays[key] = np.frombuffer(self.data, dtype=np.dtype(dtype), count=h * w, offset=offset).reshape(h, w)
             offset += size
         return arrays
+
+
+_F4, _U2 = np.dtype(np.float32).newbyteorder("<").str, np.dtype(np.uint16).newbyteorder("<").str
+
+
+def _int(value) -> int:
+    """An integer from an index: a JSON integer, not a bool, a float or a string that int() takes."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError("not an integer")
+    return value
 
 
 def _shard(ref: str) -> _Shard:
@@ -225,12 +287,15 @@ def pack_tiles(src_dir: os.PathLike | str, out_dir: os.PathLike | str, shard_til
                 pad = -offset % ALIGN
                 f.write(b"\0" * pad)
                 offset += pad
-                entries.append({"name": ref.stem, "offset": offset, "shape": list(arrays[S1_KEYS[0]].shape),
-                                "dtypes": [arrays[k].dtype.str for k in (*S1_KEYS, *S2_KEYS)], "meta": meta})
+                checksum = xxhash.xxh3_64()
+                entry = {"name": ref.stem, "offset": offset, "shape": list(arrays[S1_KEYS[0]].shape),
+                         "dtypes": [arrays[k].dtype.newbyteorder("<").str for k in (*S1_KEYS, *S2_KEYS)]}
                 for key in (*S1_KEYS, *S2_KEYS):
-                    data = np.ascontiguousarray(arrays[key]).tobytes()
+                    data = np.ascontiguousarray(arrays[key], dtype=arrays[key].dtype.newbyteorder("<")).tobytes()
+                    checksum.update(data)
                     f.write(data)
                     offset += len(data)
+                entries.append({**entry, "xxh3": checksum.hexdigest(), "meta": meta})
             f.seek(0)
             f.write(_npy_header(offset))
         # entry offsets count from the start of the array data, as np.load's map sees it

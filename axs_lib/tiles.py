@@ -20,7 +20,9 @@ import collections
 import errno
 import hashlib
 import json
+import math
 import os
+import re
 import stat
 import time
 import zipfile
@@ -91,14 +93,38 @@ _KIND_CHECKS = {
     "string list": lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v),
     "bounds": lambda v: isinstance(v, list)
     and len(v) == 4
-    and all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in v),
+    and all(isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) for x in v),
 }
 _KIND_WORDS = {
     "string": "a string",
     "boolean": "true or false",
     "string list": "a list of strings",
-    "bounds": "a list of 4 numbers [left, bottom, right, top]",
+    "bounds": "a list of 4 finite numbers [left, bottom, right, top]",
 }
+
+# A tile's name (its stem) becomes a file name in an output directory, so a name read from any
+# input file (a metadata table, a pack index, a patch's metadata) must be a plain name: no path
+# separator, not "." or "..", no control character (it would break the one-line messages), and
+# short enough that "<name>.json" and its temp file ".<name>.json.XXXXXXXX.tmp" fit in 255 bytes.
+MAX_NAME_BYTES = 200
+_CONTROL = re.compile("[\x00-\x1f\x7f]")  # one regex search: this runs on every row of a 550k-row table
+
+
+def name_problem(name: Any) -> str | None:
+    """Why ``name`` cannot be a tile's or a patch's name (a phrase), or None when it is a plain name."""
+    if not isinstance(name, str):
+        return f"must be a string, got {type(name).__name__}"
+    if not name:
+        return "is empty"
+    if name in (".", ".."):
+        return f"{name!r} is not a plain name"
+    if "/" in name or "\\" in name:
+        return f"{name[:80]!r} holds a path separator; a plain name is required"
+    if _CONTROL.search(name):
+        return f"{name[:80]!r} holds a control character"
+    if len(name.encode("utf-8", "surrogateescape")) > MAX_NAME_BYTES:
+        return f"is {len(name.encode('utf-8', 'surrogateescape'))} bytes long, more than the {MAX_NAME_BYTES} allowed"
+    return None
 
 
 @dataclass
@@ -281,15 +307,41 @@ def read_json_file(path: Path, what: str, limit: int = MAX_SIDECAR_BYTES):
     return _parse_json(path, data, what)
 
 
+class _JsonProblem(ValueError):
+    """Valid to Python's lenient parser, refused by ours: a repeated key or a NaN/Infinity literal."""
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict:
+    # json.loads keeps the last of two equal keys; a file that says "split" twice says two things
+    seen: dict = {}
+    for key, value in pairs:
+        if key in seen:
+            raise _JsonProblem(f"key {json.dumps(key)[:80]} appears twice in one object")
+        seen[key] = value
+    return seen
+
+
+def _no_constant(name: str):
+    raise _JsonProblem(f"{name} is not a JSON number")
+
+
+def parse_json_strict(text: str):
+    """``json.loads`` that refuses what RFC 8259 does not allow and Python accepts: a key repeated
+    in one object, and the literals NaN, Infinity and -Infinity. Raises ValueError."""
+    return json.loads(text, object_pairs_hook=_unique_keys, parse_constant=_no_constant)
+
+
 def _parse_json(path: Path, data: bytes, what: str):
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(display_path(path), f"{what} is not UTF-8 text (byte {exc.start})") from None
     try:
-        return json.loads(text)
+        return parse_json_strict(text)
     except json.JSONDecodeError as exc:
         raise InputError(display_path(path), f"invalid JSON in {what}: {exc.msg} at line {exc.lineno} column {exc.colno}") from None
+    except _JsonProblem as exc:
+        raise InputError(display_path(path), f"invalid JSON in {what}: {exc}") from None
     except RecursionError:
         raise InputError(display_path(path), f"{what} nests JSON too deeply") from None
 

@@ -3,7 +3,11 @@ index), names the sample and field, passes a SeededDataset around global-RNG aug
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -67,6 +71,19 @@ def own_generator():
 
 def not_a_dataset():
     return 42
+
+
+class Unpicklable(GlobalRandom):
+    """Samples holding a generator: fine in this process, impossible to send from a worker."""
+
+    def __getitem__(self, index):
+        sample = super().__getitem__(index)
+        sample["meta"]["lazy"] = (i for i in range(3))
+        return sample
+
+
+def unpicklable():
+    return Unpicklable()
 '''
 
 
@@ -134,3 +151,19 @@ def test_bad_arguments_are_usage_errors(module):
         check_dataset(load_factory(f"{module}:global_random"), batches=1)
     with pytest.raises(UsageError):
         check_dataset(object())
+
+
+def test_samples_that_cannot_be_pickled_for_workers_are_one_line_in_bounded_time(module, tmp_path):
+    """A worker's queue thread drops a sample it cannot pickle and the loader waits for it forever,
+    so the check runs as a process with a deadline."""
+    repo = Path(__file__).resolve().parents[1]
+    argv = [sys.executable, "-m", "axs_lib.cli", "check-dataset", f"{module}:unpicklable", "--batches", "2", "--batch-size", "2"]
+    try:
+        child = subprocess.run(argv, cwd=tmp_path, capture_output=True, text=True, timeout=120,
+                               env={**os.environ, "PYTHONPATH": os.pathsep.join([str(repo), str(tmp_path)])})
+    except subprocess.TimeoutExpired:
+        pytest.fail("check-dataset hung on a sample that cannot be pickled")
+    assert child.returncode == 2, child.stderr
+    assert child.stderr.strip().splitlines() == [
+        "axs: error: user_datasets:unpicklable: sample (epoch 0, index 3) cannot be pickled, so worker processes cannot send it "
+        "(TypeError: cannot pickle 'generator' object); return tensors, arrays, numbers, strings and containers of them"]

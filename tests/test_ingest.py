@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import shutil
+import signal
 
 import numpy as np
 import pytest
@@ -172,3 +174,41 @@ def test_synth_cli_and_usage_errors(tmp_path, capsys):
     with pytest.raises(UsageError, match="--size must be >= 2"):
         write_synthetic_tiles(tmp_path / "t", count=1, size=1, seed=0)
     assert not (tmp_path / "t").exists()
+
+
+@pytest.mark.parametrize("kind", ["relative", "absolute"])
+def test_a_v1_partner_name_that_is_not_a_plain_name_is_skipped_and_nothing_is_written_outside(patches, tmp_path, kind):
+    s1_root, s2_root = patches
+    s2_name = "S2A_MSIL2A_20170613T101031_87_48"
+    outside = s2_root.parent / "outside"
+    shutil.copytree(s2_root / s2_name, outside / s2_name)  # a real folder the name can reach
+    target = f"../outside/{s2_name}" if kind == "relative" else str(outside / s2_name)
+    meta_path = s1_root / S1_87_48 / f"{S1_87_48}_labels_metadata.json"
+    meta = json.loads(meta_path.read_text())
+    meta_path.write_text(json.dumps({**meta, "corresponding_s2_patch": target}))
+    out = tmp_path / "out" / "tiles"
+    report = convert_bigearthnet(s1_root, s2_root, out, lists=DEMO_LISTS)
+    reason = dict(report.skipped)[S1_87_48]
+    assert reason.startswith(f"{meta_path}: corresponding_s2_patch '") and reason.endswith("holds a path separator; a plain name is required")
+    assert sorted(p.name for p in tmp_path.rglob("*.npz")) == sorted(p.name for p in report.written)
+    assert all(p.parent == out for p in tmp_path.rglob("*.npz"))
+
+
+def test_a_v1_patch_metadata_file_that_is_a_fifo_is_skipped_without_hanging(patches, tmp_path):
+    s1_root, s2_root = patches
+    meta_path = s1_root / S1_87_48 / f"{S1_87_48}_labels_metadata.json"
+    meta_path.unlink()
+    os.mkfifo(meta_path)
+
+    def alarm(*_):
+        raise AssertionError("blocked reading a FIFO")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(20)
+    try:
+        report = convert_bigearthnet(s1_root, s2_root, tmp_path / "out", lists=DEMO_LISTS)
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    assert dict(report.skipped)[S1_87_48] == f"{meta_path}: patch metadata is a FIFO (named pipe), not a regular file"
+    assert len(report.written) == 5

@@ -301,3 +301,28 @@ def test_summary_and_validate_do_not_block_on_a_fifo_tile(tmp_path, capsys):
         assert summarize(tmp_path)["unreadable"] == 1
         assert main(["tiles", "validate", str(tmp_path)]) == 1
     assert "pipe.npz: tile is a FIFO (named pipe), not a regular file" in capsys.readouterr().out
+
+
+# --------------------------------------------------------------------------- sidecar values JSON lets through
+
+
+@pytest.mark.parametrize("bounds", ["[NaN, 0, 1, 1]", "[0, 0, Infinity, 1]", "[0, -Infinity, 1, 1]", "[0, 0, 1e999, 1]"])
+def test_sidecar_bounds_that_are_not_finite_numbers_are_refused(tmp_path, bounds, capsys):
+    path = tile(tmp_path, GOOD, "b")
+    (tmp_path / "b.json").write_text('{"tile_id": "b", "bounds": %s}' % bounds)
+    with pytest.raises(InputError, match=r"b.json: (invalid JSON in sidecar: -?(NaN|Infinity) is not a JSON number|sidecar field 'bounds' must be a list of 4 finite numbers)"):
+        read_sidecar(path)
+    assert main(["tiles", "validate", str(tmp_path)]) == 1
+    out = capsys.readouterr().out.splitlines()
+    assert len(out) == 2 and out[0].startswith(f"{path}: b.json: ")
+
+
+@pytest.mark.parametrize("text", ['{"split": "train", "split": "test"}', '{"tile_id": "a", "labels": ["x"], "tile_id": "b"}',
+                                  '{"extra": {"k": 1, "k": 2}}'])
+def test_a_sidecar_key_given_twice_is_refused(tmp_path, text):
+    path = tile(tmp_path, GOOD, "d")
+    (tmp_path / "d.json").write_text(text)
+    with pytest.raises(InputError, match=r"d.json: invalid JSON in sidecar: key \"(split|tile_id|k)\" appears twice in one object$"):
+        read_sidecar(path)
+    with pytest.raises(InputError, match="appears twice"):
+        check_tiles([path], cache_dir=tmp_path / "cache")

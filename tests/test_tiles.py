@@ -66,7 +66,7 @@ BAD_TILES = [
     ("bad JSON", dict(sidecar='{"split": "train",'), "json", "invalid JSON"),
     ("sidecar not an object", dict(sidecar="[1, 2]"), "json", "JSON object"),
     ("field type", dict(sidecar='{"labels": "Pastures"}'), "json", "'labels' must be a list of strings"),
-    ("bounds type", dict(sidecar='{"bounds": [1, 2, 3]}'), "json", "'bounds' must be a list of 4 numbers"),
+    ("bounds type", dict(sidecar='{"bounds": [1, 2, 3]}'), "json", "'bounds' must be a list of 4 finite numbers"),
     ("bad split", dict(sidecar='{"split": "training"}'), "json", "'split' is \"training\""),
 ]
 

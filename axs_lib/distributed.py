@@ -224,18 +224,21 @@ class GradientTree:
             known = self._exchange(mine)
         total = tree_value(_root(k), known, k)
         offset = 0
-        for p in self.parameters:
+        for p in self.parameters:  # views into the one fresh buffer: no copy (zero_grad drops them)
             n = p.numel()
-            p.grad = total[offset:offset + n].view_as(p).clone()
+            p.grad = total[offset:offset + n].view_as(p)
             offset += n
         return total[offset]
 
     def _exchange(self, mine: list[torch.Tensor]) -> dict[Node, torch.Tensor]:
         """Every rank's node values, by one all_gather of equally sized (zero-padded) stacks."""
         width = max(len(nodes) for nodes in self._nodes)
-        stack = torch.zeros((width, mine[0].numel()), dtype=mine[0].dtype, device=mine[0].device)
-        for i, value in enumerate(mine):
-            stack[i] = value
+        if width == 1:  # one node per rank (a power-of-two block): gather it as it is, no stacking copy
+            stack = mine[0].unsqueeze(0)
+        else:
+            stack = torch.zeros((width, mine[0].numel()), dtype=mine[0].dtype, device=mine[0].device)
+            for i, value in enumerate(mine):
+                stack[i] = value
         gathered = [torch.empty_like(stack) for _ in range(self.world.size)]
         dist.all_gather(gathered, stack)
         return {node: gathered[r][i] for r, nodes in enumerate(self._nodes) for i, node in enumerate(nodes)}

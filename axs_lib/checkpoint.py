@@ -347,7 +347,7 @@ def load_checkpoint(
       raises `CheckpointError`. So does a file with no checksum at all: every file we write has
       one, and one flipped byte in the key's *name* would otherwise turn the check off. Files of
       other tools (a plain ``torch.save``) load only with ``allow_unverified=True`` (``axs inspect
-      --allow-unverified``), or with ``verify=False``, which skips the check altogether.
+      --allow-unverified``) or ``trust=True``, or with ``verify=False``, which skips the check.
     * Whatever the bytes, the result is a dict or a `CheckpointError`: content that is not a dict,
       or nested too deep to walk, is refused by name too.
     """
@@ -362,8 +362,8 @@ def load_checkpoint(
         obj = _torch_load(path, source, trust=trust, mmap=mmap and is_zip, map_location=map_location)
     if not isinstance(obj, dict):
         raise CheckpointError(path, f"holds a {type(obj).__name__}, not a checkpoint (a dict of named entries)")
-    if verify:
-        verify_content(obj, path, allow_unverified=allow_unverified)
+    if verify:  # a file the user vouches for (trust) may be a legacy one, from before checksums
+        verify_content(obj, path, allow_unverified=allow_unverified or trust)
     return obj
 
 

@@ -446,6 +446,8 @@ def _short(value: Any, limit: int = 80) -> str:
 # The types a checkpoint of the trainer or the toolkit stores under its well-known keys.
 _KNOWN_TYPES = {"step": int, "epoch": int, "world_size": int, "seed_info": dict, "config": dict,
                 "data_fingerprint": dict, "sampler_state": dict, "metrics": dict, "environment": dict}
+_FLAT = ("config", "data_fingerprint", "seed_info")  # compared value by value with this run's: plain values only
+_PLAIN = (type(None), bool, int, float, str)
 MAX_COUNT = 2**62  # steps, epochs and positions beyond this are not counts a run reaches (int64 holds them)
 
 
@@ -463,13 +465,17 @@ def check_known_keys(ckpt: dict, path: os.PathLike | str) -> None:
         if not isinstance(value, kind) or isinstance(value, bool):
             raise CheckpointError(path, f"{key} is {_short(value, 40)} ({type(value).__name__}), not a {kind.__name__}")
         if kind is int and not (0 <= value < MAX_COUNT) or key == "world_size" and value < 1:
-            raise CheckpointError(path, f"{key} is {_short(value, 40)}, out of range")
+            raise CheckpointError(path, f"{key} is {_short(value, 40)}: not a count from {int(key == 'world_size')} to 2**62")
+        if key in _FLAT:
+            odd = next((k for k, v in value.items() if type(k) is not str or type(v) not in _PLAIN), None)
+            if odd is not None:
+                raise CheckpointError(path, f"{key}[{_short(odd, 40)}] is {_short(value[odd], 40)}: {key} holds names and plain values")
     state = ckpt.get("sampler_state")
     if state is not None:
         for key in ("epoch", "position"):
             value = state.get(key)
-            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < MAX_COUNT:
-                raise CheckpointError(path, f"sampler_state {key} is {_short(value, 40)}, not a count >= 0")
+            if type(value) is not int or not 0 <= value < MAX_COUNT:
+                raise CheckpointError(path, f"sampler_state {key} is {_short(value, 40)}: not a count from 0 to 2**62")
 
 
 def check_resume(ckpt: dict, *, seed: int | None = None, config: dict | None = None, data_fingerprint: dict | None = None,

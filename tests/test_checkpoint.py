@@ -150,10 +150,13 @@ def test_code_running_pickle_is_refused_and_never_runs(tmp_path, zip_format):
     assert marker.read_text() == "pwned"  # trust is the only way in, and it does run code
 
 
-def test_foreign_checkpoint_without_checksum_loads(tmp_path):
+def test_foreign_checkpoint_without_checksum_loads_only_when_allowed(tmp_path):
     path = tmp_path / "guide.pt"
     torch.save({"model_state_dict": {"w": torch.ones(3)}, "epoch": 10, "loss": 0.123}, path)
-    assert load_checkpoint(path)["epoch"] == 10
+    with pytest.raises(CheckpointError, match=r"guide\.pt: no content checksum .*--allow-unverified"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, allow_unverified=True)["epoch"] == 10
+    assert load_checkpoint(path, verify=False)["epoch"] == 10
 
 
 def test_content_digest_ignores_key_order_but_not_values():

@@ -213,7 +213,7 @@ def test_malformed_config_files_get_one_line(capsys, tmp_path, name, text, phras
 def test_huge_config_file_is_refused_before_it_is_read(tmp_path):
     path = tmp_path / "huge.json"
     path.write_text('{"lr": 0.1' + " " * MAX_CONFIG_BYTES + "}")
-    with pytest.raises(InputError, match=f"{path}: config file is {MAX_CONFIG_BYTES + 11} bytes"):
+    with pytest.raises(InputError, match=f"{path}: is {MAX_CONFIG_BYTES + 11} bytes, more than the {MAX_CONFIG_BYTES} allowed"):
         read_config_file(path)
 
 

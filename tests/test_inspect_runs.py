@@ -74,9 +74,12 @@ def _leaves(obj):
 def test_inspect_plain_guide_checkpoint_and_unsafe_pickle(tmp_path, capsys):
     plain = tmp_path / "model.pt"
     torch.save({"model_state_dict": {"w": torch.ones(2)}, "epoch": 10, "loss": 0.123}, plain)
-    assert main(["inspect", str(plain)]) == 0
+    assert main(["inspect", str(plain)]) == 2  # no checksum: a damaged checksum key would look the same
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "no content checksum" in err[0] and "--allow-unverified" in err[0]
+    assert main(["inspect", str(plain), "--allow-unverified"]) == 0
     out = capsys.readouterr().out
-    assert "checksum: none recorded" in out and "epoch: 10" in out and "tensors: 1 " in out
+    assert "checksum: NONE: not verified" in out and "epoch: 10" in out and "tensors: 1 " in out
 
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"model_state_dict": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=0.1)}, unsafe)

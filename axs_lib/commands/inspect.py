@@ -59,7 +59,7 @@ def describe(path: Path, *, trust: bool = False, allow_unverified: bool = False)
     from axs_lib.compare import DETERMINISM_FLAGS, load_noting_trust
 
     ckpt, notes = load_noting_trust(path, trust=trust, verify=False)
-    verified = verify_content(ckpt, path, allow_unverified=allow_unverified)
+    verified = verify_content(ckpt, path, allow_unverified=allow_unverified or trust)
     body = ckpt if isinstance(ckpt, dict) else {"(root)": ckpt}
     by_section: dict[str, dict[str, int]] = {}
     for leaf_path, leaf in iter_leaves(body):

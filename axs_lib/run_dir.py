@@ -463,7 +463,8 @@ def check_known_keys(ckpt: dict, path: os.PathLike | str) -> None:
             continue
         value = ckpt[key]
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise CheckpointError(path, f"{key} is {_short(value, 40)} ({type(value).__name__}), not a {kind.__name__}")
+            raise CheckpointError(path, f"{key} is {_short(value, 40)} ({type(value).__name__}), not "
+                                        f"{'an integer' if kind is int else 'a dict'}")
         if kind is int and not (0 <= value < MAX_COUNT) or key == "world_size" and value < 1:
             raise CheckpointError(path, f"{key} is {_short(value, 40)}: not a count from {int(key == 'world_size')} to 2**62")
         if key in _FLAT:

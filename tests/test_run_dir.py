@@ -239,7 +239,11 @@ def _run_with_every_part(root):
         (root / name).mkdir()
 
 
-@pytest.mark.parametrize("part", [*run_dir.RUN_PARTS, "checkpoints/latest", "checkpoints/best.pt", "checkpoints/checkpoint_step_2.pt"])
+RUN_PARTS = ["run.json", "config.yaml", "environment.json", "split.json", "metrics.jsonl", "checkpoints", "plots", "samples",
+             "tensorboard", "checkpoints/latest", "checkpoints/best.pt", "checkpoints/checkpoint_step_2.pt"]
+
+
+@pytest.mark.parametrize("part", RUN_PARTS)
 @pytest.mark.parametrize("mode", ["resume", "overwrite"])
 def test_a_run_part_that_is_a_symlink_is_refused_before_anything_is_read_or_changed(tmp_path, part, mode):
     root, elsewhere = tmp_path / "run", tmp_path / "elsewhere"

@@ -9,7 +9,9 @@ weights_only=True)`` opens it with no allow-list. On top of that we add:
   integrity check against accidents (bit-rot, truncation, a half-copied file), not a signature
   against tampering, so a fast non-cryptographic hash does the job: XXH3-128 reads a 23 MB state
   in about a quarter of the time SHA-256 takes. Format 1 files carry ``content_sha256`` over the
-  same structure; they still load and verify.
+  same structure; they still load and verify. A file with neither is refused unless the caller
+  says so (``allow_unverified``): otherwise one flipped byte in the key's name would switch the
+  check off. The key names live here, once (`RESERVED_KEYS`).
 * Atomic writes: temp file in the same directory, flush, fsync, rename, fsync the directory. A
   crash at any instant leaves either the old file or the complete new one.
 * Byte-identical output for identical content: the archive is written through a file object, so

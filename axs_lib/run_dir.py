@@ -665,10 +665,10 @@ class CheckpointManager:
         ``write_step=False`` with ``best=True`` writes only ``best.pt`` (a validation improvement
         at a step that is not a checkpoint step; ``latest`` does not move). Returns the names written.
         """
+        self._refuse_linked_folder()
         names = ([BEST] if best and self.keep_best else []) + ([checkpoint_name(step)] if write_step else [])
         if not names:
             return []
-        self._refuse_linked_folder()
         latest = names[-1] if write_step else None
         # best.pt first: a resume from this step's checkpoint would not write it again
         written = [f"{CHECKPOINTS}/{n}" for n in names] + ([f"{CHECKPOINTS}/{LATEST}"] if latest else [])

@@ -63,3 +63,6 @@ class WriteError(AxsError, OSError):
 
     def __str__(self) -> str:
         return self.message
+
+    def __reduce__(self):  # OSError pickles its args, which this constructor does not take (a pool worker's error)
+        return type(self), (self.path, OSError(self.errno, self.strerror))

@@ -301,3 +301,13 @@ def test_verify_with_a_worker_count_out_of_range_is_one_line(workers, capsys):
     assert main(["verify", "--num-workers", workers, "--iterations", "1"]) == 2
     err = capsys.readouterr().err
     assert err.strip() == f"axs: error: --num-workers must be an integer from 0 to 256, got {workers}"
+
+
+def test_a_write_error_survives_the_trip_from_a_worker_process():
+    import pickle
+
+    from axs_lib.errors import WriteError
+
+    error = pickle.loads(pickle.dumps(WriteError("/out/t.npz", OSError(errno.ENOSPC, "No space left on device"))))
+    assert isinstance(error, WriteError) and isinstance(error, OSError) and error.errno == errno.ENOSPC
+    assert str(error).startswith("/out/t.npz: cannot write: No space left on device") and error.exit_code == EXIT_FAILURE

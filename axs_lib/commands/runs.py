@@ -155,9 +155,10 @@ def _mark_killed(row: dict, run: Path) -> None:
         steps = {}
     row["status"] = "killed"
     row["step"] = max(steps) if steps else row["step"]
-    row["note"] = (f"{row['note']}; " if row.get("note") else "") + (f"run.json says running, but no process holds {run / LOCK}: the run was killed "
-                   f"or crashed; its newest checkpoint is step {row['step'] if steps else 'none'} "
-                   "(train again with --resume auto to continue)")
+    killed = (f"run.json says running, but no process holds {run / LOCK}: the run was killed "
+              f"or crashed; its newest checkpoint is step {row['step'] if steps else 'none'} "
+              "(train again with --resume auto to continue)")
+    row["note"] = f"{row['note']}; {killed}" if row.get("note") else killed
 
 
 def describe_experiment(path: Path, *, trust: bool = False) -> dict:

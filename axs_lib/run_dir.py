@@ -149,11 +149,14 @@ def symlinked_parts(root: os.PathLike | str) -> list[Path]:
     """The parts of a run (`RUN_PARTS`, and ``checkpoints/``'s step files, ``best.pt`` and ``latest``)
     that are symbolic links."""
     root = Path(root)
-    found = [root / name for name in RUN_PARTS if (root / name).is_symlink()]
-    folder = root / CHECKPOINTS
-    if folder.is_dir() and not folder.is_symlink():
-        found += sorted(p for p in folder.iterdir() if _ours(p.name) and p.is_symlink())
-    return found
+    return [root / name for name in RUN_PARTS if (root / name).is_symlink()] + _linked_entries(root / CHECKPOINTS)
+
+
+def _linked_entries(folder: Path) -> list[Path]:
+    """The step files, ``best.pt`` and ``latest`` of a checkpoint folder that are symbolic links."""
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    return sorted(p for p in folder.iterdir() if _ours(p.name) and p.is_symlink())
 
 
 def refuse_symlinked_parts(root: os.PathLike | str) -> None:
@@ -164,7 +167,10 @@ def refuse_symlinked_parts(root: os.PathLike | str) -> None:
     ``metrics.jsonl`` or ``plots/`` a run would write into another directory. Refused rather than
     followed: a run directory is a real directory of real files.
     """
-    links = symlinked_parts(root)
+    _refuse_links(symlinked_parts(root))
+
+
+def _refuse_links(links: list[Path]) -> None:
     if links:
         more = f" (and {len(links) - 1} more)" if len(links) > 1 else ""
         raise InputError(links[0], f"is a symbolic link{more}; a run's files must be its own, as through a link this run "
@@ -559,7 +565,7 @@ class CheckpointManager:
         say = log or logger.warning
         if target is None:
             return None
-        self._refuse_linked_folder()
+        self._refuse_linked_folder(entries=True)
         if target != "auto":
             path = Path(target)
             ckpt = load_checkpoint(path)  # a damaged or unsafe file is named as such first
@@ -653,10 +659,10 @@ class CheckpointManager:
             return None
         return value if isinstance(value, int) and not isinstance(value, bool) else None
 
-    def _refuse_linked_folder(self) -> None:
-        """``checkpoints/`` must be this run's own directory, not a link to another's."""
-        if self.folder.is_symlink():
-            refuse_symlinked_parts(self.root)
+    def _refuse_linked_folder(self, entries: bool = False) -> None:
+        """``checkpoints/`` must be this run's own directory, not a link to another's; with ``entries``,
+        its step files, ``best.pt`` and ``latest`` must not be links either (a resume would load them)."""
+        _refuse_links([self.folder] if self.folder.is_symlink() else _linked_entries(self.folder) if entries else [])
 
     # ------------------------------------------------------------------ save
     def save(self, checkpoint: dict, step: int, *, best: bool = False, write_step: bool = True) -> list[str]:

@@ -316,3 +316,13 @@ def test_check_resume_reports_crafted_values_as_differences_instead_of_crashing(
     assert any(p.startswith("checkpoint format: checkpoint [2]") for p in problems)
     assert any(p.startswith("seed: checkpoint None") for p in problems)
     assert all(len(p) < 400 for p in problems)  # a 10 kB value is cut, not pasted into the message
+
+
+def test_the_checkpoint_manager_alone_does_not_resume_a_linked_step_file(tmp_path):
+    other = tmp_path / "other"
+    CheckpointManager(other).save(_ckpt(8), 8)
+    mine = tmp_path / "mine"
+    CheckpointManager(mine).save(_ckpt(2), 2)
+    (mine / "checkpoints" / "checkpoint_step_8.pt").symlink_to(other / "checkpoints" / "checkpoint_step_8.pt")
+    with pytest.raises(InputError, match="checkpoint_step_8.pt: is a symbolic link"):
+        CheckpointManager(mine).resume("auto")

@@ -436,7 +436,15 @@ def lock_is_held(run: os.PathLike | str) -> bool:
 def diff_fields(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human lines naming every field whose value differs between two flat dicts."""
     keys = sorted(set(stored) | set(current), key=str)
-    return [f"{k}: checkpoint {_short(stored.get(k))}, now {_short(current.get(k))}" for k in keys if stored.get(k) != current.get(k)]
+    return [f"{k}: checkpoint {_short(stored.get(k))}, now {_short(current.get(k))}" for k in keys if not _equal(stored.get(k), current.get(k))]
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """``a == b``, and "they differ" where ``==`` gives no yes or no (a crafted tensor of several values)."""
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - RuntimeError, ValueError: an ambiguous truth value
+        return False
 
 
 def _dict(value: Any) -> dict:
@@ -498,25 +506,25 @@ def check_resume(ckpt: dict, *, seed: int | None = None, config: dict | None = N
     readable = getattr(checkpoint, "READABLE_FORMATS", {1, checkpoint.FORMAT_VERSION})
     problems = []
     version = ckpt.get(checkpoint.FORMAT_KEY)
-    if not any(version == v and type(version) is int for v in readable):  # a crafted list or dict is no version either
+    if type(version) is not int or version not in readable:  # a crafted list or tensor is no version either
         problems.append(f"checkpoint format: checkpoint {_short(version)}, this version reads {sorted(readable)}")
     if seed is not None:
         stored = _dict(ckpt.get("seed_info")).get("seed", ckpt.get("seed"))
-        if stored != seed:
+        if not _equal(stored, seed):
             problems.append(f"seed: checkpoint {_short(stored)}, now {seed!r}")
     if config is not None:
         problems += diff_fields(_dict(ckpt.get("config")), config)
     if data_fingerprint is not None:
         stored_fp = _dict(ckpt.get("data_fingerprint"))
-        if stored_fp.get("scheme") != data_fingerprint.get("scheme"):
-            problems.append(f"data fingerprint scheme: checkpoint {stored_fp.get('scheme', 'file-bytes (v1)')!r}, now "
+        if not _equal(stored_fp.get("scheme"), data_fingerprint.get("scheme")):
+            problems.append(f"data fingerprint scheme: checkpoint {_short(stored_fp.get('scheme', 'file-bytes (v1)'))}, now "
                             f"{data_fingerprint.get('scheme')!r}; the tiles may be the same, but this version cannot tell")
-        elif stored_fp.get("sha256") != data_fingerprint.get("sha256"):
+        elif not _equal(stored_fp.get("sha256"), data_fingerprint.get("sha256")):
             problems.append(
-                f"tile set: checkpoint {stored_fp.get('num_tiles')} tiles ({str(stored_fp.get('sha256'))[:12]}), "
+                f"tile set: checkpoint {_short(stored_fp.get('num_tiles'), 20)} tiles ({str(stored_fp.get('sha256'))[:12]}), "
                 f"now {data_fingerprint.get('num_tiles')} tiles ({str(data_fingerprint.get('sha256'))[:12]})"
             )
-    if ckpt.get("world_size", 1) != world_size and not allow_world_size_change:
+    if not _equal(ckpt.get("world_size", 1), world_size) and not allow_world_size_change:
         problems.append(f"world size: checkpoint {_short(ckpt.get('world_size', 1))}, now {world_size} "
                         "(--allow-world-size-change re-shards deterministically, with other bits)")
     return problems

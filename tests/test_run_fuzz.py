@@ -107,3 +107,15 @@ def test_the_trainers_resume_checks_refuse_any_crafted_checkpoint_with_one_line(
         state = ckpt["sampler_state"]
         assert all(type(state[k]) is int and 0 <= state[k] < 2**62 for k in ("epoch", "position"))
         assert not math.isnan(float(ckpt["step"]))
+
+
+@FUZZ
+@given(ckpt=_crafted, seed=st.integers(0, 9))
+def test_the_toolkits_check_resume_lists_differences_for_any_checkpoint(ckpt, seed):
+    """A loop of the user's own calls `CheckpointManager.check_resume` on whatever it loaded: a list of lines,
+    each short, never an exception (no `check_known_keys` first)."""
+    from axs_lib.run_dir import check_resume
+
+    problems = check_resume(ckpt, seed=seed, config={"lr": 0.1, "width": 4, "layers": [4, 8]},
+                            data_fingerprint={"scheme": "tiles-v2", "sha256": "d" * 64, "num_tiles": 6}, world_size=1)
+    assert isinstance(problems, list) and all(isinstance(p, str) and "\n" not in p and len(p) < 600 for p in problems)

@@ -9,7 +9,9 @@ weights_only=True)`` opens it with no allow-list. On top of that we add:
   integrity check against accidents (bit-rot, truncation, a half-copied file), not a signature
   against tampering, so a fast non-cryptographic hash does the job: XXH3-128 reads a 23 MB state
   in about a quarter of the time SHA-256 takes. Format 1 files carry ``content_sha256`` over the
-  same structure; they still load and verify.
+  same structure; they still load and verify. A file with neither is refused unless the caller
+  says so (``allow_unverified``): otherwise one flipped byte in the key's name would switch the
+  check off. The key names live here, once (`RESERVED_KEYS`).
 * Atomic writes: temp file in the same directory, flush, fsync, rename, fsync the directory. A
   crash at any instant leaves either the old file or the complete new one.
 * Byte-identical output for identical content: the archive is written through a file object, so
@@ -29,7 +31,6 @@ import errno
 import hashlib
 import os
 import pickle
-import stat
 import struct
 import sys
 import warnings
@@ -40,6 +41,7 @@ from typing import Any, Callable, Iterator
 import torch
 import xxhash
 
+from axs_lib.bounded_read import NO_SUCH_FILE, open_regular
 from axs_lib.errors import EXIT_FAILURE, AxsError, CheckpointError
 
 FORMAT_VERSION = 2
@@ -47,6 +49,10 @@ FORMAT_KEY = "format_version"
 CHECKSUM_KEY = "content_xxh3"  # what this version writes
 LEGACY_CHECKSUM_KEY = "content_sha256"  # format 1; still verified on load
 CHECKSUM_KEYS = (CHECKSUM_KEY, LEGACY_CHECKSUM_KEY)
+# Every top-level key a checkpoint of ours may carry besides the user's content; the one list of them
+# (`axs_lib.state.TrainingState` refuses components and extras under these names).
+GUIDE_KEYS = ("step", "epoch", "seed_info", "rng_state")  # the reproducibility guide's names
+RESERVED_KEYS = frozenset((*GUIDE_KEYS, FORMAT_KEY, *CHECKSUM_KEYS))
 # checksum key -> hash constructor; the structure fed to it is the same for both
 _HASHES = {CHECKSUM_KEY: xxhash.xxh3_128, LEGACY_CHECKSUM_KEY: hashlib.sha256}
 LATEST_POINTER = "latest"
@@ -326,6 +332,7 @@ def load_checkpoint(
     *,
     trust: bool = False,
     verify: bool = True,
+    allow_unverified: bool = False,
     mmap: bool = False,
     map_location: Any = "cpu",
 ) -> dict:
@@ -339,7 +346,10 @@ def load_checkpoint(
       arbitrary code when unpickled) are refused unless ``trust=True``; with it they load with a
       warning. Only pass ``trust`` for files you made yourself.
     * A ``content_xxh3`` (or format 1's ``content_sha256``) that does not match the content
-      raises `CheckpointError`. Files without one (written by other tools) load without the check.
+      raises `CheckpointError`. So does a file with no checksum at all: every file we write has
+      one, and one flipped byte in the key's *name* would otherwise turn the check off. Files of
+      other tools (a plain ``torch.save``) load only with ``allow_unverified=True`` (``axs inspect
+      --allow-unverified``) or ``trust=True``, or with ``verify=False``, which skips the check.
     * Whatever the bytes, the result is a dict or a `CheckpointError`: content that is not a dict,
       or nested too deep to walk, is refused by name too.
     """
@@ -354,40 +364,43 @@ def load_checkpoint(
         obj = _torch_load(path, source, trust=trust, mmap=mmap and is_zip, map_location=map_location)
     if not isinstance(obj, dict):
         raise CheckpointError(path, f"holds a {type(obj).__name__}, not a checkpoint (a dict of named entries)")
-    if verify and any(k in obj for k in CHECKSUM_KEYS):
-        try:
-            check_content(obj, path)
-        except CheckpointError:
-            raise
-        except RecursionError:
-            raise CheckpointError(path, f"content nested more than {sys.getrecursionlimit()} levels deep; not a checkpoint we wrote") from None
-        except Exception as exc:  # noqa: BLE001 - content torch accepted but our walk cannot (odd tensor kinds)
-            raise CheckpointError(path, f"cannot verify its content: {_describe_load_failure(exc)}") from None
+    if verify:  # a file the user vouches for (trust) may be a legacy one, from before checksums
+        verify_content(obj, path, allow_unverified=allow_unverified or trust)
     return obj
+
+
+def verify_content(obj: dict, path: os.PathLike | str, *, allow_unverified: bool = False) -> bool:
+    """Check a loaded checkpoint's content against its stored checksum; True when it had one.
+
+    `CheckpointError` (one line naming ``path``) for a mismatch, for content too odd to walk, and
+    for a checkpoint without a checksum unless ``allow_unverified`` (then False is returned).
+    """
+    if not any(k in obj for k in CHECKSUM_KEYS):
+        if not allow_unverified:
+            raise CheckpointError(path, unverified_problem(obj))
+        return False
+    try:
+        check_content(obj, path)
+    except CheckpointError:
+        raise
+    except RecursionError:
+        raise CheckpointError(path, f"content nested more than {sys.getrecursionlimit()} levels deep; not a checkpoint we wrote") from None
+    except Exception as exc:  # noqa: BLE001 - content torch accepted but our walk cannot (odd tensor kinds)
+        raise CheckpointError(path, f"cannot verify its content: {_describe_load_failure(exc)}") from None
+    return True
+
+
+def unverified_problem(obj: dict) -> str:
+    """Why a checkpoint without a content checksum is refused (one line)."""
+    claims = f"it says format_version {repr(obj[FORMAT_KEY])[:20]}, which always carries one: the checksum's key is " \
+        "damaged" if FORMAT_KEY in obj else "it was not written by axs, or its checksum's key is damaged"
+    return (f"no content checksum ({' or '.join(CHECKSUM_KEYS)}) to verify: {claims}; refused "
+            "(pass --allow-unverified / allow_unverified=True to load it unchecked)")
 
 
 def _open_regular(path: Path):
     """Open ``path`` for reading without blocking; refuse anything but a regular file (CheckpointError)."""
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        raise CheckpointError(path, "no such file") from None
-    except IsADirectoryError:
-        raise CheckpointError(path, "is a directory, not a checkpoint file") from None
-    except OSError as exc:
-        raise CheckpointError(path, f"cannot open: {exc.strerror or exc}") from None
-    except ValueError as exc:  # a NUL byte in the name
-        raise CheckpointError(path, f"cannot open: {exc}") from None
-    mode = os.fstat(fd).st_mode
-    if not stat.S_ISREG(mode):
-        os.close(fd)
-        kind = "a directory" if stat.S_ISDIR(mode) else _FILE_KINDS.get(stat.S_IFMT(mode), "not a regular file")
-        raise CheckpointError(path, f"is {kind}, not a checkpoint file")
-    return os.fdopen(fd, "rb")
-
-
-_FILE_KINDS = {stat.S_IFIFO: "a FIFO (named pipe)", stat.S_IFCHR: "a character device", stat.S_IFBLK: "a block device",
-               stat.S_IFSOCK: "a socket"}
+    return open_regular(path, what="a checkpoint file", error=CheckpointError)
 
 
 def _descriptor_path(f, path: Path) -> str:
@@ -465,7 +478,7 @@ def read_latest(checkpoint_dir: os.PathLike | str) -> Path | None:
     try:
         f = _open_regular(pointer)
     except CheckpointError as exc:
-        if exc.problem == "no such file":
+        if exc.problem == NO_SUCH_FILE:
             return None
         raise
     with f:

@@ -7,6 +7,7 @@ names the file it is about and what is wrong with it, so no traceback is needed 
 
 from __future__ import annotations
 
+import errno
 import os
 
 EXIT_OK = 0
@@ -40,3 +41,28 @@ class CheckpointError(InputError):
 
 class UsageError(AxsError):
     """Arguments that contradict each other or are out of range."""
+
+
+class WriteError(AxsError, OSError):
+    """A file could not be written: a full disk, a read-only filesystem, no permission (exit status 1).
+
+    Raised by the atomic writes (`axs_lib.atomic`), so the previous version of the file is intact
+    and no temp file is left. It is an `OSError` too, with the original ``errno``, so code that
+    handles ``OSError`` (a cache that may fail quietly, the checkpoint writer's own message) is
+    unchanged; the command line shows it as one line like any `AxsError`.
+    """
+
+    exit_code = EXIT_FAILURE
+
+    def __init__(self, path: os.PathLike | str, exc: OSError):
+        OSError.__init__(self, exc.errno, exc.strerror or str(exc), os.fspath(path))
+        self.path = os.fspath(path)
+        full = exc.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+        self.message = (f"{self.path}: cannot write: {exc.strerror or exc}; its previous version, if any, is intact"
+                        + ("; free some space and run again" if full else ""))
+
+    def __str__(self) -> str:
+        return self.message
+
+    def __reduce__(self):  # OSError pickles its args, which this constructor does not take (a pool worker's error)
+        return type(self), (self.path, OSError(self.errno, self.strerror))

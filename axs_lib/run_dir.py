@@ -26,7 +26,14 @@ Rules that protect the user's files:
   never a written file that is unlisted.
 * A resume never writes over a checkpoint it could not load: such a file is renamed to
   ``<name>.unloadable`` (bytes kept) before the run continues, and when checkpoints exist but none
-  loads, the resume is refused instead of quietly starting from step 0.
+  loads, the resume is refused instead of quietly starting from step 0. A forced resume from an
+  older step renames the newer checkpoints (and a newer ``best.pt``) to ``<name>.superseded``.
+* The parts of a run are its own: a ``checkpoints/``, ``plots/``, ``run.json``, ``latest`` ... that
+  is a symbolic link is refused (`refuse_symlinked_parts`) before anything is read or written, since
+  through it a run would resume, overwrite or prune another run's files. The run directory itself
+  may be a link (``runs -> /scratch/runs``).
+* A part the run cannot write (a read-only ``checkpoints/``) is refused by `RunDir.check` before
+  anything changes; a write that fails later (a full disk) is one `axs_lib.errors.WriteError` line.
 """
 
 from __future__ import annotations
@@ -42,7 +49,7 @@ import stat
 from pathlib import Path
 from typing import Any, Callable
 
-from axs_lib.errors import CheckpointError, InputError, UsageError
+from axs_lib.errors import CheckpointError, InputError, UsageError, WriteError
 
 logger = logging.getLogger(__name__)
 
@@ -59,6 +66,9 @@ LOCK = ".lock"
 BEST = "best.pt"
 LATEST = "latest"
 UNLOADABLE_SUFFIX = ".unloadable"
+SUPERSEDED_SUFFIX = ".superseded"
+# What a run writes at its top level; none of them may be a symbolic link (`refuse_symlinked_parts`).
+RUN_PARTS = (RUN_JSON, CONFIG_FILE, ENVIRONMENT_JSON, SPLIT_JSON, METRICS, CHECKPOINTS, PLOTS, SAMPLES, TENSORBOARD)
 STEP_FILE = re.compile(r"^checkpoint_step_(\d+)\.pt$")
 # A checkpoint-folder temp file of `axs_lib.atomic` (``.<name>.<random>.tmp``) for a name the manager writes
 _STALE_TEMP = re.compile(r"^\.(checkpoint_step_\d+\.pt|best\.pt|latest)\.[^/]+\.tmp$")
@@ -106,18 +116,20 @@ def write_json(path: Path, data: Any) -> None:
 
 
 def read_run_json(run: os.PathLike | str) -> dict | None:
-    """``run.json`` of a run directory as a dict, None when absent; InputError when it is not ours."""
+    """``run.json`` of a run directory as a dict, None when absent; InputError when it is not ours.
+
+    Read bounded and non-blocking, never through a link (`axs_lib.bounded_read`)."""
+    from axs_lib.bounded_read import NO_SUCH_FILE, read_regular
+
     path = Path(run) / RUN_JSON
     try:
-        st = path.lstat()
-    except FileNotFoundError:
-        return None
-    if not stat.S_ISREG(st.st_mode):
-        raise InputError(path, "is not a regular file")
-    if st.st_size > MAX_RUN_JSON_BYTES:
-        raise InputError(path, f"is {st.st_size} bytes, larger than any run.json we write")
+        raw = read_regular(path, MAX_RUN_JSON_BYTES, what="a run manifest", follow_symlinks=False)
+    except InputError as exc:
+        if exc.problem == NO_SUCH_FILE:
+            return None
+        raise
     try:
-        data = json.loads(path.read_bytes().decode("utf-8"))
+        data = json.loads(raw.decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise InputError(path, f"not a run manifest (not valid JSON: {str(exc)[:80]})") from None
     if not isinstance(data, dict):
@@ -128,6 +140,61 @@ def read_run_json(run: os.PathLike | str) -> dict | None:
 def is_run(data: dict | None) -> bool:
     """Whether a parsed ``run.json`` is one a run of ours wrote (this version or an earlier one)."""
     return isinstance(data, dict) and (data.get(RUN_MARKER) is not None or {"config", "seed", "status"} <= set(data))
+
+
+def _ours(name: str) -> bool:
+    """A name the checkpoint manager writes in ``checkpoints/``."""
+    return name in (BEST, LATEST) or step_of(name) is not None
+
+
+def symlinked_parts(root: os.PathLike | str) -> list[Path]:
+    """The parts of a run (`RUN_PARTS`, and ``checkpoints/``'s step files, ``best.pt`` and ``latest``)
+    that are symbolic links."""
+    root = Path(root)
+    return [root / name for name in RUN_PARTS if (root / name).is_symlink()] + _linked_entries(root / CHECKPOINTS)
+
+
+def _linked_entries(folder: Path) -> list[Path]:
+    """The step files, ``best.pt`` and ``latest`` of a checkpoint folder that are symbolic links."""
+    if not folder.is_dir() or folder.is_symlink():
+        return []
+    return sorted(p for p in folder.iterdir() if _ours(p.name) and p.is_symlink())
+
+
+def refuse_symlinked_parts(root: os.PathLike | str) -> None:
+    """One `InputError` line when a part of the run at ``root`` is a symbolic link.
+
+    Through a linked ``checkpoints/`` a ``--resume auto`` would continue another run without
+    ``--adopt-checkpoint`` and ``--keep-last`` would delete that run's files; through a linked
+    ``metrics.jsonl`` or ``plots/`` a run would write into another directory. Refused rather than
+    followed: a run directory is a real directory of real files.
+    """
+    _refuse_links(symlinked_parts(root))
+
+
+def _refuse_links(links: list[Path]) -> None:
+    if links:
+        more = f" (and {len(links) - 1} more)" if len(links) > 1 else ""
+        raise InputError(links[0], f"is a symbolic link{more}; a run's files must be its own, as through a link this run "
+                                   "would read, overwrite or delete another directory's files: replace it with the real "
+                                   "file or directory, or use another --output-dir")
+
+
+def refuse_unwritable(root: os.PathLike | str) -> None:
+    """One `InputError` line when the run directory or one of its folders cannot be written (read-only)."""
+    root = Path(root)
+    for folder in (root, *(root / name for name in (CHECKPOINTS, PLOTS, SAMPLES, TENSORBOARD))):
+        if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
+            raise InputError(folder, "is not writable (read-only directory or filesystem): this run could not save "
+                                     "its files there; make it writable or use another --output-dir")
+
+
+def _changing(path: Path, action: Callable[[], Any]) -> Any:
+    """Run a rename or removal in the run directory; an OSError (read-only, gone) becomes one line."""
+    try:
+        return action()
+    except OSError as exc:
+        raise WriteError(path, exc) from None
 
 
 # --------------------------------------------------------------------------- the whole directory
@@ -161,9 +228,11 @@ class RunDir:
         lock = root / LOCK
         if lock.is_symlink() or (lock.exists() and not lock.is_file()):
             raise InputError(lock, "is not a regular file (a link or special file where the run's lock belongs)")
+        refuse_symlinked_parts(root)
         ckpt = self.checkpoints
         if ckpt.exists() and not ckpt.is_dir():
             raise InputError(ckpt, "exists and is not a directory")
+        refuse_unwritable(root)
         self.previous = read_run_json(root)
         used = sorted(p.name for p in root.iterdir() if p.name != LOCK)
         if not used:
@@ -228,12 +297,12 @@ class RunDir:
                 if pattern is not None and folder.is_dir() and not folder.is_symlink():
                     for p in folder.iterdir():
                         if pattern.match(p.name) and p.is_file():
-                            p.unlink()
+                            _changing(p, p.unlink)
                             removed.append(f"{name}{p.name}")
                 continue
             target = self.root / name
             if target.is_file() or target.is_symlink():
-                target.unlink()
+                _changing(target, target.unlink)
                 removed.append(name)
         for folder in (CHECKPOINTS, PLOTS, SAMPLES, TENSORBOARD):
             with contextlib.suppress(OSError):
@@ -260,6 +329,15 @@ class RunDir:
                         p.unlink(missing_ok=True)
                         removed.append(p.name)
         return removed
+
+
+def _free_name(path: Path, suffix: str) -> Path:
+    """``<path><suffix>``, or ``<path><suffix>.<n>`` with the first ``n`` not taken."""
+    target, n = path.with_name(path.name + suffix), 0
+    while os.path.lexists(target):
+        n += 1
+        target = path.with_name(f"{path.name}{suffix}.{n}")
+    return target
 
 
 def _legacy_outputs(root: Path) -> list[str]:
@@ -368,8 +446,62 @@ def lock_is_held(run: os.PathLike | str) -> bool:
 
 def diff_fields(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human lines naming every field whose value differs between two flat dicts."""
-    keys = sorted(set(stored) | set(current))
-    return [f"{k}: checkpoint {stored.get(k)!r}, now {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
+    keys = sorted(set(stored) | set(current), key=str)
+    return [f"{k}: checkpoint {_short(stored.get(k))}, now {_short(current.get(k))}" for k in keys if not _equal(stored.get(k), current.get(k))]
+
+
+def _equal(a: Any, b: Any) -> bool:
+    """``a == b``, and "they differ" where ``==`` gives no yes or no (a crafted tensor of several values)."""
+    try:
+        return bool(a == b)
+    except Exception:  # noqa: BLE001 - RuntimeError, ValueError: an ambiguous truth value
+        return False
+
+
+def _dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _short(value: Any, limit: int = 80) -> str:
+    """``repr`` cut to ``limit`` characters: a crafted value cannot make a message of megabytes."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+# The types a checkpoint of the trainer or the toolkit stores under its well-known keys.
+_KNOWN_TYPES = {"step": int, "epoch": int, "world_size": int, "seed_info": dict, "config": dict,
+                "data_fingerprint": dict, "sampler_state": dict, "metrics": dict, "environment": dict}
+_FLAT = ("config", "data_fingerprint", "seed_info")  # compared value by value with this run's: plain values only
+_PLAIN = (type(None), bool, int, float, str)
+MAX_COUNT = 2**62  # steps, epochs and positions beyond this are not counts a run reaches (int64 holds them)
+
+
+def check_known_keys(ckpt: dict, path: os.PathLike | str) -> None:
+    """`CheckpointError` naming the file when a well-known key holds a value of the wrong type or range.
+
+    A checkpoint with a valid checksum can still be crafted (or written by a bug): a ``step`` that
+    is a string, a ``config`` that is a list, a sampler ``position`` of 10**30. Checked before any of
+    it is used, so it is one line instead of a traceback from deep inside the resume.
+    """
+    for key, kind in _KNOWN_TYPES.items():
+        if key not in ckpt:
+            continue
+        value = ckpt[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise CheckpointError(path, f"{key} is {_short(value, 40)} ({type(value).__name__}), not "
+                                        f"{'an integer' if kind is int else 'a dict'}")
+        if kind is int and not (0 <= value < MAX_COUNT) or key == "world_size" and value < 1:
+            raise CheckpointError(path, f"{key} is {_short(value, 40)}: not a count from {int(key == 'world_size')} to 2**62")
+        if key in _FLAT:
+            odd = next((k for k, v in value.items() if type(k) is not str or type(v) not in _PLAIN), None)
+            if odd is not None:
+                raise CheckpointError(path, f"{key}[{_short(odd, 40)}] is {_short(value[odd], 40)}: {key} holds names and plain values")
+    state = ckpt.get("sampler_state")
+    if state is not None:
+        for key in ("epoch", "position"):
+            value = state.get(key)
+            if type(value) is not int or not 0 <= value < MAX_COUNT:
+                raise CheckpointError(path, f"sampler_state {key} is {_short(value, 40)}: not a count from 0 to 2**62")
 
 
 def check_resume(ckpt: dict, *, seed: int | None = None, config: dict | None = None, data_fingerprint: dict | None = None,
@@ -384,26 +516,27 @@ def check_resume(ckpt: dict, *, seed: int | None = None, config: dict | None = N
     # format 1 differs from 2 only in its checksum: both continue exactly
     readable = getattr(checkpoint, "READABLE_FORMATS", {1, checkpoint.FORMAT_VERSION})
     problems = []
-    if ckpt.get(checkpoint.FORMAT_KEY) not in readable:
-        problems.append(f"checkpoint format: checkpoint {ckpt.get(checkpoint.FORMAT_KEY)!r}, this version reads {sorted(readable)}")
+    version = ckpt.get(checkpoint.FORMAT_KEY)
+    if type(version) is not int or version not in readable:  # a crafted list or tensor is no version either
+        problems.append(f"checkpoint format: checkpoint {_short(version)}, this version reads {sorted(readable)}")
     if seed is not None:
-        stored = (ckpt.get("seed_info") or {}).get("seed", ckpt.get("seed"))
-        if stored != seed:
-            problems.append(f"seed: checkpoint {stored!r}, now {seed!r}")
+        stored = _dict(ckpt.get("seed_info")).get("seed", ckpt.get("seed"))
+        if not _equal(stored, seed):
+            problems.append(f"seed: checkpoint {_short(stored)}, now {seed!r}")
     if config is not None:
-        problems += diff_fields(ckpt.get("config") or {}, config)
+        problems += diff_fields(_dict(ckpt.get("config")), config)
     if data_fingerprint is not None:
-        stored_fp = ckpt.get("data_fingerprint") or {}
-        if stored_fp.get("scheme") != data_fingerprint.get("scheme"):
-            problems.append(f"data fingerprint scheme: checkpoint {stored_fp.get('scheme', 'file-bytes (v1)')!r}, now "
+        stored_fp = _dict(ckpt.get("data_fingerprint"))
+        if not _equal(stored_fp.get("scheme"), data_fingerprint.get("scheme")):
+            problems.append(f"data fingerprint scheme: checkpoint {_short(stored_fp.get('scheme', 'file-bytes (v1)'))}, now "
                             f"{data_fingerprint.get('scheme')!r}; the tiles may be the same, but this version cannot tell")
-        elif stored_fp.get("sha256") != data_fingerprint.get("sha256"):
+        elif not _equal(stored_fp.get("sha256"), data_fingerprint.get("sha256")):
             problems.append(
-                f"tile set: checkpoint {stored_fp.get('num_tiles')} tiles ({str(stored_fp.get('sha256'))[:12]}), "
+                f"tile set: checkpoint {_short(stored_fp.get('num_tiles'), 20)} tiles ({str(stored_fp.get('sha256'))[:12]}), "
                 f"now {data_fingerprint.get('num_tiles')} tiles ({str(data_fingerprint.get('sha256'))[:12]})"
             )
-    if ckpt.get("world_size", 1) != world_size and not allow_world_size_change:
-        problems.append(f"world size: checkpoint {ckpt.get('world_size', 1)}, now {world_size} "
+    if not _equal(ckpt.get("world_size", 1), world_size) and not allow_world_size_change:
+        problems.append(f"world size: checkpoint {_short(ckpt.get('world_size', 1))}, now {world_size} "
                         "(--allow-world-size-change re-shards deterministically, with other bits)")
     return problems
 
@@ -474,6 +607,7 @@ class CheckpointManager:
 
         if target is None:
             return None
+        self._refuse_linked_folder(entries=True)
         if target != "auto":
             path = Path(target)
             ckpt = load_checkpoint(path)  # a damaged or unsafe file is named as such first
@@ -543,10 +677,55 @@ class CheckpointManager:
         for path in self.skipped:
             target = path.with_name(path.name + UNLOADABLE_SUFFIX)
             if path.exists() and not target.exists():
-                os.replace(path, target)
+                _changing(path, lambda path=path, target=target: os.replace(path, target))
                 renamed.append(f"{path.name} -> {target.name}")
         self.skipped = []
         return renamed
+
+    def set_aside_newer(self, step: int) -> list[str]:
+        """Rename the step checkpoints newer than ``step``, and a ``best.pt`` of a later step, to
+        ``<name>.superseded`` (``.superseded.1``, ... when taken): bytes kept, names freed.
+
+        For a forced resume from an older step: the continued run writes other bits under those
+        names, and the newer files are the only copy of what the run had reached. ``latest`` moves
+        back to ``checkpoint_step_<step>.pt`` when that file is here. Call it once every input has
+        been checked. Returns ``"<old> -> <new>"`` lines.
+        """
+        from axs_lib.checkpoint import write_latest
+
+        newer = [p for s, p in step_checkpoints(self.folder) if s > step] if self.folder.is_dir() else []
+        best = self.folder / BEST
+        if best.is_file():
+            best_step = self._step_of_file(best)
+            if best_step is None or best_step > step:  # a best.pt that does not say its step may be newer too
+                newer.append(best)
+        renamed = []
+        for path in newer:
+            target = _free_name(path, SUPERSEDED_SUFFIX)
+            _changing(path, lambda path=path, target=target: os.replace(path, target))
+            renamed.append(f"{path.name} -> {target.name}")
+        if renamed and (self.folder / checkpoint_name(step)).is_file():
+            write_latest(self.folder, checkpoint_name(step))
+        return renamed
+
+    def _step_of_file(self, path: Path) -> int | None:
+        """The step a checkpoint file holds: its step file's name when it is a second name of one, else its content."""
+        from axs_lib.checkpoint import load_checkpoint
+
+        for step, other in step_checkpoints(self.folder):
+            with contextlib.suppress(OSError):
+                if os.path.samefile(path, other):
+                    return step
+        try:
+            value = load_checkpoint(path, verify=False, mmap=True).get("step")
+        except CheckpointError:
+            return None
+        return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+    def _refuse_linked_folder(self, entries: bool = False) -> None:
+        """``checkpoints/`` must be this run's own directory, not a link to another's; with ``entries``,
+        its step files, ``best.pt`` and ``latest`` must not be links either (a resume would load them)."""
+        _refuse_links([self.folder] if self.folder.is_symlink() else _linked_entries(self.folder) if entries else [])
 
     # ------------------------------------------------------------------ save
     def save(self, checkpoint: dict, step: int, *, best: bool = False, write_step: bool = True) -> list[str]:
@@ -555,6 +734,7 @@ class CheckpointManager:
         ``write_step=False`` with ``best=True`` writes only ``best.pt`` (a validation improvement
         at a step that is not a checkpoint step; ``latest`` does not move). Returns the names written.
         """
+        self._refuse_linked_folder()
         names = ([BEST] if best and self.keep_best else []) + ([checkpoint_name(step)] if write_step else [])
         if not names:
             return []
@@ -598,7 +778,7 @@ class CheckpointManager:
         removed = []
         for i, (step, path) in enumerate(step_checkpoints(self.folder)):
             if i >= self.keep_last and step <= newest and path.name not in protected:
-                path.unlink(missing_ok=True)
+                _changing(path, lambda path=path: path.unlink(missing_ok=True))
                 removed.append(path.name)
         return removed
 
@@ -661,9 +841,12 @@ class MetricsLog:
         atomic_write_text(self.path, "".join(f"{line}\n" for line in kept))
 
     def append(self, record: dict[str, Any]) -> None:
-        with open(self.path, "a") as f:
-            f.write(json.dumps(record, sort_keys=True) + "\n")
-            f.flush()
+        try:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record, sort_keys=True) + "\n")
+                f.flush()
+        except OSError as exc:  # a full disk: one line (the records already written stay)
+            raise WriteError(self.path, exc) from None
 
     def read(self) -> list[dict[str, Any]]:
         return [r for r in (self._parse(line) for line in self._lines()) if r is not None]

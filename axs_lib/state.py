@@ -30,11 +30,12 @@ from __future__ import annotations
 
 from typing import Any, Protocol, runtime_checkable
 
+from axs_lib.checkpoint import RESERVED_KEYS
 from axs_lib.errors import CheckpointError
 
 KEY_NAMES = {"model": "model_state_dict", "optimizer": "optimizer_state_dict",
              "scheduler": "scheduler_state_dict", "loader": "sampler_state"}
-RESERVED = {"step", "epoch", "seed_info", "rng_state", "format_version", "content_sha256"}
+RESERVED = RESERVED_KEYS  # format_version, both checksums and the guide's keys: one list, in axs_lib.checkpoint
 
 
 @runtime_checkable

@@ -35,6 +35,7 @@ SAMPLES = 48
 BATCH = 8
 EPOCHS = 2
 SIZE = 16
+MAX_WORKERS = 256  # as the trainer's --num-workers: more would only cost start-up time
 
 
 def _augment(image: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
@@ -137,6 +138,8 @@ def run_verification(
     """Train the probe ``num_iterations`` times plus one stop-save-restore run and compare bits."""
     if isinstance(num_iterations, bool) or not isinstance(num_iterations, int) or num_iterations < 1:
         raise UsageError(f"iterations must be a positive integer, got {num_iterations!r}")
+    if isinstance(num_workers, bool) or not isinstance(num_workers, int) or not 0 <= num_workers <= MAX_WORKERS:
+        raise UsageError(f"--num-workers must be an integer from 0 to {MAX_WORKERS}, got {num_workers!r}")
     log("Testing reproducibility...")
     log(f"  Running {num_iterations} iterations...")
     reference = None

@@ -150,10 +150,13 @@ def test_code_running_pickle_is_refused_and_never_runs(tmp_path, zip_format):
     assert marker.read_text() == "pwned"  # trust is the only way in, and it does run code
 
 
-def test_foreign_checkpoint_without_checksum_loads(tmp_path):
+def test_foreign_checkpoint_without_checksum_loads_only_when_allowed(tmp_path):
     path = tmp_path / "guide.pt"
     torch.save({"model_state_dict": {"w": torch.ones(3)}, "epoch": 10, "loss": 0.123}, path)
-    assert load_checkpoint(path)["epoch"] == 10
+    with pytest.raises(CheckpointError, match=r"guide\.pt: no content checksum .*--allow-unverified"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, allow_unverified=True)["epoch"] == 10
+    assert load_checkpoint(path, verify=False)["epoch"] == 10
 
 
 def test_content_digest_ignores_key_order_but_not_values():
@@ -530,3 +533,38 @@ def test_any_latest_bytes_give_a_path_or_a_checkpoint_error(tmp_path, raw):
     except CheckpointError:
         return
     assert found is not None and found.parent == tmp_path and "/" not in found.name
+
+
+@pytest.mark.parametrize("damaged", [b"content_xxh4", b"content_XXh3", b"Content_xxh3"])
+def test_one_flipped_byte_in_the_checksum_key_name_is_refused_not_unchecked(tmp_path, damaged):
+    path = tmp_path / "a.pt"
+    save_checkpoint(_ckpt(), path)
+    raw = path.read_bytes()
+    assert raw.count(CHECKSUM_KEY.encode()) == 1
+    path.write_bytes(raw.replace(CHECKSUM_KEY.encode(), damaged))
+    assert damaged.decode() in torch.load(path, weights_only=True)  # torch itself loads it fine
+    with pytest.raises(CheckpointError, match=r"a\.pt: no content checksum .*format_version 2.*key is damaged"):
+        load_checkpoint(path)
+    assert load_checkpoint(path, allow_unverified=True)[FORMAT_KEY] == FORMAT_VERSION  # only when asked
+
+
+def test_a_format_1_checkpoint_still_verifies_and_a_wrong_sha256_is_refused(tmp_path):
+    body = {**_ckpt(), FORMAT_KEY: 1}
+    body[LEGACY_CHECKSUM_KEY] = content_digest(body, LEGACY_CHECKSUM_KEY)
+    torch.save(body, tmp_path / "v1.pt")
+    assert load_checkpoint(tmp_path / "v1.pt")[FORMAT_KEY] == 1
+    torch.save({**body, LEGACY_CHECKSUM_KEY: "0" * 64}, tmp_path / "bad.pt")
+    with pytest.raises(CheckpointError, match="bad.pt: checksum mismatch"):
+        load_checkpoint(tmp_path / "bad.pt")
+
+
+@pytest.mark.parametrize("key", [CHECKSUM_KEY, LEGACY_CHECKSUM_KEY, FORMAT_KEY, "step", "seed_info"])
+def test_training_state_refuses_every_key_the_checkpoint_reserves(key):
+    from axs_lib.state import RESERVED, TrainingState
+
+    assert key in RESERVED
+    with pytest.raises(ValueError, match="collides with a checkpoint key"):
+        TrainingState(extras={key: 1}, model=torch.nn.Linear(1, 1)).state_dict()
+    if key != "step":  # ``step`` is the constructor's own argument
+        with pytest.raises(ValueError, match="reserved"):
+            TrainingState(**{key: torch.nn.Linear(1, 1)})

@@ -213,7 +213,7 @@ def test_malformed_config_files_get_one_line(capsys, tmp_path, name, text, phras
 def test_huge_config_file_is_refused_before_it_is_read(tmp_path):
     path = tmp_path / "huge.json"
     path.write_text('{"lr": 0.1' + " " * MAX_CONFIG_BYTES + "}")
-    with pytest.raises(InputError, match=f"{path}: config file is {MAX_CONFIG_BYTES + 11} bytes"):
+    with pytest.raises(InputError, match=f"{path}: is {MAX_CONFIG_BYTES + 11} bytes, more than the {MAX_CONFIG_BYTES} allowed"):
         read_config_file(path)
 
 
@@ -276,3 +276,29 @@ def test_print_config_still_warns_on_stderr_and_keeps_stdout_a_clean_config(caps
     code, out, err = print_config(capsys, "--steps", "10", "--warmup-steps", "10")
     assert code == 0 and "warning: --warmup-steps 10 >= --steps 10" in err
     assert parsed(out)["warmup_steps"] == 10
+
+
+@pytest.mark.parametrize("kind", ["fifo", "device", "link to a device"])
+def test_a_config_that_is_a_fifo_or_a_device_is_refused_without_blocking_or_reading_forever(tmp_path, kind):
+    import contextlib
+    import os
+    import signal
+
+    path = tmp_path / "c.yaml"
+    if kind == "fifo":
+        os.mkfifo(path)  # nobody writes to it: an ordinary open waits forever
+    elif kind == "device":
+        path = "/dev/zero"  # a read never ends: memory runs out
+    else:
+        path.symlink_to("/dev/zero")
+
+    def alarm(*_):
+        raise AssertionError("read_config_file blocked for more than 5 s")
+
+    old = signal.signal(signal.SIGALRM, alarm)
+    signal.alarm(5)
+    with contextlib.ExitStack() as stack:
+        stack.callback(signal.signal, signal.SIGALRM, old)
+        stack.callback(signal.alarm, 0)
+        with pytest.raises(InputError, match=f"{path}: is a (FIFO|character device)"):
+            read_config_file(path)

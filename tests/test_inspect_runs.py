@@ -74,9 +74,12 @@ def _leaves(obj):
 def test_inspect_plain_guide_checkpoint_and_unsafe_pickle(tmp_path, capsys):
     plain = tmp_path / "model.pt"
     torch.save({"model_state_dict": {"w": torch.ones(2)}, "epoch": 10, "loss": 0.123}, plain)
-    assert main(["inspect", str(plain)]) == 0
+    assert main(["inspect", str(plain)]) == 2  # no checksum: a damaged checksum key would look the same
+    err = capsys.readouterr().err.splitlines()
+    assert len(err) == 1 and "no content checksum" in err[0] and "--allow-unverified" in err[0]
+    assert main(["inspect", str(plain), "--allow-unverified"]) == 0
     out = capsys.readouterr().out
-    assert "checksum: none recorded" in out and "epoch: 10" in out and "tensors: 1 " in out
+    assert "checksum: NONE: not verified" in out and "epoch: 10" in out and "tensors: 1 " in out
 
     unsafe = tmp_path / "unsafe.pt"
     torch.save({"model_state_dict": {"w": torch.ones(2)}, "args": argparse.Namespace(lr=0.1)}, unsafe)
@@ -238,3 +241,25 @@ def test_lock_holders_reads_granted_locks_of_that_file_only(tmp_path):
     assert lock_holders(run, str(table)) == set()
     assert lock_holders(tmp_path / "no_run", str(table)) == set()
     assert lock_holders(run, str(tmp_path / "unreadable")) is None
+
+
+@pytest.mark.parametrize(("manifest", "odd"), [
+    ({"seed": [1], "status": "completed"}, "seed"),
+    ({"seed": 1, "data_fingerprint": {"sha256": 5}}, "data"),
+    ({"seed": 1, "environment": {"torch": "2.4", "gpus": 5}}, None),
+    ({"seed": 1, "environment": {"torch": "2.4", "gpus": [[1]]}}, "environment.device"),
+    ({"seed": 1, "status": 5, "best": {"value": [1], "metric": "val_loss", "step": 2}}, "status, best.value"),
+    ({"seed": {"a": 1}, "final_step": "4", "environment": {"fingerprint": 3}}, "seed, step"),
+])
+def test_runs_on_a_hand_edited_run_json_shows_the_row_and_names_what_is_unreadable(tmp_path, ckpt, capsys, manifest, odd):
+    edited, good = tmp_path / "edited", write_run(tmp_path / "good", ckpt)
+    edited.mkdir()
+    (edited / "run.json").write_text(json.dumps(manifest))
+    assert main(["runs", str(edited), str(good)]) == 0
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err and captured.err == ""
+    assert str(good) in captured.out
+    if odd:
+        assert f"note: {edited}: {edited / 'run.json'}: unreadable fields shown as missing ({odd})" in captured.out
+    assert main(["runs", str(edited), "--json"]) == 0
+    json.loads(capsys.readouterr().out)

@@ -226,3 +226,103 @@ def test_training_state_refuses_a_checkpoint_missing_a_key_before_touching_anyth
 def test_training_state_refuses_objects_without_state_dict():
     with pytest.raises(TypeError, match="state_dict"):
         TrainingState(model=object())
+
+
+def _run_with_every_part(root):
+    """A run directory holding every part a run writes (a manager's checkpoints, a manifest)."""
+    manager = CheckpointManager(root)
+    manager.save(_ckpt(2), 2, best=True)
+    run_dir.write_json(root / run_dir.RUN_JSON, {run_dir.RUN_MARKER: 1, "status": "completed", "written": []})
+    for name in (run_dir.CONFIG_FILE, run_dir.ENVIRONMENT_JSON, run_dir.SPLIT_JSON, run_dir.METRICS):
+        (root / name).write_text("{}\n")
+    for name in (run_dir.PLOTS, run_dir.SAMPLES, run_dir.TENSORBOARD):
+        (root / name).mkdir()
+
+
+RUN_PARTS = ["run.json", "config.yaml", "environment.json", "split.json", "metrics.jsonl", "checkpoints", "plots", "samples",
+             "tensorboard", "checkpoints/latest", "checkpoints/best.pt", "checkpoints/checkpoint_step_2.pt"]
+
+
+@pytest.mark.parametrize("part", RUN_PARTS)
+@pytest.mark.parametrize("mode", ["resume", "overwrite"])
+def test_a_run_part_that_is_a_symlink_is_refused_before_anything_is_read_or_changed(tmp_path, part, mode):
+    root, elsewhere = tmp_path / "run", tmp_path / "elsewhere"
+    root.mkdir()
+    elsewhere.mkdir()
+    _run_with_every_part(root)
+    target = elsewhere / part.replace("/", "_")
+    os.replace(root / part, target)
+    (root / part).symlink_to(target)
+    before = _snapshot(tmp_path)
+    with pytest.raises(InputError) as caught:
+        RunDir(root).check(resume=mode == "resume", overwrite=mode == "overwrite")
+    assert caught.value.path == str(root / part) and "is a symbolic link" in str(caught.value)
+    assert "\n" not in str(caught.value)
+    assert _snapshot(tmp_path) == before
+
+
+def test_the_run_directory_itself_may_be_a_symlink(tmp_path):
+    real = tmp_path / "scratch" / "run"
+    real.mkdir(parents=True)
+    _run_with_every_part(real)
+    (tmp_path / "run").symlink_to(real)
+    RunDir(tmp_path / "run").check(resume=True, overwrite=False)  # runs -> /scratch/runs is an ordinary setup
+
+
+def test_the_checkpoint_manager_alone_refuses_a_linked_checkpoints_folder(tmp_path):
+    other = tmp_path / "other"
+    CheckpointManager(other, keep_last=1).save(_ckpt(2), 2)
+    before = _snapshot(other)
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "checkpoints").symlink_to(other / "checkpoints")
+    manager = CheckpointManager(mine, keep_last=1)
+    with pytest.raises(InputError, match="checkpoints: is a symbolic link"):
+        manager.resume("auto")
+    with pytest.raises(InputError, match="checkpoints: is a symbolic link"):
+        manager.save(_ckpt(4), 4)
+    assert _snapshot(other) == before
+
+
+def test_a_run_json_that_is_a_link_a_fifo_or_a_device_is_one_error_without_blocking(tmp_path):
+    (tmp_path / "real.json").write_text('{"status": "completed"}')
+    (tmp_path / "run.json").symlink_to(tmp_path / "real.json")
+    with pytest.raises(InputError, match="run.json: is a symbolic link"):
+        run_dir.read_run_json(tmp_path)
+    (tmp_path / "run.json").unlink()
+    os.mkfifo(tmp_path / "run.json")  # nobody writes to it: an ordinary read would wait forever
+    with pytest.raises(InputError, match=r"run.json: is a FIFO \(named pipe\)"):
+        run_dir.read_run_json(tmp_path)
+
+
+@pytest.mark.parametrize(("key", "value", "words"), [
+    ("step", "12", "step is '12' (str), not an integer"),
+    ("step", -1, "step is -1: not a count"),
+    ("world_size", 0, "world_size is 0: not a count from 1"),
+    ("config", [1, 2], "config is [1, 2] (list), not a dict"),
+    ("config", {"lr": torch.ones(2)}, "config['lr'] is tensor"),
+    ("seed_info", {"seed": [42]}, "seed_info['seed'] is [42]"),
+    ("sampler_state", {"epoch": 0, "position": 10**30}, "sampler_state position is 1000"),
+    ("sampler_state", {"epoch": 1.0, "position": 0}, "sampler_state epoch is 1.0"),
+])
+def test_a_well_known_key_of_the_wrong_type_or_range_is_one_checkpoint_error(key, value, words):
+    with pytest.raises(CheckpointError, match="^x.pt: " + words.replace("[", r"\[").replace("(", r"\(").replace(")", r"\)")):
+        run_dir.check_known_keys({key: value}, "x.pt")
+
+
+def test_check_resume_reports_crafted_values_as_differences_instead_of_crashing():
+    ckpt = {"format_version": [2], "seed_info": "42", "config": ["lr"], "data_fingerprint": 7, "world_size": "x" * 10**4}
+    problems = check_resume(ckpt, seed=42, config={"lr": 0.1}, data_fingerprint={"scheme": "s", "sha256": "a"}, world_size=1)
+    assert any(p.startswith("checkpoint format: checkpoint [2]") for p in problems)
+    assert any(p.startswith("seed: checkpoint None") for p in problems)
+    assert all(len(p) < 400 for p in problems)  # a 10 kB value is cut, not pasted into the message
+
+
+def test_the_checkpoint_manager_alone_does_not_resume_a_linked_step_file(tmp_path):
+    other = tmp_path / "other"
+    CheckpointManager(other).save(_ckpt(8), 8)
+    mine = tmp_path / "mine"
+    CheckpointManager(mine).save(_ckpt(2), 2)
+    (mine / "checkpoints" / "checkpoint_step_8.pt").symlink_to(other / "checkpoints" / "checkpoint_step_8.pt")
+    with pytest.raises(InputError, match="checkpoint_step_8.pt: is a symbolic link"):
+        CheckpointManager(mine).resume("auto")

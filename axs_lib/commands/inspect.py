@@ -23,7 +23,8 @@ def register(sub: argparse._SubParsersAction) -> None:
         description=(
             "Load a checkpoint safely (weights only), verify its content checksum and print its step, "
             "epoch, seed info, determinism flags, environment and data fingerprints, config, metrics "
-            "and how many tensors it holds. Exit 0, or 2 when the file is missing, damaged or unsafe."
+            "and how many tensors it holds. Exit 0, or 2 when the file is missing, damaged, unsafe or carries "
+            "no checksum (--allow-unverified shows it anyway)."
         ),
         epilog="example:\n  axs inspect runs/exp1/checkpoints/checkpoint_step_100.pt --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -32,6 +33,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--trust", action="store_true",
                    help="load legacy pickles that can run code (only for files you made yourself)")
+    p.add_argument("--allow-unverified", action="store_true",
+                   help="show a checkpoint that carries no content checksum (another tool's file); "
+                        "without it such a file is refused, as a damaged checksum key would look the same")
     add_debug_flag(p)
     p.set_defaults(func=run)
 
@@ -47,14 +51,15 @@ def _plain(obj: Any) -> Any:
     return jsonable(obj)
 
 
-def describe(path: Path, *, trust: bool = False) -> dict:
+def describe(path: Path, *, trust: bool = False, allow_unverified: bool = False) -> dict:
     """Everything ``axs inspect`` reports about one checkpoint, as JSON-safe values."""
     import torch
 
-    from axs_lib.checkpoint import CHECKSUM_KEYS, iter_leaves, tensor_bytes
+    from axs_lib.checkpoint import iter_leaves, tensor_bytes, verify_content
     from axs_lib.compare import DETERMINISM_FLAGS, load_noting_trust
 
-    ckpt, notes = load_noting_trust(path, trust=trust, verify=True)
+    ckpt, notes = load_noting_trust(path, trust=trust, verify=False)
+    verified = verify_content(ckpt, path, allow_unverified=allow_unverified or trust)
     body = ckpt if isinstance(ckpt, dict) else {"(root)": ckpt}
     by_section: dict[str, dict[str, int]] = {}
     for leaf_path, leaf in iter_leaves(body):
@@ -74,7 +79,7 @@ def describe(path: Path, *, trust: bool = False) -> dict:
         "path": str(path),
         "file_bytes": path.stat().st_size,
         "loads_safely": not notes,
-        "checksum": "verified" if any(k in body for k in CHECKSUM_KEYS) else "none recorded (not written by axs)",
+        "checksum": "verified" if verified else "NONE: not verified (--allow-unverified; not written by axs, or damaged)",
         "keys": [str(k) for k in body],
         **{k: _plain(body.get(k)) for k in ("format_version", "step", "epoch", "world_size")},
         "determinism_flags": _plain(flags),
@@ -112,6 +117,6 @@ def render_text(info: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    info = describe(Path(args.checkpoint), trust=args.trust)
+    info = describe(Path(args.checkpoint), trust=args.trust, allow_unverified=args.allow_unverified)
     print(json.dumps(info, indent=2) if args.json else render_text(info))
     return EXIT_OK

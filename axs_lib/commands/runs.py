@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -57,13 +58,12 @@ def _dict(value: Any) -> dict:
     return value if isinstance(value, dict) else {}
 
 
-def _from_manifest(path: Path) -> dict:
-    try:
-        manifest = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise InputError(path, f"not a readable run manifest: {exc}") from None
-    if not isinstance(manifest, dict):
-        raise InputError(path, "not a run manifest (expected a JSON object)")
+def _from_manifest(run: Path) -> dict:
+    from axs_lib.run_dir import read_run_json  # bounded, never through a link: one line for anything else
+
+    manifest = read_run_json(run)
+    if manifest is None:
+        raise InputError(run / "run.json", "no such file")
     best = _dict(manifest.get("best"))
     return {
         "seed": manifest.get("seed", _dict(manifest.get("config")).get("seed")),
@@ -72,8 +72,40 @@ def _from_manifest(path: Path) -> dict:
         "best": {k: best.get(k) for k in ("metric", "value", "step")} if best else None,
         "data": _dict(manifest.get("data_fingerprint")).get("sha256"),
         "environment": _dict(manifest.get("environment")),
-        "source": str(path),
+        "source": str(run / "run.json"),
     }
+
+
+# What each field of a row may hold; a hand-edited or damaged file's other values are shown as unreadable.
+_FIELD_TYPES = {"seed": int, "status": str, "step": int, "data": str}
+_BEST_TYPES = {"metric": str, "value": (int, float), "step": int}
+
+
+def _checked(row: dict) -> dict:
+    """``row`` with every value of an unexpected type replaced by None and named in a note."""
+    odd = []
+
+    def keep(name: str, value: Any, kinds) -> Any:
+        if value is None or (isinstance(value, kinds) and not isinstance(value, bool)):
+            return value
+        odd.append(name)
+        return None
+
+    for name, kinds in _FIELD_TYPES.items():
+        row[name] = keep(name, row.get(name), kinds)
+    if row.get("best") is not None:
+        row["best"] = {k: keep(f"best.{k}", row["best"].get(k), kinds) for k, kinds in _BEST_TYPES.items()}
+    env = _dict(row.get("environment"))
+    env = _dict(env.get("fingerprint", env))
+    torch_version = keep("environment.torch", env.get("torch"), str)
+    gpus = env.get("gpus") if isinstance(env.get("gpus"), list) else []
+    device = (gpus[0].get("name") if isinstance(gpus[0], dict) else gpus[0]) if gpus else env.get("cpu")
+    device = keep("environment.device", device, str)
+    row["environment"] = f"torch {torch_version} on {device or '?'}" if torch_version else None
+    if odd:
+        row["note"] = (f"{row.get('source')}: unreadable fields shown as missing ({', '.join(odd)}): "
+                       "hand-edited or damaged")
+    return row
 
 
 def _latest_checkpoint(run_dir: Path) -> Path:
@@ -123,25 +155,22 @@ def _mark_killed(row: dict, run: Path) -> None:
         steps = {}
     row["status"] = "killed"
     row["step"] = max(steps) if steps else row["step"]
-    row["note"] = (f"run.json says running, but no process holds {run / LOCK}: the run was killed "
-                   f"or crashed; its newest checkpoint is step {row['step'] if steps else 'none'} "
-                   "(train again with --resume auto to continue)")
+    killed = (f"run.json says running, but no process holds {run / LOCK}: the run was killed "
+              f"or crashed; its newest checkpoint is step {row['step'] if steps else 'none'} "
+              "(train again with --resume auto to continue)")
+    row["note"] = f"{row['note']}; {killed}" if row.get("note") else killed
 
 
 def describe_experiment(path: Path, *, trust: bool = False) -> dict:
     """The row ``axs runs`` shows for one experiment directory or checkpoint file."""
     if not path.exists():
         raise InputError(path, "no such file or directory")
-    if path.is_dir() and (path / "run.json").is_file():
-        row = _from_manifest(path / "run.json")
+    if path.is_dir() and os.path.lexists(path / "run.json"):
+        row = _checked(_from_manifest(path))
         if row["status"] == "running" and not run_is_live(path):
             _mark_killed(row, path)
     else:
-        row = _from_checkpoint(_latest_checkpoint(path) if path.is_dir() else path, trust)
-    env = _dict(row["environment"].get("fingerprint", row["environment"]))
-    gpus = env.get("gpus") or []
-    device = (gpus[0].get("name") if isinstance(gpus[0], dict) else str(gpus[0])) if gpus else env.get("cpu")
-    row["environment"] = f"torch {env['torch']} on {device or '?'}" if env.get("torch") else None
+        row = _checked(_from_checkpoint(_latest_checkpoint(path) if path.is_dir() else path, trust))
     return {"experiment": str(path), **row}
 
 

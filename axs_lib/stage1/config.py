@@ -33,7 +33,6 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import os
 import re
 import tomllib
 from dataclasses import dataclass, field, fields
@@ -271,16 +270,15 @@ def _parse(path: Path, text: str) -> Any:
 
 def read_config_file(path: str | Path) -> dict[str, Any]:
     """Read a JSON, TOML or YAML config file into a dict of known fields; one-line errors otherwise."""
+    from axs_lib.bounded_read import NO_SUCH_FILE, read_regular
+
     path = Path(path)
-    try:
-        size = path.stat().st_size
-        if size > MAX_CONFIG_BYTES:
-            raise InputError(path, f"config file is {size} bytes; a config file is at most {MAX_CONFIG_BYTES} bytes")
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(path, "config file not found") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise InputError(path, f"cannot read config file: {getattr(exc, 'strerror', None) or exc}") from None
+    try:  # bounded and non-blocking: a FIFO or /dev/zero given as --config is refused, not waited on
+        text = read_regular(path, MAX_CONFIG_BYTES, what="a config file").decode("utf-8")
+    except InputError as exc:
+        raise InputError(path, "config file not found" if exc.problem == NO_SUCH_FILE else exc.problem) from None
+    except UnicodeDecodeError as exc:
+        raise InputError(path, f"cannot read config file: {exc}") from None
     try:
         data = _parse(path, text)
     except RecursionError:
@@ -365,10 +363,7 @@ def write_config_file(config: TrainConfig, path: str | Path) -> Path:
     path = Path(path)
     if path.suffix.lower() not in (".yaml", ".yml"):
         raise ValueError(f"{path}: the config is written as YAML; name it .yaml or .yml")
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "w", encoding="utf-8") as f:
-        f.write(config_text(config))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    from axs_lib.atomic import atomic_write_text  # a random, exclusive temp name: never a planted link
+
+    atomic_write_text(path, config_text(config))
     return path

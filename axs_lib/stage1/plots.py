@@ -162,10 +162,10 @@ def write_png(path: Path, image: np.ndarray) -> None:
     """Write an (H, W, 3) uint8 image as PNG, atomically (a reader never sees half a picture)."""
     from matplotlib.image import imsave
 
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    imsave(tmp, image, format="png")
-    tmp.replace(path)
+    from axs_lib.atomic import atomic_open  # a random, exclusive temp name: never a planted link
+
+    with atomic_open(path) as f:
+        imsave(f, image, format="png")
 
 
 def loss_curves(path: Path, records: list[dict]) -> None:

@@ -63,7 +63,7 @@ from axs_lib.fingerprint.environment import (diff_environments, environment_fing
 from axs_lib.reproducibility import derive_seed, seed_globals, set_seed
 from axs_lib.run_dir import (CONFIG_FILE, ENVIRONMENT_JSON, METRICS, PLOTS, RUN_JSON, RUN_MARKER, SAMPLES, SPLIT_JSON,
                              TENSORBOARD, CheckpointManager, MetricsLog, RunDir, write_json)
-from axs_lib.sampling import ResumableSampler
+from axs_lib.sampling import ResumableSampler, shard_size
 from axs_lib.split import make_split
 from axs_lib.stage1.config import TrainConfig, config_warnings, diff_result_fields, write_config_file
 from axs_lib.stage1.early_stopping import EarlyStopping
@@ -266,6 +266,8 @@ def _check_inputs(config, resume, overwrite, device, world, say, config_for_resu
     if resume.target == "auto" and found is None:
         say(f"no checkpoint in {manager.folder}: starting from step 0")
     ckpt_path, ckpt = found if found is not None else (None, None)
+    if ckpt is not None:
+        run_dir.check_known_keys(ckpt, ckpt_path)  # a crafted value is one line, not a traceback further on
     if ckpt is not None and config_for_resume is not None:
         config = config_for_resume(ckpt.get("config") or {})
         manager.keep_last, manager.keep_best, manager.checkpoint_mode = config.keep_last, config.keep_best, config.checkpoint_mode
@@ -287,6 +289,7 @@ def _check_inputs(config, resume, overwrite, device, world, say, config_for_resu
         if problems and not resume.force:
             raise UsageError(f"{ckpt_path}: cannot resume exactly: " + "; ".join(problems) + " (pass --force-resume to continue anyway)")
         _check_state_shapes(ckpt, ckpt_path, config)  # even --force-resume cannot load weights that do not fit
+        _check_sampler_position(ckpt, ckpt_path, len(split.train), world.size)
         for line in problems:
             say(f"warning: resuming despite a difference: {line}")
         here = portable_fingerprint(env_fp, pinning) if pinning is not None else env_fp
@@ -316,6 +319,15 @@ def _check_state_shapes(ckpt: dict, path: Path, config: TrainConfig) -> None:
         raise CheckpointError(path, f"its model does not fit a Stage-1 U-Net of width {config.width} (first difference: {diff[0]})")
 
 
+def _check_sampler_position(ckpt: dict, path: Path, num_train: int, world_size: int) -> None:
+    """Refuse a sampler position past the end of this run's epoch (a crafted file, or --force-resume on fewer tiles)."""
+    shard = shard_size(num_train, world_size)
+    position = ckpt["sampler_state"]["position"]
+    if ckpt.get("world_size", 1) == world_size and position > shard:  # another world size re-shards (`reshard`)
+        raise CheckpointError(path, f"sampler_state position {position} is past the end of this run's {shard}-sample "
+                                    "epoch: the checkpoint is of another tile set")
+
+
 def _open_run_dir(setup: _Setup, overwrite: bool, resume: ResumeRequest, owned: contextlib.ExitStack, say) -> None:
     """Create and lock the run directory; only now remove an earlier run's files or set files aside."""
     run = owned.enter_context(setup.run.open())
@@ -327,6 +339,9 @@ def _open_run_dir(setup: _Setup, overwrite: bool, resume: ResumeRequest, owned: 
         say(f"removed {name}, left by a write that was interrupted")
     for line in setup.manager.set_aside_unloadable():
         say(f"warning: set aside {line}: it does not load, and the resumed run writes that step again")
+    if resume.force and setup.ckpt is not None:  # the forced run writes other bits under the newer names
+        for line in setup.manager.set_aside_newer(setup.ckpt["step"]):
+            say(f"warning: --force-resume: set aside {line}: it is newer than step {setup.ckpt['step']}, resumed from")
 
 
 class Stage1Trainer:

@@ -63,7 +63,7 @@ from axs_lib.fingerprint.environment import (diff_environments, environment_fing
 from axs_lib.reproducibility import derive_seed, seed_globals, set_seed
 from axs_lib.run_dir import (CONFIG_FILE, ENVIRONMENT_JSON, METRICS, PLOTS, RUN_JSON, RUN_MARKER, SAMPLES, SPLIT_JSON,
                              TENSORBOARD, CheckpointManager, MetricsLog, RunDir, write_json)
-from axs_lib.sampling import ResumableSampler, shard_size
+from axs_lib.sampling import ResumableSampler
 from axs_lib.split import make_split
 from axs_lib.stage1.config import TrainConfig, config_warnings, diff_result_fields, write_config_file
 from axs_lib.stage1.early_stopping import EarlyStopping
@@ -289,7 +289,7 @@ def _check_inputs(config, resume, overwrite, device, world, say, config_for_resu
         if problems and not resume.force:
             raise UsageError(f"{ckpt_path}: cannot resume exactly: " + "; ".join(problems) + " (pass --force-resume to continue anyway)")
         _check_state_shapes(ckpt, ckpt_path, config)  # even --force-resume cannot load weights that do not fit
-        _check_sampler_position(ckpt, ckpt_path, len(split.train), world.size)
+        _check_sampler_position(ckpt, ckpt_path, len(split.train))
         for line in problems:
             say(f"warning: resuming despite a difference: {line}")
         here = portable_fingerprint(env_fp, pinning) if pinning is not None else env_fp
@@ -319,12 +319,14 @@ def _check_state_shapes(ckpt: dict, path: Path, config: TrainConfig) -> None:
         raise CheckpointError(path, f"its model does not fit a Stage-1 U-Net of width {config.width} (first difference: {diff[0]})")
 
 
-def _check_sampler_position(ckpt: dict, path: Path, num_train: int, world_size: int) -> None:
-    """Refuse a sampler position past the end of this run's epoch (a crafted file, or --force-resume on fewer tiles)."""
-    shard = shard_size(num_train, world_size)
+def _check_sampler_position(ckpt: dict, path: Path, num_train: int) -> None:
+    """Refuse a sampler position past the end of this run's epoch (a crafted file, or --force-resume on fewer tiles).
+
+    Positions count in the one global epoch order; an earlier version's per-rank shard position
+    (``world_size`` > 1) is re-mapped by `reshard` instead."""
     position = ckpt["sampler_state"]["position"]
-    if ckpt.get("world_size", 1) == world_size and position > shard:  # another world size re-shards (`reshard`)
-        raise CheckpointError(path, f"sampler_state position {position} is past the end of this run's {shard}-sample "
+    if ckpt.get("world_size", 1) == 1 and position > num_train:
+        raise CheckpointError(path, f"sampler_state position {position} is past the end of this run's {num_train}-sample "
                                     "epoch: the checkpoint is of another tile set")
 
 

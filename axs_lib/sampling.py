@@ -73,9 +73,10 @@ def epoch_shard(num_samples: int, seed: int, epoch: int, *, shuffle: bool = True
     return order[rank::world_size]
 
 
-def _check_rank(rank: int, world_size: int) -> None:
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world size, got rank {rank}, world size {world_size}")
+def _check_rank(rank: int, num_replicas: int) -> None:
+    # Named as the caller's keywords (``ResumableSampler(..., num_replicas=, rank=)``), not as a flag.
+    if num_replicas < 1 or not 0 <= rank < num_replicas:
+        raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}")
 
 
 # --------------------------------------------------------------------------- SampleIndex

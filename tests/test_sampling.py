@@ -189,3 +189,9 @@ def test_resumable_sampler_refuses_bad_arguments(kwargs):
     kwargs = {"data_source_or_length": 10, "seed": 0} | kwargs
     with pytest.raises((ValueError, TypeError)):
         ResumableSampler(kwargs.pop("data_source_or_length"), kwargs.pop("seed"), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_replicas=2, rank=2), dict(num_replicas=0, rank=0)])
+def test_a_bad_rank_is_refused_naming_the_keywords_the_caller_passed(kwargs):
+    with pytest.raises(ValueError, match=r"0 <= rank < num_replicas, got rank=\d+, num_replicas=\d+"):
+        ResumableSampler(10, seed=0, **kwargs)

@@ -75,7 +75,25 @@ _HOMES: dict[str, str] = {
     "PortableError": "axs_lib.portable",
 }
 
-__all__ = list(_HOMES)
+# A literal list, so that static tools (linters, IDEs, type checkers) see the public names too;
+# a test keeps it equal to _HOMES.
+__all__ = [
+    # seeding
+    "set_seed", "derive_seed", "seed_globals", "seed_worker", "get_seed_state",
+    "restore_seed_state", "create_reproducible_generator", "add_seed_to_checkpoint",
+    "validate_checkpoint_seed", "verify_reproducibility",
+    # data order and per-sample randomness
+    "ResumableSampler", "SampleIndex", "SeededDataset", "sample_rng", "sample_generator",
+    "ResumableLoader",
+    # more than one rank
+    "MicroBatchPlan", "GradientTree",
+    # checkpoints
+    "TrainingState", "CheckpointManager", "save_checkpoint", "load_checkpoint", "EarlyStopping",
+    # a run's surroundings
+    "StopRequest", "pin",
+    # errors
+    "AxsError", "InputError", "CheckpointError", "UsageError", "PlanError", "PortableError",
+]
 
 
 def __getattr__(name: str) -> Any:

@@ -39,6 +39,7 @@ def _run(code: str) -> str:
 def test_all_lists_what_a_toolkit_user_looks_for():
     assert EXPECTED <= set(axs_lib.__all__), sorted(EXPECTED - set(axs_lib.__all__))
     assert len(axs_lib.__all__) == len(set(axs_lib.__all__))
+    assert set(axs_lib.__all__) == set(axs_lib._HOMES)  # every exported name has a home, every home is exported
 
 
 @pytest.mark.parametrize("name", axs_lib.__all__)

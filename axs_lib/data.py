@@ -143,7 +143,9 @@ def validation_loader(
 
     Workers ignore the stop signals (`worker_init`; see `reap_workers_at_exit`), are seeded with
     `seed_worker` and persistent (validation runs many times); the loader's generator is seeded
-    from ``seed``; memory is pinned only when asked and CUDA is present.
+    from ``seed``; memory is pinned only when asked and CUDA is present. The workers start at the
+    first ``iter(loader)``: do that under `axs_lib.workers.stop_signals_held`, as the trainer's
+    `axs_lib.stage1.train.evaluate` does, so a stop signal in that moment cannot kill one.
     """
     if num_workers > 0:
         reap_workers_at_exit()

@@ -1,14 +1,17 @@
-"""The tile Dataset and the DataLoader factory: normalised tensors, a valid-pixel mask, and
+"""The tile Dataset and its validation loader: normalised tensors, a valid-pixel mask, and
 augmentation that depends only on (seed, epoch, sample index).
 
 `TileDataset` takes two kinds of key:
 
-* an ``int`` index: the tile as it is, never augmented (validation, evaluation);
-* a `axs_lib.sampling.SampleIndex` (an int carrying its epoch, from `ResumableSampler` and
-  `axs_lib.loader.ResumableLoader`) or an ``(epoch, position, index)`` key: augmented when the
-  dataset was built with ``augment=True``, with a ``torch.Generator`` seeded from
-  ``derive_seed(seed, "augment", epoch, index)``. Nothing else is drawn from, so a sample comes
-  out the same bits whichever worker, and however many workers, produced it.
+* a plain ``int`` index: the tile as it is, never augmented (validation, evaluation);
+* a `axs_lib.sampling.SampleIndex` (an int carrying its epoch and position, as
+  `axs_lib.sampling.ResumableSampler` and `axs_lib.loader.ResumableLoader` hand them out):
+  augmented when the dataset was built with ``augment=True``, with a ``torch.Generator`` seeded
+  from ``derive_seed(seed, "augment", epoch, index)``. Nothing else is drawn from, so a sample
+  comes out the same bits whichever worker, and however many workers, produced it.
+
+Training batches come from `axs_lib.loader.ResumableLoader` (its state is what the loop consumed);
+`validation_loader` walks a dataset once in index order with plain int keys.
 
 Normalisation uses the fixed ranges in `axs_lib.tiles` (values clipped, mapped to [0, 1]). Invalid
 pixels (NaN in any band) are 0 in ``sar`` and ``optical`` and 0 in ``mask``.
@@ -21,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset
 
 from axs_lib.reproducibility import create_reproducible_generator, derive_seed, seed_worker
 from axs_lib.tiles import OPTICAL_RANGE, SAR_DB_RANGE, read_tile
@@ -68,11 +71,12 @@ class TileDataset(Dataset):
             self._cache.popitem(last=False)
         return tile.sar, tile.optical
 
-    def __getitem__(self, key: int | tuple[int, int, int]) -> dict[str, torch.Tensor]:
-        if isinstance(key, tuple):
-            epoch, position, index = (int(k) for k in key)
-        else:  # a plain int, or a SampleIndex that carries its epoch and position
-            epoch, position, index = int(getattr(key, "epoch", -1)), int(getattr(key, "position", -1)), int(key)
+    def __getitem__(self, key: int) -> dict[str, torch.Tensor]:
+        if isinstance(key, tuple):  # the (epoch, position, index) keys of earlier versions
+            raise TypeError(f"TileDataset keys are ints or SampleIndex (which carries the epoch), got the tuple {key!r}: "
+                            "use SampleIndex(index, epoch, position)")
+        # a plain int, or a SampleIndex that carries its epoch and position
+        epoch, position, index = int(getattr(key, "epoch", -1)), int(getattr(key, "position", -1)), int(key)
         if not 0 <= index < len(self.paths):
             raise IndexError(f"tile index {index} out of range for {len(self.paths)} tiles")
         sar, optical = self._decoded(index)
@@ -127,27 +131,27 @@ def worker_init(worker_id: int) -> None:
     seed_worker(worker_id)
 
 
-def make_loader(
+def validation_loader(
     dataset: Dataset,
-    sampler: Sampler | None,
     batch_size: int,
     num_workers: int,
     seed: int,
     pin_memory: bool = False,
 ) -> DataLoader:
-    """A DataLoader whose batches do not depend on ``num_workers``.
+    """A DataLoader that walks ``dataset`` once in index order, with plain int keys (so no
+    augmentation): the trainer's validation loader.
 
-    ``sampler`` None walks the dataset in index order (int keys: no augmentation), for validation.
     Workers ignore the stop signals (`worker_init`; see `reap_workers_at_exit`), are seeded with
-    `seed_worker` and persistent; the loader's generator is seeded from
-    ``seed``; memory is pinned only when asked and CUDA is present.
+    `seed_worker` and persistent (validation runs many times); the loader's generator is seeded
+    from ``seed``; memory is pinned only when asked and CUDA is present. The workers start at the
+    first ``iter(loader)``: do that under `axs_lib.workers.stop_signals_held`, as the trainer's
+    `axs_lib.stage1.train.evaluate` does, so a stop signal in that moment cannot kill one.
     """
     if num_workers > 0:
         reap_workers_at_exit()
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=sampler,
         shuffle=False,
         num_workers=num_workers,
         worker_init_fn=worker_init,
@@ -155,3 +159,15 @@ def make_loader(
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory and torch.cuda.is_available(),
     )
+
+
+def make_loader(dataset: Dataset, sampler: None, batch_size: int, num_workers: int, seed: int,
+                pin_memory: bool = False) -> DataLoader:
+    """`validation_loader` under its earlier name, for callers that still pass ``sampler=None``.
+
+    Training batches come from `axs_lib.loader.ResumableLoader`; a sampler here is refused.
+    """
+    if sampler is not None:
+        raise TypeError("make_loader no longer takes a sampler: training batches come from "
+                        "axs_lib.loader.ResumableLoader; make_loader(dataset, None, ...) is validation_loader(dataset, ...)")
+    return validation_loader(dataset, batch_size, num_workers, seed, pin_memory)

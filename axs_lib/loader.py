@@ -15,8 +15,8 @@ Two ways to iterate:
 * ``for batch in loader``: the rest of the current epoch; after its last batch the state is the
   next epoch at position 0 (the usual epoch loop, resumable mid-epoch).
 * ``loader.endless()``: batches forever, running on across epoch ends (a batch may hold the end
-  of epoch ``e`` and the start of ``e + 1``), exactly as the Stage-1 trainer's
-  `axs_lib.sampling.EpochSampler` walks the data; for loops that count steps, not epochs.
+  of epoch ``e`` and the start of ``e + 1``), as `axs_lib.sampling.ResumableSampler.stream`
+  walks the data; for loops that count steps, not epochs (the Stage-1 trainer's).
 
 A batch counts as consumed once it is handed to the loop: a checkpoint written while processing
 it resumes with the next one. One iteration runs at a time; starting another ends the first.
@@ -31,7 +31,7 @@ step boundary resumes on any number of ranks. Finite iteration yields the epoch'
 ``drop_last`` would).
 
 Workers are seeded with `seed_worker` (then the user's ``worker_init_fn``) and the DataLoader's
-generator comes from `create_reproducible_generator(seed)`, as in `axs_lib.data.make_loader`.
+generator comes from `create_reproducible_generator(seed)`, as in `axs_lib.data.validation_loader`.
 Neither is what makes samples exact (`SeededDataset` is); they keep anything else a worker draws
 fixed for a given run.
 

@@ -1,19 +1,18 @@
-"""Resumable samplers whose every order is a pure function of (seed, epoch).
+"""A resumable sampler whose every order is a pure function of (seed, epoch).
 
 Epoch ``e``'s order is ``torch.randperm(n)`` drawn from a generator seeded with
 ``derive_seed(seed, "shuffle", e)`` (the identity when ``shuffle=False``). A sampler's state is
 just ``(epoch, position)``: a new sampler given that state continues exactly where the old one
-stopped, in O(1), without replaying anything. Two samplers share that rule (`epoch_shard`):
+stopped, in O(1), without replaying anything (`epoch_shard` is that rule, as a plain function).
 
-* `ResumableSampler`, the public one, behaves like torch's samplers: finite epochs, ``len``,
-  ``set_epoch``, shuffle, ``drop_last``, rank sharding; it yields `SampleIndex` ints (an ``int``
-  that also carries its ``epoch`` and ``position``), so it works wherever an int index does
-  (``Subset``, ``random_split``, ``BatchSampler``) and `axs_lib.samples.SeededDataset` can seed
-  each sample from ``(epoch, index)`` whichever worker loads it. `ResumableSampler.stream` is the
-  endless form: epoch after epoch, as `EpochSampler` walks.
-* `EpochSampler`, the Stage-1 trainer's infinite sampler, yields ``(epoch, position, index)``
-  tuples. It stays until the trainer moves to `ResumableSampler.stream`, which yields the same
-  sequence (a test pins that).
+`ResumableSampler` behaves like torch's samplers: finite epochs, ``len``, ``set_epoch``, shuffle,
+``drop_last``, rank sharding. It yields `SampleIndex` ints (an ``int`` that also carries its
+``epoch`` and ``position``), so it works wherever an int index does (``Subset``, ``random_split``,
+``BatchSampler``), and a dataset can take the epoch from the index: `axs_lib.samples.SeededDataset`
+seeds each sample from ``(epoch, index)`` and `axs_lib.data.TileDataset` augments from it, whichever
+worker loads the sample. `ResumableSampler.stream` is the endless form, epoch after epoch, which
+the Stage-1 trainer walks (through `axs_lib.loader.ResumableLoader.endless`); golden values in the
+tests pin its order, since a change would reorder every run's data.
 
 Distributed: with ``num_replicas`` W, the epoch's permutation is padded cyclically to a multiple
 of W (as ``torch.utils.data.DistributedSampler`` does), or with ``drop_last`` cut to one, and rank
@@ -37,8 +36,6 @@ import torch
 from torch.utils.data import Sampler
 
 from axs_lib.reproducibility import derive_seed
-
-Key = tuple[int, int, int]
 
 
 # --------------------------------------------------------------------------- one epoch's shard
@@ -73,9 +70,10 @@ def epoch_shard(num_samples: int, seed: int, epoch: int, *, shuffle: bool = True
     return order[rank::world_size]
 
 
-def _check_rank(rank: int, world_size: int) -> None:
-    if world_size < 1 or not 0 <= rank < world_size:
-        raise ValueError(f"need 0 <= rank < world size, got rank {rank}, world size {world_size}")
+def _check_rank(rank: int, num_replicas: int) -> None:
+    # Named as the caller's keywords (``ResumableSampler(..., num_replicas=, rank=)``), not as a flag.
+    if num_replicas < 1 or not 0 <= rank < num_replicas:
+        raise ValueError(f"need num_replicas >= 1 and 0 <= rank < num_replicas, got rank={rank}, num_replicas={num_replicas}")
 
 
 # --------------------------------------------------------------------------- SampleIndex
@@ -209,57 +207,3 @@ def _non_negative(name: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < 0:
         raise ValueError(f"{name} must be an integer >= 0, got {repr(value)[:60]}")
     return int(value)
-
-
-# --------------------------------------------------------------------------- EpochSampler
-
-
-class EpochSampler(Sampler[Key]):
-    """Infinite sampler yielding ``(epoch, position, index)`` from state ``start = (epoch, position)``."""
-
-    def __init__(
-        self,
-        num_samples: int,
-        seed: int,
-        *,
-        shuffle: bool = True,
-        start: tuple[int, int] = (0, 0),
-        rank: int = 0,
-        world_size: int = 1,
-    ):
-        if num_samples < 1:
-            raise ValueError(f"num_samples must be >= 1, got {num_samples}")
-        if world_size < 1 or not 0 <= rank < world_size:
-            raise ValueError(f"need 0 <= rank < world_size, got rank {rank}, world_size {world_size}")
-        self.num_samples = num_samples
-        self.seed = seed
-        self.shuffle = shuffle
-        self.rank = rank
-        self.world_size = world_size
-        self.shard_size = shard_size(num_samples, world_size)
-        epoch, position = start
-        if epoch < 0 or not 0 <= position < self.shard_size:
-            raise ValueError(f"start state {start} out of range: need epoch >= 0 and 0 <= position < {self.shard_size}")
-        self.start = (int(epoch), int(position))
-
-    def shard(self, epoch: int) -> list[int]:
-        """The sample indices this rank visits in ``epoch``, in order."""
-        return epoch_shard(self.num_samples, self.seed, epoch, shuffle=self.shuffle, rank=self.rank, world_size=self.world_size)
-
-    def next_state(self, epoch: int, position: int) -> tuple[int, int]:
-        """The state after consuming key ``(epoch, position, _)``: next position, or next epoch at 0."""
-        if position + 1 < self.shard_size:
-            return epoch, position + 1
-        return epoch + 1, 0
-
-    def state_after(self, batch: dict) -> tuple[int, int]:
-        """The state after consuming ``batch`` (a collated dict with ``epoch`` and ``position`` tensors)."""
-        return self.next_state(int(batch["epoch"][-1]), int(batch["position"][-1]))
-
-    def __iter__(self) -> Iterator[Key]:
-        epoch, position = self.start
-        while True:
-            shard = self.shard(epoch)
-            for pos in range(position, self.shard_size):
-                yield epoch, pos, shard[pos]
-            epoch, position = epoch + 1, 0

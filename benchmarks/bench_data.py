@@ -12,10 +12,10 @@ import tempfile
 import time
 from pathlib import Path
 
-from axs_lib.data import DEFAULT_CACHE_TILES, TileDataset, make_loader
+from axs_lib.data import DEFAULT_CACHE_TILES, TileDataset
 from axs_lib.fingerprint.data import data_fingerprint
 from axs_lib.ingest import write_synthetic_tiles
-from axs_lib.sampling import EpochSampler
+from axs_lib.loader import ResumableLoader
 from axs_lib.tiles import RACY_SECONDS
 
 NUM_TILES = 256
@@ -26,16 +26,20 @@ EPOCHS = 2
 
 def loader_tiles_per_second(paths: list[Path], num_workers: int, cache_tiles: int = DEFAULT_CACHE_TILES) -> float:
     """Augmented samples per second over ``EPOCHS`` epochs, every sample decoded (through the
-    per-process tile cache unless ``cache_tiles=0``); the first batch (worker start-up) not timed."""
+    per-process tile cache unless ``cache_tiles=0``); the first batch (worker start-up) not timed.
+
+    Batches come as the trainer draws them: `ResumableLoader.endless` over a `TileDataset`."""
     dataset = TileDataset(paths, seed=0, augment=True, speckle_std=0.1, cache_tiles=cache_tiles)
-    loader = make_loader(dataset, EpochSampler(len(paths), seed=0), BATCH_SIZE, num_workers, seed=0)
     num_batches = EPOCHS * len(paths) // BATCH_SIZE - 1
-    iterator = iter(loader)
-    next(iterator)  # start-up (worker processes) is not throughput
-    start = time.perf_counter()
-    for _ in itertools.islice(iterator, num_batches):
-        pass
-    return num_batches * BATCH_SIZE / (time.perf_counter() - start)
+    with ResumableLoader(dataset, BATCH_SIZE, seed=0, num_workers=num_workers) as loader:
+        iterator = loader.endless()
+        next(iterator)  # start-up (worker processes) is not throughput
+        start = time.perf_counter()
+        for _ in itertools.islice(iterator, num_batches):
+            pass
+        seconds = time.perf_counter() - start
+        iterator.close()
+    return num_batches * BATCH_SIZE / seconds
 
 
 def plain_hashlib_seconds(paths: list[Path]) -> float:

@@ -1,9 +1,9 @@
-"""TileDataset and make_loader: normalisation, mask, augmentation from (seed, epoch, index) only,
-worker-count invariance and mid-epoch restore in a new process, batch by batch."""
+"""TileDataset and its loaders: normalisation, mask, augmentation from (seed, epoch, index) only,
+and, through the trainer's own path (`ResumableLoader.endless`), worker-count invariance and
+mid-epoch restore in a new process, batch by batch; the validation loader walks in index order."""
 
 from __future__ import annotations
 
-import itertools
 import subprocess
 import sys
 import textwrap
@@ -12,19 +12,31 @@ import numpy as np
 import pytest
 import torch
 
-from axs_lib.data import TileDataset, make_loader
+from axs_lib.data import TileDataset, make_loader, validation_loader
 from axs_lib.ingest import encode_tile
-from axs_lib.sampling import EpochSampler
+from axs_lib.loader import ResumableLoader
+from axs_lib.sampling import SampleIndex
 from axs_lib.tiles import OPTICAL_RANGE, S1_KEYS, S2_KEYS, SAR_DB_RANGE, list_tiles, read_tile
 
 TENSORS = ("sar", "optical", "mask", "index", "epoch", "position")
 
 
-def batches(paths, num_workers, start=(0, 0), n=6, batch_size=5, seed=11):
+def batches(paths, num_workers, n=6, batch_size=5, seed=11, consumed=None):
+    """The first ``n`` training batches as the trainer draws them (endless, across epoch ends), and
+    the loader's state after the first ``consumed`` of them."""
     dataset = TileDataset(paths, seed=seed, augment=True, speckle_std=0.3)
-    sampler = EpochSampler(len(paths), seed=seed, start=start)
-    loader = make_loader(dataset, sampler, batch_size=batch_size, num_workers=num_workers, seed=seed)
-    return list(itertools.islice(iter(loader), n)), sampler
+    with ResumableLoader(dataset, batch_size, seed=seed, num_workers=num_workers) as loader:
+        stream, got, state = loader.endless(), [], None
+        for _ in range(n):
+            got.append(next(stream))
+            if len(got) == consumed:
+                state = loader.state_dict()
+        stream.close()
+    return got, state
+
+
+def key(index, epoch, position=0):
+    return SampleIndex(index, epoch, position)
 
 
 def assert_same_batches(a, b):
@@ -83,7 +95,7 @@ def test_validation_keys_are_never_augmented(synth_tiles):
         base = plain[i]
         for name in ("sar", "optical", "mask"):
             assert torch.equal(augmenting[i][name], base[name])  # int key: no augmentation
-            assert torch.equal(plain[(7, 0, i)][name], base[name])  # augment=False: none either
+            assert torch.equal(plain[key(i, 7)][name], base[name])  # augment=False: none either
 
 
 def test_augmentation_varies_and_is_a_pure_function_of_seed_epoch_index(synth_tiles):
@@ -91,24 +103,24 @@ def test_augmentation_varies_and_is_a_pure_function_of_seed_epoch_index(synth_ti
     dataset = TileDataset(paths, seed=3, augment=True)
     base = TileDataset(paths, seed=3, augment=False)
     for i in range(4):
-        variants = [dataset[(e, 0, i)]["optical"] for e in range(8)]
+        variants = [dataset[key(i, e)]["optical"] for e in range(8)]
         candidates = dihedral(base[i]["optical"])
         for v in variants:  # every augmented sample is a flip/rotation of the tile...
             assert any(torch.equal(v, c) for c in candidates)
         assert len({v.numpy().tobytes() for v in variants}) >= 3  # ...and they vary across epochs
-    across_samples = {bytes(dataset[(0, 0, i)]["optical"].numpy().tobytes()) != bytes(base[i]["optical"].numpy().tobytes()) for i in range(12)}
+    across_samples = {bytes(dataset[key(i, 0)]["optical"].numpy().tobytes()) != bytes(base[i]["optical"].numpy().tobytes()) for i in range(12)}
     assert across_samples == {True, False}  # some samples of one epoch are transformed, some not
     fresh = TileDataset(paths, seed=3, augment=True)
-    assert torch.equal(fresh[(5, 9, 2)]["sar"], dataset[(5, 0, 2)]["sar"])  # position does not matter
+    assert torch.equal(fresh[key(2, 5, position=9)]["sar"], dataset[key(2, 5)]["sar"])  # position does not matter
     other_seed = TileDataset(paths, seed=4, augment=True)
-    assert any(not torch.equal(other_seed[(0, 0, i)]["sar"], dataset[(0, 0, i)]["sar"]) for i in range(6))
+    assert any(not torch.equal(other_seed[key(i, 0)]["sar"], dataset[key(i, 0)]["sar"]) for i in range(6))
 
 
 def test_speckle_changes_sar_only(synth_tiles):
     paths = list_tiles(synth_tiles)
     geometric = TileDataset(paths, seed=3, augment=True)
     speckled = TileDataset(paths, seed=3, augment=True, speckle_std=0.3)
-    a, b = geometric[(1, 0, 0)], speckled[(1, 0, 0)]
+    a, b = geometric[key(0, 1)], speckled[key(0, 1)]
     assert torch.equal(a["optical"], b["optical"]) and torch.equal(a["mask"], b["mask"])
     assert not torch.equal(a["sar"], b["sar"])
     assert 0.0 < float((a["sar"] - b["sar"]).abs().mean()) < 0.1
@@ -118,7 +130,7 @@ def test_non_square_tiles_keep_their_shape(tmp_path):
     arrays = {k: np.full((4, 7), -10.0, np.float32) for k in S1_KEYS} | {k: np.full((4, 7), 500, np.uint16) for k in S2_KEYS}
     (tmp_path / "r.npz").write_bytes(encode_tile(arrays))
     dataset = TileDataset([tmp_path / "r.npz"], seed=0, augment=True)
-    assert {tuple(dataset[(e, 0, 0)]["sar"].shape) for e in range(16)} == {(2, 4, 7)}
+    assert {tuple(dataset[key(0, e)]["sar"].shape) for e in range(16)} == {(2, 4, 7)}
 
 
 @pytest.mark.filterwarnings("ignore:This DataLoader will create 4 worker processes")  # 2-core CI machines
@@ -133,41 +145,48 @@ def test_batches_do_not_depend_on_worker_count(synth_tiles):
 RESUME_SCRIPT = textwrap.dedent(
     """
     import itertools, sys, torch
-    from axs_lib.data import TileDataset, make_loader
-    from axs_lib.sampling import EpochSampler
+    from axs_lib.data import TileDataset
+    from axs_lib.loader import ResumableLoader
     from axs_lib.tiles import list_tiles
     directory, epoch, position, out = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
     paths = list_tiles(directory)
     dataset = TileDataset(paths, seed=11, augment=True, speckle_std=0.3)
-    sampler = EpochSampler(len(paths), seed=11, start=(epoch, position))
-    loader = make_loader(dataset, sampler, batch_size=5, num_workers=2, seed=11)
-    torch.save(list(itertools.islice(iter(loader), 4)), out)
+    with ResumableLoader(dataset, 5, seed=11, num_workers=2) as loader:
+        loader.load_state_dict({"epoch": epoch, "position": position})
+        torch.save(list(itertools.islice(loader.endless(), 4)), out)
     """
 )
 
 
 def test_mid_epoch_restore_in_a_new_process_gives_the_same_batches(synth_tiles, tmp_path):
     paths = list_tiles(synth_tiles)
-    uninterrupted, sampler = batches(paths, num_workers=2, n=6)
-    state = sampler.state_after(uninterrupted[1])  # after 10 of 12 samples: mid-epoch
-    assert state == (0, 10)
+    uninterrupted, state = batches(paths, num_workers=2, n=6, consumed=2)  # workers read ahead of the loop
+    assert (state["epoch"], state["position"]) == (0, 10)  # after 10 of 12 samples: mid-epoch
     out = tmp_path / "resumed.pt"
-    subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(synth_tiles), *map(str, state), str(out)], check=True, timeout=120)
+    subprocess.run([sys.executable, "-c", RESUME_SCRIPT, str(synth_tiles), str(state["epoch"]), str(state["position"]), str(out)],
+                   check=True, timeout=120)
     assert_same_batches(torch.load(out, weights_only=True), uninterrupted[2:6])
 
 
 def test_validation_loader_walks_in_order_without_augmentation(synth_tiles):
     paths = list_tiles(synth_tiles)
     dataset = TileDataset(paths, seed=0, augment=True)
-    loader = make_loader(dataset, None, batch_size=5, num_workers=0, seed=0)
+    loader = validation_loader(dataset, batch_size=5, num_workers=0, seed=0)
     got = list(loader)
     assert torch.equal(torch.cat([b["index"] for b in got]), torch.arange(12))
     assert bool((torch.cat([b["epoch"] for b in got]) == -1).all())
     assert torch.equal(got[0]["sar"][1], dataset[1]["sar"])
+    again = list(make_loader(dataset, None, batch_size=5, num_workers=0, seed=0))  # the earlier name
+    assert all(torch.equal(a[n], b[n]) for a, b in zip(got, again) for n in TENSORS) and len(again) == len(got)
 
 
-def test_loader_settings():
-    loader = make_loader(TileDataset([], seed=0, augment=False), EpochSampler(1, seed=0), batch_size=2, num_workers=2, seed=5, pin_memory=True)
+def test_make_loader_refuses_a_sampler_since_training_batches_come_from_resumable_loader():
+    with pytest.raises(TypeError, match="ResumableLoader"):
+        make_loader(TileDataset([], seed=0, augment=False), object(), batch_size=2, num_workers=0, seed=0)
+
+
+def test_validation_loader_settings():
+    loader = validation_loader(TileDataset([], seed=0, augment=False), batch_size=2, num_workers=2, seed=5, pin_memory=True)
     assert loader.persistent_workers and loader.num_workers == 2
     assert loader.worker_init_fn.__name__ == "worker_init"  # ignores the stop signals, then seed_worker
     assert loader.pin_memory == torch.cuda.is_available()
@@ -195,7 +214,12 @@ def test_a_worker_leaves_stop_signals_to_the_main_process_and_is_seeded():
             signal.signal(s, handler)
 
 
-@pytest.mark.parametrize("key", [12, (0, 0, 12), -1])
-def test_out_of_range_keys_raise_index_error(synth_tiles, key):
+@pytest.mark.parametrize("index", [12, SampleIndex(12, 0, 0), -1])
+def test_out_of_range_keys_raise_index_error(synth_tiles, index):
     with pytest.raises(IndexError):
-        TileDataset(list_tiles(synth_tiles), seed=0, augment=False)[key]
+        TileDataset(list_tiles(synth_tiles), seed=0, augment=False)[index]
+
+
+def test_a_tuple_key_is_refused_naming_sample_index(synth_tiles):
+    with pytest.raises(TypeError, match=r"got the tuple \(0, 0, 1\).*SampleIndex\(index, epoch, position\)"):
+        TileDataset(list_tiles(synth_tiles), seed=0, augment=True)[(0, 0, 1)]

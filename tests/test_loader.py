@@ -1,5 +1,5 @@
 """ResumableLoader: its state is what the loop consumed, resume is exact with any worker count,
-endless iteration walks the data exactly as the trainer's EpochSampler does, and a toy loop of
+endless iteration walks the sampler's stream (the order tests/test_sampling.py pins), and a toy loop of
 global-RNG calls is exact across reruns, worker counts and SIGKILL + resume."""
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from torch.utils.data import Dataset, SequentialSampler
 
 from axs_lib.loader import ResumableLoader
 from axs_lib.samples import SeededDataset
-from axs_lib.sampling import EpochSampler, ResumableSampler
+from axs_lib.sampling import ResumableSampler
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -67,9 +67,9 @@ def test_a_for_loop_is_the_rest_of_the_epoch_and_then_the_next_epoch_starts():
     epoch0 = list(loader)
     assert [len(b) for b in epoch0] == [4, 4, 2]
     assert loader.state_dict()["epoch"] == 1 and loader.state_dict()["position"] == 0
-    assert keys(epoch0) == take_epoch_sampler(10, 1, (0, 0), 10)
+    assert keys(epoch0) == take_stream(10, 1, (0, 0), 10)
     epoch1 = list(loader)
-    assert keys(epoch1) == take_epoch_sampler(10, 1, (1, 0), 10)
+    assert keys(epoch1) == take_stream(10, 1, (1, 0), 10)
     dropping = ResumableLoader(KeyDataset(10), 4, seed=1, drop_last=True)
     assert len(dropping) == 2 and [len(b) for b in dropping] == [4, 4]
     assert dropping.state_dict()["epoch"] == 1 and dropping.state_dict()["position"] == 0
@@ -81,29 +81,31 @@ def test_set_epoch_starts_another_epoch_and_keeps_the_position_of_the_current_on
     loader.set_epoch(0)
     assert loader.state_dict()["position"] == 4
     loader.set_epoch(3)
-    assert keys(loader) == take_epoch_sampler(10, 1, (3, 0), 10)
+    assert keys(loader) == take_stream(10, 1, (3, 0), 10)
 
 
-def take_epoch_sampler(n, seed, start, count, rank=0, world_size=1):
-    return list(itertools.islice(EpochSampler(n, seed, start=start, rank=rank, world_size=world_size), count))
+def take_stream(n, seed, start, count, rank=0, world_size=1):
+    """``(epoch, position, index)`` of the first ``count`` indices of the sampler's endless stream from ``start``."""
+    stream = ResumableSampler(n, seed, num_replicas=world_size, rank=rank).stream(start)
+    return [(i.epoch, i.position, int(i)) for i in itertools.islice(stream, count)]
 
 
 @pytest.mark.parametrize("world_size", [1, 3])
-def test_endless_batches_walk_the_data_exactly_as_epoch_sampler(world_size):
+def test_endless_batches_walk_the_data_exactly_as_the_sampler_stream(world_size):
     for rank in range(world_size):
         sampler = ResumableSampler(7, seed=4, num_replicas=world_size, rank=rank)
         for start in [(0, 0), (2, 1)]:
             loader = ResumableLoader(KeyDataset(7), 3, seed=4, sampler=sampler)
             loader.load_state_dict({"epoch": start[0], "position": start[1]})
             got = keys(itertools.islice(loader.endless(), 6))
-            assert got == take_epoch_sampler(7, 4, start, 18, rank, world_size)
+            assert got == take_stream(7, 4, start, 18, rank, world_size)
             state = loader.state_dict()
-            assert (state["epoch"], state["position"]) == EpochSampler(7, 4, rank=rank, world_size=world_size).next_state(*got[-1][:2])
+            assert (state["epoch"], state["position"]) == sampler.advance(*got[-1][:2], 1)
 
 
 @pytest.mark.parametrize("before, after", [(2, 0), (0, 2), (2, 1)])
 def test_endless_resume_with_another_worker_count_continues_the_same_stream(before, after):
-    expected = take_epoch_sampler(7, 4, (0, 0), 13 * 3)
+    expected = take_stream(7, 4, (0, 0), 13 * 3)
     loader = ResumableLoader(KeyDataset(7), 3, seed=4, num_workers=before)
     first = keys(itertools.islice(loader.endless(), 5))
     state = loader.state_dict()

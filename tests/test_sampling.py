@@ -1,5 +1,6 @@
-"""EpochSampler and ResumableSampler: permutations from shuffle/<epoch>, O(1) resume without replay,
-rank shards as DistributedSampler cuts them, SampleIndex through Subset and BatchSampler."""
+"""ResumableSampler: permutations from shuffle/<epoch> pinned by golden values, the endless stream the
+trainer walks, O(1) resume without replay, rank shards as DistributedSampler cuts them, SampleIndex
+through Subset and BatchSampler."""
 
 from __future__ import annotations
 
@@ -11,101 +12,114 @@ import torch
 from torch.utils.data import BatchSampler, DistributedSampler, Subset, random_split
 
 from axs_lib.reproducibility import derive_seed
-from axs_lib.sampling import EpochSampler, ResumableSampler, SampleIndex
+from axs_lib.sampling import ResumableSampler, SampleIndex
 
 
 def take(sampler, n):
     return list(itertools.islice(iter(sampler), n))
 
 
+def keys(indices) -> list[tuple[int, int, int]]:
+    """``(epoch, position, index)`` of each `SampleIndex`."""
+    return [(i.epoch, i.position, int(i)) for i in indices]
+
+
+def stream(n, seed, count, start=(0, 0), *, rank=0, world=1, shuffle=True):
+    return keys(itertools.islice(ResumableSampler(n, seed, num_replicas=world, rank=rank, shuffle=shuffle).stream(start), count))
+
+
+# Golden values: the order every run's data has been read in (the trainer walks `stream`). They pin
+# derive_seed("shuffle", epoch), torch.randperm, the cyclic padding and the rank stride together;
+# a change here reorders the data of every earlier run, so resuming one would no longer be exact.
+GOLDEN_10_SEED_42 = [5, 7, 8, 2, 4, 0, 3, 6, 9, 1,  # epoch 0
+                     2, 9, 7, 3, 1, 6, 4, 0, 8, 5,  # epoch 1
+                     5, 6, 8, 4, 1, 2, 0, 9, 7, 3]  # epoch 2
+GOLDEN_7_SEED_5_3_RANKS = {0: [4, 6, 0, 0, 6, 3, 6, 0, 2],  # 3 per rank and epoch: 7 padded to 9
+                           1: [2, 3, 4, 1, 2, 0, 5, 3, 6],
+                           2: [5, 1, 2, 4, 5, 1, 1, 4, 5]}
+
+
+def test_stream_walks_the_pinned_order_epoch_after_epoch():
+    assert stream(10, 42, 30) == [(e, p, GOLDEN_10_SEED_42[10 * e + p]) for e in range(3) for p in range(10)]
+
+
+def test_stream_of_each_rank_walks_its_pinned_padded_shard():
+    for rank, golden in GOLDEN_7_SEED_5_3_RANKS.items():
+        assert stream(7, 5, 9, rank=rank, world=3) == [(e, p, golden[3 * e + p]) for e in range(3) for p in range(3)]
+
+
 def test_each_epoch_is_the_derived_permutation():
-    sampler = EpochSampler(10, seed=42)
-    keys = take(sampler, 30)
+    got = stream(10, 42, 30)
     for epoch in range(3):
         expected = torch.randperm(10, generator=torch.Generator().manual_seed(derive_seed(42, "shuffle", epoch))).tolist()
-        chunk = keys[epoch * 10 : (epoch + 1) * 10]
-        assert [k[2] for k in chunk] == expected
-        assert [(k[0], k[1]) for k in chunk] == [(epoch, p) for p in range(10)]
-    orders = [tuple(k[2] for k in keys[e * 10 : (e + 1) * 10]) for e in range(3)]
-    assert len(set(orders)) == 3  # epochs differ
-
-
-def test_pinned_first_epoch():
-    # Golden value: pins derive_seed("shuffle", 0) + torch.randperm; a change reorders every run's data.
-    assert [k[2] for k in take(EpochSampler(10, seed=42), 10)] == [5, 7, 8, 2, 4, 0, 3, 6, 9, 1]
+        assert [k[2] for k in got[epoch * 10:(epoch + 1) * 10]] == expected
+    assert len({tuple(k[2] for k in got[e * 10:(e + 1) * 10]) for e in range(3)}) == 3  # epochs differ
 
 
 def test_seed_changes_order_and_no_shuffle_is_identity():
-    assert take(EpochSampler(20, seed=1), 20) != take(EpochSampler(20, seed=2), 20)
-    assert [k[2] for k in take(EpochSampler(5, seed=1, shuffle=False), 10)] == [0, 1, 2, 3, 4] * 2
+    assert stream(20, 1, 20) != stream(20, 2, 20)
+    assert [k[2] for k in stream(5, 1, 10, shuffle=False)] == [0, 1, 2, 3, 4] * 2
 
 
-@pytest.mark.parametrize("world_size", [1, 3])
-def test_resume_from_any_state_continues_exactly(world_size):
-    for rank in range(world_size):
-        full = take(EpochSampler(7, seed=3, rank=rank, world_size=world_size), 25)
-        sampler = EpochSampler(7, seed=3, rank=rank, world_size=world_size)
+@pytest.mark.parametrize("world", [1, 3])
+def test_stream_from_any_state_continues_exactly(world):
+    for rank in range(world):
+        sampler = ResumableSampler(7, seed=3, num_replicas=world, rank=rank)
+        full = stream(7, 3, 25, rank=rank, world=world)
         for consumed in range(1, 20):
-            state = sampler.next_state(*full[consumed - 1][:2])
-            resumed = EpochSampler(7, seed=3, start=state, rank=rank, world_size=world_size)
-            assert take(resumed, 5) == full[consumed : consumed + 5]
+            state = sampler.advance(*full[consumed - 1][:2], 1)
+            assert stream(7, 3, 5, state, rank=rank, world=world) == full[consumed:consumed + 5]
+        assert sampler.state_dict() == {"epoch": 0, "position": 0}  # neither stream nor advance moves it
 
 
-def test_resume_is_constant_time_and_replays_nothing(monkeypatch):
+def test_stream_from_a_late_state_is_constant_time_and_replays_nothing(monkeypatch):
     calls = []
-    original = EpochSampler.shard
-
-    def counting(self, epoch):
-        calls.append(epoch)
-        return original(self, epoch)
-
-    monkeypatch.setattr(EpochSampler, "shard", counting)
-    sampler = EpochSampler(1000, seed=0, start=(10**6, 999))
-    keys = take(sampler, 2)
+    original = ResumableSampler.shard
+    monkeypatch.setattr(ResumableSampler, "shard", lambda self, e: calls.append(e) or original(self, e))
+    got = keys(itertools.islice(ResumableSampler(1000, seed=0).stream((10**6, 999)), 2))
     assert calls == [10**6, 10**6 + 1]  # only the epochs it yields from
-    assert [k[:2] for k in keys] == [(10**6, 999), (10**6 + 1, 0)]
+    assert [k[:2] for k in got] == [(10**6, 999), (10**6 + 1, 0)]
 
 
-def test_next_state_and_state_after_roll_over_at_the_shard_end():
-    sampler = EpochSampler(5, seed=0, world_size=2)
+def test_advance_rolls_over_at_the_shard_end():
+    sampler = ResumableSampler(5, seed=0, num_replicas=2)
     assert sampler.shard_size == 3
-    assert sampler.next_state(0, 1) == (0, 2)
-    assert sampler.next_state(0, 2) == (1, 0)
-    batch = {"epoch": torch.tensor([4, 4]), "position": torch.tensor([1, 2])}
-    assert sampler.state_after(batch) == (5, 0)
+    assert sampler.advance(0, 1, 1) == (0, 2)
+    assert sampler.advance(0, 2, 1) == (1, 0)
+    assert sampler.advance(4, 1, 5) == (6, 0)  # a batch of 5 across two epoch ends
 
 
 def test_ranks_take_strided_positions_of_a_padded_permutation():
     n, world = 10, 4
-    perm = [k[2] for k in take(EpochSampler(n, seed=9), n)]
+    perm = [k[2] for k in stream(n, 9, n)]
     padded = (perm * 2)[:12]
-    shards = [take(EpochSampler(n, seed=9, rank=r, world_size=world), 3) for r in range(world)]
+    shards = [stream(n, 9, 3, rank=r, world=world) for r in range(world)]
     for r, shard in enumerate(shards):
         assert [k[2] for k in shard] == padded[r::world]
         assert [k[:2] for k in shard] == [(0, 0), (0, 1), (0, 2)]
     assert set(k[2] for s in shards for k in s) == set(range(n))  # every sample, two of them twice (padding)
-    even = [take(EpochSampler(8, seed=9, rank=r, world_size=4), 2) for r in range(4)]
+    even = [stream(8, 9, 2, rank=r, world=4) for r in range(4)]
     assert sorted(k[2] for s in even for k in s) == list(range(8))  # divisible: disjoint, no padding
 
 
-@pytest.mark.parametrize(
-    "kwargs",
-    [dict(num_samples=0), dict(start=(0, 10)), dict(start=(-1, 0)), dict(rank=2, world_size=2), dict(world_size=0)],
-)
-def test_invalid_arguments_are_refused(kwargs):
+@pytest.mark.parametrize("start", [(0, 11), (-1, 0), (0, -1), (0.5, 0)])
+def test_stream_refuses_a_start_outside_the_epoch(start):
     with pytest.raises(ValueError):
-        EpochSampler(**({"num_samples": 10, "seed": 0} | kwargs))
+        next(ResumableSampler(10, seed=0).stream(start))
+
+
+def test_stream_from_the_end_of_an_epoch_starts_the_next():
+    assert stream(10, 42, 1, (0, 10)) == [(1, 0, GOLDEN_10_SEED_42[10])]
 
 
 # --------------------------------------------------------------------------- ResumableSampler
 
 
-def test_resumable_sampler_epochs_are_epoch_samplers_orders_and_advance_by_themselves():
+def test_resumable_sampler_epochs_are_the_pinned_orders_and_advance_by_themselves():
     sampler = ResumableSampler(10, seed=42)
-    epoch_keys = take(EpochSampler(10, seed=42), 30)
     for epoch in range(3):
         indices = list(sampler)
-        assert indices == [k[2] for k in epoch_keys[epoch * 10 : (epoch + 1) * 10]]
+        assert indices == GOLDEN_10_SEED_42[epoch * 10:(epoch + 1) * 10]
         assert [(i.epoch, i.position) for i in indices] == [(epoch, p) for p in range(10)]
     assert sampler.state_dict() == {"epoch": 3, "position": 0}
     assert len(sampler) == 10
@@ -147,17 +161,6 @@ def test_resumable_sampler_resumes_from_a_saved_state_in_constant_time(monkeypat
     assert calls == [0]
 
 
-def test_stream_runs_across_epochs_exactly_as_epoch_sampler():
-    for world in (1, 3):
-        for rank in range(world):
-            sampler = ResumableSampler(7, seed=5, num_replicas=world, rank=rank)
-            for start in [(0, 0), (2, 1), (4, 2)]:
-                expected = take(EpochSampler(7, seed=5, start=start, rank=rank, world_size=world), 12)
-                got = take(sampler.stream(start), 12)
-                assert [(i.epoch, i.position, int(i)) for i in got] == expected
-            assert sampler.state_dict() == {"epoch": 0, "position": 0}  # the stream does not move it
-
-
 def test_sample_indices_work_with_subset_random_split_and_batch_sampler():
     data = list(range(100, 120))
     part = random_split(data, [12, 8], generator=torch.Generator().manual_seed(0))[0]
@@ -189,3 +192,9 @@ def test_resumable_sampler_refuses_bad_arguments(kwargs):
     kwargs = {"data_source_or_length": 10, "seed": 0} | kwargs
     with pytest.raises((ValueError, TypeError)):
         ResumableSampler(kwargs.pop("data_source_or_length"), kwargs.pop("seed"), **kwargs)
+
+
+@pytest.mark.parametrize("kwargs", [dict(num_replicas=2, rank=2), dict(num_replicas=0, rank=0)])
+def test_a_bad_rank_is_refused_naming_the_keywords_the_caller_passed(kwargs):
+    with pytest.raises(ValueError, match=r"0 <= rank < num_replicas, got rank=\d+, num_replicas=\d+"):
+        ResumableSampler(10, seed=0, **kwargs)

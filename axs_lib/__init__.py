@@ -17,7 +17,7 @@ toolkit needs, in the order a training loop meets it:
 * a run's surroundings: `StopRequest` (`axs_lib.signals`), `pin` (portable CPU mode,
   `axs_lib.portable`);
 * the errors the toolkit raises, all `AxsError`: `InputError`, `CheckpointError`, `UsageError`,
-  `PlanError`, `PortableError`.
+  `WriteError`, `PlanError`, `PortableError`.
 
 The Lightning integration (`axs_lib.lightning`) needs the optional ``lightning`` extra and stays
 in its own module.
@@ -71,6 +71,7 @@ _HOMES: dict[str, str] = {
     "InputError": "axs_lib.errors",
     "CheckpointError": "axs_lib.errors",
     "UsageError": "axs_lib.errors",
+    "WriteError": "axs_lib.errors",
     "PlanError": "axs_lib.distributed",
     "PortableError": "axs_lib.portable",
 }
@@ -92,7 +93,7 @@ __all__ = [
     # a run's surroundings
     "StopRequest", "pin",
     # errors
-    "AxsError", "InputError", "CheckpointError", "UsageError", "PlanError", "PortableError",
+    "AxsError", "InputError", "CheckpointError", "UsageError", "WriteError", "PlanError", "PortableError",
 ]
 
 
@@ -115,7 +116,7 @@ def __dir__() -> list[str]:
 if TYPE_CHECKING:  # for type checkers and IDEs only; at run time the names arrive through __getattr__
     from axs_lib.checkpoint import load_checkpoint, save_checkpoint
     from axs_lib.distributed import GradientTree, MicroBatchPlan, PlanError
-    from axs_lib.errors import AxsError, CheckpointError, InputError, UsageError
+    from axs_lib.errors import AxsError, CheckpointError, InputError, UsageError, WriteError
     from axs_lib.loader import ResumableLoader
     from axs_lib.portable import PortableError, pin
     from axs_lib.reproducibility import (

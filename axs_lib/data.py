@@ -159,15 +159,3 @@ def validation_loader(
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory and torch.cuda.is_available(),
     )
-
-
-def make_loader(dataset: Dataset, sampler: None, batch_size: int, num_workers: int, seed: int,
-                pin_memory: bool = False) -> DataLoader:
-    """`validation_loader` under its earlier name, for callers that still pass ``sampler=None``.
-
-    Training batches come from `axs_lib.loader.ResumableLoader`; a sampler here is refused.
-    """
-    if sampler is not None:
-        raise TypeError("make_loader no longer takes a sampler: training batches come from "
-                        "axs_lib.loader.ResumableLoader; make_loader(dataset, None, ...) is validation_loader(dataset, ...)")
-    return validation_loader(dataset, batch_size, num_workers, seed, pin_memory)

@@ -93,9 +93,9 @@ def pin(threads: int | None = None) -> dict[str, Any]:
     """
     threads = DEFAULT_THREADS if threads is None else threads
     if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
-        raise PortableError(f"--threads must be a positive integer, got {threads!r}")
+        raise PortableError(f"threads (--threads) must be a positive integer, got {threads!r}")
     if not cpu_has_avx2():
-        raise PortableError("--portable: this CPU has no AVX2 (or is not x86-64); portable mode pins the arithmetic "
+        raise PortableError("portable mode (--portable, axs_lib.portable.pin): this CPU has no AVX2 (or is not x86-64); portable mode pins the arithmetic "
                             "to AVX2 and cannot run here")
     prepare()
     import torch
@@ -103,7 +103,7 @@ def pin(threads: int | None = None) -> dict[str, Any]:
     capability = torch.backends.cpu.get_cpu_capability()
     if capability != LEVEL:
         _undo()  # this process cannot be pinned: leave its environment as it was
-        raise PortableError(f"--portable: torch already computes with CPU capability {capability}, not {LEVEL}; "
+        raise PortableError(f"portable mode (--portable, axs_lib.portable.pin): torch already computes with CPU capability {capability}, not {LEVEL}; "
                             f"start Python with `{exact_line()}` or call axs_lib.portable.pin() "
                             "before the first torch operation")
     torch.set_num_threads(threads)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 
-from axs_lib.data import TileDataset, make_loader, validation_loader
+from axs_lib.data import TileDataset, validation_loader
 from axs_lib.ingest import encode_tile
 from axs_lib.loader import ResumableLoader
 from axs_lib.sampling import SampleIndex
@@ -176,13 +176,6 @@ def test_validation_loader_walks_in_order_without_augmentation(synth_tiles):
     assert torch.equal(torch.cat([b["index"] for b in got]), torch.arange(12))
     assert bool((torch.cat([b["epoch"] for b in got]) == -1).all())
     assert torch.equal(got[0]["sar"][1], dataset[1]["sar"])
-    again = list(make_loader(dataset, None, batch_size=5, num_workers=0, seed=0))  # the earlier name
-    assert all(torch.equal(a[n], b[n]) for a, b in zip(got, again) for n in TENSORS) and len(again) == len(got)
-
-
-def test_make_loader_refuses_a_sampler_since_training_batches_come_from_resumable_loader():
-    with pytest.raises(TypeError, match="ResumableLoader"):
-        make_loader(TileDataset([], seed=0, augment=False), object(), batch_size=2, num_workers=0, seed=0)
 
 
 def test_validation_loader_settings():

@@ -51,7 +51,7 @@ from torch import nn
 from tqdm import tqdm
 
 from axs_lib import run_dir
-from axs_lib.data import TileDataset, make_loader
+from axs_lib.data import TileDataset, validation_loader
 from axs_lib.loader import ResumableLoader
 from axs_lib.signals import EXIT_CODES, StopRequest
 from axs_lib.workers import ignore_stop_signals, reap_workers_at_exit, stop_signals_held
@@ -394,7 +394,7 @@ class Stage1Trainer:
         self.loader.load_state_dict({"epoch": start[0], "position": start[1]})
         self.state.components["sampler_state"] = self.loader
         self.batches = self.loader.endless()
-        self.val_loader = make_loader(self.val_set, None, config.batch_size, config.num_workers, config.seed, self.pin) if self.val_set else None
+        self.val_loader = validation_loader(self.val_set, config.batch_size, config.num_workers, config.seed, self.pin) if self.val_set else None
         self.metrics_log = MetricsLog(self.output_dir / METRICS)
         self.events = None
         self.run_info: dict[str, Any] = {}

@@ -89,9 +89,20 @@ def _ssim_term(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return ((1.0 - per_tile) * valid).sum() / valid.sum().clamp_min(1.0)
 
 
-def stage1_loss(pred, target, mask, l1_weight: float = 1.0, ssim_weight: float = 0.5) -> torch.Tensor:
-    """``l1_weight * L1 + ssim_weight * (1 - SSIM)``, both masked."""
-    loss = l1_weight * masked_l1(pred, target, mask)
+def stage1_loss(pred, target, mask, l1_weight: float = 1.0, ssim_weight: float = 0.5,
+                band_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``l1_weight * L1 + ssim_weight * (1 - SSIM)``, both masked.
+
+    ``band_scale`` (C,), when given, divides each band's error in the L1 term: with the training
+    targets' per-band standard deviation (`axs_lib.stage1.model.UNet.band_scale`) the L1 is taken
+    on standardised bands, so a dark, flat band (B2) counts as much as a bright, varied one (B8).
+    The SSIM term stays on the [0, 1] images.
+    """
+    if band_scale is not None:
+        scale = band_scale.to(pred.dtype).reshape(1, -1, 1, 1)
+        loss = l1_weight * masked_l1(pred / scale, target / scale, mask)
+    else:
+        loss = l1_weight * masked_l1(pred, target, mask)
     if ssim_weight:
         loss = loss + ssim_weight * _ssim_term(pred, target, mask)
     return loss

@@ -139,6 +139,10 @@ class TrainConfig:
     tensorboard: bool = field(default=True, metadata={"run": True})
     quiet: bool = field(default=False, metadata={"run": True})
 
+    def __post_init__(self):
+        if self.es_mode is None and self.es_metric in ES_MODES:
+            self.es_mode = ES_MODES[self.es_metric]  # the metric's own direction (`es_mode_for`)
+
     def result_fields(self) -> dict[str, Any]:
         """The fields that determine the trained bits (stored in checkpoints, checked on resume)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("run")}

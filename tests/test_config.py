@@ -321,3 +321,11 @@ def test_checkpoints_older_than_the_linear_head_and_clear_sky_count_as_sigmoid_a
     stored = {k: v for k, v in current.items() if k not in ("head", "clear_sky")}
     assert diff_result_fields(stored, current) == []
     assert any(line.startswith("head:") for line in diff_result_fields(stored, build_config({"clear_sky": False}).result_fields()))
+
+
+def test_resuming_a_checkpoint_from_before_the_linear_head_keeps_its_sigmoid_head_and_all_tiles():
+    stored = {k: v for k, v in build_config({"steps": 10, "warmup_steps": 1}).result_fields().items()
+              if k not in ("head", "clear_sky")}
+    resumed = build_config({}, base=stored)
+    assert (resumed.head, resumed.clear_sky) == ("sigmoid", False)
+    assert diff_result_fields(stored, resumed.result_fields()) == []

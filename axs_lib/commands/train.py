@@ -47,7 +47,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     train.add_argument("--steps", type=argtypes.integer, default=S,
                        help=f"optimizer steps (default: {AUTO_EPOCHS} passes over the training tiles, at least "
                             f"{AUTO_MIN_STEPS} and at most {AUTO_MAX_STEPS}; at most {MAXIMA['steps']})")
-    train.add_argument("--batch-size", type=argtypes.integer, default=S, help=f"tiles per batch (default 4, at most {MAXIMA['batch_size']})")
+    train.add_argument("--batch-size", type=argtypes.integer, default=S, help=f"tiles per batch (default 3, at most {MAXIMA['batch_size']})")
     train.add_argument("--accum-steps", type=argtypes.integer, default=S, help=f"batches accumulated per optimizer step (default 1, at most {MAXIMA['accum_steps']})")
     train.add_argument("--lr", type=argtypes.finite_number, default=S, help="peak AdamW learning rate (default 1e-3)")
     train.add_argument("--weight-decay", type=argtypes.finite_number, default=S, help="AdamW weight decay (default 1e-4)")

@@ -11,6 +11,8 @@
 * ``bench_toolkit``: SeededDataset + ResumableLoader vs a plain DataLoader (samples/s, 2 workers),
   and bit-identical samples across worker counts and resumes for the guide's, Lightning's and our recipe.
 * ``bench_startup``: ``axs`` command start-up against ``python -c pass`` and ``import torch``.
+* ``bench_quality``: the Stage-1 U-Net against per-pixel baselines (per-band median, ridge, a
+  per-pixel network) on held-out scenes of real tiles, per band (``--quick``: a smoke run).
 
 Every figure is a ratio of two things measured side by side in the same run; see
 ``benchmarks/README.md``. ``--device cuda`` runs bench_train and bench_checkpoint on the GPU.
@@ -26,7 +28,7 @@ import traceback
 from typing import Callable
 
 BENCHMARKS = ("bench_data", "bench_loader", "bench_compare", "bench_checkpoint", "bench_train", "bench_toolkit",
-              "bench_startup")
+              "bench_startup", "bench_quality")
 # bench_loader's start-up figure: 1k tiles by default, 10k too with --full (its own default; writing
 # and fingerprinting 10k files first takes minutes on a 2-core machine)
 LOADER_STARTUP = 1_000
@@ -51,6 +53,7 @@ def _calls(args: argparse.Namespace) -> dict[str, Callable[[object], dict]]:
         "bench_startup": lambda main: main(repeats=3 if args.quick else 7),
         "bench_checkpoint": lambda main: main((["--quick"] if args.quick else []) + device),
         "bench_toolkit": lambda main: main(),
+        "bench_quality": lambda main: main(["--quick"] if args.quick else []),
     }
 
 
@@ -61,7 +64,7 @@ def main(argv=None) -> dict[str, dict]:
                                                             f"bench_loader start-up at {LOADER_FULL_STARTUP} tiles too")
     parser.add_argument("--quick", action="store_true",
                         help=f"short versions: bench_compare at {COMPARE_QUICK_SIZE_MB} MiB once, bench_loader over "
-                             f"{LOADER_QUICK_TILES} tiles, --quick of bench_train and bench_checkpoint")
+                             f"{LOADER_QUICK_TILES} tiles, --quick of bench_train, bench_checkpoint and bench_quality")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="for bench_train and bench_checkpoint (default: theirs, cuda when available)")
     parser.add_argument("--size-mb", type=int, help="bench_compare checkpoint size in MiB (overrides --full/--quick)")
     parser.add_argument("--only", action="append", choices=BENCHMARKS, metavar="NAME",

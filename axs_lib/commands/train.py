@@ -60,7 +60,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                             "same in the loss (default); sigmoid: the earlier [0, 1] output")
     train.add_argument("--dropout", type=argtypes.finite_number, default=S, help="bottleneck dropout (default 0.1)")
     train.add_argument("--l1-weight", type=argtypes.finite_number, default=S, help="weight of the masked L1 loss (default 1.0)")
-    train.add_argument("--ssim-weight", type=argtypes.finite_number, default=S, help="weight of 1 - SSIM (default 0.5)")
+    train.add_argument("--ssim-weight", type=argtypes.finite_number, default=S, help="weight of 1 - SSIM in the loss (default 0: off)")
     train.add_argument("--precision", choices=PRECISIONS, default=S,
                        help="32: float32 throughout (default); bf16-mixed: bfloat16 autocast for the forward pass")
     train.add_argument("--on-nonfinite", choices=ON_NONFINITE, default=S,

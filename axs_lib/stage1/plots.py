@@ -210,7 +210,7 @@ def loss_figure(records: list[dict]) -> Figure:
         ax.plot(*zip(*val), marker="o", label="validation loss")
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (L1 + SSIM term)")
+    ax.set_ylabel("loss (masked L1; + SSIM term when weighted)")
     ax.set_title("Stage 1: SAR to optical")
     ax.grid(alpha=0.3)
     if train or val:

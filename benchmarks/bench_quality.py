@@ -23,7 +23,7 @@ applies them (flagged tiles never train):
   evaluated through `axs_lib.stage1.predict.evaluate_checkpoint`, the code of ``axs evaluate``.
 
 Metrics are `axs_lib.stage1.metrics.QualityMetrics` (pooled PSNR at range 10000; SSIM at each true
-tile's range; SAM over pixels brighter than 0.03), on two test sets: *all* test tiles, and *clear*
+tile's 2-98 % range; SAM over pixels brighter than 0.03), on two test sets: *all* test tiles, and *clear*
 test tiles: those without a cloud/snow flag whose median true blue (B2) is at most `CLEAR_B2_MAX`
 (reflectance 0.2; the v1 sidecars here carry no cloud flags, and a SAR model cannot predict a
 cloud). The rule matches the one flagged tile at hand (seasonal snow, median B2 above 0.3).
@@ -204,7 +204,7 @@ def train_unet(train_dir: Path, out: Path, args) -> Path:
 
 
 def summary_table(results: dict[str, dict]) -> str:
-    lines = ["| method | MAE | RMSE | PSNR (pooled) | SSIM (tile range) | SAM |", "| --- | --- | --- | --- | --- | --- |"]
+    lines = ["| method | MAE | RMSE | PSNR (pooled) | SSIM (tile 2-98 % range) | SAM |", "| --- | --- | --- | --- | --- | --- |"]
     for name, r in results.items():
         o = r["overall"]
         lines.append(f"| {name} | {o['mae']:.0f} | {o['rmse']:.0f} | {o['psnr']:.2f} | {o['ssim']:.3f} | {o['sam']:.2f} |")

@@ -15,7 +15,7 @@ EPILOG = """examples:
 
 Metrics (axs_lib.stage1.metrics, the same code as the trainer's validation): MAE and RMSE in
 reflectance x 10000 and PSNR at data range 10000, all pooled over every valid pixel; SSIM per tile
-at the true band's own range, averaged over tiles; SAM in degrees over pixels brighter than 0.03.
+at the true band's 2-98 % range, averaged over tiles; SAM in degrees over pixels brighter than 0.03.
 """
 
 

@@ -13,12 +13,14 @@ Definitions (each chosen so that a constant image cannot look good):
 * **PSNR**: *pooled*: ``10 log10(R^2 / MSE)`` with the MSE pooled over every valid pixel of every
   tile and ``R = 10000`` (reflectance 1.0). A mean of per-tile PSNRs lets the easy, dark tiles
   dominate (a tile of calm water scores 40 dB); the pooled figure is the PSNR of the whole set.
-* **SSIM**: per tile and band with the data range set to that band's range in the *true* tile
-  (max - min over its valid pixels, at least `SSIM_MIN_RANGE`), then averaged over tiles. At the
-  fixed range 10000 the stabilising constant ``(0.03 R)^2`` dwarfs the variance of a land scene,
-  so a constant image scores about 0.6; at the tile's own range a constant image scores near 0
-  and structure has to be predicted. The window is Gaussian, 7 px, sigma 1.5 (`SSIM_WIN`), by
-  ``pytorch_msssim``; invalid pixels are 0 in both images.
+* **SSIM**: per tile and band with the data range set to that band's robust range in the *true*
+  tile: its 2nd to 98th percentile over the valid pixels (`SSIM_RANGE_PERCENTILES`, at least
+  `SSIM_MIN_RANGE`), then averaged over tiles. SSIM's stabilising constant is ``(0.03 R)^2``, and
+  a constant image scores ``C / (var + C)`` in every window, so the larger R, the better a constant
+  looks: at the fixed range 10000 it scores about 0.6, at the tile's max - min (which one bright
+  roof or cloud edge sets) still about 0.4, at the robust range about 0.15, below a model that
+  predicts structure. The window is Gaussian, 7 px, sigma 1.5 (`SSIM_WIN`), by ``pytorch_msssim``;
+  invalid pixels are 0 in both images.
 * **SAM** (spectral angle, degrees): over the valid pixels whose true brightness (mean of the four
   bands) is at least `SAM_MIN_BRIGHTNESS` = 300 (reflectance 0.03); pooled over those pixels.
   Below that (water, deep shadow) the band vector is a few hundred counts of noise and its angle is
@@ -49,6 +51,7 @@ PSNR_DATA_RANGE = 10000.0  # reflectance 1.0
 SSIM_WIN = 7
 SSIM_SIGMA = 1.5
 SSIM_MIN_RANGE = 100.0  # reflectance 0.01: a flatter band would make SSIM of noise
+SSIM_RANGE_PERCENTILES = (0.02, 0.98)
 SAM_MIN_BRIGHTNESS = 300.0  # reflectance 0.03, mean of the four true bands
 METRIC_NAMES = ("mae", "rmse", "psnr", "ssim", "sam")
 HIGHER_IS_BETTER = {"psnr": True, "ssim": True, "sam": False, "mae": False, "rmse": False, "val_loss": False}
@@ -68,7 +71,7 @@ def _window(device: torch.device) -> torch.Tensor:
 
 
 def ssim_per_band(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """(N, C) SSIM of each tile and band at the true band's own range, in float64; NaN without valid pixels.
+    """(N, C) SSIM of each tile and band at the true band's robust range, in float64; NaN without valid pixels.
 
     ``pred``, ``target`` (N, C, H, W) in any unit, ``mask`` (N, 1, H, W). Scaling both images by
     1 / range and using data range 1 is the same SSIM as data range ``range``.
@@ -76,12 +79,12 @@ def ssim_per_band(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) 
     from pytorch_msssim import ssim
 
     pred, target, mask = pred.double(), target.double(), mask.double()
-    valid = mask > 0
-    big, small = torch.finfo(torch.float64).max, torch.finfo(torch.float64).min
-    high = torch.where(valid, target, torch.full_like(target, small)).amax(dim=(2, 3))
-    low = torch.where(valid, target, torch.full_like(target, big)).amin(dim=(2, 3))
+    valid = (mask > 0).expand_as(target)
+    values = torch.where(valid, target, torch.full_like(target, math.nan)).flatten(2)  # (N, C, H*W), NaN = invalid
     has_valid = valid.flatten(1).any(1)
-    span = torch.where(has_valid[:, None], high - low, torch.ones_like(high)).clamp_min(SSIM_MIN_RANGE / SCALE)
+    q = torch.tensor(SSIM_RANGE_PERCENTILES, dtype=torch.float64, device=target.device)
+    low, high = torch.nanquantile(values, q, dim=-1)  # (N, C) each; NaN for a tile without valid pixels
+    span = torch.nan_to_num(high - low, nan=1.0).clamp_min(SSIM_MIN_RANGE / SCALE)
     scale = span[:, :, None, None]
     window = _window(pred.device)
     values = torch.stack([
@@ -109,52 +112,58 @@ class QualityMetrics:
 
     def __init__(self, bands: tuple[str, ...] = BANDS):
         self.bands = bands
-        c = len(bands)
-        self.abs_sum = torch.zeros(c, dtype=torch.float64)
-        self.sq_sum = torch.zeros(c, dtype=torch.float64)
-        self.pixels = 0
-        self.ssim_sum = torch.zeros(c, dtype=torch.float64)
-        self.tiles = 0
-        self.empty_tiles = 0
-        self.sam_sum = 0.0
-        self.sam_pixels = 0
+        self.sums: dict[str, torch.Tensor] | None = None  # float64, on the device of the first batch
 
     def update(self, pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> None:
-        """Add a batch: ``pred``, ``target`` (N, C, H, W) normalised to [0, 1], ``mask`` (N, 1, H, W)."""
-        pred, target, mask = pred.detach().double().cpu(), target.detach().double().cpu(), mask.detach().double().cpu()
+        """Add a batch: ``pred``, ``target`` (N, C, H, W) normalised to [0, 1], ``mask`` (N, 1, H, W).
+
+        Sums stay on the batch's device (no host synchronisation per batch) until `result`."""
+        pred, target, mask = pred.detach().double(), target.detach().double(), mask.detach().double()
         error = (pred - target) * SCALE * mask
-        self.abs_sum += error.abs().sum(dim=(0, 2, 3))
-        self.sq_sum += (error**2).sum(dim=(0, 2, 3))
-        self.pixels += int(mask.sum())
         ssim = ssim_per_band(pred, target, mask)
         has_valid = ~torch.isnan(ssim[:, 0])
-        self.ssim_sum += ssim[has_valid].sum(0)
-        self.tiles += int(has_valid.sum())
-        self.empty_tiles += int((~has_valid).sum())
         bright = sam_mask(target, mask)
-        self.sam_sum += float(spectral_angles(pred, target)[bright].sum())
-        self.sam_pixels += int(bright.sum())
+        batch = {
+            "abs": error.abs().sum(dim=(0, 2, 3)),
+            "sq": (error**2).sum(dim=(0, 2, 3)),
+            "pixels": mask.sum(),
+            "ssim": torch.where(has_valid[:, None], ssim, torch.zeros_like(ssim)).sum(0),
+            "tiles": has_valid.sum().double(),
+            "empty": (~has_valid).sum().double(),
+            "sam": torch.where(bright, spectral_angles(pred, target), torch.zeros_like(bright, dtype=torch.float64)).sum(),
+            "sam_pixels": bright.sum().double(),
+        }
+        if self.sums is None:
+            self.sums = batch
+        else:
+            for key, value in batch.items():
+                self.sums[key] = self.sums[key] + value
 
     def result(self) -> dict:
         """``{"bands": {band: {mae, rmse, psnr, ssim}}, "overall": {mae, rmse, psnr, ssim, sam}, counts}``."""
-        if self.empty_tiles:
-            log.warning("%d tile(s) without a single valid pixel: left out of every metric", self.empty_tiles)
-        n, c = self.pixels, len(self.bands)
+        c = len(self.bands)
+        sums = {k: v.cpu() for k, v in self.sums.items()} if self.sums is not None else {
+            "abs": torch.zeros(c, dtype=torch.float64), "sq": torch.zeros(c, dtype=torch.float64),
+            "ssim": torch.zeros(c, dtype=torch.float64), **dict.fromkeys(("pixels", "tiles", "empty", "sam", "sam_pixels"),
+                                                                          torch.zeros((), dtype=torch.float64))}
+        if int(sums["empty"]):
+            log.warning("%d tile(s) without a single valid pixel: left out of every metric", int(sums["empty"]))
+        n, tiles, sam_pixels = int(sums["pixels"]), int(sums["tiles"]), int(sums["sam_pixels"])
         nan = math.nan
-        mse = (self.sq_sum / n).tolist() if n else [nan] * c
-        mae = (self.abs_sum / n).tolist() if n else [nan] * c
-        ssim = (self.ssim_sum / self.tiles).tolist() if self.tiles else [nan] * c
+        mse = (sums["sq"] / n).tolist() if n else [nan] * c
+        mae = (sums["abs"] / n).tolist() if n else [nan] * c
+        ssim = (sums["ssim"] / tiles).tolist() if tiles else [nan] * c
         bands = {band: {"mae": mae[i], "rmse": math.sqrt(mse[i]), "psnr": psnr_db(mse[i]), "ssim": ssim[i]}
                  for i, band in enumerate(self.bands)}
-        overall_mse = float(self.sq_sum.sum() / (n * c)) if n else nan
+        overall_mse = float(sums["sq"].sum() / (n * c)) if n else nan
         overall = {
-            "mae": float(self.abs_sum.sum() / (n * c)) if n else nan,
+            "mae": float(sums["abs"].sum() / (n * c)) if n else nan,
             "rmse": math.sqrt(overall_mse),
             "psnr": psnr_db(overall_mse),
             "ssim": sum(ssim) / c,
-            "sam": self.sam_sum / self.sam_pixels if self.sam_pixels else nan,
+            "sam": float(sums["sam"]) / sam_pixels if sam_pixels else nan,
         }
-        return {"bands": bands, "overall": overall, "tiles": self.tiles, "pixels": n, "sam_pixels": self.sam_pixels}
+        return {"bands": bands, "overall": overall, "tiles": tiles, "pixels": n, "sam_pixels": sam_pixels}
 
 
 def flat(result: dict) -> dict[str, float]:
@@ -176,7 +185,7 @@ def jsonable(value):
 
 def table(result: dict, title: str | None = None) -> str:
     """A `QualityMetrics.result` as a Markdown table: one row per band and one for all bands."""
-    lines = [f"{title}" if title else None, "| band | MAE | RMSE | PSNR (dB, pooled) | SSIM (tile range) | SAM (deg) |",
+    lines = [f"{title}" if title else None, "| band | MAE | RMSE | PSNR (dB, pooled) | SSIM (tile 2-98 % range) | SAM (deg) |",
              "| --- | --- | --- | --- | --- | --- |"]
     for band, m in result["bands"].items():
         lines.append(f"| {band} | {m['mae']:.0f} | {m['rmse']:.0f} | {m['psnr']:.2f} | {m['ssim']:.3f} | - |")

@@ -151,7 +151,7 @@ def check_resume(ckpt: dict, config: TrainConfig, data_fp: dict, world_size: int
 
 def evaluate(model: nn.Module, loader, device: torch.device, config: TrainConfig, autocast=contextlib.nullcontext) -> dict[str, float]:
     """Validation loss (tile-weighted mean) and the overall quality metrics of `axs_lib.stage1.metrics`
-    (pooled PSNR, MAE, RMSE and SAM; SSIM at each tile's range), the same code as ``axs evaluate``.
+    (pooled PSNR, MAE, RMSE and SAM; SSIM at each tile's 2-98 % range), the same code as ``axs evaluate``.
 
     A tile without any valid pixel takes no part, so it can neither score perfect nor turn the
     result into NaN. No randomness is used.

@@ -1,4 +1,10 @@
-"""Training loss and validation metrics, all restricted to valid pixels.
+"""Training loss, and the per-tile metrics the trainer reported before `axs_lib.stage1.metrics`,
+all restricted to valid pixels.
+
+The trainer's validation, ``axs evaluate``, the sample figures and the quality benchmark measure
+with `axs_lib.stage1.metrics` (pooled PSNR, SSIM at the tile's 2-98 % range, SAM masked below a
+brightness); `psnr`, `masked_ssim`, `spectral_angle`, `tile_metrics` and `mean_over_tiles` below
+are the earlier per-tile definitions, kept for code that calls them.
 
 Inputs are normalised optical images in [0, 1] of shape (N, 4, H, W) and a mask of shape
 (N, 1, H, W) that is 1 where every input and target band is finite. Invalid pixels never enter:

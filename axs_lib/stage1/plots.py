@@ -2,8 +2,8 @@
 
 ``plots/loss.png`` shows training and validation loss against the step (integer step ticks; every
 logged point marked, so a run of a few steps still shows its training line). ``samples/step_<N>.png``
-shows, for a few fixed validation tiles (one row each, titled with the tile id and its PSNR and
-SAM), what a remote-sensing user checks first:
+shows, for a few fixed validation tiles (one row each, titled with the tile id and its PSNR,
+SAM and MAE, as `axs evaluate` computes them), what a remote-sensing user checks first:
 
     SAR VV | SAR VH | true RGB | pred. RGB, true's stretch | pred. RGB, own stretch
            | true NIR | pred. NIR, true's stretch | pred. NIR, own stretch | |error|
@@ -35,7 +35,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from axs_lib.stage1.losses import tile_metrics
+from axs_lib.stage1.metrics import QualityMetrics
 
 RGB = (2, 1, 0)  # B4, B3, B2 in the optical tensor (B2, B3, B4, B8)
 NIR = 3  # B8
@@ -130,10 +130,12 @@ def sample_figure(model: torch.nn.Module, dataset, device: torch.device, count: 
             for index in range(count):
                 sample = dataset[index]
                 pred = model(sample["sar"][None].to(device))[0]
-                metrics = tile_metrics(pred[None].float().cpu(), sample["optical"][None], sample["mask"][None])
+                quality = QualityMetrics()  # the metrics of `axs evaluate`, for this one tile
+                quality.update(pred[None].float().cpu(), sample["optical"][None], sample["mask"][None])
+                overall = quality.result()["overall"]
                 rows.append(_row(sample, pred))
-                titles.append(f"{tile_label(dataset, index)}    PSNR {float(metrics['psnr'][0]):.2f} dB    "
-                              f"SAM {float(metrics['sam'][0]):.2f}°")
+                titles.append(f"{tile_label(dataset, index)}    PSNR {overall['psnr']:.2f} dB    "
+                              f"SAM {overall['sam']:.2f}°    MAE {overall['mae']:.0f}")
     finally:
         model.train(was_training)
     errors = np.concatenate([r["error"][~np.isnan(r["error"])] for r in rows] or [np.zeros(1)])

@@ -509,8 +509,9 @@ class Stage1Trainer:
                     bar.update(1)
                     sync_here = self.device.type != "cuda"  # free on CPU: check every step
                     val_due = self.val_loader is not None and (step % config.val_every == 0 or step == config.steps)
-                    # the training loss is logged at validations too, so the loss plot has a train line beside them
-                    log_due = step % config.log_every == 0 or step == config.steps or val_due
+                    # the training loss is logged at every one of the first --log-every steps and at validations
+                    # too, so the loss plot of a short run has a train line beside the validation points
+                    log_due = step % config.log_every == 0 or step == config.steps or val_due or step <= config.log_every
                     early_stop_possible = config.early_stopping
                     interrupted = any_rank(stop_request.signum is not None, world)
                     due = step % config.checkpoint_every == 0 or step == config.steps or interrupted

@@ -17,7 +17,7 @@ applies them (flagged tiles never train):
 * ``median``: the per-band median of every valid training pixel, predicted everywhere (a constant);
 * ``ridge``: per-pixel ridge regression of each band on [VV, VH, VV - VH] in dB;
 * ``pixel MLP``: a per-pixel network (3 -> 64 -> 64 -> 4, SiLU) on the same features, L2 on
-  standardised bands, full-batch-free Adam on random pixel batches (seeded);
+  standardised bands, `MLP_STEPS` Adam steps on random batches of 4096 pixels (seeded);
 * ``U-Net``: `axs_lib.stage1.train.train_stage1` at the trainer's defaults (the step count scales
   with the training tiles) unless ``--steps`` / ``--width`` say otherwise; its final checkpoint is
   evaluated through `axs_lib.stage1.predict.evaluate_checkpoint`, the code of ``axs evaluate``.
@@ -37,9 +37,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import math
 import os
-import shutil
 import tempfile
 import time
 from pathlib import Path
@@ -82,8 +80,8 @@ def clear(path: Path) -> bool:
 # --------------------------------------------------------------------------- data
 
 
-def gather_tiles(data_dirs: list[Path], work: Path) -> list[Path]:
-    """Every tile of ``data_dirs`` (the demo pairs written into ``work/demo`` when no dir is given)."""
+def gather_tiles(data_dirs: list[Path]) -> list[Path]:
+    """Every tile of ``data_dirs``, sorted by name; a stem in two folders is an error."""
     paths: list[Path] = []
     for d in data_dirs:
         paths += list_tiles(d)
@@ -267,7 +265,7 @@ def main(argv=None) -> dict:
         if not dirs:
             write_demo_tiles(work / "demo")
             dirs = [work / "demo"] + ([BENV1] if BENV1.is_dir() else [])
-        paths = gather_tiles(dirs, work)
+        paths = gather_tiles(dirs)
         tests = [p for p in paths if held_out(p.stem)]
         train = [p for p in paths if not held_out(p.stem)]
         train_clear = [p for p in train if not flagged(p)]

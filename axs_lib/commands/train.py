@@ -52,7 +52,8 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     train.add_argument("--lr", type=argtypes.finite_number, default=S, help="peak AdamW learning rate (default 1e-3)")
     train.add_argument("--weight-decay", type=argtypes.finite_number, default=S, help="AdamW weight decay (default 1e-4)")
     train.add_argument("--warmup-steps", type=argtypes.integer, default=S,
-                       help=f"linear warm-up before cosine decay (default {round(AUTO_WARMUP_FRACTION * 100)}%% of the steps; a warning when >= --steps)")
+                       help=f"linear warm-up before cosine decay (default {round(AUTO_WARMUP_FRACTION * 100)}%% of the "
+                            "steps; a warning when >= --steps)")
     train.add_argument("--grad-clip", type=argtypes.finite_number, default=S, help="max gradient norm, 0 for none (default 1.0)")
     train.add_argument("--width", type=argtypes.integer, default=S, help=f"U-Net base channels (default 16, at most {MAXIMA['width']})")
     train.add_argument("--head", choices=HEADS, default=S,

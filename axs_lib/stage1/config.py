@@ -389,7 +389,8 @@ def diff_result_fields(stored: dict[str, Any], current: dict[str, Any]) -> list[
 # --------------------------------------------------------------------------- writing the config
 
 _HEADER = "# Stage-1 training config; reuse with: axs train stage1 --config <this file>\n"
-_RESULT_COMMENT = "# result fields: they determine the trained bits, and a resume that changes one is refused\n"
+_RESULT_COMMENT = ("# result fields: they determine the trained bits, and a resume that changes one is refused\n"
+                   "# (steps and warmup_steps null: scaled to the training tiles when the run starts)\n")
 _RUN_COMMENT = "# run fields: paths, cadence and output; they do not change the bits\n"
 
 

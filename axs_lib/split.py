@@ -46,10 +46,11 @@ class Split:
     seed: int
     val_fraction: float
     excluded: list[Path] = field(default_factory=list)
+    flagged: list[Path] = field(default_factory=list)  # left out by `leave_out_flagged` (cloud, snow)
 
     def manifest(self) -> dict:
-        """The split as ``split.json`` stores it: stems, seed, fraction, source."""
-        return {
+        """The split as ``split.json`` stores it: stems, seed, fraction, source (and flagged tiles, when any)."""
+        manifest = {
             "source": self.source,
             "seed": self.seed,
             "val_fraction": self.val_fraction,
@@ -57,6 +58,9 @@ class Split:
             "val": [p.stem for p in self.val],
             "excluded": [p.stem for p in self.excluded],
         }
+        if self.flagged:  # only then: a split without flagged tiles keeps the manifest (and fingerprint) it had
+            manifest["flagged"] = [p.stem for p in self.flagged]
+        return manifest
 
     def write(self, path: os.PathLike | str) -> None:
         """Write the manifest atomically as canonical JSON."""
@@ -81,24 +85,50 @@ def sidecar_splits(paths: list[Path], cache_dir: os.PathLike | str | None = None
     The cache is keyed like the tile checks (`axs_lib.tiles.stat_key` of tile and sidecar), so a
     start over 100k tiles costs two ``stat`` calls per tile instead of opening every sidecar.
     """
-    cache = StatCache("splits", cache_dir)
+    return _cached_sidecar_field(paths, "split", "splits", cache_dir)
+
+
+# Sidecar quality flags that make a tile's optical target other than clear sky (BigEarthNet's lists).
+CLOUD_SNOW_FLAGS = ("cloud_or_shadow", "seasonal_snow")
+
+
+def sidecar_quality_flags(paths: list[Path], cache_dir: os.PathLike | str | None = None) -> dict[Path, list | None]:
+    """Each tile's sidecar ``quality_flags`` (None when absent), cached like `sidecar_splits`."""
+    return _cached_sidecar_field(paths, "quality_flags", "quality_flags", cache_dir)
+
+
+def _cached_sidecar_field(paths: list[Path], name: str, cache_name: str, cache_dir) -> dict[Path, object]:
+    cache = StatCache(cache_name, cache_dir)
     real_dirs: dict[str, str] = {}
-    labels: dict[Path, str | None] = {}
+    values: dict[Path, object] = {}
     for path in paths:
         key = ref_key(path, real_dirs)
         if key is None:
-            labels[path] = read_sidecar(path).get("split")
+            values[path] = read_sidecar(path).get(name)
             continue
-        directory, name, keys = key
-        entry = name if name == path.name else f"{name}/{path.name}"
+        directory, entry_name, keys = key
+        entry = entry_name if entry_name == path.name else f"{entry_name}/{path.name}"
         cached = cache.get(directory, entry, keys)
         if isinstance(cached, list) and len(cached) == 1:
-            labels[path] = cached[0]
+            values[path] = cached[0]
         else:
-            labels[path] = read_sidecar(path).get("split")
-            cache.put(directory, entry, keys, [labels[path]])
+            values[path] = read_sidecar(path).get(name)
+            cache.put(directory, entry, keys, [values[path]])
     cache.save()
-    return labels
+    return values
+
+
+def leave_out_flagged(split: Split, cache_dir: os.PathLike | str | None = None) -> Split:
+    """Move the train and validation tiles whose sidecar flags cloud/shadow or seasonal snow
+    (`CLOUD_SNOW_FLAGS`) to ``split.flagged``: the model learns, and is validated on, clear-sky
+    targets only. A tile without a sidecar or flags counts as clear. Order is kept."""
+    flags = sidecar_quality_flags([*split.train, *split.val], cache_dir)
+    flagged = {p for p, f in flags.items() if isinstance(f, list) and set(f) & set(CLOUD_SNOW_FLAGS)}
+    if flagged:
+        split.flagged = [p for p in [*split.train, *split.val] if p in flagged]
+        split.train = [p for p in split.train if p not in flagged]
+        split.val = [p for p in split.val if p not in flagged]
+    return split
 
 
 def make_split(paths: list[Path], seed: int, val_fraction: float = 0.1, source: str = "auto",

@@ -15,6 +15,8 @@
   step, at 2 and 4 CPU ranks (gloo).
 * ``bench_portable``: trainer steps/s with ``--portable`` vs the same thread count unpinned and vs
   torch's defaults.
+* ``bench_quality``: the Stage-1 U-Net against per-pixel baselines (per-band median, ridge, a
+  per-pixel network) on held-out scenes of real tiles, per band (``--quick``: a smoke run).
 
 Every figure is a ratio of two things measured side by side in the same run; see
 ``benchmarks/README.md``. ``--device cuda`` runs bench_train and bench_checkpoint on the GPU.
@@ -30,7 +32,7 @@ import traceback
 from typing import Callable
 
 BENCHMARKS = ("bench_data", "bench_loader", "bench_compare", "bench_checkpoint", "bench_train", "bench_toolkit",
-              "bench_startup", "bench_ddp", "bench_portable")
+              "bench_startup", "bench_ddp", "bench_portable", "bench_quality")
 # bench_loader's start-up figure: 1k tiles by default, 10k too with --full (its own default; writing
 # and fingerprinting 10k files first takes minutes on a 2-core machine)
 LOADER_STARTUP = 1_000
@@ -57,6 +59,7 @@ def _calls(args: argparse.Namespace) -> dict[str, Callable[[object], dict]]:
         "bench_toolkit": lambda main: main(),
         "bench_ddp": lambda main: main(["--quick"] if args.quick else []),
         "bench_portable": lambda main: main(["--quick"] if args.quick else []),
+        "bench_quality": lambda main: main(["--quick"] if args.quick else []),
     }
 
 
@@ -67,7 +70,7 @@ def main(argv=None) -> dict[str, dict]:
                                                             f"bench_loader start-up at {LOADER_FULL_STARTUP} tiles too")
     parser.add_argument("--quick", action="store_true",
                         help=f"short versions: bench_compare at {COMPARE_QUICK_SIZE_MB} MiB once, bench_loader over "
-                             f"{LOADER_QUICK_TILES} tiles, --quick of bench_train and bench_checkpoint")
+                             f"{LOADER_QUICK_TILES} tiles, --quick of bench_train, bench_checkpoint and bench_quality")
     parser.add_argument("--device", choices=("cpu", "cuda"), help="for bench_train and bench_checkpoint (default: theirs, cuda when available)")
     parser.add_argument("--size-mb", type=int, help="bench_compare checkpoint size in MiB (overrides --full/--quick)")
     parser.add_argument("--only", action="append", choices=BENCHMARKS, metavar="NAME",

@@ -73,10 +73,10 @@ from axs_lib.loader import ResumableLoader
 from axs_lib.reproducibility import derive_seed, seed_globals, set_seed
 from axs_lib.run_dir import CheckpointManager
 from axs_lib.sampling import ResumableSampler
-from axs_lib.split import make_split
-from axs_lib.stage1.config import TrainConfig
+from axs_lib.split import leave_out_flagged, make_split
+from axs_lib.stage1.config import TrainConfig, resolve_auto_schedule
 from axs_lib.stage1.losses import stage1_loss
-from axs_lib.stage1.model import UNet, band_means
+from axs_lib.stage1.model import UNet, band_means, band_stats
 from axs_lib.stage1.train import _shutdown_workers, evaluate, lr_factor
 from axs_lib.tiles import list_tiles
 from axs_lib.workers import ignore_stop_signals
@@ -283,16 +283,20 @@ def run_trainer(argv: list[str], out_dir: Path) -> dict:
 def plain_loop(s: SimpleNamespace, data_dir: Path, out_dir: Path, *, same_work: bool, precision: str = "32",
                deterministic: bool = True) -> dict:
     """The trainer's training with nothing of ours: optionally its validation and a bare torch.save."""
-    cfg = TrainConfig()
+    cfg = TrainConfig(steps=s.steps)
     device = _device(s.device)
     pin = device.type == "cuda"
     set_seed(SEED, deterministic=deterministic)  # the determinism flags of the trainer run it is compared with
     split = make_split(list_tiles(data_dir, None), cfg.split_seed, cfg.val_fraction, cfg.split_source)
+    split = leave_out_flagged(split) if cfg.clear_sky else split
+    cfg = resolve_auto_schedule(cfg, len(split.train))  # the trainer's warm-up for these steps
     train_set = TileDataset(split.train, SEED, augment=cfg.augment, speckle_std=cfg.speckle_std)
     val_set = TileDataset(split.val, SEED, augment=False) if split.val and same_work else None
-    means = band_means(train_set)
     seed_globals(derive_seed(SEED, "init"))
-    model = UNet(width=s.width, dropout=cfg.dropout, output_bias=means).to(device)
+    if cfg.head == "linear":
+        model = UNet(width=s.width, dropout=cfg.dropout, head="linear", target_stats=band_stats(train_set)).to(device)
+    else:
+        model = UNet(width=s.width, dropout=cfg.dropout, head="sigmoid", output_bias=band_means(train_set)).to(device)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, functools.partial(lr_factor, warmup=cfg.warmup_steps, total=s.steps))
     autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16, enabled=precision == "bf16-mixed")
@@ -320,7 +324,7 @@ def plain_loop(s: SimpleNamespace, data_dir: Path, out_dir: Path, *, same_work: 
             optimizer.zero_grad(set_to_none=True)
             with autocast():
                 pred = model(sar)
-            loss = stage1_loss(pred.float(), target, mask, cfg.l1_weight, cfg.ssim_weight)
+            loss = stage1_loss(pred.float(), target, mask, cfg.l1_weight, cfg.ssim_weight, model.band_scale)
             loss.backward()
             nn.utils.clip_grad_norm_(model.parameters(), cfg.grad_clip)
             optimizer.step()

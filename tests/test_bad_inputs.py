@@ -307,7 +307,7 @@ CASES = [
     ("seed-not-numeric", nothing, T("--seed", "forty-two"), 2, "--seed", "not an integer: 'forty-two'"),
     ("seed-float", nothing, T("--seed", "4.2"), 2, "--seed", "not an integer: '4.2'"),
     ("batch-zero", nothing, T("--batch-size", "0"), 2, "--batch-size", "positive integer, got 0"),
-    ("batch-larger-than-data", nothing, T("--batch-size", "64"), 2, "--batch-size 64", "larger than the 4 training tiles"),
+    ("batch-larger-than-data", nothing, T("--batch-size", "64"), 2, "--batch-size 64", "larger than the 3 training tiles"),
     ("max-tiles-zero", nothing, T("--max-tiles", "0"), 2, "--max-tiles", "positive integer, got 0"),
     ("width-negative", nothing, T("--width", "-8"), 2, "--width", "positive integer, got -8"),
     ("lr-nan", nothing, T("--lr", "nan"), 2, "--lr", "must be a finite number"),

@@ -18,7 +18,7 @@ if str(REPO) not in sys.path:  # `pytest` (not `python -m pytest`) does not put 
     sys.path.insert(0, str(REPO))
 
 import benchmarks.__main__ as runner  # noqa: E402
-from benchmarks import bench_compare, bench_data, bench_train  # noqa: E402
+from benchmarks import bench_compare, bench_data, bench_quality, bench_train  # noqa: E402
 
 
 def _positive(value) -> bool:
@@ -104,6 +104,7 @@ def test_runner_calls_every_benchmark(monkeypatch, capsys, argv, compare, train)
     assert calls["bench_loader"] == ((startup + (["--loader-tiles", "128"] if "--quick" in argv else []),), {})
     assert calls["bench_ddp"] == ((["--quick"] if "--quick" in argv else [],), {})
     assert calls["bench_portable"] == ((["--quick"] if "--quick" in argv else [],), {})
+    assert calls["bench_quality"] == ((["--quick"] if "--quick" in argv else [],), {})
     assert runner.main(["--only", "bench_train"]).keys() == {"bench_train"}
 
 
@@ -117,3 +118,27 @@ def test_runner_reports_a_failing_benchmark_and_runs_the_others(monkeypatch, cap
     assert results["bench_data"] == {"error": "RuntimeError: disk full"} and results["bench_compare"] == {"ratio": 1.0}
     assert runner.failed(results) == ["bench_data"]
     assert "FAILED: RuntimeError: disk full" in capsys.readouterr().out
+
+
+@pytest.mark.skipif(not bench_quality.BENV1.is_dir(), reason=f"needs the real tile pairs in {bench_quality.BENV1}")
+def test_bench_quality_quick_trains_every_method_on_held_out_scenes(demo_tiles, capsys):
+    dirs = [demo_tiles, bench_quality.BENV1]
+    results = bench_quality.main(["--quick", "--data-dir", str(demo_tiles), "--data-dir", str(bench_quality.BENV1)])
+    test = results["results"]["all"]
+    assert set(test) == {"median", "ridge", "pixel MLP", "U-Net"}
+    for method in test.values():
+        assert set(method["bands"]) == {"B2", "B3", "B4", "B8"}
+        _check_ratios(method["overall"], ["mae", "rmse", "psnr", "ssim", "sam"])
+    assert results["tiles"]["all"] == sum(bench_quality.held_out(p.stem) for d in dirs for p in d.glob("*.npz")) > 0
+    out = capsys.readouterr().out
+    assert "| U-Net | B2 |" in out and "U-Net vs best per-pixel model" in out
+
+
+def test_held_out_scenes_follow_the_documented_hash_rule_and_keep_a_scene_together():
+    import hashlib
+
+    stem = "S2B_MSIL2A_20180515T094029_32_47"
+    assert bench_quality.scene_of(stem) == "S2B_MSIL2A_20180515T094029"
+    expected = int(hashlib.sha256(b"S2B_MSIL2A_20180515T094029").hexdigest(), 16) % 3 == 0
+    assert bench_quality.held_out(stem) is expected
+    assert bench_quality.held_out("S2B_MSIL2A_20180515T094029_51_28") is expected

@@ -302,3 +302,56 @@ def test_a_config_that_is_a_fifo_or_a_device_is_refused_without_blocking_or_read
         stack.callback(signal.alarm, 0)
         with pytest.raises(InputError, match=f"{path}: is a (FIFO|character device)"):
             read_config_file(path)
+
+
+# --------------------------------------------------------------------------- early-stopping mode
+
+
+@pytest.mark.parametrize("metric, mode", [("val_loss", "min"), ("psnr", "max"), ("ssim", "max"), ("sam", "min"),
+                                          ("mae", "min"), ("rmse", "min")])
+def test_es_mode_follows_the_metric_when_not_given(capsys, metric, mode):
+    code, out, _ = print_config(capsys, "--es-metric", metric)
+    assert code == 0 and parsed(out)["es_mode"] == mode
+    code, out, _ = print_config(capsys, "--es-metric", metric, "--es-mode", mode)  # the same mode given: fine
+    assert code == 0 and parsed(out)["es_mode"] == mode
+
+
+@pytest.mark.parametrize("metric, mode", [("psnr", "min"), ("ssim", "min"), ("sam", "max"), ("val_loss", "max")])
+def test_a_mode_that_contradicts_the_metric_is_one_line_exit_2(capsys, metric, mode):
+    code, out, err = print_config(capsys, "--es-metric", metric, "--es-mode", mode)
+    lines = err.strip().splitlines()
+    assert code == 2 and out == "" and len(lines) == 1
+    assert f"--es-metric {metric} --es-mode {mode} contradict each other" in lines[0]
+
+
+def test_a_metric_given_over_a_base_config_takes_its_own_mode_not_the_bases():
+    base = build_config({}).result_fields()
+    assert base["es_mode"] == "min"
+    assert build_config({"es_metric": "psnr"}, base=base).es_mode == "max"
+    with pytest.raises(UsageError, match="contradict"):
+        build_config({"es_metric": "psnr", "es_mode": "min"}, base=base)
+
+
+def test_steps_and_warmup_default_to_a_schedule_scaled_to_the_training_tiles():
+    from axs_lib.stage1.config import AUTO_MAX_STEPS, AUTO_MIN_STEPS, resolve_auto_schedule
+
+    few, many = resolve_auto_schedule(build_config({}), 3), resolve_auto_schedule(build_config({}), 400)
+    assert few.steps == AUTO_MIN_STEPS and many.steps > few.steps and many.warmup_steps > few.warmup_steps
+    assert resolve_auto_schedule(build_config({}), 10**9).steps == AUTO_MAX_STEPS
+    given = resolve_auto_schedule(build_config({"steps": 7, "warmup_steps": 2}), 400)
+    assert (given.steps, given.warmup_steps) == (7, 2)
+
+
+def test_checkpoints_older_than_the_linear_head_and_clear_sky_count_as_sigmoid_and_all_tiles():
+    current = build_config({"head": "sigmoid", "clear_sky": False}).result_fields()
+    stored = {k: v for k, v in current.items() if k not in ("head", "clear_sky")}
+    assert diff_result_fields(stored, current) == []
+    assert any(line.startswith("head:") for line in diff_result_fields(stored, build_config({"clear_sky": False}).result_fields()))
+
+
+def test_resuming_a_checkpoint_from_before_the_linear_head_keeps_its_sigmoid_head_and_all_tiles():
+    stored = {k: v for k, v in build_config({"steps": 10, "warmup_steps": 1}).result_fields().items()
+              if k not in ("head", "clear_sky")}
+    resumed = build_config({}, base=stored)
+    assert (resumed.head, resumed.clear_sky) == ("sigmoid", False)
+    assert diff_result_fields(stored, resumed.result_fields()) == []

@@ -36,7 +36,7 @@ STEPS_AT = ("checkpoint_step_2.pt", "checkpoint_step_4.pt", "checkpoint_step_6.p
 def args(data: Path, out: Path, *extra: str) -> list[str]:
     return ["--data-dir", str(data), "--output-dir", str(out), "--seed", "42", "--steps", "6", "--micro-batch-size", "1",
             "--global-batch-size", "4", "--width", "8", "--checkpoint-every", "2", "--val-every", "2", "--log-every", "1",
-            "--no-plots", "--quiet", *extra]
+            "--keep-flagged", "--no-plots", "--quiet", *extra]  # all five training tiles: a global batch of 4
 
 
 def torchrun(script: Path, argv: list[str], ranks: int, env: dict | None = None) -> subprocess.CompletedProcess:

@@ -13,7 +13,7 @@ from matplotlib.image import imread
 
 from axs_lib.data import TileDataset
 from axs_lib.stage1 import events, plots
-from axs_lib.stage1.model import HEAD_WEIGHT_SCALE, UNet, band_means, init_output_bias
+from axs_lib.stage1.model import HEAD_WEIGHT_SCALE, UNet, band_means, band_stats, init_output_bias
 from axs_lib.tiles import list_tiles, read_sidecar
 
 CPU = torch.device("cpu")
@@ -25,8 +25,9 @@ def dataset(demo_tiles):
 
 
 def model(seed: int = 0, output_bias=None) -> UNet:
+    """The sigmoid-head U-Net (whose output initialisation the tests below are about)."""
     torch.manual_seed(seed)
-    return UNet(width=8, dropout=0.1, output_bias=output_bias)
+    return UNet(width=8, dropout=0.1, output_bias=output_bias, head="sigmoid")
 
 
 # --------------------------------------------------------------------------- the stretch
@@ -80,9 +81,26 @@ def test_sample_figure_names_each_tile_and_shows_every_panel(dataset):
     for index in range(2):
         tile_id = read_sidecar(dataset.paths[index])["tile_id"]
         assert any(t.startswith(tile_id) and "PSNR" in t and "SAM" in t for t in texts), tile_id
-    for column in ("SAR VV (dB)", "SAR VH (dB)", "true RGB", "predicted RGB", "true NIR (B8)", "predicted NIR (B8)", "|error|"):
+    for column in plots.COLUMNS:
         assert texts.count(column) == 2, column
     assert any("step 7" in t and "2-98 %" in t for t in texts)
+
+
+def test_sample_figure_shows_the_prediction_in_the_truths_stretch_and_in_its_own_and_labels_both(dataset):
+    one = TileDataset(dataset.paths[:1], seed=0, augment=False)
+    texts = figure_texts(plots.sample_figure(model(), one, CPU, 1))
+    assert {"pred. RGB\ntrue's stretch", "pred. RGB\nown stretch", "pred. NIR\ntrue's stretch",
+            "pred. NIR\nown stretch"} <= set(texts)
+    sample = one[0]
+    valid = sample["mask"][0].numpy() > 0
+    _, true_limits = plots.percentile_stretch(sample["optical"].numpy()[list(plots.RGB)], valid)
+    with torch.no_grad():
+        pred = model().eval()(sample["sar"][None])[0].numpy()
+    _, own_limits = plots.percentile_stretch(pred[list(plots.RGB)], valid)
+    # the limits of each stretch are written under its panels, in reflectance x 10000
+    assert texts.count(plots.stretch_label(true_limits)) == 2  # true RGB and the prediction in the truth's stretch
+    assert texts.count(plots.stretch_label(own_limits)) == 1
+    assert plots.stretch_label(own_limits) != plots.stretch_label(true_limits)
 
 
 def test_tile_label_falls_back_to_the_file_stem(tmp_path, dataset):
@@ -225,6 +243,41 @@ def test_output_bias_refuses_wrong_or_non_finite_means():
         init_output_bias(model(), (0.1, 0.2))
     with pytest.raises(ValueError, match="4 finite band means"):
         init_output_bias(model(), (0.1, 0.2, float("nan"), 0.3))
+
+
+def test_linear_head_starts_at_the_band_means_and_carries_the_statistics(dataset):
+    means, stds = band_stats(dataset)
+    assert means == band_means(dataset)
+    torch.manual_seed(0)
+    net = UNet(width=8, dropout=0.1, target_stats=(means, stds)).eval()
+    assert net.target_mean.tolist() == pytest.approx(means) and net.target_std.tolist() == pytest.approx(stds)
+    assert net.band_scale is net.target_std and {"target_mean", "target_std"} <= set(net.state_dict())
+    with torch.no_grad():
+        out = net(dataset[0]["sar"][None])[0]
+    assert out.mean(dim=(1, 2)).tolist() == pytest.approx(means, abs=0.5 * min(stds))
+    assert model().band_scale is None and "target_mean" not in model().state_dict()
+
+
+def test_band_stats_are_the_float64_standard_deviation_over_valid_pixels(dataset):
+    sample = np.stack([dataset[i]["optical"].numpy().astype(np.float64) for i in range(len(dataset))])
+    valid = np.stack([dataset[i]["mask"].numpy()[0] > 0 for i in range(len(dataset))])
+    expected = [sample[:, band][valid].std() for band in range(4)]
+    assert band_stats(dataset)[1] == pytest.approx(expected, rel=1e-9)
+
+
+# --------------------------------------------------------------------------- the loss plot
+
+
+def test_loss_plot_has_integer_step_ticks_and_a_visible_train_line_in_a_short_run():
+    records = [{"step": 4, "split": "train", "loss": 0.9}, {"step": 4, "split": "val", "val_loss": 1.0},
+               {"step": 8, "split": "train", "loss": 0.8}, {"step": 8, "split": "val", "val_loss": 0.95}]
+    fig = plots.loss_figure(records)
+    plots.render(fig)  # ticks are placed when the figure is drawn
+    ax = fig.axes[0]
+    ticks = [t for t in ax.get_xticks() if ax.get_xlim()[0] <= t <= ax.get_xlim()[1]]
+    assert ticks and all(float(t).is_integer() for t in ticks)
+    train = [line for line in ax.get_lines() if line.get_label() == "train loss"][0]
+    assert list(train.get_xdata()) == [4, 8] and train.get_marker() not in (None, "None", "")
 
 
 def test_early_samples_are_not_white_with_the_output_initialised(dataset):

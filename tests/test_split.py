@@ -161,3 +161,25 @@ def test_sidecar_splits_are_cached_until_a_sidecar_changes(tmp_path, monkeypatch
     paths[2].with_suffix(".json").write_text(json.dumps({"split": "train"}))
     again = make_split(paths, seed=0, cache_dir=tmp_path / "c")
     assert reads == [paths[2].name] and again.source == "random"  # no val sidecar left: auto falls back
+
+
+def test_tiles_flagged_cloudy_or_snowy_are_left_out_of_train_and_val_and_recorded(demo_tiles):
+    from axs_lib.split import leave_out_flagged
+    from axs_lib.tiles import read_sidecar
+
+    paths = list_tiles(demo_tiles)
+    snowy = [p for p in paths if "seasonal_snow" in (read_sidecar(p).get("quality_flags") or [])]
+    assert len(snowy) == 1
+    split = make_split(paths, 0, 0.1, "random")
+    assert snowy[0] in split.train + split.val
+    kept = leave_out_flagged(split)
+    assert snowy[0] not in kept.train + kept.val and kept.flagged == snowy
+    assert kept.manifest()["flagged"] == [snowy[0].stem]
+
+
+def test_a_split_without_flagged_tiles_keeps_the_manifest_it_had(synth_tiles):
+    from axs_lib.split import leave_out_flagged
+
+    split = make_split(list_tiles(synth_tiles), 0, 0.1, "random")
+    before = split.manifest()
+    assert leave_out_flagged(split).manifest() == before and "flagged" not in before

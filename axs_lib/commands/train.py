@@ -6,7 +6,8 @@ import argparse
 import sys
 from pathlib import Path
 
-from axs_lib.stage1.config import (CHECKPOINT_MODES, DEFAULT_SPLIT_SEED, FIELD_NAMES, MAXIMA, ON_NONFINITE, PRECISIONS,
+from axs_lib.stage1.config import (AUTO_EPOCHS, AUTO_MAX_STEPS, AUTO_MIN_STEPS, AUTO_WARMUP_FRACTION, CHECKPOINT_MODES,
+                                   DEFAULT_SPLIT_SEED, ES_METRICS, FIELD_NAMES, HEADS, MAXIMA, ON_NONFINITE, PRECISIONS,
                                    build_config, config_text, config_warnings, read_config_file)
 from axs_lib import argtypes
 from axs_lib.errors import AxsError
@@ -40,11 +41,16 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     data.add_argument("--val-fraction", type=argtypes.finite_number, default=S, help="validation fraction of a random split (default 0.1)")
     data.add_argument("--no-augment", dest="augment", action="store_false", default=S, help="no flips or rotations")
     data.add_argument("--speckle-std", type=argtypes.finite_number, default=S, help="std of multiplicative SAR speckle (default 0: off)")
+    data.add_argument("--keep-flagged", dest="clear_sky", action="store_false", default=S,
+                      help="also train on tiles whose sidecar flags cloud/shadow or seasonal snow (default: left out, "
+                           "so the model learns clear-sky optical targets)")
     train = p.add_argument_group("training")
     train.add_argument("--seed", type=argtypes.seed, default=S, help="root seed (default 42; pass it explicitly)")
-    train.add_argument("--steps", type=argtypes.integer, default=S, help=f"optimizer steps (default 1000, at most {MAXIMA['steps']})")
+    train.add_argument("--steps", type=argtypes.integer, default=S,
+                       help=f"optimizer steps (default: {AUTO_EPOCHS} passes over the training tiles, at least "
+                            f"{AUTO_MIN_STEPS} and at most {AUTO_MAX_STEPS}; at most {MAXIMA['steps']})")
     train.add_argument("--batch-size", "--micro-batch-size", dest="batch_size", type=argtypes.integer, default=S,
-                       help=f"tiles per micro-batch (default 4, at most {MAXIMA['batch_size']})")
+                       help=f"tiles per micro-batch (default 3, at most {MAXIMA['batch_size']})")
     train.add_argument("--accum-steps", type=argtypes.integer, default=S,
                        help=f"micro-batches per optimizer step (default 1, at most {MAXIMA['accum_steps']})")
     train.add_argument("--global-batch-size", type=argtypes.integer, default=None, metavar="G",
@@ -53,12 +59,17 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                             "divide their number); the bits do not depend on the number of ranks")
     train.add_argument("--lr", type=argtypes.finite_number, default=S, help="peak AdamW learning rate (default 1e-3)")
     train.add_argument("--weight-decay", type=argtypes.finite_number, default=S, help="AdamW weight decay (default 1e-4)")
-    train.add_argument("--warmup-steps", type=argtypes.integer, default=S, help="linear warm-up before cosine decay (default 50; a warning when >= --steps)")
+    train.add_argument("--warmup-steps", type=argtypes.integer, default=S,
+                       help=f"linear warm-up before cosine decay (default {round(AUTO_WARMUP_FRACTION * 100)}%% of the "
+                            "steps; a warning when >= --steps)")
     train.add_argument("--grad-clip", type=argtypes.finite_number, default=S, help="max gradient norm, 0 for none (default 1.0)")
     train.add_argument("--width", type=argtypes.integer, default=S, help=f"U-Net base channels (default 16, at most {MAXIMA['width']})")
+    train.add_argument("--head", choices=HEADS, default=S,
+                       help="linear: bands standardised by the training targets' mean and std, each band weighing the "
+                            "same in the loss (default); sigmoid: the earlier [0, 1] output")
     train.add_argument("--dropout", type=argtypes.finite_number, default=S, help="bottleneck dropout (default 0.1)")
     train.add_argument("--l1-weight", type=argtypes.finite_number, default=S, help="weight of the masked L1 loss (default 1.0)")
-    train.add_argument("--ssim-weight", type=argtypes.finite_number, default=S, help="weight of 1 - SSIM (default 0.5)")
+    train.add_argument("--ssim-weight", type=argtypes.finite_number, default=S, help="weight of 1 - SSIM in the loss (default 0: off)")
     train.add_argument("--precision", choices=PRECISIONS, default=S,
                        help="32: float32 throughout (default); bf16-mixed: bfloat16 autocast for the forward pass")
     train.add_argument("--on-nonfinite", choices=ON_NONFINITE, default=S,
@@ -68,8 +79,11 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     val.add_argument("--early-stopping", action="store_true", default=S, help="stop when the metric stops improving")
     val.add_argument("--patience", type=argtypes.integer, default=S, help="validations without improvement before stopping (default 5)")
     val.add_argument("--min-delta", type=argtypes.finite_number, default=S, help="smallest change that counts as improvement (default 0)")
-    val.add_argument("--es-metric", choices=("val_loss", "psnr", "ssim", "sam"), default=S, help="monitored metric (default val_loss)")
-    val.add_argument("--es-mode", choices=("min", "max"), default=S, help="min: lower is better (default); max: higher")
+    val.add_argument("--es-metric", choices=ES_METRICS, default=S,
+                     help="monitored metric (default val_loss); psnr, ssim, sam, mae, rmse as axs evaluate computes them")
+    val.add_argument("--es-mode", choices=("min", "max"), default=S,
+                     help="min: lower is better; max: higher. Default: the metric's own (max for psnr and ssim, min "
+                          "for the others); a mode that contradicts the metric is refused")
     det = p.add_argument_group("determinism and hardware")
     det.add_argument("--no-deterministic", dest="deterministic", action="store_false", default=S,
                      help="allow nondeterministic kernels (faster on GPU, not reproducible)")

@@ -48,7 +48,17 @@ PRECISIONS = ("32", "bf16-mixed")
 ON_NONFINITE = ("stop", "skip")
 CHECKPOINT_MODES = ("sync", "async")
 SPLIT_SOURCES = ("auto", "sidecar", "random")
-ES_METRICS = ("val_loss", "psnr", "ssim", "sam")
+ES_METRICS = ("val_loss", "psnr", "ssim", "sam", "mae", "rmse")
+# the early-stopping mode each metric implies: higher PSNR and SSIM are better, lower loss, SAM, MAE, RMSE
+ES_MODES = {"val_loss": "min", "psnr": "max", "ssim": "max", "sam": "min", "mae": "min", "rmse": "min"}
+HEADS = ("linear", "sigmoid")  # axs_lib.stage1.model.HEADS (not imported: that module imports torch)
+
+# Default step count: AUTO_EPOCHS passes over the training tiles, within [AUTO_MIN_STEPS,
+# AUTO_MAX_STEPS]; the warm-up is AUTO_WARMUP_FRACTION of the steps. See `resolve_auto_schedule`.
+AUTO_EPOCHS = 150
+AUTO_MIN_STEPS = 1000
+AUTO_MAX_STEPS = 100_000
+AUTO_WARMUP_FRACTION = 0.05
 
 # Largest accepted value of each integer size. Generous for real work, small enough that a slip of
 # the keyboard is refused at once: a U-Net of width 256 already has about 120 M parameters.
@@ -73,7 +83,8 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a few dozen lines; anything larger is 
 # Result fields added after checkpoints were first written, with the value those older checkpoints
 # implicitly had: a checkpoint that lacks the key agrees with a run that uses this value.
 # (``split_seed`` is not here: older runs split with ``seed``, so they do differ.)
-IMPLICIT_IN_OLDER_CHECKPOINTS = {"precision": "32", "on_nonfinite": "stop", "portable": False, "threads": None}
+IMPLICIT_IN_OLDER_CHECKPOINTS = {"precision": "32", "on_nonfinite": "stop", "head": "sigmoid", "clear_sky": False,
+                                 "portable": False, "threads": None}
 
 
 @dataclass
@@ -88,29 +99,31 @@ class TrainConfig:
     val_fraction: float = 0.1
     augment: bool = True
     speckle_std: float = 0.0
+    clear_sky: bool = True  # leave out tiles whose sidecar flags cloud/shadow or seasonal snow
     # schedule
     seed: int = DEFAULT_SEED
-    steps: int = 1000
-    batch_size: int = 4
+    steps: int | None = None  # None: scaled to the training set (`resolve_auto_schedule`)
+    batch_size: int = 3  # the six demo pairs leave three clear-sky training tiles
     accum_steps: int = 1
     lr: float = 1e-3
     weight_decay: float = 1e-4
-    warmup_steps: int = 50
+    warmup_steps: int | None = None  # None: AUTO_WARMUP_FRACTION of the steps
     grad_clip: float = 1.0
     precision: str = "32"
     on_nonfinite: str = "stop"
     # model and loss
+    head: str = "linear"
     width: int = 16
     dropout: float = 0.1
     l1_weight: float = 1.0
-    ssim_weight: float = 0.5
+    ssim_weight: float = 0.0  # off: on validation scenes the SSIM term cost twice the step time and did not help
     # validation and early stopping
     val_every: int = 50
     early_stopping: bool = False
     patience: int = 5
     min_delta: float = 0.0
     es_metric: str = "val_loss"
-    es_mode: str = "min"
+    es_mode: str | None = None  # None: the metric's own direction (ES_MODES)
     # determinism and hardware
     deterministic: bool = True
     benchmark: bool = False
@@ -130,6 +143,10 @@ class TrainConfig:
     tensorboard: bool = field(default=True, metadata={"run": True})
     quiet: bool = field(default=False, metadata={"run": True})
 
+    def __post_init__(self):
+        if self.es_mode is None and self.es_metric in ES_MODES:
+            self.es_mode = ES_MODES[self.es_metric]  # the metric's own direction (`es_mode_for`)
+
     def result_fields(self) -> dict[str, Any]:
         """The fields that determine the trained bits (stored in checkpoints, checked on resume)."""
         return {f.name: getattr(self, f.name) for f in fields(self) if not f.metadata.get("run")}
@@ -141,13 +158,13 @@ class TrainConfig:
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
 RESULT_FIELD_NAMES = {f.name for f in fields(TrainConfig) if not f.metadata.get("run")}
 
-_POSITIVE = ("steps", "batch_size", "accum_steps", "val_every", "patience", "checkpoint_every", "log_every", "width")
-_NON_NEGATIVE = ("num_workers", "warmup_steps", "lr", "weight_decay", "grad_clip", "min_delta", "speckle_std",
+_POSITIVE = ("batch_size", "accum_steps", "val_every", "patience", "checkpoint_every", "log_every", "width")
+_NON_NEGATIVE = ("num_workers", "lr", "weight_decay", "grad_clip", "min_delta", "speckle_std",
                  "l1_weight", "ssim_weight")
 _CHOICES = {
     "split_source": SPLIT_SOURCES,
-    "es_mode": ("min", "max"),
     "es_metric": ES_METRICS,
+    "head": HEADS,
     "precision": PRECISIONS,
     "on_nonfinite": ON_NONFINITE,
     "checkpoint_mode": CHECKPOINT_MODES,
@@ -182,10 +199,12 @@ def validate(config: TrainConfig) -> TrainConfig:
             raise UsageError(f"{flag(name)} must be >= 0, got {value!r}")
         if not math.isfinite(value):
             raise UsageError(f"{flag(name)} must be a finite number, got {value!r}")
-    for name in ("max_tiles", "keep_last", "threads"):
+    for name in ("max_tiles", "keep_last", "steps", "threads"):
         value = getattr(config, name)
         if value is not None and (not _is_int(value) or value < 1):
             raise UsageError(f"{flag(name)} must be a positive integer, got {value!r}")
+    if config.warmup_steps is not None and (not _is_int(config.warmup_steps) or config.warmup_steps < 0):
+        raise UsageError(f"--warmup-steps must be >= 0, got {config.warmup_steps!r}")
     for name, most in MAXIMA.items():
         value = getattr(config, name)
         if value is not None and value > most:
@@ -201,6 +220,7 @@ def validate(config: TrainConfig) -> TrainConfig:
     for name, choices in _CHOICES.items():
         if getattr(config, name) not in choices:
             raise UsageError(f"{flag(name)} must be {_or(choices)}, got {getattr(config, name)!r}")
+    config.es_mode = es_mode_for(config.es_metric, config.es_mode)
     if not isinstance(config.device, str) or (config.device not in ("auto", "cpu", "cuda") and not config.device.startswith("cuda:")):
         raise UsageError(f"--device must be auto, cpu, cuda or cuda:N, got {config.device!r}")
     if not isinstance(config.portable, bool):
@@ -215,6 +235,38 @@ def validate(config: TrainConfig) -> TrainConfig:
     return config
 
 
+def es_mode_for(metric: str, mode: str | None) -> str:
+    """The early-stopping mode: the metric's own direction when ``mode`` is None; a ``mode`` that
+    contradicts it (``--es-metric psnr --es-mode min`` would keep the worst model) is refused."""
+    implied = ES_MODES[metric]
+    if mode is None:
+        return implied
+    if mode not in ("min", "max"):
+        raise UsageError(f"--es-mode must be min or max, got {mode!r}")
+    if mode != implied:
+        better = "higher" if implied == "max" else "lower"
+        raise UsageError(f"--es-metric {metric} --es-mode {mode} contradict each other: {better} {metric} is better, "
+                         f"so its mode is {implied} (leave --es-mode out to follow the metric)")
+    return mode
+
+
+def resolve_auto_schedule(config: TrainConfig, train_tiles: int) -> TrainConfig:
+    """Fill in ``steps`` and ``warmup_steps`` left at None (auto), from the number of training tiles.
+
+    ``steps`` = `AUTO_EPOCHS` passes over the training tiles at ``batch_size * accum_steps`` tiles
+    a step (as on one rank: the world size does not enter, so it cannot change the result fields),
+    kept within [`AUTO_MIN_STEPS`, `AUTO_MAX_STEPS`]; ``warmup_steps`` = `AUTO_WARMUP_FRACTION` of
+    that. Pure arithmetic on the tile count, so two runs over the same tiles resolve to the same
+    numbers; the resolved values are what checkpoints store and what a resume compares.
+    """
+    if config.steps is None:
+        per_step = config.batch_size * config.accum_steps
+        config.steps = min(max(math.ceil(AUTO_EPOCHS * train_tiles / per_step), AUTO_MIN_STEPS), AUTO_MAX_STEPS)
+    if config.warmup_steps is None:
+        config.warmup_steps = math.ceil(AUTO_WARMUP_FRACTION * config.steps)
+    return config
+
+
 def _or(choices: tuple[str, ...]) -> str:
     return ", ".join(choices[:-1]) + " or " + choices[-1]
 
@@ -222,7 +274,7 @@ def _or(choices: tuple[str, ...]) -> str:
 def config_warnings(config: TrainConfig) -> list[str]:
     """Settings that are allowed but probably not meant, as ``warning:`` lines for the log."""
     warnings = []
-    if config.warmup_steps >= config.steps:
+    if config.steps is not None and config.warmup_steps is not None and config.warmup_steps >= config.steps:
         warnings.append(f"warning: --warmup-steps {config.warmup_steps} >= --steps {config.steps}: the learning rate "
                         "never reaches its peak and never decays")
     return warnings
@@ -319,10 +371,19 @@ def _type_ok(kind: str, value: Any) -> bool:
 
 
 def build_config(explicit: dict[str, Any], file_values: dict[str, Any] | None = None, base: dict[str, Any] | None = None) -> TrainConfig:
-    """Merge ``base`` (defaults or a checkpoint's result fields) < file values < explicit flags."""
+    """Merge ``base`` (defaults or a checkpoint's result fields) < file values < explicit flags.
+
+    A ``base`` that lacks a field added since (`IMPLICIT_IN_OLDER_CHECKPOINTS`) gets the value such
+    checkpoints implicitly had, so resuming an older run continues it as it was trained (the
+    sigmoid head, every tile) instead of being refused over today's defaults.
+    """
+    if base is not None:
+        base = {**IMPLICIT_IN_OLDER_CHECKPOINTS, **base}
     merged: dict[str, Any] = {}
     for layer in (base or {}, file_values or {}, explicit):
         merged.update({k: v for k, v in layer.items() if k in FIELD_NAMES})
+        if "es_metric" in layer and "es_mode" not in layer:
+            merged["es_mode"] = None  # a metric given without a mode takes its own direction, not the base's mode
     return validate(TrainConfig(**merged))
 
 
@@ -340,7 +401,8 @@ def diff_result_fields(stored: dict[str, Any], current: dict[str, Any]) -> list[
 # --------------------------------------------------------------------------- writing the config
 
 _HEADER = "# Stage-1 training config; reuse with: axs train stage1 --config <this file>\n"
-_RESULT_COMMENT = "# result fields: they determine the trained bits, and a resume that changes one is refused\n"
+_RESULT_COMMENT = ("# result fields: they determine the trained bits, and a resume that changes one is refused\n"
+                   "# (steps and warmup_steps null: scaled to the training tiles when the run starts)\n")
 _RUN_COMMENT = "# run fields: paths, cadence and output; they do not change the bits\n"
 
 

@@ -1,4 +1,10 @@
-"""Training loss and validation metrics, all restricted to valid pixels.
+"""Training loss, and the per-tile metrics the trainer reported before `axs_lib.stage1.metrics`,
+all restricted to valid pixels.
+
+The trainer's validation, ``axs evaluate``, the sample figures and the quality benchmark measure
+with `axs_lib.stage1.metrics` (pooled PSNR, SSIM at the tile's 2-98 % range, SAM masked below a
+brightness); `psnr`, `masked_ssim`, `spectral_angle`, `tile_metrics` and `mean_over_tiles` below
+are the earlier per-tile definitions, kept for code that calls them.
 
 Inputs are normalised optical images in [0, 1] of shape (N, 4, H, W) and a mask of shape
 (N, 1, H, W) that is 1 where every input and target band is finite. Invalid pixels never enter:
@@ -89,9 +95,20 @@ def _ssim_term(pred: torch.Tensor, target: torch.Tensor, mask: torch.Tensor) -> 
     return ((1.0 - per_tile) * valid).sum() / valid.sum().clamp_min(1.0)
 
 
-def stage1_loss(pred, target, mask, l1_weight: float = 1.0, ssim_weight: float = 0.5) -> torch.Tensor:
-    """``l1_weight * L1 + ssim_weight * (1 - SSIM)``, both masked."""
-    loss = l1_weight * masked_l1(pred, target, mask)
+def stage1_loss(pred, target, mask, l1_weight: float = 1.0, ssim_weight: float = 0.5,
+                band_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """``l1_weight * L1 + ssim_weight * (1 - SSIM)``, both masked.
+
+    ``band_scale`` (C,), when given, divides each band's error in the L1 term: with the training
+    targets' per-band standard deviation (`axs_lib.stage1.model.UNet.band_scale`) the L1 is taken
+    on standardised bands, so a dark, flat band (B2) counts as much as a bright, varied one (B8).
+    The SSIM term stays on the [0, 1] images.
+    """
+    if band_scale is not None:
+        scale = band_scale.to(pred.dtype).reshape(1, -1, 1, 1)
+        loss = l1_weight * masked_l1(pred / scale, target / scale, mask)
+    else:
+        loss = l1_weight * masked_l1(pred, target, mask)
     if ssim_weight:
         loss = loss + ssim_weight * _ssim_term(pred, target, mask)
     return loss

@@ -3,10 +3,24 @@
 Three 2x down-samplings give a stride of 8; tiles whose sides are not a multiple of 8 (BigEarthNet
 patches are 120 x 120) are padded by edge replication and the output is cropped back, so every
 output pixel corresponds to an input pixel. GroupNorm instead of BatchNorm keeps the model
-independent of batch composition at evaluation and free of running statistics. The output goes
-through a sigmoid: targets are optical reflectance normalised to [0, 1].
+independent of batch composition at evaluation and free of running statistics.
 
-Output initialisation. With default weights the head's output is spread around sigmoid(0) = 0.5,
+The output head (``head``), in both cases in the unit of the targets (reflectance normalised to
+[0, 1]):
+
+* ``linear`` (the default): the 1x1 head predicts each band *standardised* by the training
+  targets' per-band mean and standard deviation, and the model returns ``head * std + mean``. The
+  mean and std are buffers (``target_mean``, ``target_std``) set from the training tiles by
+  `band_stats`, so a checkpoint carries them and a prediction needs nothing else. The trainer's
+  loss divides errors by ``target_std`` (`axs_lib.stage1.losses.stage1_loss`), so every band
+  weighs the same: measured on held-out places, a sigmoid over [0, 1] reflectance let the bright,
+  high-variance NIR band (B8) take all the gradient and pinned the visible bands (B2, B3, B4) near
+  their median. The head starts at small weights and zero bias, i.e. at each band's mean.
+* ``sigmoid``: the earlier model, ``sigmoid(head)`` with the head's bias at ``logit(mean)`` (below).
+  Kept so that checkpoints written before the linear head still load, predict and resume; their
+  config has no ``head`` and counts as ``sigmoid``.
+
+Sigmoid output initialisation. With default weights the head's output is spread around sigmoid(0) = 0.5,
 i.e. reflectance 5000 of 10000: far brighter than land (BigEarthNet bands average a few hundred
 to a few thousand), so early sample pictures are white and early steps are spent just learning the
 mean. `init_output_bias` (or ``UNet(..., output_bias=means)``) instead scales the head's weights
@@ -32,6 +46,8 @@ OUT_CHANNELS = 4
 DEPTH = 3
 STRIDE = 2**DEPTH
 HEAD_WEIGHT_SCALE = 0.1  # head weights after `init_output_bias`: output starts near the mean, not pinned to it
+HEADS = ("linear", "sigmoid")
+MIN_STD = 1e-3  # reflectance 0.001: a band flatter than this is standardised by this instead
 BAND_MEAN_TILES = 64  # tiles sampled by `band_means`: about 1 M pixels per band at 120 x 120
 MEAN_CLAMP = 1e-4  # means kept in [1e-4, 1 - 1e-4] so that their logit is finite
 
@@ -48,19 +64,35 @@ def _block(cin: int, cout: int) -> nn.Sequential:
 
 
 class UNet(nn.Module):
-    """U-Net of ``width`` base channels (doubling per level) with dropout at the bottleneck."""
+    """U-Net of ``width`` base channels (doubling per level) with dropout at the bottleneck.
 
-    def __init__(self, width: int = 16, dropout: float = 0.1, output_bias: Sequence[float] | None = None):
+    ``head`` is ``linear`` (standardised output; ``target_stats`` = (means, stds) per band from
+    `band_stats`) or ``sigmoid`` (``output_bias`` = per-band means, see `init_output_bias`).
+    """
+
+    def __init__(self, width: int = 16, dropout: float = 0.1, output_bias: Sequence[float] | None = None,
+                 head: str = "linear", target_stats: tuple[Sequence[float], Sequence[float]] | None = None):
         super().__init__()
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")
+        if head not in HEADS:
+            raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        self.head_kind = head
         widths = [width * 2**i for i in range(DEPTH + 1)]
         self.down = nn.ModuleList([_block(IN_CHANNELS, widths[0])] + [_block(widths[i], widths[i + 1]) for i in range(DEPTH)])
         self.dropout = nn.Dropout2d(dropout)
         self.up = nn.ModuleList([nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(DEPTH))])
         self.merge = nn.ModuleList([_block(2 * widths[i], widths[i]) for i in reversed(range(DEPTH))])
         self.head = nn.Conv2d(widths[0], OUT_CHANNELS, 1)
-        if output_bias is not None:
+        if head == "linear":
+            # buffers, not parameters: in the state dict (so in every checkpoint), never trained
+            self.register_buffer("target_mean", torch.zeros(OUT_CHANNELS))
+            self.register_buffer("target_std", torch.ones(OUT_CHANNELS))
+            if output_bias is not None:
+                raise ValueError("output_bias is for the sigmoid head; the linear head takes target_stats")
+            if target_stats is not None:
+                init_standardised_output(self, *target_stats)
+        elif output_bias is not None:
             init_output_bias(self, output_bias)
 
     def forward(self, sar: torch.Tensor) -> torch.Tensor:
@@ -74,7 +106,28 @@ class UNet(nn.Module):
         x = self.dropout(skips.pop())
         for up, merge in zip(self.up, self.merge):
             x = merge(torch.cat([up(x), skips.pop()], dim=1))
-        return torch.sigmoid(self.head(x))[..., :h, :w]
+        out = self.head(x)[..., :h, :w]
+        if self.head_kind == "linear":
+            return out * self.target_std[:, None, None] + self.target_mean[:, None, None]
+        return torch.sigmoid(out)
+
+    @property
+    def band_scale(self) -> torch.Tensor | None:
+        """Per-band divisor of the loss's errors: ``target_std`` for the linear head, None for sigmoid."""
+        return self.target_std if self.head_kind == "linear" else None
+
+
+def init_standardised_output(model: UNet, means: Sequence[float], stds: Sequence[float]) -> UNet:
+    """Set the linear head's target statistics and start it at the means (small weights, zero bias)."""
+    means, stds = [float(m) for m in means], [float(s) for s in stds]
+    if len(means) != OUT_CHANNELS or len(stds) != OUT_CHANNELS or not all(math.isfinite(v) for v in means + stds):
+        raise ValueError(f"need {OUT_CHANNELS} finite band means and stds, got {means!r}, {stds!r}")
+    with torch.no_grad():
+        model.target_mean.copy_(torch.tensor(means, dtype=torch.float64).to(model.target_mean.dtype))
+        model.target_std.copy_(torch.tensor([max(s, MIN_STD) for s in stds], dtype=torch.float64).to(model.target_std.dtype))
+        model.head.weight.mul_(HEAD_WEIGHT_SCALE)
+        model.head.bias.zero_()
+    return model
 
 
 def init_output_bias(model: UNet, means: Sequence[float]) -> UNet:
@@ -95,7 +148,13 @@ def init_output_bias(model: UNet, means: Sequence[float]) -> UNet:
 
 
 def band_means(dataset_or_refs, max_tiles: int = BAND_MEAN_TILES) -> tuple[float, ...] | None:
-    """Per-band mean of the normalised optical targets over valid pixels, or None without any.
+    """Per-band mean of the normalised optical targets over valid pixels, or None without any (`band_stats`)."""
+    stats = band_stats(dataset_or_refs, max_tiles)
+    return None if stats is None else stats[0]
+
+
+def band_stats(dataset_or_refs, max_tiles: int = BAND_MEAN_TILES) -> tuple[tuple[float, ...], tuple[float, ...]] | None:
+    """Per-band (means, standard deviations) of the normalised optical targets over valid pixels, or None.
 
     ``dataset_or_refs`` is a `axs_lib.data.TileDataset` (its un-augmented ``dataset[i]``) or a list
     of tile refs (read as an un-augmented TileDataset). At most ``max_tiles`` tiles are read, evenly
@@ -115,13 +174,17 @@ def band_means(dataset_or_refs, max_tiles: int = BAND_MEAN_TILES) -> tuple[float
         return None
     indices = sorted({i * n // min(n, max_tiles) for i in range(min(n, max_tiles))})
     sums = np.zeros(OUT_CHANNELS, dtype=np.float64)
+    squares = np.zeros(OUT_CHANNELS, dtype=np.float64)
     count = 0
     for index in indices:
         sample = dataset[index]
         optical = sample["optical"].numpy().astype(np.float64)  # (4, H, W), 0 at invalid pixels
         valid = sample["mask"].numpy()[0] > 0  # (H, W)
         sums += optical[:, valid].sum(axis=1)
+        squares += (optical[:, valid] ** 2).sum(axis=1)
         count += int(valid.sum())
     if count == 0:
         return None
-    return tuple(float(s / count) for s in sums)
+    means = sums / count
+    stds = np.sqrt(np.maximum(squares / count - means**2, 0.0))
+    return tuple(float(m) for m in means), tuple(float(s) for s in stds)

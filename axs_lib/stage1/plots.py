@@ -1,16 +1,20 @@
 """Pictures of a run, refreshed at each validation: the loss curves and sample predictions.
 
-``plots/loss.png`` shows training and validation loss against the step. ``samples/step_<N>.png``
-shows, for a few fixed validation tiles (one row each, titled with the tile id and its PSNR and
-SAM), what a remote-sensing user checks first:
+``plots/loss.png`` shows training and validation loss against the step (integer step ticks; every
+logged point marked, so a run of a few steps still shows its training line). ``samples/step_<N>.png``
+shows, for a few fixed validation tiles (one row each, titled with the tile id and its PSNR,
+SAM and MAE, as `axs evaluate` computes them), what a remote-sensing user checks first:
 
-    SAR VV | SAR VH | true RGB | predicted RGB | true NIR | predicted NIR | |error|
+    SAR VV | SAR VH | true RGB | pred. RGB, true's stretch | pred. RGB, own stretch
+           | true NIR | pred. NIR, true's stretch | pred. NIR, own stretch | |error|
 
 * Display stretch: each band is stretched between its 2nd and 98th percentile over the tile's
   valid pixels, as torchgeo's dataset ``plot`` methods do (``percentile_normalization``), so a dark
-  land scene is neither black nor washed out. The limits come from the *true* image and are
-  applied unchanged to the prediction: a prediction that is too bright or too dark looks so.
-  RGB is true colour (B4, B3, B2); NIR is B8; SAR bands are stretched in dB.
+  land scene is neither black nor washed out. The prediction is shown twice: with the *true*
+  image's limits (a prediction that is too bright, too dark or too flat looks so: a flat one is a
+  single colour, one too bright is white) and with its own 2-98 % limits (what structure it has,
+  whatever its level). Every panel's label says which stretch it has and its limits in
+  reflectance x 10000. RGB is true colour (B4, B3, B2); NIR is B8; SAR bands are stretched in dB.
 * ``|error|`` is the mean absolute difference over the four bands, in reflectance, on a colour
   scale shared by every row of the figure so that tiles can be compared.
 * Invalid pixels (no value in some band) are shown grey and take no part in any percentile.
@@ -31,7 +35,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from axs_lib.stage1.losses import tile_metrics
+from axs_lib.stage1.metrics import QualityMetrics
 
 RGB = (2, 1, 0)  # B4, B3, B2 in the optical tensor (B2, B3, B4, B8)
 NIR = 3  # B8
@@ -41,7 +45,9 @@ SAR_DB_SPAN = (-40.0, 10.0)  # the normalisation range of axs_lib.tiles.SAR_DB_R
 SAMPLE_DPI = 80
 GRAY = colormaps["gray"].with_extremes(bad=NO_DATA)
 ERROR_CMAP = colormaps["magma"].with_extremes(bad=NO_DATA)
-COLUMNS = ("SAR VV (dB)", "SAR VH (dB)", "true RGB", "predicted RGB", "true NIR (B8)", "predicted NIR (B8)", "|error|")
+COLUMNS = ("SAR VV (dB)", "SAR VH (dB)", "true RGB", "pred. RGB\ntrue's stretch", "pred. RGB\nown stretch",
+           "true NIR (B8)", "pred. NIR\ntrue's stretch", "pred. NIR\nown stretch", "|error|")
+REFLECTANCE = 10000.0  # normalised 1.0, for the stretch limits shown under the panels
 
 
 def percentile_stretch(image: np.ndarray, valid: np.ndarray, limits: tuple[np.ndarray, np.ndarray] | None = None,
@@ -96,12 +102,21 @@ def _row(sample: dict, pred: torch.Tensor) -> dict:
     sar, _ = percentile_stretch(sar_db, valid)
     true_rgb, rgb_limits = percentile_stretch(target[list(RGB)], valid)
     pred_rgb, _ = percentile_stretch(predicted[list(RGB)], valid, rgb_limits)
+    own_rgb, own_rgb_limits = percentile_stretch(predicted[list(RGB)], valid)
     true_nir, nir_limits = percentile_stretch(target[[NIR]], valid)
     pred_nir, _ = percentile_stretch(predicted[[NIR]], valid, nir_limits)
+    own_nir, own_nir_limits = percentile_stretch(predicted[[NIR]], valid)
     error = np.abs(predicted - target).mean(axis=0)
     error[~valid] = np.nan
-    return {"sar": sar, "true_rgb": true_rgb, "pred_rgb": pred_rgb, "true_nir": true_nir[0], "pred_nir": pred_nir[0],
-            "error": error}
+    return {"sar": sar, "true_rgb": true_rgb, "pred_rgb": pred_rgb, "own_rgb": own_rgb, "true_nir": true_nir[0],
+            "pred_nir": pred_nir[0], "own_nir": own_nir[0], "error": error,
+            "limits": {"true_rgb": rgb_limits, "own_rgb": own_rgb_limits, "true_nir": nir_limits, "own_nir": own_nir_limits}}
+
+
+def stretch_label(limits: tuple[np.ndarray, np.ndarray]) -> str:
+    """The limits of a stretch in reflectance x 10000: ``lo-hi`` per band, ``/`` between bands."""
+    low, high = (np.asarray(v, dtype=np.float64) * REFLECTANCE for v in limits)
+    return "/".join(f"{lo:.0f}-{hi:.0f}" for lo, hi in zip(low, high))
 
 
 def sample_figure(model: torch.nn.Module, dataset, device: torch.device, count: int, step: int | None = None) -> Figure:
@@ -115,27 +130,37 @@ def sample_figure(model: torch.nn.Module, dataset, device: torch.device, count: 
             for index in range(count):
                 sample = dataset[index]
                 pred = model(sample["sar"][None].to(device))[0]
-                metrics = tile_metrics(pred[None].float().cpu(), sample["optical"][None], sample["mask"][None])
+                quality = QualityMetrics()  # the metrics of `axs evaluate`, for this one tile
+                quality.update(pred[None].float().cpu(), sample["optical"][None], sample["mask"][None])
+                overall = quality.result()["overall"]
                 rows.append(_row(sample, pred))
-                titles.append(f"{tile_label(dataset, index)}    PSNR {float(metrics['psnr'][0]):.2f} dB    "
-                              f"SAM {float(metrics['sam'][0]):.2f}°")
+                titles.append(f"{tile_label(dataset, index)}    PSNR {overall['psnr']:.2f} dB    "
+                              f"SAM {overall['sam']:.2f}°    MAE {overall['mae']:.0f}")
     finally:
         model.train(was_training)
     errors = np.concatenate([r["error"][~np.isnan(r["error"])] for r in rows] or [np.zeros(1)])
     error_max = float(np.percentile(errors, 98)) if errors.size else 1.0
     fig = Figure(figsize=(2.3 * len(COLUMNS), 2.55 * max(count, 1) + 0.5), layout="constrained")
-    fig.suptitle(f"Stage 1 samples{f' at step {step}' if step is not None else ''}: validation tiles; "
-                 "2-98 % stretch of the true image, applied to both; grey = no data", fontsize=10)
+    fig.suptitle(f"Stage 1 samples{f' at step {step}' if step is not None else ''}: validation tiles. Each panel is a "
+                 "2-98 % percentile stretch: of the true image (true's stretch) or of the prediction itself (own stretch); "
+                 "limits under each panel, reflectance x 10000 (B4/B3/B2 for RGB); grey = no data", fontsize=9, wrap=True)
     subfigs = fig.subfigures(max(count, 1), 1, squeeze=False)[:, 0]
     for subfig, row, title in zip(subfigs, rows, titles):
         subfig.suptitle(title, fontsize=9, fontfamily="monospace")
         axes = subfig.subplots(1, len(COLUMNS))
-        images = [(row["sar"][0], GRAY), (row["sar"][1], GRAY), (_rgba(row["true_rgb"]), None),
-                  (_rgba(row["pred_rgb"]), None), (row["true_nir"], GRAY), (row["pred_nir"], GRAY)]
-        for ax, (image, cmap), name in zip(axes, images, COLUMNS):
+        limits = row["limits"]
+        images = [(row["sar"][0], GRAY, "2-98 %"), (row["sar"][1], GRAY, "2-98 %"),
+                  (_rgba(row["true_rgb"]), None, stretch_label(limits["true_rgb"])),
+                  (_rgba(row["pred_rgb"]), None, stretch_label(limits["true_rgb"])),
+                  (_rgba(row["own_rgb"]), None, stretch_label(limits["own_rgb"])),
+                  (row["true_nir"], GRAY, stretch_label(limits["true_nir"])),
+                  (row["pred_nir"], GRAY, stretch_label(limits["true_nir"])),
+                  (row["own_nir"], GRAY, stretch_label(limits["own_nir"]))]
+        for ax, (image, cmap, label), name in zip(axes, images, COLUMNS):
             ax.imshow(image, cmap=cmap, vmin=0.0, vmax=1.0, interpolation="nearest")
             ax.set_facecolor(NO_DATA)
             ax.set_title(name, fontsize=8)
+            ax.set_xlabel(label, fontsize=6)
             ax.set_xticks([])
             ax.set_yticks([])
         ax = axes[-1]
@@ -169,22 +194,30 @@ def write_png(path: Path, image: np.ndarray) -> None:
 
 
 def loss_curves(path: Path, records: list[dict]) -> None:
-    """Plot training and validation loss from ``metrics.jsonl`` records."""
+    """Plot training and validation loss from ``metrics.jsonl`` records (`loss_figure`) to ``path``."""
+    write_png(path, render(loss_figure(records), dpi=100))
+
+
+def loss_figure(records: list[dict]) -> Figure:
+    """The loss curves: train (every logged step, marked) and validation, on integer step ticks."""
+    from matplotlib.ticker import MaxNLocator
+
     train = [(r["step"], r["loss"]) for r in records if r.get("split") == "train"]
     val = [(r["step"], r["val_loss"]) for r in records if r.get("split") == "val"]
     fig = Figure(figsize=(6, 4), layout="constrained")
     ax = fig.subplots()
     if train:
-        ax.plot(*zip(*train), label="train loss")
+        ax.plot(*zip(*train), marker=".", label="train loss")
     if val:
         ax.plot(*zip(*val), marker="o", label="validation loss")
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("step")
-    ax.set_ylabel("loss (L1 + SSIM term)")
+    ax.set_ylabel("loss (masked L1; + SSIM term when weighted)")
     ax.set_title("Stage 1: SAR to optical")
     ax.grid(alpha=0.3)
     if train or val:
         ax.legend()
-    write_png(path, render(fig, dpi=100))
+    return fig
 
 
 def sample_panel(path: Path, model: torch.nn.Module, dataset, device: torch.device, count: int,

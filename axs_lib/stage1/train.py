@@ -64,13 +64,14 @@ from axs_lib.reproducibility import derive_seed, seed_globals, set_seed
 from axs_lib.run_dir import (CONFIG_FILE, ENVIRONMENT_JSON, METRICS, PLOTS, RUN_JSON, RUN_MARKER, SAMPLES, SPLIT_JSON,
                              TENSORBOARD, CheckpointManager, MetricsLog, RunDir, write_json)
 from axs_lib.sampling import ResumableSampler
-from axs_lib.split import make_split
-from axs_lib.stage1.config import TrainConfig, config_warnings, diff_result_fields, write_config_file
+from axs_lib.split import leave_out_flagged, make_split
+from axs_lib.stage1.config import TrainConfig, config_warnings, diff_result_fields, resolve_auto_schedule, write_config_file
 from axs_lib.stage1.early_stopping import EarlyStopping
 from axs_lib.stage1.events import available as events_available
 from axs_lib.stage1.events import open_event_log
-from axs_lib.stage1.losses import mean_over_tiles, stage1_loss, tile_metrics
-from axs_lib.stage1.model import UNet, band_means
+from axs_lib.stage1.losses import stage1_loss
+from axs_lib.stage1.metrics import QualityMetrics, flat
+from axs_lib.stage1.model import UNet, band_means, band_stats
 from axs_lib.state import TrainingState
 from axs_lib.tiles import check_tiles, list_tiles
 
@@ -139,15 +140,16 @@ def check_resume(ckpt: dict, config: TrainConfig, data_fp: dict, allow_world_siz
 
 
 def evaluate(model: nn.Module, loader, device: torch.device, config: TrainConfig, autocast=contextlib.nullcontext) -> dict[str, float]:
-    """Validation loss (tile-weighted mean) and PSNR, SSIM and SAM averaged over validation tiles.
+    """Validation loss (tile-weighted mean) and the overall quality metrics of `axs_lib.stage1.metrics`
+    (pooled PSNR, MAE, RMSE and SAM; SSIM at each tile's 2-98 % range), the same code as ``axs evaluate``.
 
-    Metrics are per tile (`tile_metrics`); a tile without any valid pixel is NaN and left out of
-    the mean (`mean_over_tiles`), so it can neither score perfect nor turn the result into NaN.
-    No randomness is used.
+    A tile without any valid pixel takes no part, so it can neither score perfect nor turn the
+    result into NaN. No randomness is used.
     """
     model.eval()
     loss_sum, count = 0.0, 0
-    per_tile: dict[str, list[torch.Tensor]] = {"psnr": [], "ssim": [], "sam": []}
+    quality = QualityMetrics()
+    band_scale = getattr(model, "band_scale", None)
     with stop_signals_held():  # workers start here (the first time): see stop_signals_held
         batches = iter(loader)
     with torch.no_grad():
@@ -156,12 +158,11 @@ def evaluate(model: nn.Module, loader, device: torch.device, config: TrainConfig
             with autocast():
                 pred = model(sar).float()
             n = sar.shape[0]
-            loss_sum += n * stage1_loss(pred, target, mask, config.l1_weight, config.ssim_weight).item()
-            for name, values in tile_metrics(pred, target, mask).items():
-                per_tile[name].append(values)
+            loss_sum += n * stage1_loss(pred, target, mask, config.l1_weight, config.ssim_weight, band_scale).item()
+            quality.update(pred, target, mask)
             count += n
     model.train()
-    return {"val_loss": loss_sum / count, **{name: mean_over_tiles(torch.cat(v)) for name, v in per_tile.items()}}
+    return {"val_loss": loss_sum / count, **flat(quality.result())}
 
 
 def reshard(position: int, old_size: int, new_size: int, shard_size: int) -> int:
@@ -276,6 +277,9 @@ def _check_inputs(config, resume, overwrite, device, world, say, config_for_resu
     seed_info = set_seed(config.seed, deterministic=config.deterministic, benchmark=config.benchmark)
     paths = list_tiles(config.data_dir, config.max_tiles)
     split = make_split(paths, config.split_seed, config.val_fraction, config.split_source)
+    if config.clear_sky:
+        split = leave_out_flagged(split)
+    config = resolve_auto_schedule(config, len(split.train))
     check_tiles([*split.train, *split.val])  # every tile the run reads, before anything is written (cached)
     plan = _plan(config, world)
     if plan.global_batch_size > len(split.train):
@@ -309,14 +313,15 @@ def _check_state_shapes(ckpt: dict, path: Path, config: TrainConfig) -> None:
     sampler_state = ckpt["sampler_state"]
     if not all(isinstance(sampler_state.get(k), int) and sampler_state[k] >= 0 for k in ("epoch", "position")):
         raise CheckpointError(path, f"sampler_state {sampler_state!r} is not an (epoch, position) pair")
-    expected = {k: tuple(v.shape) for k, v in UNet(width=config.width, dropout=config.dropout).state_dict().items()}
+    expected = {k: tuple(v.shape) for k, v in UNet(width=config.width, dropout=config.dropout, head=config.head).state_dict().items()}
     stored = ckpt.get("model_state_dict")
     if not isinstance(stored, dict):
         raise CheckpointError(path, "has no model_state_dict: not a Stage-1 checkpoint")
     got = {k: tuple(v.shape) for k, v in stored.items() if isinstance(v, torch.Tensor)}
     if got != expected:
         diff = sorted(set(got) ^ set(expected)) or [k for k in expected if got.get(k) != expected[k]]
-        raise CheckpointError(path, f"its model does not fit a Stage-1 U-Net of width {config.width} (first difference: {diff[0]})")
+        raise CheckpointError(path, f"its model does not fit a Stage-1 U-Net of width {config.width} with a {config.head} head "
+                                    f"(first difference: {diff[0]})")
 
 
 def _check_sampler_position(ckpt: dict, path: Path, num_train: int) -> None:
@@ -365,9 +370,7 @@ class Stage1Trainer:
 
         # The output starts at the training targets' per-band mean, so early samples are not white
         # (no random draw; skipped on resume, where the weights are loaded anyway).
-        self.output_means = band_means(self.train_set) if setup.ckpt is None else None
-        seed_globals(derive_seed(config.seed, "init"))
-        self.model = UNet(width=config.width, dropout=config.dropout, output_bias=self.output_means).to(device)
+        self.model = self._build_model(setup.ckpt is None)
         self.parameters = list(self.model.parameters())
         self.optimizer = torch.optim.AdamW(self.parameters, lr=config.lr, weight_decay=config.weight_decay)
         warmup, total = config.warmup_steps, config.steps
@@ -401,6 +404,21 @@ class Stage1Trainer:
         self._run_info_lock = threading.Lock()
         self.autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16,
                                           enabled=config.precision == "bf16-mixed")
+
+    def _build_model(self, fresh: bool) -> UNet:
+        """The U-Net with its output started at the training targets (no random draw; the statistics
+        are skipped on resume, where the weights and buffers are loaded anyway)."""
+        config = self.config
+        self.output_means = self.target_stats = None
+        if fresh and config.head == "linear":
+            self.target_stats = band_stats(self.train_set)
+            self.output_means = self.target_stats[0] if self.target_stats else None
+        elif fresh:
+            self.output_means = band_means(self.train_set)
+        seed_globals(derive_seed(config.seed, "init"))
+        if config.head == "linear":
+            return UNet(width=config.width, dropout=config.dropout, head="linear", target_stats=self.target_stats).to(self.device)
+        return UNet(width=config.width, dropout=config.dropout, head="sigmoid", output_bias=self.output_means).to(self.device)
 
     def _resume_position(self, ckpt: dict) -> tuple[int, int]:
         epoch, position = int(ckpt["sampler_state"]["epoch"]), int(ckpt["sampler_state"]["position"])
@@ -441,6 +459,7 @@ class Stage1Trainer:
             "resumed_from": {"path": str(setup.ckpt_path), "step": self.state.step} if setup.ckpt is not None else None,
             "started_at": _now(), "ended_at": None, "final_step": self.state.step, "best": None,
             "output_bias_means": self.output_means,
+            "target_stds": self.target_stats[1] if self.target_stats else None,
         }
         if not self.world.is_main:
             return
@@ -492,7 +511,8 @@ class Stage1Trainer:
             sar, target, mask = (batch[k].to(self.device, non_blocking=self.pin) for k in ("sar", "optical", "mask"))
             with self.autocast():
                 pred = model(sar)
-            loss = stage1_loss(pred.float(), target, mask, config.l1_weight, config.ssim_weight) / plan.micro_batches
+            loss = stage1_loss(pred.float(), target, mask, config.l1_weight, config.ssim_weight,
+                               model.band_scale) / plan.micro_batches
             loss.backward()
             if self.tree is not None:
                 self.tree.add(loss)
@@ -553,8 +573,10 @@ class Stage1Trainer:
                     step = state.step
                     bar.update(1)
                     sync_here = self.device.type != "cuda"  # free on CPU: check every step
-                    log_due = step % config.log_every == 0 or step == config.steps
                     val_due = self.val_loader is not None and (step % config.val_every == 0 or step == config.steps)
+                    # the training loss is logged at every one of the first --log-every steps and at validations
+                    # too, so the loss plot of a short run has a train line beside the validation points
+                    log_due = step % config.log_every == 0 or step == config.steps or val_due or step <= config.log_every
                     early_stop_possible = config.early_stopping
                     interrupted = any_rank(stop_request.signum is not None, world)
                     due = step % config.checkpoint_every == 0 or step == config.steps or interrupted
@@ -641,5 +663,5 @@ def _device_name(device: torch.device) -> str:
 
 
 def _metrics_line(step: int, total: int, loss: float, metrics: dict[str, float]) -> str:
-    return (f"step {step}/{total}  loss {loss:.4f}  val_loss {metrics['val_loss']:.4f}  "
-            f"psnr {metrics['psnr']:.2f} dB  ssim {metrics['ssim']:.4f}  sam {metrics['sam']:.2f} deg")
+    return (f"step {step}/{total}  loss {loss:.4f}  val_loss {metrics['val_loss']:.4f}  mae {metrics['mae']:.0f}  "
+            f"psnr {metrics['psnr']:.2f} dB (pooled)  ssim {metrics['ssim']:.4f}  sam {metrics['sam']:.2f} deg")

@@ -1,0 +1,165 @@
+"""``axs predict`` and ``axs evaluate``: a trained checkpoint used on tiles, with every input
+checked first and outputs that are byte-identical from run to run."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from axs_lib.checkpoint import load_checkpoint, save_checkpoint
+from axs_lib.cli import main
+from axs_lib.stage1.metrics import BANDS
+from axs_lib.stage1.model import UNet
+from axs_lib.stage1.predict import evaluate_checkpoint, load_model, predict_tiles
+from axs_lib.tiles import S2_KEYS, list_tiles, read_sidecar
+
+
+@pytest.fixture(scope="module")
+def ckpt(stage1_reference) -> Path:
+    return stage1_reference / "checkpoints" / "checkpoint_step_10.pt"
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = main(list(argv))
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def _one_error_line(err: str, *words: str) -> None:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("axs: error: "), err
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+
+
+def test_predict_writes_geotiffs_with_the_sidecars_crs_and_transform(ckpt, demo_tiles, tmp_path, capsys):
+    out = tmp_path / "pred"
+    code, stdout, _ = _run(capsys, "predict", str(ckpt), "--data-dir", str(demo_tiles), "--output-dir", str(out))
+    assert code == 0 and "wrote 6 predictions (.tif)" in stdout
+    model, _ = load_model(ckpt)
+    for tile in list_tiles(demo_tiles):
+        meta = read_sidecar(tile)
+        with rasterio.open(out / f"{tile.stem}.tif") as src:
+            assert src.count == 4 and src.dtypes == ("float32",) * 4 and src.descriptions == BANDS
+            assert src.crs == rasterio.crs.CRS.from_user_input(meta["crs"])
+            assert tuple(src.bounds) == pytest.approx(meta["bounds"])
+            assert (src.transform.a, -src.transform.e) == pytest.approx((10.0, 10.0))  # 120 px over 1200 m
+            bands = src.read()
+        from axs_lib.stage1.predict import predict_array
+
+        assert np.array_equal(bands, predict_array(model, tile), equal_nan=True)
+
+
+def test_predict_falls_back_to_npz_without_georeference_and_is_byte_identical_twice(ckpt, demo_tiles, tmp_path, capsys):
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for tile in list_tiles(demo_tiles)[:2]:
+        shutil.copy(tile, tiles / tile.name)  # no sidecar: no CRS, no bounds
+    a = predict_tiles(ckpt, tiles, tmp_path / "a")
+    b = predict_tiles(ckpt, tiles, tmp_path / "b")
+    assert [p.name for p in a] == [p.name for p in b] == [f"{t.stem}.npz" for t in sorted(tiles.glob("*.npz"))]
+    for x, y in zip(a, b):
+        assert x.read_bytes() == y.read_bytes()
+    with np.load(a[0]) as z:
+        assert sorted(z.files) == sorted(S2_KEYS) and z["s2_b2"].dtype == np.float32 and z["s2_b2"].shape == (120, 120)
+
+
+def test_geotiffs_are_byte_identical_across_two_predictions(ckpt, demo_tiles, tmp_path):
+    a = predict_tiles(ckpt, demo_tiles, tmp_path / "a")
+    b = predict_tiles(ckpt, demo_tiles, tmp_path / "b")
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(a, b))
+
+
+def test_existing_outputs_are_refused_and_kept_and_overwrite_replaces_only_ours(ckpt, demo_tiles, tmp_path, capsys):
+    out = tmp_path / "pred"
+    out.mkdir()
+    first = list_tiles(demo_tiles)[0]
+    (out / f"{first.stem}.tif").write_bytes(b"keep me")
+    (out / "notes.txt").write_text("not ours")
+    code, _, err = _run(capsys, "predict", str(ckpt), "--data-dir", str(demo_tiles), "--output-dir", str(out))
+    assert code == 2
+    _one_error_line(err, f"{first.stem}.tif", "already exists", "--overwrite")
+    assert (out / f"{first.stem}.tif").read_bytes() == b"keep me" and sorted(p.name for p in out.iterdir()) == [f"{first.stem}.tif", "notes.txt"]
+    code, _, _ = _run(capsys, "predict", str(ckpt), "--data-dir", str(demo_tiles), "--output-dir", str(out), "--overwrite")
+    assert code == 0 and (out / f"{first.stem}.tif").read_bytes() != b"keep me"
+    assert (out / "notes.txt").read_text() == "not ours" and len(list(out.iterdir())) == 7
+
+
+@pytest.mark.parametrize("case", ["missing-checkpoint", "not-a-checkpoint", "no-tiles", "bad-tile", "output-is-a-file",
+                                  "bad-crs"])
+def test_bad_input_is_one_line_exit_2_and_creates_nothing(case, ckpt, demo_tiles, tmp_path, capsys):
+    tiles, checkpoint, out = tmp_path / "tiles", ckpt, tmp_path / "out"
+    shutil.copytree(demo_tiles, tiles)
+    expected = []
+    if case == "missing-checkpoint":
+        checkpoint, expected = tmp_path / "nope.pt", ["nope.pt"]
+    elif case == "not-a-checkpoint":
+        checkpoint = tmp_path / "x.pt"
+        save_checkpoint({"step": 1}, checkpoint)
+        expected = ["x.pt", "not a Stage-1 checkpoint"]
+    elif case == "no-tiles":
+        tiles, expected = tmp_path / "empty", ["empty", "no .npz tiles"]
+        tiles.mkdir()
+    elif case == "bad-tile":
+        victim = sorted(tiles.glob("*.npz"))[-1]
+        victim.write_bytes(b"not a zip")
+        expected = [victim.name]
+    elif case == "output-is-a-file":
+        out.write_text("a file")
+        expected = ["out", "not a directory"]
+    elif case == "bad-crs":
+        sidecar = sorted(tiles.glob("*.json"))[0]
+        meta = json.loads(sidecar.read_text())
+        sidecar.write_text(json.dumps({**meta, "crs": "EPSG:999999"}))
+        expected = [sidecar.name, "EPSG:999999"]
+    code, _, err = _run(capsys, "predict", str(checkpoint), "--data-dir", str(tiles), "--output-dir", str(out))
+    assert code == 2
+    _one_error_line(err, *expected)
+    assert (not out.exists()) or out.is_file()
+
+
+def test_evaluate_prints_every_band_and_json_that_matches_the_library(ckpt, demo_tiles, capsys):
+    code, stdout, _ = _run(capsys, "evaluate", str(ckpt), "--data-dir", str(demo_tiles), "--split", "test")
+    assert code == 0 and "on 1 tiles" in stdout
+    for row in (*BANDS, "all"):
+        assert f"| {row} |" in stdout
+    code, stdout, _ = _run(capsys, "evaluate", str(ckpt), "--data-dir", str(demo_tiles), "--json")
+    assert code == 0
+    result = json.loads(stdout)
+    expected = evaluate_checkpoint(ckpt, list_tiles(demo_tiles))
+    assert result["tiles"] == 6 and set(result["bands"]) == set(BANDS)
+    assert result["overall"] == pytest.approx(expected["overall"])
+
+
+def test_evaluate_split_without_such_tiles_is_one_line(ckpt, synth_tiles, capsys):
+    code, _, err = _run(capsys, "evaluate", str(ckpt), "--data-dir", str(synth_tiles), "--split", "val")
+    assert code == 2
+    _one_error_line(err, "no tile has split 'val'")
+
+
+def test_a_checkpoint_of_the_earlier_sigmoid_model_still_loads_and_predicts(ckpt, demo_tiles, tmp_path):
+    old = load_checkpoint(ckpt)
+    torch.manual_seed(0)
+    sigmoid = UNet(width=8, dropout=0.1, head="sigmoid", output_bias=(0.05, 0.08, 0.07, 0.3))
+    old["model_state_dict"] = sigmoid.state_dict()
+    old["config"] = {k: v for k, v in old["config"].items() if k not in ("head", "clear_sky")}  # as written before
+    save_checkpoint(old, tmp_path / "old.pt")
+    model, _ = load_model(tmp_path / "old.pt")
+    assert model.head_kind == "sigmoid"
+    result = evaluate_checkpoint(tmp_path / "old.pt", list_tiles(demo_tiles)[:1])
+    assert 0 < result["overall"]["mae"] < 10000
+
+
+def test_weights_that_do_not_fit_the_config_are_refused_by_name(ckpt, tmp_path, capsys):
+    old = load_checkpoint(ckpt)
+    old["config"] = {**old["config"], "width": 16}
+    save_checkpoint(old, tmp_path / "wrong.pt")
+    code, _, err = _run(capsys, "evaluate", str(tmp_path / "wrong.pt"), "--data-dir", str(tmp_path))
+    assert code == 2
+    _one_error_line(err, "wrong.pt", "width 16")

@@ -214,3 +214,10 @@ def test_a_stop_signal_reaching_a_worker_before_it_ignores_stop_signals_does_not
         batches = iter(plain)
     assert sorted(i for batch in batches for i in batch.tolist()) == list(range(8))
     assert not signal.pthread_sigmask(signal.SIG_BLOCK, [])  # nothing left blocked here
+
+
+def test_progress_lines_for_a_log_carry_rate_elapsed_time_and_eta():
+    from axs_lib.stage1.train import _progress
+
+    assert _progress(30, 90, 10.0) == "3.00 steps/s  elapsed 00:10  eta 00:30"
+    assert _progress(0, 5, 0.0).endswith("eta ?")

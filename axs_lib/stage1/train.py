@@ -587,8 +587,8 @@ class Stage1Trainer:
                         self._record({"step": step, "split": "train", "loss": value, "lr": lr})
                         bar.set_postfix(loss=f"{value:.4f}")
                         if bar.disable and not config.quiet:
-                            rate = (step - start_step) / max(time.perf_counter() - started, 1e-9)
-                            self.say(f"step {step}/{config.steps}  loss {value:.4f}  lr {lr:.3g}  {rate:.2f} steps/s")
+                            self.say(f"step {step}/{config.steps}  loss {value:.4f}  lr {lr:.3g}  "
+                                     + _progress(step - start_step, config.steps - step, time.perf_counter() - started))
 
                     new_best = False
                     if val_due:
@@ -660,6 +660,13 @@ def _device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return f"{device} ({torch.cuda.get_device_name(device)})"
     return "cpu"
+
+
+def _progress(done: int, left: int, elapsed: float) -> str:
+    """What the terminal bar shows, for a log file (nohup, Slurm): rate, elapsed time and time left."""
+    rate = done / max(elapsed, 1e-9)
+    eta = tqdm.format_interval(left / rate) if rate > 0 else "?"
+    return f"{rate:.2f} steps/s  elapsed {tqdm.format_interval(elapsed)}  eta {eta}"
 
 
 def _metrics_line(step: int, total: int, loss: float, metrics: dict[str, float]) -> str:

@@ -578,7 +578,10 @@ class CheckpointComparison:
         }
 
     def render_text(self, max_rows: int = MAX_ROWS) -> str:
-        lines = [f"verdict: {self.verdict.upper()} - {self.summary()}", f"  A: {self.a}", f"  B: {self.b}"]
+        lines = [f"verdict: {self.verdict.upper()} - {self.summary()}"]
+        if self.verdict not in (IDENTICAL_BYTES, IDENTICAL_CONTENT) and self.explanations:
+            lines.append(f"likely cause: {self.explanations[0]}")  # the decisive one first; all of them at the end
+        lines += [f"  A: {self.a}", f"  B: {self.b}"]
         lines += [f"  note: {n}" for n in self.notes]
         diffs = self.tensor_diffs
         if diffs:
@@ -768,8 +771,10 @@ class RunComparison:
     def render_text(self, max_rows: int = MAX_ROWS) -> str:
         first = self.first_diverging_step
         head = f"first diverging step: {first}" if first is not None else "every shared step matches"
-        lines = [f"verdict: {self.verdict.upper()} - {head} ({len(self.steps)} shared checkpoint steps)",
-                 f"  A: {self.a}", f"  B: {self.b}", ""]
+        lines = [f"verdict: {self.verdict.upper()} - {head} ({len(self.steps)} shared checkpoint steps)"]
+        if self.detail is not None and self.detail.explanations:
+            lines.append(f"likely cause: {self.detail.explanations[0]}")
+        lines += [f"  A: {self.a}", f"  B: {self.b}", ""]
         lines += format_table(("step", "verdict"), [(str(s), v) for s, v in self.steps])
         for side, steps in (("A", self.only_in_a), ("B", self.only_in_b)):
             if steps:
@@ -779,12 +784,31 @@ class RunComparison:
         return "\n".join(lines)
 
 
+def _config_difference(a: os.PathLike | str, b: os.PathLike | str) -> str:
+    """``"; their configs differ: ..."`` from the two runs' run.json, or "" when unreadable or equal."""
+    from axs_lib.errors import AxsError
+    from axs_lib.run_dir import read_run_json
+
+    try:
+        ca, cb = ((read_run_json(Path(p)) or {}).get("config") for p in (a, b))
+    except AxsError:
+        return ""
+    if not isinstance(ca, dict) or not isinstance(cb, dict):
+        return ""
+    keys = [k for k in {**ca, **cb} if k not in ("output_dir", "data_dir") and ca.get(k) != cb.get(k)]
+    if not keys:
+        return "; their configs are the same"
+    return "; their configs differ: " + ", ".join(f"{k} {ca.get(k)!r} vs {cb.get(k)!r}" for k in keys[:6]) + (
+        f" and {len(keys) - 6} more" if len(keys) > 6 else "")
+
+
 def compare_runs(a: os.PathLike | str, b: os.PathLike | str, options: Options = Options()) -> RunComparison:
     """Compare every checkpoint step two run directories share, in order."""
     sa, sb = checkpoint_steps(a), checkpoint_steps(b)
     shared = [s for s in sa if s in sb]
     if not shared:
-        raise InputError(b, f"no checkpoint step in common with {a} (A has {list(sa) or 'none'}, B has {list(sb) or 'none'})")
+        raise InputError(b, f"no checkpoint step in common with {a} (A has {list(sa) or 'none'}, B has {list(sb) or 'none'})"
+                            + _config_difference(a, b))
     result = RunComparison(str(a), str(b), options, only_in_a=[s for s in sa if s not in sb], only_in_b=[s for s in sb if s not in sa])
     for step in shared:
         pair = compare_checkpoints(sa[step], sb[step], options)

@@ -480,3 +480,24 @@ def test_integer_complex_and_bool_tensors_are_compared_exactly():
     assert (cplx.n_differ, cplx.first_index, cplx.max_abs) == (1, (1,), 1.0)
     flags = compare_tensors("b", torch.tensor([True, False]), torch.tensor([True, True]), Options())
     assert (flags.n_differ, flags.first_index) == (1, (1,))
+
+
+def test_compare_puts_the_likely_cause_first_and_names_config_differences_without_shared_steps(synth_tiles, tmp_path, capsys):
+    from conftest import train_in_process
+
+    def run(name: str, *extra: str) -> Path:
+        out = tmp_path / name
+        train_in_process(["--data-dir", str(synth_tiles), "--output-dir", str(out), "--width", "4", "--no-plots",
+                          "--quiet", "--no-tensorboard", *extra])
+        return out
+
+    a = run("a", "--seed", "1", "--steps", "2", "--checkpoint-every", "2")
+    other_seed = run("b", "--seed", "2", "--steps", "2", "--checkpoint-every", "2")
+    other_steps = run("c", "--seed", "1", "--steps", "3", "--checkpoint-every", "3")
+    capsys.readouterr()
+    assert cli(a, other_seed) == 1
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("verdict: DIFFERENT") and lines[1].startswith("likely cause: another seed: A 1, B 2")
+    assert cli(a, other_steps) == 2
+    err = capsys.readouterr().err
+    assert "no checkpoint step in common" in err and "their configs differ: steps 2 vs 3, checkpoint_every 2 vs 3" in err

@@ -263,3 +263,19 @@ def test_runs_on_a_hand_edited_run_json_shows_the_row_and_names_what_is_unreadab
         assert f"note: {edited}: {edited / 'run.json'}: unreadable fields shown as missing ({odd})" in captured.out
     assert main(["runs", str(edited), "--json"]) == 0
     json.loads(capsys.readouterr().out)
+
+
+def test_runs_shows_the_duration_and_a_column_for_each_config_field_that_differs(tmp_path, ckpt, capsys):
+    runs = []
+    for name, lr, width in (("a", 0.001, 16), ("b", 0.002, 16), ("c", 0.001, 16)):
+        run = write_run(tmp_path / name, ckpt)
+        manifest = json.loads((run / "run.json").read_text())
+        manifest["config"].update(lr=lr, width=width, output_dir=str(run))  # where a run lives is no difference
+        (run / "run.json").write_text(json.dumps(manifest))
+        runs.append(str(run))
+    assert main(["runs", *runs]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].split()[:8] == ["experiment", "seed", "status", "step", "best", "duration", "lr", "data"]
+    assert lines[1].split()[5:7] == ["1m00s", "0.001"] and lines[2].split()[6] == "0.002"
+    assert main(["runs", "--json", *runs]) == 0
+    assert json.loads(capsys.readouterr().out)["config_differences"] == ["lr"]

@@ -72,8 +72,39 @@ def _from_manifest(run: Path) -> dict:
         "best": {k: best.get(k) for k in ("metric", "value", "step")} if best else None,
         "data": _dict(manifest.get("data_fingerprint")).get("sha256"),
         "environment": _dict(manifest.get("environment")),
+        "duration_s": _duration(manifest.get("started_at"), manifest.get("ended_at")),
+        "config": {k: v for k, v in _dict(manifest.get("config")).items() if isinstance(v, (str, int, float, bool, type(None)))},
         "source": str(run / "run.json"),
     }
+
+
+def _duration(started: Any, ended: Any) -> float | None:
+    """Seconds between two ISO times of run.json, or None when either is missing or unreadable."""
+    from datetime import datetime
+
+    try:
+        return (datetime.fromisoformat(ended) - datetime.fromisoformat(started)).total_seconds()
+    except (TypeError, ValueError):
+        return None
+
+
+def _fmt_duration(seconds: float | None) -> str:
+    if seconds is None or seconds < 0:
+        return "-"
+    minutes, secs = divmod(int(round(seconds)), 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
+
+
+# config fields never shown as a difference: where the run lives says nothing about how it trained
+_NOT_A_DIFFERENCE = ("output_dir", "data_dir", "seed")
+
+
+def config_differences(rows: list[dict]) -> list[str]:
+    """The config fields whose values differ between the rows' runs (the columns `axs runs` adds)."""
+    configs = [r.get("config") or {} for r in rows]
+    keys = dict.fromkeys(k for c in configs for k in c)
+    return [k for k in keys if k not in _NOT_A_DIFFERENCE and len({repr(c.get(k)) for c in configs}) > 1]
 
 
 # What each field of a row may hold; a hand-edited or damaged file's other values are shown as unreadable.
@@ -201,14 +232,17 @@ def run(args: argparse.Namespace) -> int:
     rows = [describe_experiment(Path(p), trust=args.trust) for p in args.experiments]
     warnings = consistency_warnings(rows) if len(rows) > 1 else []
     if args.json:
-        print(json.dumps({"experiments": rows, "warnings": warnings}, indent=2))
+        print(json.dumps({"experiments": rows, "config_differences": config_differences(rows), "warnings": warnings}, indent=2))
         return EXIT_OK
+    differing = config_differences(rows) if len(rows) > 1 else []
     table = [
         (r["experiment"], str(r["seed"]), r["status"] or "-", str(r["step"]), _fmt_best(r["best"]),
+         _fmt_duration(r.get("duration_s")), *(str((r.get("config") or {}).get(k, "-")) for k in differing),
          (r["data"] or "-")[:12], r["environment"] or "-")
         for r in rows
     ]
-    print("\n".join(format_table(("experiment", "seed", "status", "step", "best", "data", "environment"), table)))
+    header = ("experiment", "seed", "status", "step", "best", "duration", *differing, "data", "environment")
+    print("\n".join(format_table(header, table)))
     for r in rows:
         if r.get("note"):
             print(f"note: {r['experiment']}: {r['note']}")

@@ -20,10 +20,12 @@ EXAMPLES = """examples:
   axs train stage1 --data-dir tiles/ --output-dir runs/exp1/ --seed 42 --steps 100 --resume auto
   axs train stage1 --config exp.toml --num-workers 2 --early-stopping --patience 3
   axs train stage1 --seed 7 --steps 500 --print-config > exp.yaml   # then: --config exp.yaml
-  torchrun --standalone --nproc_per_node=2 scripts/train_stage1.py --data-dir tiles/ --seed 42 --steps 100
+  torchrun --standalone --nproc_per_node=2 scripts/train_stage1.py --data-dir tiles/ --seed 42 --steps 100 --global-batch-size 8 --micro-batch-size 2
+  axs train stage1 --data-dir tiles/ --seed 42 --steps 100 --portable   # the same bits on any x86-64 machine
 
 Two runs with the same seed, tiles and config write byte-identical checkpoints, whatever
---num-workers is and however often a run is killed and resumed with --resume auto.
+--num-workers is, however often a run is killed and resumed with --resume auto, and on any number
+of torchrun ranks that divides the micro-batches of a step.
 """
 
 

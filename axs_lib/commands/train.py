@@ -118,11 +118,12 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--resume", nargs="?", const="auto", metavar="PATH|auto",
                      help="continue from the run's newest valid checkpoint (auto) or from PATH")
     run.add_argument("--force-resume", action="store_true",
-                     help="resume even if seed, config, tiles, world size or format differ (bits will not match)")
+                     help="resume even if seed, config, tiles or format differ (bits will not match)")
     run.add_argument("--adopt-checkpoint", action="store_true",
                      help="with --resume PATH: continue another run's checkpoint in this --output-dir (a fork)")
     run.add_argument("--allow-world-size-change", action="store_true",
-                     help="resume on another number of torchrun ranks, re-sharding the current epoch (other bits)")
+                     help="continue a checkpoint of an earlier version that sharded each step per rank (other bits); "
+                          "resuming on another number of ranks needs no flag")
     run.add_argument("--overwrite", action="store_true", help="replace the outputs of an earlier run in --output-dir")
 
 

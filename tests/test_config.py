@@ -355,3 +355,23 @@ def test_resuming_a_checkpoint_from_before_the_linear_head_keeps_its_sigmoid_hea
     resumed = build_config({}, base=stored)
     assert (resumed.head, resumed.clear_sky) == ("sigmoid", False)
     assert diff_result_fields(stored, resumed.result_fields()) == []
+
+
+@pytest.mark.parametrize(("flags", "accum", "micro"), [
+    (["--global-batch-size", "12"], 4, 3),  # the default micro-batch size
+    (["--global-batch-size", "8", "--micro-batch-size", "2"], 4, 2),
+    (["--global-batch-size", "6", "--batch-size", "6"], 1, 6),
+])
+def test_a_global_batch_sets_the_micro_batches_per_step(capsys, flags, accum, micro):
+    code, out, _ = print_config(capsys, *flags)
+    assert code == 0 and parsed(out)["accum_steps"] == accum and parsed(out)["batch_size"] == micro
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--global-batch-size", "10"], "--global-batch-size 10 is not a positive multiple of --micro-batch-size 3"),
+    (["--global-batch-size", "0"], "--global-batch-size 0 is not a positive multiple"),
+    (["--global-batch-size", "8", "--micro-batch-size", "2", "--accum-steps", "3"], "= 4 micro-batches, but --accum-steps 3"),
+])
+def test_a_global_batch_that_does_not_fit_the_micro_batches_is_one_line_exit_2(capsys, flags, message):
+    code, out, err = print_config(capsys, *flags)
+    assert code == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from axs_lib.stage1.config import (AUTO_EPOCHS, AUTO_MAX_STEPS, AUTO_MIN_STEPS, AUTO_WARMUP_FRACTION, CHECKPOINT_MODES,
+from axs_lib.stage1.config import (TrainConfig, AUTO_EPOCHS, AUTO_MAX_STEPS, AUTO_MIN_STEPS, AUTO_WARMUP_FRACTION, CHECKPOINT_MODES,
                                    DEFAULT_SPLIT_SEED, ES_METRICS, FIELD_NAMES, HEADS, MAXIMA, ON_NONFINITE, PRECISIONS,
                                    build_config, config_text, config_warnings, read_config_file)
 from axs_lib import argtypes
@@ -158,7 +158,7 @@ def _global_batch(args: argparse.Namespace, explicit: dict, file_values: dict) -
     total = args.global_batch_size
     if total is None:
         return
-    micro = explicit.get("batch_size", file_values.get("batch_size", 4))
+    micro = explicit.get("batch_size", file_values.get("batch_size", TrainConfig.batch_size))
     if not isinstance(micro, int) or micro < 1 or total < 1 or total % micro:
         raise UsageError(f"--global-batch-size {total} is not a positive multiple of --micro-batch-size {micro}")
     accum = total // micro

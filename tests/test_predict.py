@@ -163,3 +163,29 @@ def test_weights_that_do_not_fit_the_config_are_refused_by_name(ckpt, tmp_path, 
     code, _, err = _run(capsys, "evaluate", str(tmp_path / "wrong.pt"), "--data-dir", str(tmp_path))
     assert code == 2
     _one_error_line(err, "wrong.pt", "width 16")
+
+
+def test_predicting_into_the_tile_folder_is_refused_even_with_overwrite_and_keeps_the_tiles(ckpt, demo_tiles, tmp_path, capsys):
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    for tile in list_tiles(demo_tiles)[:2]:
+        shutil.copy(tile, tiles / tile.name)  # no sidecar: the prediction of <stem>.npz would be <stem>.npz
+    before = {p.name: p.read_bytes() for p in tiles.iterdir()}
+    code, _, err = _run(capsys, "predict", str(ckpt), "--data-dir", str(tiles), "--output-dir", str(tiles), "--overwrite")
+    assert code == 2
+    _one_error_line(err, "is an input tile")
+    assert {p.name: p.read_bytes() for p in tiles.iterdir()} == before
+
+
+def test_a_prediction_is_never_written_through_a_planted_link(ckpt, demo_tiles, tmp_path):
+    tiles = tmp_path / "tiles"
+    tiles.mkdir()
+    tile = list_tiles(demo_tiles)[0]
+    shutil.copy(tile, tiles / tile.name)
+    out = tmp_path / "out"
+    out.mkdir()
+    outside = tmp_path / "outside.txt"
+    outside.write_text("not yours")
+    (out / f".{tile.stem}.npz.tmp").symlink_to(outside)  # the fixed temp name an earlier version used
+    predict_tiles(ckpt, tiles, out)
+    assert outside.read_text() == "not yours" and not (out / f"{tile.stem}.npz").is_symlink()

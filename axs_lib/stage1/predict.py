@@ -209,6 +209,11 @@ def predict_tiles(checkpoint: os.PathLike | str, data_dir: os.PathLike | str, ou
     if output_dir.exists() and not output_dir.is_dir():
         raise InputError(output_dir, "exists and is not a directory")
     plan = plan_outputs(tiles, output_dir)
+    inputs = {p.resolve() for p, _, _ in plan}
+    clash = next((out for _, out, _ in plan if out.resolve() in inputs), None)
+    if clash is not None:  # an NPZ prediction named as its own input tile: --overwrite would destroy the tiles
+        raise InputError(clash, "is an input tile: predictions would replace the tiles they are made from; choose an "
+                                "--output-dir that is not the --data-dir")
     existing = [out for _, out, _ in plan if out.exists() or out.is_symlink()]
     if existing and not overwrite:
         raise InputError(existing[0], f"already exists ({len(existing)} of the {len(plan)} outputs do); "
@@ -233,16 +238,11 @@ def predict_tiles(checkpoint: os.PathLike | str, data_dir: os.PathLike | str, ou
 
 
 def _atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)  # ours: a half-written temporary file is never left behind
-        raise
+    """Write ``data`` to ``path`` atomically (random temp name, never through a link, fsynced)."""
+    from axs_lib.atomic import atomic_open
+
+    with atomic_open(path) as f:
+        f.write(data)
 
 
 def write_npz(path: Path, bands: np.ndarray) -> None:

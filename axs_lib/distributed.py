@@ -180,13 +180,20 @@ class GradientTree:
     this rank's last slot, ``reduce()`` combines every rank's part in tree order, writes the sum
     into each parameter's ``.grad`` and returns the summed loss (a 0-dim tensor, the same on every
     rank). Scale each micro-batch's loss by ``1 / micro_batches`` before backward for a mean.
+    Parameters that do not require a gradient are left alone, and one that no micro-batch gave a
+    gradient keeps ``.grad`` None (the optimizer skips it, as after a plain backward).
 
     Memory: this rank's slot gradients are kept until ``reduce`` (one flat buffer per slot of the
     block; the local tree is evaluated once at the end).
     """
 
     def __init__(self, parameters, plan: MicroBatchPlan, world: World | None = None):
-        self.parameters = [p for p in parameters]
+        self.parameters = [p for p in parameters if p.requires_grad]  # frozen ones keep .grad None, as in plain torch
+        if not self.parameters:
+            raise PlanError("GradientTree needs at least one parameter that requires a gradient")
+        dtypes = {p.dtype for p in self.parameters}
+        if len(dtypes) > 1:
+            raise PlanError(f"GradientTree sums one flat buffer: the parameters must share a dtype, got {sorted(map(str, dtypes))}")
         self.plan = plan
         self.world = world or World(rank=plan.rank, size=plan.world_size)
         if self.world.size != plan.world_size or self.world.rank != plan.rank:
@@ -195,12 +202,15 @@ class GradientTree:
         k, per_rank = plan.micro_batches, plan.per_rank
         self._nodes = [cover(r * per_rank, (r + 1) * per_rank, k) for r in range(plan.world_size)]
         self._leaves: dict[Node, torch.Tensor] = {}
+        self._had = [False] * len(self.parameters)  # which parameters a slot of this rank gave a gradient
 
     def _flat(self, loss: torch.Tensor | None) -> torch.Tensor:
+        """One slot's gradients in parameter order, then which parameters had one (1/0), then the loss."""
         parts = [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in self.parameters]
         ref = self.parameters[0]
+        had = torch.tensor([float(p.grad is not None) for p in self.parameters], dtype=ref.dtype, device=ref.device)
         extra = torch.zeros(1, dtype=ref.dtype, device=ref.device) if loss is None else loss.detach().reshape(1).to(ref.dtype)
-        return torch.cat([*parts, extra])
+        return torch.cat([*parts, had, extra])
 
     def add(self, loss: torch.Tensor | None = None) -> None:
         """Take the current ``.grad`` of every parameter as the next slot's gradient, then clear it."""
@@ -208,6 +218,7 @@ class GradientTree:
         if len(self._leaves) >= len(slots):
             raise RuntimeError(f"this rank computes {len(slots)} micro-batches per step; add() was called once more")
         slot = slots[len(self._leaves)]
+        self._had = [h or p.grad is not None for h, p in zip(self._had, self.parameters)]
         self._leaves[(0, slot)] = self._flat(loss)
         for p in self.parameters:
             p.grad = None
@@ -223,12 +234,22 @@ class GradientTree:
         if self.world.distributed:
             known = self._exchange(mine)
         total = tree_value(_root(k), known, k)
+        # Which parameters had a gradient in some slot: known here when every one did in this rank's
+        # slots; otherwise read from the summed flags (one small device-to-host copy, on GPU a sync).
+        had = [1.0] * len(self.parameters) if all(self._had) else total[-1 - len(self.parameters):-1].tolist()
+        self._had = [False] * len(self.parameters)
         offset = 0
-        for p in self.parameters:  # views into the one fresh buffer: no copy (zero_grad drops them)
+        for p, any_slot in zip(self.parameters, had):  # views into the one fresh buffer: no copy (zero_grad drops them)
             n = p.numel()
-            p.grad = total[offset:offset + n].view_as(p)
+            # a parameter no slot on any rank gave a gradient stays without one, as after a plain backward
+            p.grad = total[offset:offset + n].view_as(p) if any_slot > 0 else None
             offset += n
-        return total[offset]
+        return total[-1].clone()  # not a view: the caller may keep the loss after the buffer's grads are dropped
+
+    def reset(self) -> None:
+        """Forget the slots added so far (after an exception inside a step, before computing it again)."""
+        self._leaves = {}
+        self._had = [False] * len(self.parameters)
 
     def _exchange(self, mine: list[torch.Tensor]) -> dict[Node, torch.Tensor]:
         """Every rank's node values, by one all_gather of equally sized (zero-padded) stacks."""

@@ -77,10 +77,11 @@ def _rank(rank: int, world_size: int, port: int, args: argparse.Namespace, out) 
             dist.barrier()
             times[mode].append(args.steps / (time.perf_counter() - start))
     if rank == 0:
-        params = sum(p.numel() for p in model.parameters()) + 1  # the loss rides along in the tree's buffer
+        # the tree's buffer also carries one had-a-gradient flag per parameter tensor and the loss
+        params = sum(p.numel() for p in model.parameters()) + len(list(model.parameters())) + 1
         nodes = max(len(cover(r * plan.per_rank, (r + 1) * plan.per_rank, plan.micro_batches)) for r in range(world_size))
         out.put({"tree": statistics.median(times["tree"]), "flat": statistics.median(times["flat"]),
-                 "bytes_flat": int(2 * (world_size - 1) / world_size * (params - 1) * 4),
+                 "bytes_flat": int(2 * (world_size - 1) / world_size * sum(p.numel() for p in model.parameters()) * 4),
                  "bytes_tree": (world_size - 1) * nodes * params * 4})
     dist.destroy_process_group()
 

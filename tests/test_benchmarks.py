@@ -73,7 +73,7 @@ def test_bench_ddp_smallest_measures_both_reductions_with_the_same_bytes_at_two_
     results = bench_ddp.main(["--quick", "--world-sizes", "2", "--rounds", "1", "--steps", "1"])
     w2 = results["w2"]
     assert w2["tree"] > 0 and w2["flat"] > 0 and w2["ratio"] == w2["tree"] / w2["flat"]
-    assert abs(w2["bytes_tree"] - w2["bytes_flat"]) <= 4  # one buffer each way at W=2 (the tree's carries the loss)
+    assert 0 < w2["bytes_tree"] - w2["bytes_flat"] < 0.01 * w2["bytes_flat"]  # one buffer each (the tree's: + flags, loss)
     assert "bytes/step tree" in capsys.readouterr().out
 
 

@@ -375,3 +375,15 @@ def test_a_global_batch_sets_the_micro_batches_per_step(capsys, flags, accum, mi
 def test_a_global_batch_that_does_not_fit_the_micro_batches_is_one_line_exit_2(capsys, flags, message):
     code, out, err = print_config(capsys, *flags)
     assert code == 2 and out == "" and message in err and len(err.strip().splitlines()) == 1
+
+
+def test_a_global_batch_on_resume_is_divided_by_the_runs_own_micro_batch_size(synth_tiles, tmp_path, capsys):
+    from conftest import train_in_process
+
+    out = tmp_path / "run"
+    base = ["--data-dir", str(synth_tiles), "--output-dir", str(out), "--seed", "1", "--width", "4", "--no-plots",
+            "--quiet", "--checkpoint-every", "2"]
+    train_in_process([*base, "--steps", "4", "--batch-size", "2", "--accum-steps", "2"])
+    train_in_process([*base, "--steps", "4", "--global-batch-size", "4", "--resume", "auto"])  # 4 / 2, not 4 / 3
+    assert main(["train", "stage1", *base, "--steps", "4", "--global-batch-size", "6", "--resume", "auto"]) == 2
+    assert "accum_steps: checkpoint 2, now 3" in capsys.readouterr().err  # another global batch: refused by name

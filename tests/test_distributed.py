@@ -206,9 +206,11 @@ def test_gradient_tree_writes_the_tree_sum_of_the_slot_gradients_into_grad():
 
 def test_a_user_loop_writes_the_same_bytes_on_one_rank_and_under_torchrun_on_two_and_four(tmp_path):
     script = ROOT / "examples" / "distributed_loop.py"
-    assert import_file(script, "distributed_loop").main(["--out", str(tmp_path / "w1")]) == 0  # one process, no torchrun
+    # 12 micro-batches: 6 per rank on 2 ranks and 3 on 4, so ranks hold several tree nodes (the padded gather)
+    sizes = ["--global-batch-size", "24", "--micro-batch-size", "2"]
+    assert import_file(script, "distributed_loop").main(["--out", str(tmp_path / "w1"), *sizes]) == 0  # no torchrun
     for ranks in (2, 4):
-        proc = torchrun(script, ["--out", str(tmp_path / f"w{ranks}")], ranks)
+        proc = torchrun(script, ["--out", str(tmp_path / f"w{ranks}"), *sizes], ranks)
         assert proc.returncode == 0, proc.stderr[-2000:]
     digests = {hashlib.sha256((tmp_path / f"w{r}" / "model.pt").read_bytes()).hexdigest() for r in (1, 2, 4)}
     assert len(digests) == 1
@@ -233,6 +235,28 @@ def test_a_checkpoint_of_the_earlier_per_rank_sharding_is_refused_then_continued
     assert shas(out) == before
     assert main(["train", "stage1", *args(demo_tiles, out, *resume, "--allow-world-size-change")]) == 0
     assert "notice: a checkpoint sharded over 2 ranks" in capsys.readouterr().err
+    # the continued run's steps 4 and 6 are other bits: the earlier files are kept beside them
+    superseded = out / "checkpoints" / "checkpoint_step_4.pt.superseded"
+    assert hashlib.sha256(superseded.read_bytes()).hexdigest() == before["checkpoint_step_4.pt"]
+
+
+def test_a_single_process_checkpoint_of_the_earlier_accumulation_is_refused_then_continued_keeping_newer_files(
+        one_rank_run, demo_tiles, tmp_path, capsys):
+    out = tmp_path / "legacy_accum"
+    shutil.copytree(one_rank_run, out)
+    path = out / "checkpoints" / "checkpoint_step_2.pt"
+    from axs_lib.checkpoint import load_checkpoint, save_checkpoint
+
+    ckpt = load_checkpoint(path)
+    ckpt["world_size"] = 1  # what the earlier version wrote; its 4 micro-batches shared one seed
+    save_checkpoint(ckpt, path)
+    before = shas(out)
+    assert main(["train", "stage1", *args(demo_tiles, out, "--resume", str(path))]) == 2
+    assert "accumulation: the checkpoint was written by an earlier version" in capsys.readouterr().err
+    assert shas(out) == before
+    assert main(["train", "stage1", *args(demo_tiles, out, "--resume", str(path), "--force-resume")]) == 0
+    assert (out / "checkpoints" / "checkpoint_step_6.pt.superseded").read_bytes() == (
+        one_rank_run / "checkpoints" / "checkpoint_step_6.pt").read_bytes()
 
 
 @pytest.mark.parametrize(
@@ -241,3 +265,25 @@ def test_a_checkpoint_of_the_earlier_per_rank_sharding_is_refused_then_continued
 )
 def test_reshard_keeps_the_consumed_share_of_the_epoch(position, old, new, shard, expected):
     assert reshard(position, old, new, shard) == expected
+
+
+def test_gradient_tree_leaves_frozen_and_unused_parameters_without_a_gradient_so_the_optimizer_skips_them():
+    torch.manual_seed(0)
+    frozen, used, unused = torch.nn.Linear(3, 3), torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
+    frozen.requires_grad_(False)
+    params = [*frozen.parameters(), *used.parameters(), *unused.parameters()]
+    before = [p.detach().clone() for p in params]
+    optimizer = torch.optim.AdamW(params, lr=0.1, weight_decay=0.5)
+    tree = GradientTree(params, MicroBatchPlan(2, 2))
+    for _ in range(2):
+        used(frozen(torch.randn(2, 3))).sum().backward()
+        tree.add()
+    tree.reduce()
+    assert all(p.grad is None for p in [*frozen.parameters(), *unused.parameters()])
+    assert all(p.grad is not None for p in used.parameters())
+    optimizer.step()
+    changed = [not torch.equal(p, b) for p, b in zip(params, before)]
+    assert changed == [False, False, True, True, False, False]  # weight decay touched only what had a gradient
+    with pytest.raises(PlanError, match="share a dtype"):
+        GradientTree([torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2, dtype=torch.float64))],
+                     MicroBatchPlan(1))

@@ -289,3 +289,57 @@ def test_the_samplers_state_is_the_loaders_consumed_state():
         next(it)
     assert sampler.state_dict() == {"epoch": 1, "position": 2}
     assert loader.state_dict() == {"epoch": 1, "position": 2, "num_samples": 10}
+
+
+# --------------------------------------------------------------------------- micro-batch plans
+
+
+def _plan_batches(n: int, plan, *, endless: bool, steps: int, start: dict | None = None) -> tuple[list[list[int]], dict]:
+    from axs_lib.loader import ResumableLoader
+
+    loader = ResumableLoader(list(range(n)), plan.micro_batch_size, seed=3, plan=plan, collate_fn=list)
+    if start is not None:
+        loader.load_state_dict(start)
+    it = loader.endless() if endless else iter(loader)
+    got = [[int(i) for i in next(it)] for _ in range(steps * plan.per_rank)]
+    return got, loader.state_dict()
+
+
+@pytest.mark.parametrize("endless", [True, False])
+def test_a_plan_gives_each_rank_its_micro_batches_of_every_step_whatever_the_world_size(endless):
+    from axs_lib.distributed import MicroBatchPlan
+
+    n, steps = 25, 2  # 25 samples, steps of 12: the finite epoch has two whole steps and a tail
+    one, state_one = _plan_batches(n, MicroBatchPlan(3, 4), endless=endless, steps=steps)
+    for world in (2, 4):
+        parts = [_plan_batches(n, MicroBatchPlan(3, 4, world, r), endless=endless, steps=steps) for r in range(world)]
+        per_rank = 4 // world
+        merged = [parts[r][0][s * per_rank + j] for s in range(steps) for r in range(world) for j in range(per_rank)]
+        assert merged == one  # rank r's micro-batches are slots r*k/W .. of each step, in order
+        assert all(state == state_one for _, state in parts)  # the state counts whole steps, the same on every rank
+    assert state_one == ({"epoch": 0, "position": 24, "num_samples": 25} if endless else
+                         {"epoch": 1, "position": 0, "num_samples": 25})  # the finite tail makes no step
+
+
+def test_a_plan_resumes_at_a_step_boundary_on_another_world_size():
+    from axs_lib.distributed import MicroBatchPlan
+
+    whole, _ = _plan_batches(10, MicroBatchPlan(2, 2), endless=True, steps=4)
+    first, state = _plan_batches(10, MicroBatchPlan(2, 2, 2, 0), endless=True, steps=2)  # two steps on two ranks
+    rest, _ = _plan_batches(10, MicroBatchPlan(2, 2), endless=True, steps=2, start=state)  # then one rank
+    assert rest == whole[4:] and first == [whole[0], whole[2]]
+
+
+def test_a_plan_is_refused_with_a_sharded_sampler_another_batch_size_or_a_step_larger_than_an_epoch():
+    from axs_lib.distributed import MicroBatchPlan
+    from axs_lib.loader import ResumableLoader
+    from axs_lib.sampling import ResumableSampler
+
+    data = list(range(8))
+    with pytest.raises(ValueError, match="must not be sharded"):
+        ResumableLoader(data, 2, seed=0, sampler=ResumableSampler(8, 0, num_replicas=2, rank=0), plan=MicroBatchPlan(2, 2))
+    with pytest.raises(ValueError, match="differs from the plan's micro_batch_size 2"):
+        ResumableLoader(data, 3, seed=0, plan=MicroBatchPlan(2, 2))
+    with pytest.raises(ValueError, match="larger than the 8 samples of an epoch"):
+        ResumableLoader(data, 3, seed=0, plan=MicroBatchPlan(3, 3))
+    assert len(ResumableLoader(data, 2, seed=0, plan=MicroBatchPlan(2, 2, 2, 1))) == 2  # this rank's micro-batches

@@ -153,12 +153,18 @@ def _log(quiet: bool):
     return log
 
 
-def _global_batch(args: argparse.Namespace, explicit: dict, file_values: dict) -> None:
-    """``--global-batch-size G``: ``--accum-steps`` becomes G / micro-batch size (checked to divide)."""
+def _global_batch(args: argparse.Namespace, explicit: dict, file_values: dict, base: dict | None = None) -> dict:
+    """``explicit`` with ``--global-batch-size G`` turned into ``--accum-steps`` = G / micro-batch size.
+
+    The micro-batch size is the one given, else the config file's, else ``base``'s (a resumed
+    checkpoint's), else the default; G must be a multiple of it.
+    """
+    explicit = dict(explicit)
     total = args.global_batch_size
     if total is None:
-        return
-    micro = explicit.get("batch_size", file_values.get("batch_size", TrainConfig.batch_size))
+        return explicit
+    fallback = (base or {}).get("batch_size", TrainConfig.batch_size)
+    micro = explicit.get("batch_size", file_values.get("batch_size", fallback))
     if not isinstance(micro, int) or micro < 1 or total < 1 or total % micro:
         raise UsageError(f"--global-batch-size {total} is not a positive multiple of --micro-batch-size {micro}")
     accum = total // micro
@@ -166,12 +172,16 @@ def _global_batch(args: argparse.Namespace, explicit: dict, file_values: dict) -
         raise UsageError(f"--global-batch-size {total} / --micro-batch-size {micro} = {accum} micro-batches, but "
                          f"--accum-steps {explicit['accum_steps']} was given: pass one of them")
     explicit["accum_steps"] = accum
+    return explicit
 
 
 def run(args: argparse.Namespace) -> int:
     explicit = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
     file_values = read_config_file(args.config) if args.config else {}
-    _global_batch(args, explicit, file_values)
+    raw = explicit
+    # a resume's micro-batch size is the run's own unless given: read it from run.json to map G
+    previous = _previous_config(Path(raw.get("output_dir") or file_values.get("output_dir") or "")) if args.resume else None
+    explicit = _global_batch(args, raw, file_values, base=previous)
     given = {**file_values, **explicit}
     config = build_config(explicit, file_values)
 
@@ -190,7 +200,7 @@ def run(args: argparse.Namespace) -> int:
 
     def for_resume(stored: dict):
         """On resume, flags not given take the checkpoint's values; given ones are checked against them."""
-        resumed = build_config(explicit, file_values, base=stored)
+        resumed = build_config(_global_batch(args, raw, file_values, base=stored), file_values, base=stored)
         resumed.output_dir = config.output_dir
         resumed.data_dir = given.get("data_dir") or _previous_data_dir(Path(config.output_dir)) or config.data_dir
         return resumed
@@ -200,6 +210,18 @@ def run(args: argparse.Namespace) -> int:
     result = train_stage1(config, ResumeRequest(args.resume, args.force_resume, args.allow_world_size_change, args.adopt_checkpoint), overwrite=args.overwrite,
                           log=log, config_for_resume=for_resume, notes=notes)
     return result.exit_code
+
+
+def _previous_config(output_dir: Path) -> dict | None:
+    """The config recorded in the run.json of ``output_dir``, or None."""
+    from axs_lib.run_dir import read_run_json
+
+    try:
+        info = read_run_json(output_dir) or {} if str(output_dir) not in ("", ".") else {}
+    except AxsError:
+        return None
+    config = info.get("config")
+    return config if isinstance(config, dict) else None
 
 
 def _previous_data_dir(output_dir: Path) -> str | None:

@@ -136,7 +136,17 @@ def check_resume(ckpt: dict, config: TrainConfig, data_fp: dict, allow_world_siz
         problems.append(f"world size: the checkpoint was written by an earlier version that sharded each step over "
                         f"{legacy} ranks; this version's steps do not depend on the ranks (--allow-world-size-change "
                         "continues it on the global order, with other bits)")
+    accum = (ckpt.get("config") or {}).get("accum_steps", 1)
+    if "world_size" in ckpt and legacy == 1 and accum != 1:
+        problems.append(f"accumulation: the checkpoint was written by an earlier version that drew all {accum} "
+                        "micro-batches of a step from one seed and summed them in order; this version seeds each "
+                        "micro-batch and sums them in a fixed tree, so it cannot continue exactly")
     return problems
+
+
+def continues_inexactly(ckpt: dict | None, resume: "ResumeRequest") -> bool:
+    """Whether a resume from ``ckpt`` was let through although it gives other bits than the run would have."""
+    return ckpt is not None and (resume.force or ckpt.get("world_size", 1) != 1)
 
 
 def evaluate(model: nn.Module, loader, device: torch.device, config: TrainConfig, autocast=contextlib.nullcontext) -> dict[str, float]:
@@ -346,9 +356,10 @@ def _open_run_dir(setup: _Setup, overwrite: bool, resume: ResumeRequest, owned: 
         say(f"removed {name}, left by a write that was interrupted")
     for line in setup.manager.set_aside_unloadable():
         say(f"warning: set aside {line}: it does not load, and the resumed run writes that step again")
-    if resume.force and setup.ckpt is not None:  # the forced run writes other bits under the newer names
+    if continues_inexactly(setup.ckpt, resume):  # the run writes other bits under the newer names: keep those
         for line in setup.manager.set_aside_newer(setup.ckpt["step"]):
-            say(f"warning: --force-resume: set aside {line}: it is newer than step {setup.ckpt['step']}, resumed from")
+            say(f"warning: set aside {line}: it is newer than step {setup.ckpt['step']}, which this run continues "
+                "with other bits")
 
 
 class Stage1Trainer:
@@ -426,7 +437,8 @@ class Stage1Trainer:
         if old_size != 1:  # an earlier version's per-rank shard position (--allow-world-size-change)
             position = reshard(position, old_size, 1, len(self.train_set))
             self.say(f"notice: a checkpoint sharded over {old_size} ranks: epoch {epoch} continues at position {position} "
-                     "of the global order")
+                     f"of the global order, with a global batch of {self.setup.plan.global_batch_size} tiles (the earlier "
+                     f"run's was {old_size} times its per-rank batch)")
         return epoch, position
 
     # ------------------------------------------------------------------ run directory records

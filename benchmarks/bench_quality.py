@@ -11,6 +11,11 @@ satellite. A scene is held out when ``int(sha256(scene).hexdigest(), 16) % 3 == 
 about a third of the scenes; every tile of a held-out scene is a test tile and no tile of it ever
 trains. On the 36 tiles at hand: 25 train, 11 test (10 scenes).
 
+Validation (``--validation``), for choosing defaults without looking at the test scenes: a
+training scene is a validation scene when ``int(sha256("val:" + scene).hexdigest(), 16) % 4 == 0``
+(`validation_scene`). In that mode the test scenes are left out altogether, the validation scenes
+are held out from training, and every figure is on them instead.
+
 Every method sees the same training tiles, with the sidecar cloud/snow flags applied as the trainer
 applies them (flagged tiles never train):
 
@@ -50,6 +55,7 @@ from axs_lib.tiles import OPTICAL_RANGE, SAR_DB_RANGE, list_tiles, read_sidecar,
 
 BENV1 = Path(__file__).resolve().parent.parent.parent / "shared" / "data" / "benv1"
 HELD_OUT_MODULUS = 3
+VALIDATION_MODULUS = 4
 CLEAR_B2_MAX = 2000.0  # reflectance 0.2 x 10000: median blue above it is cloud or snow
 CLOUD_SNOW_FLAGS = ("cloud_or_shadow", "seasonal_snow")
 MLP_STEPS = 3000
@@ -65,6 +71,12 @@ def scene_of(stem: str) -> str:
 def held_out(stem: str) -> bool:
     """Whether the tile's scene is held out: ``sha256(scene) % 3 == 0``."""
     return int(hashlib.sha256(scene_of(stem).encode()).hexdigest(), 16) % HELD_OUT_MODULUS == 0
+
+
+def validation_scene(stem: str) -> bool:
+    """Whether a (training) tile's scene is a validation scene: ``sha256("val:" + scene) % 4 == 0``."""
+    digest = hashlib.sha256(("val:" + scene_of(stem)).encode()).hexdigest()
+    return int(digest, 16) % VALIDATION_MODULUS == 0
 
 
 def flagged(path: Path) -> bool:
@@ -89,6 +101,15 @@ def gather_tiles(data_dirs: list[Path]) -> list[Path]:
     if len(set(stems)) != len(stems):
         raise SystemExit("bench_quality: the same tile stem appears in two data folders")
     return sorted(paths, key=lambda p: p.name)
+
+
+def split_tiles(paths: list[Path], validation: bool = False) -> tuple[list[Path], list[Path]]:
+    """(training tiles, evaluated tiles): the held-out test scenes, or with ``validation`` the validation
+    scenes of the training scenes (the test scenes then take no part at all)."""
+    train = [p for p in paths if not held_out(p.stem)]
+    if not validation:
+        return train, [p for p in paths if held_out(p.stem)]
+    return [p for p in train if not validation_scene(p.stem)], [p for p in train if validation_scene(p.stem)]
 
 
 def materialise_train_dir(paths: list[Path], out: Path) -> Path:
@@ -187,7 +208,8 @@ def train_unet(train_dir: Path, out: Path, args) -> Path:
 
     explicit = {"data_dir": str(train_dir), "output_dir": str(out), "seed": args.seed, "split_source": "sidecar",
                 "plots": False, "tensorboard": False, "quiet": True, "checkpoint_every": 10**9}
-    for name in ("steps", "width", "batch_size", "lr", "ssim_weight", "head", "dropout", "l1_weight"):
+    for name in ("steps", "width", "batch_size", "lr", "ssim_weight", "head", "dropout", "l1_weight", "weight_decay",
+                 "warmup_steps"):
         if getattr(args, name, None) is not None:
             explicit[name] = getattr(args, name)
     config = build_config(explicit)
@@ -234,6 +256,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.bench_quality", description=__doc__.split("\n\n")[0])
     p.add_argument("--data-dir", action="append", type=Path, help="tile folder (repeatable); default: demo tiles + ../shared/data/benv1")
     p.add_argument("--quick", action="store_true", help="a tiny U-Net for a few steps: checks the pipeline, not the quality")
+    p.add_argument("--validation", action="store_true",
+                   help="tune mode: leave the test scenes out, hold out the validation scenes and report on them")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--steps", type=int, help="U-Net steps (default: the trainer's, scaled to the training tiles)")
     p.add_argument("--width", type=int)
@@ -242,6 +266,8 @@ def parse_args(argv=None):
     p.add_argument("--ssim-weight", type=float)
     p.add_argument("--l1-weight", type=float)
     p.add_argument("--dropout", type=float)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--warmup-steps", type=int)
     p.add_argument("--head", choices=("linear", "sigmoid"))
     p.add_argument("--mlp-steps", type=int, default=MLP_STEPS)
     p.add_argument("--json", type=Path, help="also write the results here")
@@ -266,12 +292,11 @@ def main(argv=None) -> dict:
             write_demo_tiles(work / "demo")
             dirs = [work / "demo"] + ([BENV1] if BENV1.is_dir() else [])
         paths = gather_tiles(dirs)
-        tests = [p for p in paths if held_out(p.stem)]
-        train = [p for p in paths if not held_out(p.stem)]
+        train, tests = split_tiles(paths, args.validation)
         train_clear = [p for p in train if not flagged(p)]
         test_sets = {"all": tests, "clear": [p for p in tests if clear(p)]}
         print(f"quality: {len(paths)} real tiles; train {len(train)} ({len(train) - len(train_clear)} flagged left out), "
-              f"test {len(tests)} of {len({scene_of(p.stem) for p in tests})} held-out scenes "
+              f"{'validation' if args.validation else 'test'} {len(tests)} of {len({scene_of(p.stem) for p in tests})} held-out scenes "
               f"({len(test_sets['clear'])} clear)", flush=True)
         fits = {"median": fit_median(train_clear), "ridge": fit_ridge(train_clear),
                 "pixel MLP": fit_pixel_mlp(train_clear, args.mlp_steps)}
@@ -286,14 +311,14 @@ def main(argv=None) -> dict:
             res["U-Net"] = evaluate_checkpoint(ckpt, tiles)
             results[name] = res
         config = torch.load(ckpt, weights_only=True)["config"]
-    out = {"tiles": {"train": len(train_clear), **{k: len(v) for k, v in test_sets.items()}},
+    out = {"split": "validation" if args.validation else "test", "tiles": {"train": len(train_clear), **{k: len(v) for k, v in test_sets.items()}},
            "unet": {"steps": config["steps"], "width": config["width"], "batch_size": config["batch_size"],
                     "head": config["head"], "seconds": unet_seconds},
            "results": results, "verdict": {k: verdict(v) for k, v in results.items()}}
     print(f"U-Net: {config['steps']} steps, width {config['width']}, batch {config['batch_size']}, {config['head']} head, "
           f"{unet_seconds:.0f} s to train")
     for name, res in results.items():
-        print(f"\nheld-out test tiles: {name} ({out['tiles'][name]})\n{summary_table(res)}\n\n{band_table(res)}")
+        print(f"\nheld-out {out['split']} tiles: {name} ({out['tiles'][name]})\n{summary_table(res)}\n\n{band_table(res)}")
         v = out["verdict"][name]
         print(f"U-Net vs best per-pixel model: MAE {v['mae_gain']:+.1%}, RMSE {v['rmse_gain']:+.1%} better; "
               + ", ".join(f"{b} MAE x{v[f'{b}_mae_vs_median']:.2f} RMSE x{v[f'{b}_rmse_vs_median']:.2f}" for b in ("B2", "B3", "B4"))

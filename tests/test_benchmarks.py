@@ -142,3 +142,19 @@ def test_held_out_scenes_follow_the_documented_hash_rule_and_keep_a_scene_togeth
     expected = int(hashlib.sha256(b"S2B_MSIL2A_20180515T094029").hexdigest(), 16) % 3 == 0
     assert bench_quality.held_out(stem) is expected
     assert bench_quality.held_out("S2B_MSIL2A_20180515T094029_51_28") is expected
+
+
+def test_validation_mode_evaluates_validation_scenes_and_never_touches_a_test_scene():
+    import hashlib
+
+    stems = [f"S2A_MSIL2A_2017{m:02d}{d:02d}T101031_{i}_1" for m in range(1, 13) for d in (3, 17) for i in (1, 2)]
+    paths = [Path(f"/tiles/{s}.npz") for s in stems]
+    train, validation = bench_quality.split_tiles(paths, validation=True)
+    test_train, tests = bench_quality.split_tiles(paths)
+    assert validation and train and tests
+    assert not {p.stem for p in train + validation} & {p.stem for p in tests}
+    assert sorted(train + validation) == sorted(test_train)
+    for p in validation:
+        assert int(hashlib.sha256(("val:" + bench_quality.scene_of(p.stem)).encode()).hexdigest(), 16) % 4 == 0
+    # a scene is never split between training and validation
+    assert not {bench_quality.scene_of(p.stem) for p in train} & {bench_quality.scene_of(p.stem) for p in validation}

@@ -95,7 +95,7 @@ CONTEXTS = {
     ),
     "model": (
         "The Stage-1 U-Net with the trainer's default width and dropout, so a trainer checkpoint loads into it.",
-        "from axs_lib.stage1.model import UNet\nmodel = UNet(width=16, dropout=0.1)\n",
+        "from axs_lib.stage1.model import UNet\nmodel = UNet(width=16, dropout=0.0)\n",
     ),
     "seed_info": (
         "The script's seed_info, from its first step (set_seed at startup).",

@@ -6,7 +6,7 @@ import argparse
 import sys
 from pathlib import Path
 
-from axs_lib.stage1.config import (TrainConfig, AUTO_EPOCHS, AUTO_MAX_STEPS, AUTO_MIN_STEPS, AUTO_WARMUP_FRACTION, CHECKPOINT_MODES,
+from axs_lib.stage1.config import (DEFAULT_SEED, TrainConfig, AUTO_EPOCHS, AUTO_MAX_STEPS, AUTO_MIN_STEPS, AUTO_WARMUP_FRACTION, CHECKPOINT_MODES,
                                    DEFAULT_SPLIT_SEED, ES_METRICS, FIELD_NAMES, HEADS, MAXIMA, ON_NONFINITE, PRECISIONS,
                                    build_config, config_text, config_warnings, read_config_file)
 from axs_lib import argtypes
@@ -179,14 +179,14 @@ def run(args: argparse.Namespace) -> int:
     explicit = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
     file_values = read_config_file(args.config) if args.config else {}
     raw = explicit
-    # a resume's micro-batch size is the run's own unless given: read it from run.json to map G
-    previous = _previous_config(Path(raw.get("output_dir") or file_values.get("output_dir") or "")) if args.resume else None
-    explicit = _global_batch(args, raw, file_values, base=previous)
-    given = {**file_values, **explicit}
+    given = {**file_values, **raw}
+    output_dir = given.get("output_dir") or f"runs/stage1_seed{given.get('seed', DEFAULT_SEED)}"
+    # a resume's micro-batch size is the run's own unless given: the run.json's config maps G
+    previous = _previous_run(Path(output_dir)) if args.resume else {}
+    explicit = _global_batch(args, raw, file_values, base=_dict(previous.get("config")))
     config = build_config(explicit, file_values)
-
     config.data_dir = given.get("data_dir") or "tiles"
-    config.output_dir = given.get("output_dir") or f"runs/stage1_seed{config.seed}"
+    config.output_dir = output_dir
     log = _log(config.quiet)
     if args.print_config:
         for line in config_warnings(config):
@@ -202,7 +202,7 @@ def run(args: argparse.Namespace) -> int:
         """On resume, flags not given take the checkpoint's values; given ones are checked against them."""
         resumed = build_config(_global_batch(args, raw, file_values, base=stored), file_values, base=stored)
         resumed.output_dir = config.output_dir
-        resumed.data_dir = given.get("data_dir") or _previous_data_dir(Path(config.output_dir)) or config.data_dir
+        resumed.data_dir = given.get("data_dir") or _previous_data_dir(previous) or config.data_dir
         return resumed
 
     from axs_lib.stage1.train import ResumeRequest, train_stage1  # torch and the trainer: only when training
@@ -212,27 +212,27 @@ def run(args: argparse.Namespace) -> int:
     return result.exit_code
 
 
-def _previous_config(output_dir: Path) -> dict | None:
-    """The config recorded in the run.json of ``output_dir``, or None."""
+def _dict(value) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _previous_run(output_dir: Path) -> dict:
+    """The run.json of ``output_dir`` (the run being resumed), or {} when there is none to read."""
     from axs_lib.run_dir import read_run_json
 
     try:
-        info = read_run_json(output_dir) or {} if str(output_dir) not in ("", ".") else {}
+        return _dict(read_run_json(output_dir))
     except AxsError:
-        return None
-    config = info.get("config")
-    return config if isinstance(config, dict) else None
+        return {}
 
 
-def _previous_data_dir(output_dir: Path) -> str | None:
+def _previous_data_dir(previous: dict) -> str | None:
     """The tile directory of the run being resumed, as an absolute path (``run.json``'s ``paths``), so a
     resume works from any working directory; the config's own spelling may be relative."""
-    from axs_lib.run_dir import read_run_json
-
-    try:
-        info = read_run_json(output_dir) or {}
-    except AxsError:
-        return None
+    for value in (_dict(previous.get("paths")).get("data_dir"), _dict(previous.get("config")).get("data_dir")):
+        if isinstance(value, str) and value:
+            return value
+    return None
     for value in ((info.get("paths") or {}).get("data_dir"), (info.get("config") or {}).get("data_dir")):
         if isinstance(value, str) and value:
             return value

@@ -20,9 +20,11 @@ $(STAMP): pyproject.toml constraints.txt
 demo: install
 	$(PY) -m axs_lib.demo
 
-# Prints the ten slowest tests and the suite's wall time, so a slow test is seen when it lands.
+# The linter first (seconds; its rules are in pyproject.toml), then the suite. Prints the ten
+# slowest tests and the suite's wall time, so a slow test is seen when it lands.
 test: install
 	@start=$$(date +%s); \
+	$(VENV)/bin/ruff check --quiet . || exit $$?; \
 	$(PY) -m pytest -q -n 2 -m "not slow" --durations=10; status=$$?; \
 	echo "make test: $$(( $$(date +%s) - start )) s wall time, exit $$status"; \
 	exit $$status

@@ -89,8 +89,8 @@ def pack_index(directory: os.PathLike | str) -> dict:
     path = Path(directory) / PACK_INDEX
     doc = _read_json(path)
     if doc.get("format") == PACK_FORMAT and doc.get("version") == 1:
-        raise InputError(path, f"a version 1 pack, written before shards carried checksums; pack the tiles again "
-                               f"(axs tiles pack TILES_DIR NEW_DIR) to read them with integrity checks")
+        raise InputError(path, "a version 1 pack, written before shards carried checksums; pack the tiles again "
+                               "(axs tiles pack TILES_DIR NEW_DIR) to read them with integrity checks")
     if doc.get("format") != PACK_FORMAT or doc.get("version") != PACK_VERSION:
         raise InputError(path, f"not a {PACK_FORMAT} version {PACK_VERSION} index (format {_short(doc.get('format'))}, version {_short(doc.get('version'))})")
     shards = doc.get("shards")

@@ -108,13 +108,13 @@ def main(argv: list[str] | None = None) -> dict:
             row = {
                 "bare": _ms(lambda: torch.save(state, work / "bare.pt")),
                 "bare+fsync": _ms(lambda: _fsynced_save(state, work / "fsync.pt")),
-                "sync": _ms(lambda: write_checkpoint_files(work, [f"checkpoint_step_{i}.pt"], state, latest=f"checkpoint_step_{i}.pt")),
+                "sync": _ms(lambda i=i: write_checkpoint_files(work, [f"checkpoint_step_{i}.pt"], state, latest=f"checkpoint_step_{i}.pt")),
                 "format 1": _ms(lambda: format_1_save(state, work / "format1.pt")),
                 "digest sha256": _ms(lambda: content_digest(host_body, LEGACY_CHECKSUM_KEY)),
                 "digest xxh3": _ms(lambda: content_digest(host_body, CHECKSUM_KEY)),
             }
             start = time.perf_counter()
-            row["async stall"] = _ms(lambda: writer.submit(work, [f"async_{i}.pt"], state, latest=f"async_{i}.pt"))
+            row["async stall"] = _ms(lambda i=i: writer.submit(work, [f"async_{i}.pt"], state, latest=f"async_{i}.pt"))
             writer.wait()
             row["async write"] = (time.perf_counter() - start) * 1e3
             same_bytes = _sha(work / f"checkpoint_step_{i}.pt") == _sha(work / f"async_{i}.pt")

@@ -86,11 +86,11 @@ def speed(paths: list[Path]) -> tuple[float, float]:
     plain, ours = [], []
     for _ in range(ROUNDS):  # alternate, so a busy moment hurts both
         loader = plain_loader(dataset, NUM_WORKERS)
-        plain.append(samples_per_second(lambda epoch: loader, model))
+        plain.append(samples_per_second(lambda epoch, loader=loader: loader, model))
         del loader
         resumable = ResumableLoader(SeededDataset(dataset, SEED), BATCH_SIZE, seed=SEED, num_workers=NUM_WORKERS)
         with resumable:
-            ours.append(samples_per_second(lambda epoch: resumable, model))
+            ours.append(samples_per_second(lambda epoch, resumable=resumable: resumable, model))
     return max(plain), max(ours)
 
 

@@ -196,9 +196,9 @@ def lines_in_order(text: str, expected: list[str]) -> None:
 
 def check_verify_command(r: Run) -> None:
     (proc,) = r.results
-    expected = [l for l in BLOCKS["Quick Start > Verify Reproducibility [2]"].code.splitlines() if l.strip()]
+    expected = [line for line in BLOCKS["Quick Start > Verify Reproducibility [2]"].code.splitlines() if line.strip()]
     if not AS_WRITTEN:
-        expected = [l.replace("Running 10 iterations", "Running 2 iterations") for l in expected]
+        expected = [line.replace("Running 10 iterations", "Running 2 iterations") for line in expected]
     lines_in_order(proc.stdout, expected)
 
 
@@ -310,7 +310,7 @@ SIGNATURE_LINE = re.compile(r"^(?P<name>\w+)\((?P<params>.*)\)\s*(->\s*(?P<ret>.
 
 
 def check_signatures(r: Run) -> None:
-    lines = [l.strip() for l in r.code.splitlines() if l.strip() and not l.strip().startswith("#")]
+    lines = [line.strip() for line in r.code.splitlines() if line.strip() and not line.strip().startswith("#")]
     assert lines
     for line in lines:
         m = SIGNATURE_LINE.match(line)
@@ -557,7 +557,7 @@ def test_every_guide_block_has_exactly_one_treatment():
         block = BLOCKS[block_id]
         assert t.kind in {"run", "context", "substituted", "schema", "signatures", "output", "text"}
         assert (t.kind == "substituted") == bool(t.subs) or t.kind == "schema", block_id
-        assert not (t.kind in {"output", "text"}) or (block.lang == "" and t.reason), block_id
+        assert t.kind not in {"output", "text"} or (block.lang == "" and t.reason), block_id
         for sub in t.subs:
             assert sub.old in block.code, f"{block_id}: {sub.old!r} not in the block"
             assert sub.reason

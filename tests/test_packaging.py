@@ -215,7 +215,7 @@ def test_cli_prints_library_log_records_plainly_and_removes_its_handler(monkeypa
     def noisy(args):
         logging.getLogger("axs_lib.some_module").info("plain progress")
         logging.getLogger("axs_lib.some_module").warning("tile x.npz skipped")
-        warnings.warn("late CUBLAS_WORKSPACE_CONFIG", RuntimeWarning)  # raised from this test file, not axs_lib
+        warnings.warn("late CUBLAS_WORKSPACE_CONFIG", RuntimeWarning, stacklevel=1)  # raised from this test file, not axs_lib
         logging.getLogger("axs_lib.some_module").debug("not shown")
         return 0
 
@@ -240,3 +240,18 @@ def test_cli_prints_axs_lib_warnings_as_one_line(monkeypatch, capsys):
         warnings.simplefilter("always")
         assert main(["env"]) == 0
     assert capsys.readouterr().err == "axs: warning: CUDA was initialised before set_seed()\n"
+
+
+def test_the_linter_configuration_catches_an_undefined_name_and_passes_the_project(tmp_path):
+    """`make test` runs ruff with pyproject.toml's rules first: a name used but never defined (a
+    misspelt variable on an error path, say) fails it, and the project as committed passes."""
+    ruff = Path(sys.executable).with_name("ruff")
+    if not ruff.exists():
+        pytest.fail(f"{ruff} is missing: ruff is a dev dependency (make install)")
+    bad = tmp_path / "bad.py"
+    bad.write_text("def message(path):\n    return f'{path}: {reason}'\n")
+    caught = subprocess.run([str(ruff), "check", "--config", str(ROOT / "pyproject.toml"), "--no-cache", str(bad)],
+                            capture_output=True, text=True)
+    assert caught.returncode == 1 and "F821" in caught.stdout, caught.stdout + caught.stderr
+    clean = subprocess.run([str(ruff), "check", "--no-cache", "--quiet", "."], cwd=ROOT, capture_output=True, text=True)
+    assert clean.returncode == 0, clean.stdout + clean.stderr

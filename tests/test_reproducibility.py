@@ -221,7 +221,9 @@ def test_state_survives_weights_only_load_without_allow_list():
     buf.seek(0)
     loaded = torch.load(buf, weights_only=True)
     expected = _draws()
-    random.seed(0); np.random.seed(0); torch.manual_seed(0)
+    random.seed(0)
+    np.random.seed(0)
+    torch.manual_seed(0)
     restore_seed_state(loaded["rng_state"])
     assert _draws() == expected
     assert not any(isinstance(v, np.ndarray) for v in loaded["rng_state"]["numpy_state"].values())

@@ -79,7 +79,7 @@ def wait_for_step(out: Path, proc: subprocess.Popen, step: int, timeout: float =
     while time.monotonic() < deadline:
         if proc.poll() is not None:
             raise AssertionError(f"run ended early ({proc.returncode}): {proc.stderr.read()}")
-        if log.exists() and any(json.loads(l).get("step", 0) >= step for l in log.read_text().splitlines() if l.endswith("}")):
+        if log.exists() and any(json.loads(line).get("step", 0) >= step for line in log.read_text().splitlines() if line.endswith("}")):
             return
         time.sleep(0.02)
     raise AssertionError(f"step {step} not reached")
@@ -99,7 +99,7 @@ def test_run_writes_what_it_promises(reference):
     assert run["data_fingerprint"]["num_tiles"] == 6
     assert json.loads((reference / "split.json").read_text())["val"]
     assert "packages" in json.loads((reference / "environment.json").read_text())
-    records = [json.loads(l) for l in (reference / "metrics.jsonl").read_text().splitlines()]
+    records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records if r["split"] == "train"] == list(range(1, STEPS + 1))
     assert {"val_loss", "psnr", "ssim", "sam"} <= set(next(r for r in records if r["split"] == "val"))
 
@@ -139,7 +139,7 @@ def test_sigkill_mid_epoch_with_workers_then_resume(reference, demo_tiles, tmp_p
     proc.wait()
     assert train(*args(demo_tiles, out, "--resume", "auto", workers=2)) == 0
     assert shas(out) == shas(reference)
-    steps = [json.loads(l)["step"] for l in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in l]
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines() if '"train"' in line]
     assert steps == list(range(1, STEPS + 1))  # no duplicated or lost log lines
 
 

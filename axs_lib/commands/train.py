@@ -233,7 +233,3 @@ def _previous_data_dir(previous: dict) -> str | None:
         if isinstance(value, str) and value:
             return value
     return None
-    for value in ((info.get("paths") or {}).get("data_dir"), (info.get("config") or {}).get("data_dir")):
-        if isinstance(value, str) and value:
-            return value
-    return None

@@ -93,3 +93,11 @@ def _kill_leftover_workers() -> None:
         child.kill()
     for child in leftover:
         child.join(timeout=5)
+
+
+def shutdown_workers(loader) -> None:
+    """Stop a DataLoader's persistent workers now, through their queues (they ignore SIGTERM)."""
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        loader._iterator = None
+        iterator._shutdown_workers()

@@ -65,6 +65,7 @@ def import_file(path: Path, name: str):
     """The Python file ``path`` imported as module ``name`` (an example script, not on sys.path)."""
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # as an import does: dataclasses and pickling look the module up by name
     spec.loader.exec_module(module)
     return module
 

@@ -220,18 +220,27 @@ def test_a_full_disk_while_writing_config_yaml_is_one_line_and_keeps_the_old_one
 
 
 def test_a_real_full_disk_while_writing_config_yaml_is_one_line(tiles, tmp_path):
-    """A 16 KiB tmpfs holds .lock, run.json, split.json and environment.json (a page each): config.yaml
-    is the first write that finds the disk full."""
+    """A tmpfs that holds exactly what the run writes before config.yaml (.lock, run.json, split.json,
+    environment.json, whole pages each; their sizes depend on the installed packages, so they are
+    measured first by failing that write on purpose): config.yaml is the first write that finds the
+    disk full."""
     if os.geteuid() != 0 or shutil.which("mount") is None:
         pytest.skip("mounting a tiny tmpfs needs root; the AXS_FAULT=enospc case covers the same path")
+    argv = [sys.executable, "-m", "axs_lib.cli", "train", "stage1", "--data-dir", str(tiles), "--steps", "4", *BASE]
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    probe = tmp_path / "probe"
+    subprocess.run([*argv, "--output-dir", str(probe)], capture_output=True, timeout=300,
+                   env={**env, "AXS_FAULT": "enospc:config.yaml"})
+    page = os.sysconf("SC_PAGE_SIZE")
+    held = [p for p in probe.rglob("*") if p.is_file()]
+    assert {".lock", "run.json", "environment.json"} <= {p.name for p in held}
+    size = sum(-(-max(p.stat().st_size, 1) // page) * page for p in held)
     fs = tmp_path / "fs"
     fs.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", "size=16k", "tmpfs", str(fs)], capture_output=True).returncode != 0:
+    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(fs)], capture_output=True).returncode != 0:
         pytest.skip("cannot mount a tmpfs here")
     try:
-        done = subprocess.run([sys.executable, "-m", "axs_lib.cli", "train", "stage1", "--data-dir", str(tiles),
-                               "--output-dir", str(fs / "run"), "--steps", "4", *BASE],
-                              capture_output=True, text=True, timeout=300, env={**os.environ, "PYTHONPATH": str(REPO)})
+        done = subprocess.run([*argv, "--output-dir", str(fs / "run")], capture_output=True, text=True, timeout=300, env=env)
         assert done.returncode == EXIT_FAILURE, done.stderr
         assert "Traceback" not in done.stderr
         assert done.stderr.strip().splitlines()[-1].startswith(f"axs: error: {fs / 'run' / 'config.yaml'}: cannot write: No space left")

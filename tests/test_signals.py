@@ -217,7 +217,7 @@ def test_a_stop_signal_reaching_a_worker_before_it_ignores_stop_signals_does_not
 
 
 def test_progress_lines_for_a_log_carry_rate_elapsed_time_and_eta():
-    from axs_lib.stage1.train import _progress
+    from axs_lib.training import progress_line as _progress
 
     assert _progress(30, 90, 10.0) == "3.00 steps/s  elapsed 00:10  eta 00:30"
     assert _progress(0, 5, 0.0).endswith("eta ?")

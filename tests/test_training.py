@@ -1,0 +1,117 @@
+"""The session layer (`axs_lib.training`) carries a second trainer: examples/stage2_trainer.py, a
+land-cover classifier that writes only its data, model, loss and validation, gets the Stage-1
+trainer's promises (reruns, worker counts, a stop and resume give identical bytes; a changed
+config is refused before anything is written)."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import pytest
+
+from axs_lib.errors import UsageError
+from axs_lib.ingest import write_synthetic_tiles
+from axs_lib.training import ResumeRequest, resume_problems, run_training
+from conftest import import_file
+
+REPO = Path(__file__).resolve().parents[1]
+example = import_file(REPO / "examples" / "stage2_trainer.py", "stage2_trainer_example")
+STEPS, EVERY = 12, 4
+
+
+@pytest.fixture(scope="module")
+def tiles(tmp_path_factory):
+    out = tmp_path_factory.mktemp("landcover_tiles")
+    write_synthetic_tiles(out, count=10, size=16, seed=3)
+    return out
+
+
+def config(tiles, out, **changes):
+    return example.LandCoverConfig(str(tiles), str(out), seed=5, steps=STEPS, batch_size=2, accum_steps=2, val_every=EVERY,
+                                   checkpoint_every=EVERY, **changes)
+
+
+def train(cfg, resume=None):
+    return run_training(example.LandCoverTrainer, cfg, ResumeRequest(resume), log=lambda line: None)
+
+
+def checkpoints(out: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in sorted((out / "checkpoints").glob("*.pt"))}
+
+
+@pytest.fixture(scope="module")
+def reference(tiles, tmp_path_factory):
+    out = tmp_path_factory.mktemp("landcover_ref")
+    result = train(config(tiles, out))
+    assert (result.exit_code, result.final_step, result.status) == (0, STEPS, "completed")
+    return out
+
+
+def test_a_second_trainer_writes_the_session_records_and_checkpoints(reference):
+    files = checkpoints(reference)
+    assert {f"checkpoint_step_{s}.pt" for s in range(EVERY, STEPS + 1, EVERY)} <= set(files)
+    info = json.loads((reference / "run.json").read_text())
+    assert info["status"] == "completed" and info["final_step"] == STEPS
+    assert {"checkpoints/checkpoint_step_4.pt", "metrics.jsonl", "environment.json"} <= set(info["written"])
+    records = [json.loads(line) for line in (reference / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "val"] == [4, 8, 12]
+    assert all(0.0 <= r["accuracy"] <= 1.0 for r in records if r["split"] == "val")
+
+
+def test_a_second_trainer_reruns_byte_identically_with_any_worker_count(tiles, reference, tmp_path):
+    train(config(tiles, tmp_path, num_workers=2))
+    assert checkpoints(tmp_path) == checkpoints(reference)
+
+
+def test_a_second_trainer_with_another_seed_writes_other_bytes(tiles, reference, tmp_path):
+    cfg = config(tiles, tmp_path)
+    cfg.seed = 6
+    train(cfg)
+    other, ref = checkpoints(tmp_path), checkpoints(reference)
+    assert other.keys() == ref.keys() and all(other[name] != ref[name] for name in ref)  # the control: bits do move
+
+
+def test_a_second_trainer_stopped_by_a_signal_resumes_to_the_same_bytes(tiles, reference, tmp_path, monkeypatch):
+    stop_at = 6  # between two checkpoints: the stop itself writes step 6
+    original = example.LandCoverTrainer.micro_batch_loss
+
+    def loss_then_stop(self, batch):
+        if self.state.step == stop_at - 1 and not getattr(self, "stopped", False):
+            self.stopped = True
+            os.kill(os.getpid(), signal.SIGUSR1)  # as `scancel --signal=USR1` would
+        return original(self, batch)
+
+    monkeypatch.setattr(example.LandCoverTrainer, "micro_batch_loss", loss_then_stop)
+    stopped = train(config(tiles, tmp_path))
+    assert (stopped.exit_code, stopped.final_step, stopped.status) == (128 + signal.SIGUSR1, stop_at, "interrupted")
+    monkeypatch.setattr(example.LandCoverTrainer, "micro_batch_loss", original)
+    resumed = train(config(tiles, tmp_path), resume="auto")
+    assert resumed.final_step == STEPS
+    ref = checkpoints(reference)
+    got = checkpoints(tmp_path)
+    assert {name: got[name] for name in ref} == ref
+
+
+def test_a_second_trainer_refuses_a_resume_under_another_result_field_before_writing(tiles, reference, tmp_path):
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    before = {p: p.read_bytes() for p in run.rglob("*") if p.is_file()}
+    with pytest.raises(UsageError, match=r"cannot resume exactly: lr: checkpoint 0\.003, now 0\.001"):
+        train(config(tiles, run, lr=1e-3), resume="auto")
+    assert {p: p.read_bytes() for p in run.rglob("*") if p.is_file()} == before
+
+
+def test_the_resume_rule_names_an_earlier_versions_sharding_and_accumulation():
+    fp = {"scheme": "s", "sha256": "a"}
+    base = {"format_version": 2, "data_fingerprint": fp}
+    assert resume_problems(base, [], fp) == []
+    sharded = resume_problems({**base, "world_size": 2}, [], fp)
+    assert len(sharded) == 1 and "sharded each step over 2 ranks" in sharded[0]
+    assert resume_problems({**base, "world_size": 2}, [], fp, allow_world_size_change=True) == []
+    summed = resume_problems({**base, "world_size": 1, "config": {"accum_steps": 4}}, ["lr: differs"], fp)
+    assert summed[0] == "lr: differs" and "drew all 4 micro-batches" in summed[1]

@@ -387,3 +387,18 @@ def test_a_global_batch_on_resume_is_divided_by_the_runs_own_micro_batch_size(sy
     train_in_process([*base, "--steps", "4", "--global-batch-size", "4", "--resume", "auto"])  # 4 / 2, not 4 / 3
     assert main(["train", "stage1", *base, "--steps", "4", "--global-batch-size", "6", "--resume", "auto"]) == 2
     assert "accum_steps: checkpoint 2, now 3" in capsys.readouterr().err  # another global batch: refused by name
+
+
+def test_the_resume_rule_keeps_what_was_given_and_takes_the_rest_from_the_checkpoint(tmp_path):
+    """`ConfigRequest.for_resume` is the library's resume rule (the command only parses flags): a field
+    given keeps its value, one not given takes the checkpoint's, and a global batch is divided by the
+    micro-batch size of the checkpoint when none is given."""
+    from axs_lib.stage1.config import ConfigRequest, build_config
+
+    stored = build_config({"width": 8, "lr": 0.002, "batch_size": 2, "steps": 40}).result_fields()
+    request = ConfigRequest({"lr": 0.001, "output_dir": str(tmp_path / "run")}, global_batch_size=12, resuming=True)
+    resumed = request.for_resume(stored)
+    assert (resumed.width, resumed.lr, resumed.batch_size, resumed.accum_steps, resumed.steps) == (8, 0.001, 2, 6, 40)
+    assert resumed.output_dir == str(tmp_path / "run") and resumed.data_dir == "tiles"
+    fresh = request.fresh()  # no run.json to read: the default micro-batch size
+    assert (fresh.width, fresh.batch_size * fresh.accum_steps) == (build_config({}).width, 12)

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
-from axs_lib.stage1.config import (DEFAULT_SEED, TrainConfig, AUTO_EPOCHS, AUTO_MAX_STEPS, AUTO_MIN_STEPS, AUTO_WARMUP_FRACTION, CHECKPOINT_MODES,
+from axs_lib.stage1.config import (AUTO_EPOCHS, AUTO_MAX_STEPS, AUTO_MIN_STEPS, AUTO_WARMUP_FRACTION, CHECKPOINT_MODES,
                                    DEFAULT_SPLIT_SEED, ES_METRICS, FIELD_NAMES, HEADS, MAXIMA, ON_NONFINITE, PRECISIONS,
-                                   build_config, config_text, config_warnings, read_config_file)
+                                   ConfigRequest, config_text, config_warnings, read_config_file)
 from axs_lib import argtypes
-from axs_lib.errors import AxsError
 from axs_lib.cli import add_debug_flag
-from axs_lib.errors import UsageError
 from axs_lib.portable import DEFAULT_THREADS as PORTABLE_THREADS
 
 EXAMPLES = """examples:
@@ -153,40 +150,10 @@ def _log(quiet: bool):
     return log
 
 
-def _global_batch(args: argparse.Namespace, explicit: dict, file_values: dict, base: dict | None = None) -> dict:
-    """``explicit`` with ``--global-batch-size G`` turned into ``--accum-steps`` = G / micro-batch size.
-
-    The micro-batch size is the one given, else the config file's, else ``base``'s (a resumed
-    checkpoint's), else the default; G must be a multiple of it.
-    """
-    explicit = dict(explicit)
-    total = args.global_batch_size
-    if total is None:
-        return explicit
-    fallback = (base or {}).get("batch_size", TrainConfig.batch_size)
-    micro = explicit.get("batch_size", file_values.get("batch_size", fallback))
-    if not isinstance(micro, int) or micro < 1 or total < 1 or total % micro:
-        raise UsageError(f"--global-batch-size {total} is not a positive multiple of --micro-batch-size {micro}")
-    accum = total // micro
-    if "accum_steps" in explicit and explicit["accum_steps"] != accum:
-        raise UsageError(f"--global-batch-size {total} / --micro-batch-size {micro} = {accum} micro-batches, but "
-                         f"--accum-steps {explicit['accum_steps']} was given: pass one of them")
-    explicit["accum_steps"] = accum
-    return explicit
-
-
 def run(args: argparse.Namespace) -> int:
-    explicit = {k: v for k, v in vars(args).items() if k in FIELD_NAMES}
-    file_values = read_config_file(args.config) if args.config else {}
-    raw = explicit
-    given = {**file_values, **raw}
-    output_dir = given.get("output_dir") or f"runs/stage1_seed{given.get('seed', DEFAULT_SEED)}"
-    # a resume's micro-batch size is the run's own unless given: the run.json's config maps G
-    previous = _previous_run(Path(output_dir)) if args.resume else {}
-    explicit = _global_batch(args, raw, file_values, base=_dict(previous.get("config")))
-    config = build_config(explicit, file_values)
-    config.data_dir = given.get("data_dir") or "tiles"
-    config.output_dir = output_dir
+    request = ConfigRequest({k: v for k, v in vars(args).items() if k in FIELD_NAMES},
+                            read_config_file(args.config) if args.config else {}, args.global_batch_size, bool(args.resume))
+    config = request.fresh()
     log = _log(config.quiet)
     if args.print_config:
         for line in config_warnings(config):
@@ -194,42 +161,12 @@ def run(args: argparse.Namespace) -> int:
         print(config_text(config), end="")
         return 0
     notes = []  # said once every input has been checked, so that bad input stays one line
-    if "seed" not in given and not args.resume:
+    if "seed" not in request.given and not args.resume:
         notes.append(f"notice: no --seed given, using the default {config.seed}; pass --seed explicitly so the run "
                      "can be reproduced from its command line")
 
-    def for_resume(stored: dict):
-        """On resume, flags not given take the checkpoint's values; given ones are checked against them."""
-        resumed = build_config(_global_batch(args, raw, file_values, base=stored), file_values, base=stored)
-        resumed.output_dir = config.output_dir
-        resumed.data_dir = given.get("data_dir") or _previous_data_dir(previous) or config.data_dir
-        return resumed
-
     from axs_lib.stage1.train import ResumeRequest, train_stage1  # torch and the trainer: only when training
 
-    result = train_stage1(config, ResumeRequest(args.resume, args.force_resume, args.allow_world_size_change, args.adopt_checkpoint), overwrite=args.overwrite,
-                          log=log, config_for_resume=for_resume, notes=notes)
+    resume = ResumeRequest(args.resume, args.force_resume, args.allow_world_size_change, args.adopt_checkpoint)
+    result = train_stage1(config, resume, overwrite=args.overwrite, log=log, config_for_resume=request.for_resume, notes=notes)
     return result.exit_code
-
-
-def _dict(value) -> dict:
-    return value if isinstance(value, dict) else {}
-
-
-def _previous_run(output_dir: Path) -> dict:
-    """The run.json of ``output_dir`` (the run being resumed), or {} when there is none to read."""
-    from axs_lib.run_dir import read_run_json
-
-    try:
-        return _dict(read_run_json(output_dir))
-    except AxsError:
-        return {}
-
-
-def _previous_data_dir(previous: dict) -> str | None:
-    """The tile directory of the run being resumed, as an absolute path (``run.json``'s ``paths``), so a
-    resume works from any working directory; the config's own spelling may be relative."""
-    for value in (_dict(previous.get("paths")).get("data_dir"), _dict(previous.get("config")).get("data_dir")):
-        if isinstance(value, str) and value:
-            return value
-    return None

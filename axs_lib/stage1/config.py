@@ -387,6 +387,86 @@ def build_config(explicit: dict[str, Any], file_values: dict[str, Any] | None = 
     return validate(TrainConfig(**merged))
 
 
+@dataclass
+class ConfigRequest:
+    """What a user asked for, turned into a `TrainConfig`: for a fresh run (`fresh`), or on top of a
+    checkpoint's stored result fields when resuming (`for_resume`, handed to the trainer).
+
+    The resume rule: a field not given (flag or config file) takes the checkpoint's value; a given
+    one is kept and the trainer checks it against the checkpoint. ``--global-batch-size G`` becomes
+    ``accum_steps`` = G / the micro-batch size given, else the config file's, else the resumed run's
+    own (its ``run.json``), else the default. The tile directory of a resume is the run's own
+    (absolute, from ``run.json``), so a resume works from any working directory.
+    """
+
+    explicit: dict[str, Any]  # fields given on the command line (or by a caller)
+    file_values: dict[str, Any] = field(default_factory=dict)  # a --config file's fields
+    global_batch_size: int | None = None
+    resuming: bool = False
+
+    @property
+    def given(self) -> dict[str, Any]:
+        return {**self.file_values, **self.explicit}
+
+    @property
+    def output_dir(self) -> str:
+        return self.given.get("output_dir") or f"runs/stage1_seed{self.given.get('seed', DEFAULT_SEED)}"
+
+    def _previous(self) -> dict[str, Any]:
+        """The run.json of the run being resumed, or {} when there is none to read."""
+        from axs_lib.errors import AxsError
+        from axs_lib.run_dir import read_run_json
+
+        if not self.resuming:
+            return {}
+        try:
+            return _as_dict(read_run_json(Path(self.output_dir)))
+        except AxsError:
+            return {}
+
+    def _with_accum(self, base: dict[str, Any] | None) -> dict[str, Any]:
+        explicit, total = dict(self.explicit), self.global_batch_size
+        if total is None:
+            return explicit
+        fallback = (base or {}).get("batch_size", TrainConfig.batch_size)
+        micro = explicit.get("batch_size", self.file_values.get("batch_size", fallback))
+        if not isinstance(micro, int) or micro < 1 or total < 1 or total % micro:
+            raise UsageError(f"--global-batch-size {total} is not a positive multiple of --micro-batch-size {micro}")
+        accum = total // micro
+        if "accum_steps" in explicit and explicit["accum_steps"] != accum:
+            raise UsageError(f"--global-batch-size {total} / --micro-batch-size {micro} = {accum} micro-batches, but "
+                             f"--accum-steps {explicit['accum_steps']} was given: pass one of them")
+        explicit["accum_steps"] = accum
+        return explicit
+
+    def fresh(self) -> TrainConfig:
+        """The config as given (a resume's micro-batch size is the run's own unless given)."""
+        config = build_config(self._with_accum(_as_dict(self._previous().get("config"))), self.file_values)
+        config.data_dir = self.given.get("data_dir") or "tiles"
+        config.output_dir = self.output_dir
+        return config
+
+    def for_resume(self, stored: dict[str, Any]) -> TrainConfig:
+        """The config on top of a checkpoint's stored result fields (the resume rule above)."""
+        resumed = build_config(self._with_accum(stored), self.file_values, base=stored)
+        resumed.output_dir = self.output_dir
+        resumed.data_dir = self.given.get("data_dir") or _previous_data_dir(self._previous()) or "tiles"
+        return resumed
+
+
+def _as_dict(value: Any) -> dict:
+    return value if isinstance(value, dict) else {}
+
+
+def _previous_data_dir(previous: dict) -> str | None:
+    """The tile directory of the run being resumed, as an absolute path (``run.json``'s ``paths``); the
+    config's own spelling may be relative."""
+    for value in (_as_dict(previous.get("paths")).get("data_dir"), _as_dict(previous.get("config")).get("data_dir")):
+        if isinstance(value, str) and value:
+            return value
+    return None
+
+
 def diff_result_fields(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human lines naming every result field whose value differs between two configs.
 

@@ -50,6 +50,12 @@ in where Lightning already offers a seam (read from ``lightning/pytorch/loops/fi
   (``tests/test_lightning.py``). A file saved between the
   micro-batches of a step (``ModelCheckpoint`` after a resume, a manual ``trainer.save_checkpoint``)
   lacks the gradients gathered so far: it is marked when written and a resume from it is refused.
+* **Validation, loggers, progress bar**: none reaches the step checkpoints. Loggers and the
+  progress bar keep no state there; validation runs after the step's checkpoint, in eval mode,
+  and what it draws from the global generators is overwritten by the next batch's re-seeding.
+  What remained is Lightning's count of validation batches in the fit loop's state, which
+  `_clear_validation_progress` writes zeroed (see there: without it, a run that validates, and a
+  resume from an epoch's last batch with a validation due, gave other bytes).
 
 Every refusal is an `axs_lib.errors.AxsError` (`UsageError` for a checkpoint that cannot continue
 this run, `CheckpointError` for a damaged one), raised out of `ExactResume.resume` or out of

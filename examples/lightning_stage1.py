@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the axs_lib beside this example
@@ -124,6 +125,9 @@ def train(args) -> int:
     except ImportError as exc:
         raise UsageError(str(exc)) from None
 
+    # Lightning warns when an epoch has fewer batches than --log-every; with max_epochs=-1 it counts
+    # the interval across epochs (_LoggerConnector.should_update_logs), so the losses are logged anyway
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
     output = Path(args.output_dir)
     config = {"width": args.width, "dropout": args.dropout, "lr": args.lr, "batch_size": args.batch_size,
               "augment": not args.no_augment, "max_tiles": args.max_tiles, "val_fraction": args.val_fraction}

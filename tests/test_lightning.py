@@ -33,6 +33,7 @@ from axs_lib.errors import UsageError  # noqa: E402
 from axs_lib.ingest import write_synthetic_tiles  # noqa: E402
 from axs_lib.lightning import RUN_MARK, AxsCheckpointIO, ExactResume, expand, portable, resumable_loader  # noqa: E402
 from conftest import import_file  # noqa: E402
+from doc_blocks import parse_blocks, run_shell  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "lightning_stage1.py"
@@ -213,6 +214,23 @@ def test_bad_flags_and_a_missing_tile_folder_are_one_line_exit_2_and_create_noth
     assert "--num-workers must be >= 0" in capsys.readouterr().err
     assert example.main([*_args(tiles, out, 0), "--resume", "latest"]) == 2
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_docs_kill_and_resume_waits_for_the_first_checkpoint_and_resumes_to_the_same_bytes(tmp_path):
+    """docs/lightning.md's two shell blocks of the example, as written, on eight synthetic tiles: the
+    SIGKILL lands after the first checkpoint and before the run's end (a fixed wait could land
+    before the first checkpoint, or after the end), and the resumed run matches the others."""
+    blocks = [b for b in parse_blocks(REPO / "docs" / "lightning.md") if b.is_shell and "lightning_stage1.py" in b.code]
+    assert len(blocks) == 2 and "--resume auto" in blocks[1].code
+    write_synthetic_tiles(tmp_path / "tiles", 8, 32, seed=3)
+    (tmp_path / "examples").symlink_to(REPO / "examples")
+    proc = run_shell("set -e -o pipefail\n" + blocks[0].code + blocks[1].code, tmp_path, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "resuming from runs/pl3/checkpoints/checkpoint_step_" in out and "the run had already finished" not in out
+    assert out.count("done: 20 steps") == 3, out[-3000:]  # pl1, pl2 and the resumed pl3; the killed one never ended
+    assert out.count("verdict: IDENTICAL BYTES") == 2, out[-3000:]
 
 
 # --------------------------------------------------------------------------- plain Lightning vs ExactResume

@@ -186,12 +186,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=argtypes.finite_number, default=1e-3)
     parser.add_argument("--max-tiles", type=argtypes.positive_int, default=None)
     parser.add_argument("--no-augment", action="store_true", help="no flips, turns or speckle")
-    parser.add_argument("--val-fraction", type=argtypes.non_negative_number, default=0.1,
+    parser.add_argument("--val-fraction", type=argtypes.finite_number, default=0.1,
                         help="share of the tiles that validate (a sidecar split wins; see axs_lib.split)")
     parser.add_argument("--val-every", type=argtypes.positive_int, default=10, help="validate every N steps")
     parser.add_argument("--log-every", type=argtypes.positive_int, default=10, help="log the training loss every N steps")
     parser.add_argument("--no-validation", action="store_true", help="skip validation (the bits do not change)")
-    parser.add_argument("--no-logger", action="store_true", help="no CSV log (the bits do not change)")
+    parser.add_argument("--no-logger", action="store_true", help="no CSV log in <output-dir>/lightning_logs (the bits do not change)")
     parser.add_argument("--no-progress-bar", action="store_true", help="no progress bar (the bits do not change)")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator (cpu, gpu, auto)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
@@ -206,6 +206,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     if args.num_workers < 0:
         print(f"{parser.prog}: error: --num-workers must be >= 0, got {args.num_workers}", file=sys.stderr)
+        return 2
+    if not 0 < args.val_fraction < 1:
+        print(f"{parser.prog}: error: --val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}",
+              file=sys.stderr)
         return 2
     try:
         return run_handler(train, args, debug=args.debug)

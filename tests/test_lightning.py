@@ -212,6 +212,8 @@ def test_bad_flags_and_a_missing_tile_folder_are_one_line_exit_2_and_create_noth
     assert "no-tiles" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert example.main(_args(tiles, out, -1)) == 2
     assert "--num-workers must be >= 0" in capsys.readouterr().err
+    assert example.main([*_args(tiles, out, 0), "--val-fraction", "1"]) == 2
+    assert "--val-fraction must be between 0 and 1 (exclusive), got 1.0" in capsys.readouterr().err
     assert example.main([*_args(tiles, out, 0), "--resume", "latest"]) == 2
     assert not out.exists()
 

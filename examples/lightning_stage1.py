@@ -112,6 +112,10 @@ def split_tiles(args):
     return split
 
 
+def _tiles(paths) -> str:
+    return f"{len(paths)} tile" + ("" if len(paths) == 1 else "s")
+
+
 def train(args) -> int:
     from axs_lib.data import TileDataset
     from axs_lib.reproducibility import derive_seed, seed_globals, set_seed
@@ -138,8 +142,8 @@ def train(args) -> int:
     ckpt_path = exact.resume(args.resume, log=say)
     split = split_tiles(args)
     say(f"{len(split.train)} train / {len(split.val)} val tiles"
-        + (f"; {len(split.excluded)} test tiles left out" if split.excluded else "")
-        + (f"; {len(split.flagged)} cloudy or snowy tiles left out" if split.flagged else ""))
+        + (f"; {_tiles(split.excluded)} held out for test" if split.excluded else "")
+        + (f"; {_tiles(split.flagged)} cloudy or snowy left out" if split.flagged else ""))
 
     set_seed(args.seed)
     train_set = TileDataset(split.train, args.seed, augment=not args.no_augment)

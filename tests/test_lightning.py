@@ -112,7 +112,7 @@ def test_a_tile_held_out_for_test_is_never_read(runs, tmp_path, capsys):
     (mixed / "synth_99999.npz").write_bytes(b"not a tile")
     capsys.readouterr()
     assert example.main(_args(mixed, tmp_path / "run", 0, "--steps", str(EVERY), "--no-progress-bar")) == 0
-    assert "7 train / 1 val tiles; 1 test tiles left out" in capsys.readouterr().err
+    assert "7 train / 1 val tiles; 1 tile held out for test" in capsys.readouterr().err
     assert _digests(tmp_path / "run")["checkpoint_step_4.pt"] == _digests(root / "a")["checkpoint_step_4.pt"]
 
 

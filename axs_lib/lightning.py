@@ -50,6 +50,12 @@ in where Lightning already offers a seam (read from ``lightning/pytorch/loops/fi
   (``tests/test_lightning.py``). A file saved between the
   micro-batches of a step (``ModelCheckpoint`` after a resume, a manual ``trainer.save_checkpoint``)
   lacks the gradients gathered so far: it is marked when written and a resume from it is refused.
+* **Validation, loggers, progress bar**: none reaches the step checkpoints. Loggers and the
+  progress bar keep no state there; validation runs after the step's checkpoint, in eval mode,
+  and what it draws from the global generators is overwritten by the next batch's re-seeding.
+  What remained is Lightning's count of validation batches in the fit loop's state, which
+  `_clear_validation_progress` writes zeroed (see there: without it, a run that validates, and a
+  resume from an epoch's last batch with a validation due, gave other bytes).
 
 Every refusal is an `axs_lib.errors.AxsError` (`UsageError` for a checkpoint that cannot continue
 this run, `CheckpointError` for a damaged one), raised out of `ExactResume.resume` or out of
@@ -95,6 +101,7 @@ log = logging.getLogger(__name__)
 
 RUN_MARK = "<run>"  # stands for the run directory in stored strings
 ACCUMULATING_KEY = "axs_mid_accumulation"  # in a file saved between the micro-batches of one step
+VALIDATION_PROGRESS = "epoch_loop.val_loop."  # prefix of the validation loop's entries in the fit loop's state
 
 
 # --------------------------------------------------------------------------- portable content
@@ -275,6 +282,7 @@ class ExactResume(pl.Callback):
         self._environment = environment
         self._fingerprint: dict[str, Any] | None = None
         self._saved_step: int | None = None
+        self._writing_step = False  # inside save(): the file being written is a step checkpoint of ours
         self._stepped_at: int | None = None  # global_step after the last batch seen
         self._accumulating = False  # the last batch added gradients without an optimizer step
         self._loaders: list[ResumableLoader] = []
@@ -289,9 +297,15 @@ class ExactResume(pl.Callback):
                log: Callable[[str], None] | None = None) -> str | None:
         """The ``ckpt_path`` for ``trainer.fit``: None (fresh start), ``"auto"`` (newest valid checkpoint,
         None when there is none) or a file of this run; refused (`UsageError`) when it cannot continue
-        this run exactly. Reads only; nothing is written."""
+        this run exactly. Reads only; nothing is written.
+
+        ``"auto"`` that finds nothing says so in one line (``no checkpoint in <folder>: starting from
+        step 0``, to ``log``, else as a warning): a kill before the first checkpoint, or a wrong
+        ``output_dir``, must not pass for a resume."""
         found = self.manager.resume(target, log=log)
         if found is None:
+            if target == "auto":
+                (log or logging.getLogger(__name__).warning)(f"no checkpoint in {self.manager.folder}: starting from step 0")
             return None
         path, checkpoint = found
         self._refuse_mismatch(checkpoint, path, world_size)
@@ -392,7 +406,11 @@ class ExactResume(pl.Callback):
     def save(self, trainer: "pl.Trainer", step: int) -> None:
         """Write ``checkpoints/checkpoint_step_<step>.pt`` (all ranks call it; rank 0 writes)."""
         # weights_only=False said outright: the full state (left unset, Lightning logs that it chose it at every save)
-        trainer.save_checkpoint(self.manager.folder / checkpoint_name(step), weights_only=False)
+        self._writing_step = True
+        try:
+            trainer.save_checkpoint(self.manager.folder / checkpoint_name(step), weights_only=False)
+        finally:
+            self._writing_step = False
         self._saved_step = step
 
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
@@ -405,6 +423,8 @@ class ExactResume(pl.Callback):
         add_seed_to_checkpoint(checkpoint, info if info is not None and info.get("seed") == self.seed else {"seed": self.seed})
         if self._accumulating:  # the gradients of the step under way are not in the file: not resumable
             checkpoint[ACCUMULATING_KEY] = True
+        if self._writing_step:
+            _clear_validation_progress(checkpoint)
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
         self._refuse_mismatch(checkpoint, trainer.ckpt_path or "<checkpoint>", trainer.world_size)
@@ -445,6 +465,38 @@ class ExactResume(pl.Callback):
         for loader in loaders:
             loader.close()
         self.manager.close()  # a write in flight finishes (or reports its error)
+
+
+def _clear_validation_progress(checkpoint: dict[str, Any]) -> None:
+    """The validation loop's progress counters in a step checkpoint, as if validation had never run.
+
+    Lightning keeps them in the fit loop's state (``epoch_loop.val_loop.batch_progress``: the
+    batches of the last validation run and of this epoch's runs), so without this a run with
+    validation writes other bytes than the same run without it, and `axs compare` would call the
+    difference unexplained nondeterminism, although every weight, moment and generator state is
+    the same. They are bookkeeping, not training state: a step checkpoint is written at a batch
+    end, never inside a validation run, and on a restart from one Lightning only asks them whether
+    it stopped in the middle of a validation run (never, for these files) and then fast-forwards
+    them past the validation due at that batch. Zeroed in every step checkpoint, they give the
+    same bytes with validation on or off, before and after a resume. The live counters (the
+    progress bar's, the logs') are left alone; so are the files of ``ModelCheckpoint``, which may
+    be written at the end of a validation run.
+    """
+    fit = checkpoint.get("loops", {}).get("fit_loop")
+    if isinstance(fit, dict):
+        for key in [k for k in fit if isinstance(k, str) and k.startswith(VALIDATION_PROGRESS)]:
+            fit[key] = _zeroed(fit[key])
+
+
+def _zeroed(state: Any) -> Any:
+    """``state`` with every count 0 and every flag False (a fresh ``_BatchProgress`` state)."""
+    if isinstance(state, dict):
+        return {key: _zeroed(value) for key, value in state.items()}
+    if isinstance(state, bool):
+        return False
+    if isinstance(state, int):
+        return 0
+    return state
 
 
 def _finish_epoch_boundary_restart(fit_loop: Any) -> None:

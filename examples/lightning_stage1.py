@@ -9,19 +9,34 @@ Checkpoints land in ``<output-dir>/checkpoints/checkpoint_step_<N>.pt`` (with ``
 with the same flags write byte-identical files whatever ``--num-workers`` and however often they
 were killed and resumed (``axs compare RUN_A RUN_B``). What makes that so is `axs_lib.lightning`:
 `ExactResume` (per-step seeding, checkpoints, resume checks), its `AxsCheckpointIO` plugin, and a
-`ResumableLoader` as the training dataloader. This file is only the model and the flags.
+`ResumableLoader` as the training dataloader. This file is only the model, the data and the flags.
+
+Everything a Lightning user keeps on stays on: the CSV logger (``<output-dir>/lightning_logs/
+version_<N>/metrics.csv``, one version per process), the progress bar, and validation every
+``--val-every`` steps. None of them changes a checkpoint's bytes: validation runs in eval mode,
+draws nothing from the global generators (its loader has its own generator, and `ExactResume`
+re-seeds them before every training batch anyway), and Lightning counts its batches in the
+``loops`` state the same way whether the run was interrupted or not.
+
+Tiles are split as the Stage-1 trainer splits them (`axs_lib.split.make_split`, ``auto``: the
+sidecars' ``split`` field when every tile has one, otherwise a seeded random split; tiles whose
+sidecar says ``test`` never train nor validate), and the tiles flagged cloudy or snowy are left out
+of both (`axs_lib.split.leave_out_flagged`).
 
 SIGTERM (to the whole process group, as Slurm sends it), SIGINT or SIGUSR1: a checkpoint at the
-step reached, exit 143, 130 or 138; ``--resume auto`` continues exactly.
+step reached, exit 143, 130 or 138; ``--resume auto`` continues exactly (and says so when there is
+no checkpoint to continue).
 
 Augmentation: `TileDataset` draws each sample's flips, turns and speckle from its own generator,
 keyed by (epoch, sample index), taking the epoch from the `SampleIndex` the loader hands it.
+Validation tiles are read with plain int keys, never augmented.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the axs_lib beside this example
@@ -34,22 +49,39 @@ from axs_lib.errors import UsageError  # noqa: E402
 from axs_lib.signals import StopRequested  # noqa: E402
 
 
-def build_module(args, train_set):
+def build_module(args, train_set, val_set):
     import lightning.pytorch as pl
 
+    from axs_lib.data import validation_loader
     from axs_lib.lightning import resumable_loader
     from axs_lib.stage1.losses import stage1_loss
+    from axs_lib.stage1.metrics import QualityMetrics, flat
     from axs_lib.stage1.model import UNet
 
     class Stage1Module(pl.LightningModule):
         def __init__(self):
             super().__init__()
             self.model = UNet(width=args.width, dropout=args.dropout)
+            self.quality = QualityMetrics()
 
         def training_step(self, batch, batch_idx):
             pred = self.model(batch["sar"])
             loss = stage1_loss(pred, batch["optical"], batch["mask"])
+            self.log("train_loss", loss, prog_bar=True, batch_size=batch["sar"].shape[0])
             return loss
+
+        def on_validation_epoch_start(self):
+            self.quality = QualityMetrics()
+
+        def validation_step(self, batch, batch_idx):
+            pred = self.model(batch["sar"])
+            loss = stage1_loss(pred, batch["optical"], batch["mask"])
+            self.quality.update(pred, batch["optical"], batch["mask"])
+            self.log("val_loss", loss, prog_bar=True, batch_size=batch["sar"].shape[0])
+
+        def on_validation_epoch_end(self):
+            # pooled over the validation tiles, as the Stage-1 trainer's val metrics (MAE, RMSE in reflectance x 10000)
+            self.log_dict({f"val_{name}": value for name, value in flat(self.quality.result()).items()})
 
         def configure_optimizers(self):
             return torch.optim.AdamW(self.parameters(), lr=args.lr, weight_decay=1e-4)
@@ -58,48 +90,82 @@ def build_module(args, train_set):
             return resumable_loader(train_set, args.batch_size, seed=args.seed, trainer=self.trainer,
                                     num_workers=args.num_workers)
 
+        def val_dataloader(self):
+            # index order, plain int keys (no augmentation), its own seeded generator, workers that
+            # ignore the stop signals: the Stage-1 trainer's validation loader
+            return validation_loader(val_set, args.batch_size, args.num_workers, args.seed)
+
     return Stage1Module()
+
+
+def split_tiles(args):
+    """Train and validation tiles: the Stage-1 trainer's split (a ``test`` tile never trains)."""
+    from axs_lib.split import leave_out_flagged, make_split
+    from axs_lib.stage1.config import DEFAULT_SPLIT_SEED
+    from axs_lib.tiles import list_tiles
+
+    split = leave_out_flagged(make_split(list_tiles(args.data_dir, args.max_tiles), DEFAULT_SPLIT_SEED, args.val_fraction))
+    if not split.train:
+        raise UsageError(f"no training tile left in {args.data_dir} (every tile is held out for test or flagged)")
+    if args.batch_size > len(split.train):
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(split.train)} training tiles in {args.data_dir}")
+    return split
+
+
+def _tiles(paths) -> str:
+    return f"{len(paths)} tile" + ("" if len(paths) == 1 else "s")
 
 
 def train(args) -> int:
     from axs_lib.data import TileDataset
     from axs_lib.reproducibility import derive_seed, seed_globals, set_seed
-    from axs_lib.tiles import list_tiles
 
     try:
         import lightning.pytorch as pl
         from lightning.fabric.utilities.exceptions import MisconfigurationException
+        from lightning.pytorch.loggers import CSVLogger
 
         from axs_lib.lightning import ExactResume
     except ImportError as exc:
         raise UsageError(str(exc)) from None
 
+    # Lightning warns when an epoch has fewer batches than --log-every; with max_epochs=-1 it counts
+    # the interval across epochs (_LoggerConnector.should_update_logs), so the losses are logged anyway
+    warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
     output = Path(args.output_dir)
     config = {"width": args.width, "dropout": args.dropout, "lr": args.lr, "batch_size": args.batch_size,
-              "augment": not args.no_augment, "max_tiles": args.max_tiles}
+              "augment": not args.no_augment, "max_tiles": args.max_tiles, "val_fraction": args.val_fraction}
     exact = ExactResume(output, seed=args.seed, config=config, checkpoint_every=args.checkpoint_every)
     # refused (UsageError, one line): a checkpoint of another seed or config, one written in the
     # middle of an accumulated step, and a fresh start over an earlier run's checkpoints
-    ckpt_path = exact.resume(args.resume, log=lambda line: print(line, file=sys.stderr))
-    paths = list_tiles(args.data_dir, args.max_tiles)
-    if args.batch_size > len(paths):
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(paths)} tiles in {args.data_dir}")
+    say = lambda line: print(line, file=sys.stderr)  # noqa: E731
+    ckpt_path = exact.resume(args.resume, log=say)
+    split = split_tiles(args)
+    say(f"{len(split.train)} train / {len(split.val)} val tiles"
+        + (f"; {_tiles(split.excluded)} held out for test" if split.excluded else "")
+        + (f"; {_tiles(split.flagged)} cloudy or snowy left out" if split.flagged else ""))
 
     set_seed(args.seed)
-    train_set = TileDataset(paths, args.seed, augment=not args.no_augment)
+    train_set = TileDataset(split.train, args.seed, augment=not args.no_augment)
+    val_set = TileDataset(split.val, args.seed, augment=False) if split.val else None
     seed_globals(derive_seed(args.seed, "init"))  # the initial weights depend on the seed alone
-    module = build_module(args, train_set)
+    module = build_module(args, train_set, val_set)
+    validate = val_set is not None and not args.no_validation
     try:
         trainer = pl.Trainer(
             max_steps=args.steps, max_epochs=-1, accelerator=args.accelerator, devices=1, deterministic=True,
-            callbacks=[exact], plugins=[exact.checkpoint_io], enable_checkpointing=False, logger=False,
-            enable_progress_bar=False, enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+            callbacks=[exact], plugins=[exact.checkpoint_io], enable_checkpointing=False,
+            logger=CSVLogger(output) if not args.no_logger else False, log_every_n_steps=args.log_every,
+            enable_progress_bar=not args.no_progress_bar, enable_model_summary=False,
+            # validation every --val-every optimizer steps, counted across epochs
+            val_check_interval=args.val_every, check_val_every_n_epoch=None,
+            limit_val_batches=None if validate else 0, num_sanity_val_steps=None if validate else 0,
             default_root_dir=output,
         )
     except MisconfigurationException as exc:  # e.g. --accelerator gpu on a machine without one
         raise UsageError(f"--accelerator {args.accelerator}: {str(exc).splitlines()[0]}") from None
     if ckpt_path is not None:
-        print(f"resuming from {ckpt_path}", file=sys.stderr)
+        say(f"resuming from {ckpt_path}")
     trainer.fit(module, ckpt_path=ckpt_path)
     print(f"done: {trainer.global_step} steps, checkpoints in {exact.manager.folder}")
     return 0
@@ -124,6 +190,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--lr", type=argtypes.finite_number, default=1e-3)
     parser.add_argument("--max-tiles", type=argtypes.positive_int, default=None)
     parser.add_argument("--no-augment", action="store_true", help="no flips, turns or speckle")
+    parser.add_argument("--val-fraction", type=argtypes.finite_number, default=0.1,
+                        help="share of the tiles that validate (a sidecar split wins; see axs_lib.split)")
+    parser.add_argument("--val-every", type=argtypes.positive_int, default=10, help="validate every N steps")
+    parser.add_argument("--log-every", type=argtypes.positive_int, default=10, help="log the training loss every N steps")
+    parser.add_argument("--no-validation", action="store_true", help="skip validation (the bits do not change)")
+    parser.add_argument("--no-logger", action="store_true", help="no CSV log in <output-dir>/lightning_logs (the bits do not change)")
+    parser.add_argument("--no-progress-bar", action="store_true", help="no progress bar (the bits do not change)")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator (cpu, gpu, auto)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return parser
@@ -137,6 +210,10 @@ def main(argv: list[str] | None = None) -> int:
         return int(exc.code or 0)
     if args.num_workers < 0:
         print(f"{parser.prog}: error: --num-workers must be >= 0, got {args.num_workers}", file=sys.stderr)
+        return 2
+    if not 0 < args.val_fraction < 1:
+        print(f"{parser.prog}: error: --val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}",
+              file=sys.stderr)
         return 2
     try:
         return run_handler(train, args, debug=args.debug)

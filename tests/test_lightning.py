@@ -1,15 +1,18 @@
 """The Lightning integration: a ``Trainer`` with `ExactResume` is as exact as our own trainer.
 
 The Stage-1 example (``examples/lightning_stage1.py``) runs in-process on eight synthetic 32 x 32
-tiles, width 4, 12 steps, a checkpoint every 4; only the SIGKILL test starts a subprocess (the kill
-is the point). A tiny model on random vectors shows, side by side and in a few seconds, that plain
+tiles (seven train, one validates), width 4, 12 steps, a checkpoint every 4, with Lightning's CSV
+logger, progress bar and validation every 2 steps on; only the SIGKILL and SIGTERM tests start a
+subprocess (the signal is the point). A tiny model on random vectors shows, side by side and in a few seconds, that plain
 Lightning differs after a mid-epoch resume and that the same module with `ExactResume` does not.
 """
 
 from __future__ import annotations
 
 import contextlib
+import csv
 import hashlib
+import json
 import multiprocessing
 import os
 import random
@@ -30,6 +33,7 @@ from axs_lib.errors import UsageError  # noqa: E402
 from axs_lib.ingest import write_synthetic_tiles  # noqa: E402
 from axs_lib.lightning import RUN_MARK, AxsCheckpointIO, ExactResume, expand, portable, resumable_loader  # noqa: E402
 from conftest import import_file  # noqa: E402
+from doc_blocks import parse_blocks, run_shell  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 EXAMPLE = REPO / "examples" / "lightning_stage1.py"
@@ -43,7 +47,7 @@ def _example():
 def _args(tiles: Path, out: Path, workers: int, *extra: str) -> list[str]:
     return ["--data-dir", str(tiles), "--output-dir", str(out), "--seed", "7", "--steps", str(STEPS),
             "--checkpoint-every", str(EVERY), "--num-workers", str(workers), "--width", "4", "--batch-size", "3",
-            "--accelerator", "cpu", *extra]
+            "--accelerator", "cpu", "--val-every", "2", "--log-every", "2", *extra]
 
 
 def _digests(run: Path) -> dict[str, str]:
@@ -76,10 +80,40 @@ def test_runs_with_0_and_2_workers_write_byte_identical_checkpoints(runs, capsys
     assert "identical bytes" in capsys.readouterr().out
 
 
-def test_rerun_into_another_directory_is_byte_identical(runs):
+def test_rerun_into_another_directory_is_byte_identical_and_a_resume_with_nothing_to_resume_says_so(runs, capsys):
     root, tiles, example = runs
-    assert example.main(_args(tiles, root / "rerun", 0, "--steps", str(EVERY))) == 0
+    capsys.readouterr()
+    assert example.main(_args(tiles, root / "rerun", 0, "--steps", str(EVERY), "--resume", "auto")) == 0
+    assert f"no checkpoint in {root / 'rerun' / 'checkpoints'}: starting from step 0" in capsys.readouterr().err
     assert _digests(root / "rerun")["checkpoint_step_4.pt"] == _digests(root / "a")["checkpoint_step_4.pt"]
+
+
+def test_logger_progress_bar_and_validation_do_not_change_the_bytes(runs):
+    """Runs a and b logged to CSV, showed the progress bar and validated every 2 steps (after the
+    checkpoints of steps 4, 8 and 12 too); a run with none of them writes the same bytes."""
+    root, tiles, example = runs
+    with open(root / "a" / "lightning_logs" / "version_0" / "metrics.csv", newline="") as file:
+        rows = list(csv.DictReader(file))
+    assert [r["step"] for r in rows if r.get("val_loss")] == ["1", "3", "5", "7", "9", "11"]  # Lightning counts from 0
+    assert len([r for r in rows if r.get("train_loss")]) == STEPS // 2
+    assert example.main(_args(tiles, root / "quiet", 0, "--no-validation", "--no-logger", "--no-progress-bar")) == 0
+    assert not (root / "quiet" / "lightning_logs").exists()
+    assert _digests(root / "quiet") == _digests(root / "a")
+
+
+def test_a_tile_held_out_for_test_is_never_read(runs, tmp_path, capsys):
+    """A ninth tile whose sidecar says ``test`` and whose data is not a tile at all: reading it would
+    fail. The run trains on the other eight's split, so its checkpoint is run a's."""
+    root, tiles, example = runs
+    mixed = tmp_path / "tiles"
+    shutil.copytree(tiles, mixed)
+    sidecar = json.loads((mixed / "synth_00000.json").read_text())
+    (mixed / "synth_99999.json").write_text(json.dumps({**sidecar, "split": "test"}))
+    (mixed / "synth_99999.npz").write_bytes(b"not a tile")
+    capsys.readouterr()
+    assert example.main(_args(mixed, tmp_path / "run", 0, "--steps", str(EVERY), "--no-progress-bar")) == 0
+    assert "7 train / 1 val tiles; 1 tile held out for test" in capsys.readouterr().err
+    assert _digests(tmp_path / "run")["checkpoint_step_4.pt"] == _digests(root / "a")["checkpoint_step_4.pt"]
 
 
 def test_every_checkpoint_loads_weights_only_and_holds_no_path_of_the_run(runs):
@@ -178,8 +212,27 @@ def test_bad_flags_and_a_missing_tile_folder_are_one_line_exit_2_and_create_noth
     assert "no-tiles" in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
     assert example.main(_args(tiles, out, -1)) == 2
     assert "--num-workers must be >= 0" in capsys.readouterr().err
+    assert example.main([*_args(tiles, out, 0), "--val-fraction", "1"]) == 2
+    assert "--val-fraction must be between 0 and 1 (exclusive), got 1.0" in capsys.readouterr().err
     assert example.main([*_args(tiles, out, 0), "--resume", "latest"]) == 2
     assert not out.exists()
+
+
+@pytest.mark.slow
+def test_the_docs_kill_and_resume_waits_for_the_first_checkpoint_and_resumes_to_the_same_bytes(tmp_path):
+    """docs/lightning.md's two shell blocks of the example, as written, on eight synthetic tiles: the
+    SIGKILL lands after the first checkpoint and before the run's end (a fixed wait could land
+    before the first checkpoint, or after the end), and the resumed run matches the others."""
+    blocks = [b for b in parse_blocks(REPO / "docs" / "lightning.md") if b.is_shell and "lightning_stage1.py" in b.code]
+    assert len(blocks) == 2 and "--resume auto" in blocks[1].code
+    write_synthetic_tiles(tmp_path / "tiles", 8, 32, seed=3)
+    (tmp_path / "examples").symlink_to(REPO / "examples")
+    proc = run_shell("set -e -o pipefail\n" + blocks[0].code + blocks[1].code, tmp_path, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "resuming from runs/pl3/checkpoints/checkpoint_step_" in out and "the run had already finished" not in out
+    assert out.count("done: 20 steps") == 3, out[-3000:]  # pl1, pl2 and the resumed pl3; the killed one never ended
+    assert out.count("verdict: IDENTICAL BYTES") == 2, out[-3000:]
 
 
 # --------------------------------------------------------------------------- plain Lightning vs ExactResume
@@ -373,14 +426,54 @@ def test_sigterm_to_the_process_group_checkpoints_the_step_reached_exits_143_and
     assert {k: v for k, v in _digests(out).items() if k in reference} == reference
 
 
-def _tiny_trainer(out: Path, steps: int, every: int = 5, accumulate: int = 1, callbacks=()) -> tuple:
+class _TinyValidated(_Tiny):
+    """`_Tiny` with a validation step, on a plain DataLoader (whose every ``iter`` draws from the global generator)."""
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", self.net(batch).pow(2).mean(), batch_size=len(batch))
+
+    def val_dataloader(self):
+        return torch.utils.data.DataLoader(self.data[:4], batch_size=2)
+
+
+def _tiny_trainer(out: Path, steps: int, every: int = 5, accumulate: int = 1, callbacks=(), val_every: int = 0) -> tuple:
     exact = ExactResume(out, seed=5, checkpoint_every=every, environment=False)
+    validation = dict(val_check_interval=val_every, check_val_every_n_epoch=None) if val_every else {}
     trainer = pl.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, deterministic=True, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         accumulate_grad_batches=accumulate, callbacks=[exact, *callbacks], plugins=[exact.checkpoint_io])
-    module = _Tiny(exact=True)
+                         accumulate_grad_batches=accumulate, callbacks=[exact, *callbacks], plugins=[exact.checkpoint_io],
+                         **validation)
+    torch.manual_seed(0)  # the initial weights
+    module = (_TinyValidated if val_every else _Tiny)(exact=True)
     module.workers = 0
     return exact, trainer, module
+
+
+def test_validation_changes_no_byte_also_after_a_resume_from_an_epoch_end_where_validation_was_due(tmp_path):
+    """Four batches an epoch, validation every 2 steps: the step-4 checkpoint ends an epoch, and the
+    validation of step 4 runs after it. Resumed from there, Lightning skips that validation and
+    counts its batches into the next epoch's validation progress, which the uninterrupted run had
+    reset; ExactResume writes that progress zeroed in its step checkpoints."""
+    for name, val_every in (("plain", 0), ("validated", 2)):
+        exact, trainer, module = _tiny_trainer(tmp_path / name, steps=8, every=4, val_every=val_every)
+        trainer.fit(module)
+    reference = _digests(tmp_path / "plain")
+    assert sorted(reference) == ["checkpoint_step_4.pt", "checkpoint_step_8.pt"]
+    assert _digests(tmp_path / "validated") == reference
+    resumed = tmp_path / "resumed"
+    (resumed / "checkpoints").mkdir(parents=True)
+    shutil.copy(tmp_path / "validated" / "checkpoints" / "checkpoint_step_4.pt", resumed / "checkpoints")
+    exact, trainer, module = _tiny_trainer(resumed, steps=8, every=4, val_every=2)
+    trainer.fit(module, ckpt_path=exact.resume("auto"))
+    assert _digests(resumed) == reference
+
+
+def test_resume_auto_that_finds_no_checkpoint_says_so_in_one_line(tmp_path):
+    lines: list[str] = []
+    exact = ExactResume(tmp_path / "run", seed=5, environment=False)
+    assert exact.resume("auto", log=lines.append) is None
+    assert lines == [f"no checkpoint in {tmp_path / 'run' / 'checkpoints'}: starting from step 0"]
+    assert exact.resume(None, log=lines.append) is None and len(lines) == 1  # a fresh start, as asked: nothing to say
 
 
 @pytest.mark.filterwarnings("ignore:.*there is no last checkpoint available")  # Lightning's own, before our refusal

@@ -255,3 +255,12 @@ def test_the_linter_configuration_catches_an_undefined_name_and_passes_the_proje
     assert caught.returncode == 1 and "F821" in caught.stdout, caught.stdout + caught.stderr
     clean = subprocess.run([str(ruff), "check", "--no-cache", "--quiet", "."], cwd=ROOT, capture_output=True, text=True)
     assert clean.returncode == 0, clean.stdout + clean.stderr
+
+
+def test_the_license_is_an_spdx_string_so_building_prints_no_deprecation():
+    """setuptools 77+ deprecates ``license = {text = ...}`` and prints a page of warning at every
+    install; an SPDX string (with a build requirement that reads it) prints none."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert isinstance(project["project"]["license"], str), project["project"]["license"]
+    (requirement,) = [Requirement(r) for r in project["build-system"]["requires"] if r.startswith("setuptools")]
+    assert not requirement.specifier.contains("76.9") and requirement.specifier.contains("77.0")

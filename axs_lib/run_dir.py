@@ -513,8 +513,7 @@ def check_resume(ckpt: dict, *, seed: int | None = None, config: dict | None = N
     """
     from axs_lib import checkpoint
 
-    # format 1 differs from 2 only in its checksum: both continue exactly
-    readable = getattr(checkpoint, "READABLE_FORMATS", {1, checkpoint.FORMAT_VERSION})
+    readable = checkpoint.READABLE_FORMATS
     problems = []
     version = ckpt.get(checkpoint.FORMAT_KEY)
     if type(version) is not int or version not in readable:  # a crafted list or tensor is no version either

@@ -318,6 +318,17 @@ def test_check_resume_reports_crafted_values_as_differences_instead_of_crashing(
     assert all(len(p) < 400 for p in problems)  # a 10 kB value is cut, not pasted into the message
 
 
+def test_check_resume_accepts_every_format_the_checkpoint_module_reads_and_names_them_otherwise():
+    from axs_lib.checkpoint import FORMAT_KEY, FORMAT_VERSION, READABLE_FORMATS
+
+    assert {1, FORMAT_VERSION} <= READABLE_FORMATS  # format 1 differs only in its checksum
+    for version in READABLE_FORMATS:
+        assert check_resume({FORMAT_KEY: version}) == []
+    unknown = max(READABLE_FORMATS) + 1
+    assert check_resume({FORMAT_KEY: unknown}) == [
+        f"checkpoint format: checkpoint {unknown}, this version reads {sorted(READABLE_FORMATS)}"]
+
+
 def test_the_checkpoint_manager_alone_does_not_resume_a_linked_step_file(tmp_path):
     other = tmp_path / "other"
     CheckpointManager(other).save(_ckpt(8), 8)

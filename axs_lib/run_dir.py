@@ -807,13 +807,17 @@ class MetricsLog:
         self.path = path
 
     def _lines(self) -> list[str]:
+        """The log's lines; opened non-blocking, never through a link (`axs_lib.bounded_read`)."""
+        from axs_lib.bounded_read import NO_SUCH_FILE, open_regular
+
         try:
-            st = self.path.lstat()
-        except FileNotFoundError:
-            return []
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(self.path, "is not a regular file")
-        return self.path.read_bytes().decode("utf-8", errors="replace").splitlines()
+            f = open_regular(self.path, what="a metrics log", follow_symlinks=False)
+        except InputError as exc:
+            if exc.problem == NO_SUCH_FILE:
+                return []
+            raise
+        with f:
+            return f.read().decode("utf-8", errors="replace").splitlines()
 
     @staticmethod
     def _parse(line: str) -> dict | None:

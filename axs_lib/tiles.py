@@ -17,7 +17,6 @@ carries metadata (`SIDECAR_FIELDS`); every field is optional, and a tile without
 from __future__ import annotations
 
 import collections
-import errno
 import hashlib
 import json
 import math
@@ -32,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from axs_lib.bounded_read import NO_SUCH_FILE, display_path, kind_of, open_regular, os_problem, read_regular
 from axs_lib.errors import InputError
 
 S1_KEYS = ("s1_vv", "s1_vh")
@@ -227,61 +227,19 @@ def sidecar_path(tile_path: os.PathLike | str) -> Path:
 # --------------------------------------------------------------------------- reading
 
 
-def display_path(path: os.PathLike | str) -> str:
-    """A path as text that always prints (a non-UTF-8 name keeps its bytes as ``\\xNN``)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def _open_regular(path: Path, limit: int, what: str) -> bytes | None:
+def _read_bounded(path: Path, limit: int, what: str) -> bytes | None:
     """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes; None if it does not exist.
 
-    Opened non-blocking and checked with ``fstat`` on the open descriptor, so a FIFO is refused
-    instead of hanging, a link to a device instead of reading forever, and nothing can be swapped
-    in between the check and the read.
+    Read through `axs_lib.bounded_read` (non-blocking open, ``fstat`` on the open descriptor, at
+    most ``limit + 1`` bytes), so a FIFO is refused instead of hanging and a link to a device
+    instead of reading forever; ``what`` (``sidecar``, ``pack index``) opens the message.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise InputError(display_path(path), f"{what}: broken symlink") from None
-        return None
-    except OSError as exc:
-        raise InputError(display_path(path), _os_problem(exc, what)) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(display_path(path), f"{what} is {_kind(st.st_mode)}, not a regular file")
-        if st.st_size > limit:
-            raise InputError(display_path(path), f"{what} is {st.st_size} bytes, more than the {limit} allowed")
-        with os.fdopen(fd, "rb", closefd=True) as f:
-            fd = -1
-            data = f.read(limit + 1)
-    except OSError as exc:
-        raise InputError(display_path(path), _os_problem(exc, what)) from None
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    if len(data) > limit:
-        raise InputError(display_path(path), f"{what} grew past the {limit} bytes allowed while being read")
-    return data
-
-
-def _os_problem(exc: OSError, what: str) -> str:
-    if isinstance(exc, PermissionError):
-        return f"cannot read {what}: permission denied"
-    if exc.errno == errno.ELOOP:
-        return f"cannot read {what}: symlink loop"
-    if isinstance(exc, IsADirectoryError):
-        return f"{what} is a directory, not a regular file"
-    return f"cannot read {what}: {exc.strerror or exc}"
-
-
-def _kind(mode: int) -> str:
-    for test, word in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return word
-    return "not a regular file"
+        return read_regular(path, limit, subject=what)
+    except InputError as exc:
+        if exc.problem == NO_SUCH_FILE:
+            return None
+        raise
 
 
 def check_regular_file(path: Path, limit: int = MAX_TILE_BYTES, what: str = "file") -> os.stat_result:
@@ -291,9 +249,9 @@ def check_regular_file(path: Path, limit: int = MAX_TILE_BYTES, what: str = "fil
     except FileNotFoundError:
         raise InputError(display_path(path), "broken symlink" if os.path.islink(path) else "no such file") from None
     except OSError as exc:
-        raise InputError(display_path(path), _os_problem(exc, what)) from None
+        raise InputError(display_path(path), os_problem(exc, what)) from None
     if not stat.S_ISREG(st.st_mode):
-        raise InputError(display_path(path), f"{what} is {_kind(st.st_mode)}, not a regular file")
+        raise InputError(display_path(path), f"{what} is {kind_of(st.st_mode)}, not a regular file")
     if st.st_size > limit:
         raise InputError(display_path(path), f"{what} is {st.st_size} bytes, more than the {limit} allowed")
     return st
@@ -301,7 +259,7 @@ def check_regular_file(path: Path, limit: int = MAX_TILE_BYTES, what: str = "fil
 
 def read_json_file(path: Path, what: str, limit: int = MAX_SIDECAR_BYTES):
     """Parse a small JSON file; `InputError` for anything but a regular file of valid JSON."""
-    data = _open_regular(path, limit, what)
+    data = _read_bounded(path, limit, what)
     if data is None:
         raise InputError(display_path(path), f"no such {what}")
     return _parse_json(path, data, what)
@@ -358,7 +316,7 @@ def read_sidecar(tile_path: os.PathLike | str) -> dict:
             return {}
     else:
         path = sidecar_path(tile_path)
-        data = _open_regular(path, MAX_SIDECAR_BYTES, "sidecar")
+        data = _read_bounded(path, MAX_SIDECAR_BYTES, "sidecar")
         if data is None:
             return {}
         meta = _parse_json(path, data, "sidecar")
@@ -406,7 +364,7 @@ def load_arrays(path: os.PathLike | str) -> dict[str, np.ndarray]:
     if st.st_size == 0:
         raise InputError(display_path(path), "empty file (0 bytes), not an .npz tile")
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, subject="tile") as f:  # non-blocking, checked on the descriptor (bounded_read)
             if not zipfile.is_zipfile(f):
                 raise InputError(display_path(path), "truncated or not an .npz file (no zip archive found)")
             with zipfile.ZipFile(f) as zf:
@@ -570,8 +528,9 @@ def tile_shape(path: os.PathLike | str) -> tuple[int, ...] | None:
         except InputError:
             return None
     try:
-        check_regular_file(Path(path), MAX_TILE_BYTES, "tile")  # a FIFO named *.npz must not block
-        with zipfile.ZipFile(path) as zf, zf.open(f"{S1_KEYS[0]}.npy") as f:
+        check_regular_file(Path(path), MAX_TILE_BYTES, "tile")
+        # opened non-blocking and checked on the descriptor: a FIFO swapped in after the check must not block
+        with open_regular(path, subject="tile") as raw, zipfile.ZipFile(raw) as zf, zf.open(f"{S1_KEYS[0]}.npy") as f:
             major, _ = np.lib.format.read_magic(f)
             read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
             shape, _, _ = read_header(f)
@@ -674,9 +633,9 @@ def ref_key(ref: os.PathLike | str, real_dirs: dict[str, str] | None = None) -> 
             keys.append(None)
             continue
         except OSError as exc:
-            raise InputError(display_path(file), _os_problem(exc, "file")) from None
+            raise InputError(display_path(file), os_problem(exc, "file")) from None
         if not stat.S_ISREG(st.st_mode):
-            raise InputError(display_path(file), f"{'tile' if i == 0 else 'sidecar'} is {_kind(st.st_mode)}, not a regular file")
+            raise InputError(display_path(file), f"{'tile' if i == 0 else 'sidecar'} is {kind_of(st.st_mode)}, not a regular file")
         keys.append(stat_key(st))
     real_dirs = {} if real_dirs is None else real_dirs
     if directory not in real_dirs:

@@ -193,6 +193,19 @@ def test_metrics_log_skips_foreign_lines_and_cuts_back_to_a_step(tmp_path):
     assert log.read() == [{"step": 1}]
 
 
+def test_a_metrics_log_that_is_a_fifo_or_a_link_is_refused_by_kind_without_blocking(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    os.mkfifo(path)  # nobody writes to it: an ordinary open would wait forever
+    with pytest.raises(InputError, match=r"metrics.jsonl: is a FIFO \(named pipe\), not a metrics log"):
+        run_dir.MetricsLog(path).read()
+    path.unlink()
+    path.symlink_to("/dev/zero")  # a read through it would never end
+    with pytest.raises(InputError, match="metrics.jsonl: is a symbolic link"):
+        run_dir.MetricsLog(path).read()
+    path.unlink()
+    assert run_dir.MetricsLog(path).read() == []  # absent: nothing logged yet
+
+
 # --------------------------------------------------------------------------- training state
 
 

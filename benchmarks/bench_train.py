@@ -77,9 +77,9 @@ from axs_lib.split import leave_out_flagged, make_split
 from axs_lib.stage1.config import TrainConfig, resolve_auto_schedule
 from axs_lib.stage1.losses import stage1_loss
 from axs_lib.stage1.model import UNet, band_means, band_stats
-from axs_lib.stage1.train import _shutdown_workers, evaluate, lr_factor
+from axs_lib.stage1.train import evaluate, lr_factor
 from axs_lib.tiles import list_tiles
-from axs_lib.workers import ignore_stop_signals
+from axs_lib.workers import ignore_stop_signals, shutdown_workers
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 42
@@ -345,7 +345,7 @@ def plain_loop(s: SimpleNamespace, data_dir: Path, out_dir: Path, *, same_work: 
     finally:
         batches.close()
         loader.close()
-        _shutdown_workers(val_loader)
+        shutdown_workers(val_loader)
     seconds, cpu = time.perf_counter() - start, time.process_time() - cpu_start
     return {"steps_per_s": s.steps / seconds, "steps": s.steps, "cpu_s": cpu, "saves_s": saves}
 

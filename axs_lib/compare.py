@@ -776,7 +776,7 @@ class RunComparison:
 def _config_difference(a: os.PathLike | str, b: os.PathLike | str) -> str:
     """``"; their configs differ: ..."`` from the two runs' run.json, or "" when unreadable or equal."""
     from axs_lib.errors import AxsError
-    from axs_lib.run_dir import read_run_json
+    from axs_lib.run_dir import config_differences, read_run_json
 
     try:
         ca, cb = ((read_run_json(Path(p)) or {}).get("config") for p in (a, b))
@@ -784,7 +784,7 @@ def _config_difference(a: os.PathLike | str, b: os.PathLike | str) -> str:
         return ""
     if not isinstance(ca, dict) or not isinstance(cb, dict):
         return ""
-    keys = [k for k in {**ca, **cb} if k not in ("output_dir", "data_dir") and ca.get(k) != cb.get(k)]
+    keys = config_differences(ca, cb)
     if not keys:
         return "; their configs are the same"
     return "; their configs differ: " + ", ".join(f"{k} {ca.get(k)!r} vs {cb.get(k)!r}" for k in keys[:6]) + (

@@ -47,8 +47,9 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
+from axs_lib.bitdiff import same_value
 from axs_lib.errors import CheckpointError, InputError, UsageError, WriteError
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,14 @@ MAX_RUN_JSON_BYTES = 16 * 2**20
 
 def checkpoint_name(step: int) -> str:
     return f"checkpoint_step_{int(step)}.pt"
+
+
+LOSS_PLOT = f"{PLOTS}/loss.png"  # relative to the run directory, as the manifest lists it
+
+
+def sample_image(step: int) -> str:
+    """The samples figure of ``step``, relative to the run directory (``samples/step_<N>.png``)."""
+    return f"{SAMPLES}/step_{int(step)}.png"
 
 
 def step_of(name: str) -> int | None:
@@ -442,6 +451,19 @@ def lock_is_held(run: os.PathLike | str) -> bool:
 
 
 # --------------------------------------------------------------------------- checkpoints
+
+
+# Config fields that say where a run lives, not how it trained: never a difference between two runs.
+LOCATION_FIELDS = ("output_dir", "data_dir")
+
+
+def config_differences(*configs: dict[str, Any], ignore: Iterable[str] = LOCATION_FIELDS) -> list[str]:
+    """The fields, first seen first, whose values are not the same bits in every one of ``configs``
+    (`axs_lib.bitdiff.same_value`; a field one config lacks is None there). `axs compare` and `axs
+    runs` name how runs differ with it."""
+    skip = set(ignore)
+    keys = dict.fromkeys(k for config in configs for k in config)
+    return [k for k in keys if k not in skip and not all(same_value(configs[0].get(k), c.get(k)) for c in configs[1:])]
 
 
 def diff_fields(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:

@@ -206,6 +206,17 @@ def test_a_metrics_log_that_is_a_fifo_or_a_link_is_refused_by_kind_without_block
     assert run_dir.MetricsLog(path).read() == []  # absent: nothing logged yet
 
 
+def test_config_differences_names_the_fields_that_are_not_the_same_bits_in_every_run():
+    nan = float("nan")
+    a = {"lr": 0.1, "steps": 2, "dropout": nan, "output_dir": "runs/a", "data_dir": "tiles", "seed": 1}
+    b = {"lr": 0.1, "steps": 3, "dropout": nan, "output_dir": "runs/b", "data_dir": "other", "seed": 2, "width": 8}
+    assert run_dir.config_differences(a, b) == ["steps", "seed", "width"]  # where a run lives is no difference
+    assert run_dir.config_differences(a, b, ignore=(*run_dir.LOCATION_FIELDS, "seed")) == ["steps", "width"]
+    assert run_dir.config_differences(dict(a, lr=0.0), dict(a, lr=-0.0)) == ["lr"]
+    assert run_dir.config_differences(a, dict(a), dict(a, steps=9)) == ["steps"]
+    assert run_dir.config_differences(a) == []
+
+
 # --------------------------------------------------------------------------- training state
 
 

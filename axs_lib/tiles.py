@@ -12,6 +12,10 @@ carries metadata (`SIDECAR_FIELDS`); every field is optional, and a tile without
 `read_tile` is strict about structure (it raises `InputError` naming the file and the problem);
 `validate_tile` also checks that the values are plausible, so that a tile in linear power or in
 0..1 reflectance is caught before it silently trains a bad model.
+
+Tiles kept in another layout (the packed shards of `axs_lib.packed`) are listed and read here too:
+this module asks the `axs_lib.tile_store.TileStore` that claims the directory or ref, and checks
+what it returns like a ``.npz`` tile. It imports no store.
 """
 
 from __future__ import annotations
@@ -33,6 +37,7 @@ import numpy as np
 
 from axs_lib.bounded_read import NO_SUCH_FILE, display_path, kind_of, open_regular, os_problem, read_regular
 from axs_lib.errors import InputError
+from axs_lib.tile_store import store_for_dir, store_for_ref
 
 S1_KEYS = ("s1_vv", "s1_vh")
 S2_KEYS = ("s2_b2", "s2_b3", "s2_b4", "s2_b8")
@@ -162,16 +167,17 @@ def scan_tiles(data_dir: os.PathLike | str) -> list[Path]:
     Not recursive, so directory symlink loops cannot trap it. Used by ``axs tiles validate``,
     which must report broken entries rather than stop at the first.
     """
-    if _packed().is_packed_dir(data_dir):
-        return _packed().list_packed(data_dir)
+    store = store_for_dir(data_dir)
+    if store is not None:
+        return store.list_tiles(data_dir)
     return [Path(data_dir) / e.name for e in _scan(data_dir)]
 
 
 def list_tiles(data_dir: os.PathLike | str, max_tiles: int | None = None) -> list[Path]:
     """The tiles of ``data_dir`` sorted by file name; the first ``max_tiles`` of them when given.
 
-    A directory written by ``axs tiles pack`` gives refs into its shards (`axs_lib.packed`), which
-    every reader here takes like tile paths.
+    A directory of another tile store (`axs_lib.tile_store`; ``axs tiles pack`` writes one) gives
+    that store's refs, which every reader here takes like tile paths.
 
     Raises `InputError` naming the directory when it is missing, not a directory, holds no tiles,
     or ``max_tiles`` < 1; and naming the entry when a selected ``.npz`` is not a readable regular
@@ -179,8 +185,9 @@ def list_tiles(data_dir: os.PathLike | str, max_tiles: int | None = None) -> lis
     """
     if max_tiles is not None and max_tiles < 1:
         raise InputError(data_dir, f"--max-tiles must be >= 1, got {max_tiles}")
-    if _packed().is_packed_dir(data_dir):
-        return _packed().list_packed(data_dir, max_tiles)
+    store = store_for_dir(data_dir)
+    if store is not None:
+        return store.list_tiles(data_dir, max_tiles)
     entries = _scan(data_dir)[:max_tiles]
     paths = [Path(data_dir) / e.name for e in entries]
     for entry, path in zip(entries, paths):
@@ -307,10 +314,12 @@ def _parse_json(path: Path, data: bytes, what: str):
 def read_sidecar(tile_path: os.PathLike | str) -> dict:
     """The tile's sidecar metadata, checked, with ``split`` normalised; ``{}`` when there is none.
 
-    For a packed tile the metadata comes from its shard's index and gets the same checks.
+    For a tile of another store (a packed tile) the metadata comes from the store (the shard's
+    index) and gets the same checks.
     """
-    if _packed().is_packed_ref(tile_path):
-        meta = _packed().read_packed_meta(tile_path)
+    store = store_for_ref(tile_path)
+    if store is not None:
+        meta = store.read_meta(tile_path)
         path = Path(tile_path)
         if meta is None:
             return {}
@@ -331,12 +340,6 @@ def read_sidecar(tile_path: os.PathLike | str) -> dict:
     return meta
 
 
-def _packed():
-    from axs_lib import packed  # packed imports this module; imported late to break the cycle
-
-    return packed
-
-
 def _field_problem(name: str, value: Any) -> str | None:
     if name not in SIDECAR_FIELDS:
         return None  # extra fields are allowed and kept
@@ -355,8 +358,9 @@ def load_arrays(path: os.PathLike | str) -> dict[str, np.ndarray]:
     declared size (zipfile never inflates a member past it), and each array's shape from its
     ``.npy`` header, which must fit in its member.
     """
-    if _packed().is_packed_ref(path):
-        arrays = _packed().read_packed_arrays(path)
+    store = store_for_ref(path)
+    if store is not None:
+        arrays = store.read_arrays(path)
         check_arrays(path, arrays)
         return arrays
     path = Path(path)
@@ -522,9 +526,10 @@ def valid_mask(arrays: dict[str, np.ndarray]) -> np.ndarray:
 
 def tile_shape(path: os.PathLike | str) -> tuple[int, ...] | None:
     """The shape of a tile's ``s1_vv`` read from its .npy header only, or None when unreadable."""
-    if _packed().is_packed_ref(path):
+    store = store_for_ref(path)
+    if store is not None:
         try:
-            return tuple(_packed().read_packed_arrays(path)[S1_KEYS[0]].shape)
+            return tuple(store.read_arrays(path)[S1_KEYS[0]].shape)
         except InputError:
             return None
     try:
@@ -610,16 +615,16 @@ def stat_key(st: os.stat_result) -> list[int]:
 
 
 def ref_key(ref: os.PathLike | str, real_dirs: dict[str, str] | None = None) -> tuple[str, str, list] | None:
-    """(directory, entry name, stat keys) of a tile ref, covering tile and sidecar (shard and index
-    for a packed tile); None when the tile does not exist. Raises `InputError` if it is not a file.
+    """(directory, entry name, stat keys) of a tile ref, covering tile and sidecar (a store's
+    `TileStore.ref_files`: shard and index for a packed tile); None when the tile does not exist. Raises `InputError` if it is not a file.
 
     Works on strings, not `Path`, and resolves each directory once (``real_dirs`` memoises it
     across calls): this is the whole per-tile cost of a cached start.
     """
     ref = os.fspath(ref)
-    if _packed().is_packed_ref(ref):
-        shard = os.path.dirname(ref)
-        files = (shard, shard[: -len(".npy")] + ".json")
+    store = store_for_ref(ref)
+    if store is not None:
+        files = store.ref_files(ref)
     else:
         files = (ref, os.path.splitext(ref)[0] + SIDECAR_SUFFIX)
     directory, name = os.path.split(files[0])

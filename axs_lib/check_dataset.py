@@ -15,7 +15,7 @@ four ways:
   (or none) from `load_state_dict`, the rest: catches anything that depends on what came before.
 
 Every sample is compared with the reference's, field by field (nested dicts, lists, tuples,
-tensors, arrays, numbers, strings), by bytes, so NaN payloads and -0.0 count. The report names the
+tensors, arrays, numbers, strings), by bytes, so NaN payloads and -0.0 count (`axs_lib.bitdiff`). The report names the
 first sample that differs in each check, as ``(epoch, index)``, the field and how it differs.
 ``axs check-dataset MODULE:FACTORY`` is the command-line shell over this module.
 """
@@ -25,7 +25,6 @@ from __future__ import annotations
 import importlib
 import importlib.util
 import itertools
-import math
 import os
 import pickle
 import sys
@@ -33,9 +32,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-import numpy as np
-import torch
 
+from axs_lib import bitdiff
 from axs_lib.errors import AxsError, InputError, UsageError
 from axs_lib.loader import ResumableLoader
 from axs_lib.samples import SeededDataset
@@ -237,82 +235,9 @@ def dataset_keys(dataset, seed: int) -> Iterator[SampleIndex]:
 
 
 def first_difference(check: str, keys: list[SampleIndex], reference: list, other: list) -> Difference | None:
+    """The first sample of ``other`` that differs from ``reference`` by a bit (`axs_lib.bitdiff`)."""
     for key, a, b in zip(keys, reference, other, strict=True):
-        found = compare(a, b)
+        found = bitdiff.first_difference(a, b)
         if found is not None:
-            path, detail = found
-            return Difference(check, key.epoch, int(key), path, detail)
+            return Difference(check, key.epoch, int(key), found.subscript, found.detail)
     return None
-
-
-# --------------------------------------------------------------------------- comparing
-
-
-def compare(a: Any, b: Any, path: str = "") -> tuple[str, str] | None:
-    """The first place where ``a`` and ``b`` differ, as ``(path, what)``; None when bit-identical."""
-    if type(a) is not type(b):
-        return path, f"type {type(a).__name__} vs {type(b).__name__}"
-    if isinstance(a, dict):
-        if list(a.keys()) != list(b.keys()):
-            return path, f"keys {list(a.keys())} vs {list(b.keys())}"
-        for key in a:
-            found = compare(a[key], b[key], f"{path}[{key!r}]")
-            if found:
-                return found
-        return None
-    if isinstance(a, (list, tuple)):
-        if len(a) != len(b):
-            return path, f"length {len(a)} vs {len(b)}"
-        for i, (x, y) in enumerate(zip(a, b)):
-            found = compare(x, y, f"{path}[{i}]")
-            if found:
-                return found
-        return None
-    if isinstance(a, torch.Tensor):
-        if a.dtype != b.dtype or a.shape != b.shape:
-            return path, f"dtype {a.dtype} vs {b.dtype}" if a.dtype != b.dtype else f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
-        return _compare_arrays(_tensor_array(a), _tensor_array(b), path)
-    if isinstance(a, np.ndarray) or isinstance(a, np.generic):
-        return _compare_arrays(np.asarray(a), np.asarray(b), path)
-    if isinstance(a, float):
-        return None if np.float64(a).tobytes() == np.float64(b).tobytes() else (path, f"{a!r} vs {b!r}")
-    try:
-        equal = bool(a == b)
-    except Exception:
-        equal = repr(a) == repr(b)
-    return None if equal else (path, f"{_short(a)} vs {_short(b)}")
-
-
-def _tensor_array(tensor: torch.Tensor) -> np.ndarray:
-    """The tensor's values as a numpy array; dtypes numpy lacks (bfloat16, float8) as same-size ints."""
-    tensor = tensor.detach().cpu().resolve_conj().resolve_neg().contiguous()
-    try:
-        return tensor.numpy()
-    except TypeError:
-        ints = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}[tensor.element_size()]
-        return tensor.view(ints).numpy()
-
-
-def _compare_arrays(a: np.ndarray, b: np.ndarray, path: str) -> tuple[str, str] | None:
-    if a.dtype != b.dtype:
-        return path, f"dtype {a.dtype} vs {b.dtype}"
-    if a.shape != b.shape:
-        return path, f"shape {tuple(a.shape)} vs {tuple(b.shape)}"
-    if a.dtype == object:
-        return compare(a.tolist(), b.tolist(), path)
-    a, b = np.ascontiguousarray(a), np.ascontiguousarray(b)
-    if a.tobytes() == b.tobytes():
-        return None
-    flat_a, flat_b = a.reshape(-1), b.reshape(-1)
-    bytes_a = flat_a.view(np.uint8).reshape(flat_a.size, -1) if flat_a.size else flat_a
-    bytes_b = flat_b.view(np.uint8).reshape(flat_b.size, -1) if flat_b.size else flat_b
-    unequal = np.flatnonzero((bytes_a != bytes_b).any(axis=1))
-    first = int(unequal[0])
-    where = np.unravel_index(first, a.shape) if a.ndim else ()
-    return path, (f"{len(unequal)} of {math.prod(a.shape) or 1} elements differ, first at "
-                  f"{tuple(int(i) for i in where)}: {flat_a[first]!r} vs {flat_b[first]!r}")
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= 60 else text[:57] + "..."

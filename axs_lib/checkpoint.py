@@ -49,6 +49,8 @@ FORMAT_KEY = "format_version"
 CHECKSUM_KEY = "content_xxh3"  # what this version writes
 LEGACY_CHECKSUM_KEY = "content_sha256"  # format 1; still verified on load
 CHECKSUM_KEYS = (CHECKSUM_KEY, LEGACY_CHECKSUM_KEY)
+# Formats this version loads and continues exactly: format 1 differs from 2 only in its checksum.
+READABLE_FORMATS = frozenset((1, FORMAT_VERSION))
 # Every top-level key a checkpoint of ours may carry besides the user's content; the one list of them
 # (`axs_lib.state.TrainingState` refuses components and extras under these names).
 GUIDE_KEYS = ("step", "epoch", "seed_info", "rng_state")  # the reproducibility guide's names

@@ -10,9 +10,10 @@ renders as a readable report (`render_text`) and as JSON (`to_dict`):
 * Every leaf of the whole nested state (model, optimizer, scheduler, RNG state, sampler, early
   stopping, ...), by its dotted path from `iter_leaves`. Tensors get shape, dtype, number of
   differing elements, max absolute and relative difference and max ULP distance; other values
-  are compared exactly; keys present on one side only are listed. ``content_sha256`` is not a
-  leaf here (it is a checksum of the rest) but it is shown and used: equal checksums with
-  unequal content mean a damaged file, which is then found by verifying both.
+  are compared bit for bit (`axs_lib.bitdiff.same_value`); keys present on one side only are
+  listed. ``content_sha256`` is not a leaf here (it is a checksum of the rest) but it is shown
+  and used: equal checksums with unequal content mean a damaged file, which is then found by
+  verifying both.
 * Metadata side by side (seed info, determinism flags, environment and data fingerprints,
   config) and, when content differs, which of those differences can explain it.
 * The environment a checkpoint records (its ``environment`` section, and whether CUDA was
@@ -39,7 +40,6 @@ import math
 import mmap
 import os
 import re
-import struct
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -49,6 +49,7 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import torch
 
+from axs_lib.bitdiff import same_value
 from axs_lib.checkpoint import CHECKSUM_KEY, CHECKSUM_KEYS, LEGACY_CHECKSUM_KEY, check_content, iter_leaves, load_checkpoint
 from axs_lib.run_dir import step_checkpoints
 from axs_lib.errors import CheckpointError, InputError, UsageError
@@ -318,18 +319,6 @@ def _as_tensor(leaf: Any) -> torch.Tensor | None:
         array = leaf.astype(np.int64) if leaf.dtype.kind == "u" and leaf.dtype.itemsize > 1 else leaf
         return torch.from_numpy(np.ascontiguousarray(array))
     return None
-
-
-def same_value(a: Any, b: Any) -> bool:
-    """Exact equality of two non-tensor leaves: same type and same value, floats bit for bit."""
-    if type(a) is not type(b):
-        return False
-    if isinstance(a, float):
-        return struct.pack("<d", a) == struct.pack("<d", b)
-    try:
-        return bool(a == b)
-    except Exception:  # noqa: BLE001 - objects from --trust checkpoints may compare oddly
-        return repr(a) == repr(b)
 
 
 def jsonable(value: Any) -> Any:
@@ -787,7 +776,7 @@ class RunComparison:
 def _config_difference(a: os.PathLike | str, b: os.PathLike | str) -> str:
     """``"; their configs differ: ..."`` from the two runs' run.json, or "" when unreadable or equal."""
     from axs_lib.errors import AxsError
-    from axs_lib.run_dir import read_run_json
+    from axs_lib.run_dir import config_differences, read_run_json
 
     try:
         ca, cb = ((read_run_json(Path(p)) or {}).get("config") for p in (a, b))
@@ -795,7 +784,7 @@ def _config_difference(a: os.PathLike | str, b: os.PathLike | str) -> str:
         return ""
     if not isinstance(ca, dict) or not isinstance(cb, dict):
         return ""
-    keys = [k for k in {**ca, **cb} if k not in ("output_dir", "data_dir") and ca.get(k) != cb.get(k)]
+    keys = config_differences(ca, cb)
     if not keys:
         return "; their configs are the same"
     return "; their configs differ: " + ", ".join(f"{k} {ca.get(k)!r} vs {cb.get(k)!r}" for k in keys[:6]) + (

@@ -26,9 +26,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from axs_lib.reproducibility import create_reproducible_generator, derive_seed, seed_worker
+from axs_lib.reproducibility import create_reproducible_generator, derive_seed
 from axs_lib.tiles import OPTICAL_RANGE, SAR_DB_RANGE, read_tile
-from axs_lib.workers import ignore_stop_signals, reap_workers_at_exit
+from axs_lib.workers import init_worker, reap_workers_at_exit
 
 DEFAULT_CACHE_TILES = 512  # decoded tiles kept per process (about 200 MB at 120 x 120)
 
@@ -125,12 +125,6 @@ def _add_speckle(sar_db: np.ndarray, std: float, generator: torch.Generator) -> 
     return (sar_db + 10.0 * np.log10(np.maximum(factor, 1e-3))).astype(np.float32)
 
 
-def worker_init(worker_id: int) -> None:
-    """``worker_init_fn`` of our loaders: ignore the stop signals, then `seed_worker`."""
-    ignore_stop_signals(worker_id)
-    seed_worker(worker_id)
-
-
 def validation_loader(
     dataset: Dataset,
     batch_size: int,
@@ -141,9 +135,10 @@ def validation_loader(
     """A DataLoader that walks ``dataset`` once in index order, with plain int keys (so no
     augmentation): the trainer's validation loader.
 
-    Workers ignore the stop signals (`worker_init`; see `reap_workers_at_exit`), are seeded with
-    `seed_worker` and persistent (validation runs many times); the loader's generator is seeded
-    from ``seed``; memory is pinned only when asked and CUDA is present. The workers start at the
+    Workers start as those of every loader of ours (`axs_lib.workers.init_worker`: seeded with
+    `seed_worker`, the stop signals ignored; see `reap_workers_at_exit`) and are persistent
+    (validation runs many times); the loader's generator is seeded from ``seed``; memory is pinned
+    only when asked and CUDA is present. The workers start at the
     first ``iter(loader)``: do that under `axs_lib.workers.stop_signals_held`, as the trainer's
     `axs_lib.stage1.train.evaluate` does, so a stop signal in that moment cannot kill one.
     """
@@ -154,7 +149,7 @@ def validation_loader(
         batch_size=batch_size,
         shuffle=False,
         num_workers=num_workers,
-        worker_init_fn=worker_init,
+        worker_init_fn=init_worker,
         generator=create_reproducible_generator(seed),
         persistent_workers=num_workers > 0,
         pin_memory=pin_memory and torch.cuda.is_available(),

@@ -17,6 +17,7 @@ from pathlib import Path
 from axs_lib.cli import main as axs
 from axs_lib.compare import Options, compare_paths
 from axs_lib.ingest import write_demo_tiles
+from axs_lib.run_dir import CHECKPOINTS, LOSS_PLOT, checkpoint_name, sample_image
 
 TILES = Path("tiles")
 RUNS = (("runs/demo_a", "0"), ("runs/demo_b", "2"))
@@ -39,14 +40,14 @@ def main() -> int:
     print("\n== 4. compare the two runs")
     result = compare_paths(RUNS[0][0], RUNS[1][0], Options())
     print(result.render_text())
-    final = f"checkpoints/checkpoint_step_{STEPS}.pt"
+    final = f"{CHECKPOINTS}/{checkpoint_name(int(STEPS))}"
     for out, _ in RUNS:
         print(f"  sha256 {_sha(Path(out) / final)}  {out}/{final}")
     if not result.match:
         print("\n✗ The two runs differ: see above for where and why.")
         return 1
-    print(f"\n✓ The two runs match bit for bit (0 and 2 workers). Plots: {RUNS[0][0]}/plots/loss.png, "
-          f"{RUNS[0][0]}/samples/step_{STEPS}.png")
+    print(f"\n✓ The two runs match bit for bit (0 and 2 workers). Plots: {RUNS[0][0]}/{LOSS_PLOT}, "
+          f"{RUNS[0][0]}/{sample_image(int(STEPS))}")
     return 0
 
 

@@ -52,22 +52,11 @@ from typing import Any, Callable, Iterator
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from axs_lib.reproducibility import create_reproducible_generator, seed_worker
+from axs_lib.reproducibility import create_reproducible_generator
 from axs_lib.sampling import ResumableSampler, SampleIndex
-from axs_lib.workers import ignore_stop_signals, reap_workers_at_exit, stop_signals_held
+from axs_lib.workers import init_worker, reap_workers_at_exit, shutdown_workers, stop_signals_held
 
 _OWNED_ARGS = ("shuffle", "sampler", "batch_sampler", "generator", "batch_size", "in_order")
-
-
-def _init_worker(user_init: Callable[[int], None] | None, worker_id: int) -> None:
-    seed_worker(worker_id)
-    # A scheduler's signal to the process group is the main process's to act on (it checkpoints,
-    # then shuts the workers down through their queues); a worker it killed would turn the stop
-    # into a DataLoader error. Ignored (and the one held since the fork, see _run, discarded)
-    # before the user's own init, which may decide otherwise.
-    ignore_stop_signals(worker_id)
-    if user_init is not None:
-        user_init(worker_id)
 
 
 class _BatchPlan:
@@ -195,7 +184,7 @@ class ResumableLoader:
             num_workers=num_workers,
             collate_fn=collate_fn,
             pin_memory=pin_memory and torch.cuda.is_available(),
-            worker_init_fn=functools.partial(_init_worker, worker_init_fn),
+            worker_init_fn=functools.partial(init_worker, user_init=worker_init_fn),
             generator=create_reproducible_generator(seed),
             persistent_workers=num_workers > 0 if persistent_workers is None else persistent_workers,
             **dataloader_kwargs,
@@ -306,9 +295,7 @@ class ResumableLoader:
         when its owner is such an object; `axs_lib.lightning.ExactResume` does.
         """
         self._active = None
-        iterator, self._loader._iterator = self._loader._iterator, None
-        if iterator is not None:
-            iterator._shutdown_workers()  # what DataLoader's own iterator runs when collected
+        shutdown_workers(self._loader)
 
     def __enter__(self) -> "ResumableLoader":
         return self

@@ -25,8 +25,10 @@ be a plain name (`axs_lib.tiles.name_problem`) and appear once in the pack.
 
 A packed tile's ref is a path *inside* its shard, ``OUT/shard-00000.npy/<stem>.npz``: its ``name``
 and ``stem`` are those of the unpacked tile, so split manifests, data fingerprints and logs read
-the same, and `axs_lib.tiles.read_tile` (which recognises such a path) stays the one way a tile is
-read. Reading maps the shard once per process and slices it: no per-tile file is opened.
+the same, and `axs_lib.tiles.read_tile` stays the one way a tile is read: this module is the
+`axs_lib.tile_store.TileStore` (`STORE`) that `tiles` asks for such a path, and it takes the tile
+contract from `tiles`, which imports nothing from here. Reading maps the shard once per process
+and slices it: no per-tile file is opened.
 
 Packing writes into a new (or empty) directory, every file atomically, the index last, so an
 interrupted pack is never mistaken for a complete one.
@@ -43,6 +45,8 @@ import xxhash
 
 from axs_lib.atomic import atomic_open, atomic_write_text
 from axs_lib.errors import InputError, UsageError
+from axs_lib.tiles import (S1_KEYS, S2_KEYS, check_regular_file, check_shape_limits, list_tiles, load_arrays, name_problem,
+                           read_json_file, read_sidecar, sidecar_path)
 
 PACK_INDEX = "pack.json"
 PACK_FORMAT = "axs-packed-tiles"
@@ -76,8 +80,6 @@ def is_packed_ref(ref: os.PathLike | str) -> bool:
 
 
 def _read_json(path: Path) -> dict:
-    from axs_lib.tiles import read_json_file
-
     doc = read_json_file(path, "pack index", limit=MAX_INDEX_BYTES)
     if not isinstance(doc, dict):
         raise InputError(path, "pack index must hold a JSON object")
@@ -98,8 +100,6 @@ def pack_index(directory: os.PathLike | str) -> dict:
         isinstance(s, dict) and isinstance(s.get("file"), str) and isinstance(s.get("tiles"), list) for s in shards
     ):
         raise InputError(path, "malformed shard list")
-    from axs_lib.tiles import name_problem
-
     names: set[str] = set()
     for shard in shards:
         if name_problem(shard["file"]) or not shard["file"].endswith(SHARD_SUFFIX):
@@ -136,8 +136,6 @@ class _Shard:
     """A mapped shard and its index; slices are views of the map until copied."""
 
     def __init__(self, path: str):
-        from axs_lib.tiles import check_regular_file, name_problem
-
         self.path = path
         self.key: tuple | None = None
         check_regular_file(Path(path), MAX_SHARD_BYTES, "shard")
@@ -172,8 +170,6 @@ class _Shard:
         return entry
 
     def arrays(self, ref: str) -> dict[str, np.ndarray]:
-        from axs_lib.tiles import S1_KEYS, S2_KEYS, check_shape_limits
-
         entry = self.entry(ref)
         keys = (*S1_KEYS, *S2_KEYS)
         tile = os.path.basename(ref)
@@ -251,6 +247,26 @@ def shard_files(shard: os.PathLike | str) -> tuple[Path, Path]:
     return shard, shard.with_suffix(".json")
 
 
+def ref_files(ref: str) -> tuple[str, str]:
+    """(shard, shard index) of a packed tile's ref, as strings: what a stat cache keys it on."""
+    shard = os.path.dirname(ref)
+    return shard, shard[: -len(SHARD_SUFFIX)] + ".json"
+
+
+class PackedStore:
+    """Packed directories as an `axs_lib.tile_store.TileStore`: how `axs_lib.tiles` lists and reads them."""
+
+    holds_dir = staticmethod(is_packed_dir)
+    holds_ref = staticmethod(is_packed_ref)
+    list_tiles = staticmethod(list_packed)
+    read_arrays = staticmethod(read_packed_arrays)
+    read_meta = staticmethod(read_packed_meta)
+    ref_files = staticmethod(ref_files)
+
+
+STORE = PackedStore()  # named in axs_lib.tile_store.KNOWN_STORES
+
+
 # --------------------------------------------------------------------------- writing
 
 
@@ -266,8 +282,6 @@ def pack_tiles(src_dir: os.PathLike | str, out_dir: os.PathLike | str, shard_til
     Every tile and sidecar is read and checked as `read_tile` does before it is packed; the first
     bad one stops the pack with its error. ``out_dir`` gets ``pack.json`` last.
     """
-    from axs_lib.tiles import S1_KEYS, S2_KEYS, list_tiles, load_arrays, read_sidecar, sidecar_path
-
     if shard_tiles < 1:
         raise UsageError(f"--shard-tiles must be >= 1, got {shard_tiles}")
     refs = list_tiles(src_dir)

@@ -47,8 +47,9 @@ import os
 import re
 import stat
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterable
 
+from axs_lib.bitdiff import same_value
 from axs_lib.errors import CheckpointError, InputError, UsageError, WriteError
 
 logger = logging.getLogger(__name__)
@@ -83,6 +84,14 @@ MAX_RUN_JSON_BYTES = 16 * 2**20
 
 def checkpoint_name(step: int) -> str:
     return f"checkpoint_step_{int(step)}.pt"
+
+
+LOSS_PLOT = f"{PLOTS}/loss.png"  # relative to the run directory, as the manifest lists it
+
+
+def sample_image(step: int) -> str:
+    """The samples figure of ``step``, relative to the run directory (``samples/step_<N>.png``)."""
+    return f"{SAMPLES}/step_{int(step)}.png"
 
 
 def step_of(name: str) -> int | None:
@@ -444,6 +453,19 @@ def lock_is_held(run: os.PathLike | str) -> bool:
 # --------------------------------------------------------------------------- checkpoints
 
 
+# Config fields that say where a run lives, not how it trained: never a difference between two runs.
+LOCATION_FIELDS = ("output_dir", "data_dir")
+
+
+def config_differences(*configs: dict[str, Any], ignore: Iterable[str] = LOCATION_FIELDS) -> list[str]:
+    """The fields, first seen first, whose values are not the same bits in every one of ``configs``
+    (`axs_lib.bitdiff.same_value`; a field one config lacks is None there). `axs compare` and `axs
+    runs` name how runs differ with it."""
+    skip = set(ignore)
+    keys = dict.fromkeys(k for config in configs for k in config)
+    return [k for k in keys if k not in skip and not all(same_value(configs[0].get(k), c.get(k)) for c in configs[1:])]
+
+
 def diff_fields(stored: dict[str, Any], current: dict[str, Any]) -> list[str]:
     """Human lines naming every field whose value differs between two flat dicts."""
     keys = sorted(set(stored) | set(current), key=str)
@@ -513,8 +535,7 @@ def check_resume(ckpt: dict, *, seed: int | None = None, config: dict | None = N
     """
     from axs_lib import checkpoint
 
-    # format 1 differs from 2 only in its checksum: both continue exactly
-    readable = getattr(checkpoint, "READABLE_FORMATS", {1, checkpoint.FORMAT_VERSION})
+    readable = checkpoint.READABLE_FORMATS
     problems = []
     version = ckpt.get(checkpoint.FORMAT_KEY)
     if type(version) is not int or version not in readable:  # a crafted list or tensor is no version either
@@ -808,13 +829,17 @@ class MetricsLog:
         self.path = path
 
     def _lines(self) -> list[str]:
+        """The log's lines; opened non-blocking, never through a link (`axs_lib.bounded_read`)."""
+        from axs_lib.bounded_read import NO_SUCH_FILE, open_regular
+
         try:
-            st = self.path.lstat()
-        except FileNotFoundError:
-            return []
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(self.path, "is not a regular file")
-        return self.path.read_bytes().decode("utf-8", errors="replace").splitlines()
+            f = open_regular(self.path, what="a metrics log", follow_symlinks=False)
+        except InputError as exc:
+            if exc.problem == NO_SUCH_FILE:
+                return []
+            raise
+        with f:
+            return f.read().decode("utf-8", errors="replace").splitlines()
 
     @staticmethod
     def _parse(line: str) -> dict | None:

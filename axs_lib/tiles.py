@@ -12,12 +12,15 @@ carries metadata (`SIDECAR_FIELDS`); every field is optional, and a tile without
 `read_tile` is strict about structure (it raises `InputError` naming the file and the problem);
 `validate_tile` also checks that the values are plausible, so that a tile in linear power or in
 0..1 reflectance is caught before it silently trains a bad model.
+
+Tiles kept in another layout (the packed shards of `axs_lib.packed`) are listed and read here too:
+this module asks the `axs_lib.tile_store.TileStore` that claims the directory or ref, and checks
+what it returns like a ``.npz`` tile. It imports no store.
 """
 
 from __future__ import annotations
 
 import collections
-import errno
 import hashlib
 import json
 import math
@@ -32,7 +35,9 @@ from typing import Any
 
 import numpy as np
 
+from axs_lib.bounded_read import NO_SUCH_FILE, display_path, kind_of, open_regular, os_problem, read_regular
 from axs_lib.errors import InputError
+from axs_lib.tile_store import store_for_dir, store_for_ref
 
 S1_KEYS = ("s1_vv", "s1_vh")
 S2_KEYS = ("s2_b2", "s2_b3", "s2_b4", "s2_b8")
@@ -162,16 +167,17 @@ def scan_tiles(data_dir: os.PathLike | str) -> list[Path]:
     Not recursive, so directory symlink loops cannot trap it. Used by ``axs tiles validate``,
     which must report broken entries rather than stop at the first.
     """
-    if _packed().is_packed_dir(data_dir):
-        return _packed().list_packed(data_dir)
+    store = store_for_dir(data_dir)
+    if store is not None:
+        return store.list_tiles(data_dir)
     return [Path(data_dir) / e.name for e in _scan(data_dir)]
 
 
 def list_tiles(data_dir: os.PathLike | str, max_tiles: int | None = None) -> list[Path]:
     """The tiles of ``data_dir`` sorted by file name; the first ``max_tiles`` of them when given.
 
-    A directory written by ``axs tiles pack`` gives refs into its shards (`axs_lib.packed`), which
-    every reader here takes like tile paths.
+    A directory of another tile store (`axs_lib.tile_store`; ``axs tiles pack`` writes one) gives
+    that store's refs, which every reader here takes like tile paths.
 
     Raises `InputError` naming the directory when it is missing, not a directory, holds no tiles,
     or ``max_tiles`` < 1; and naming the entry when a selected ``.npz`` is not a readable regular
@@ -179,8 +185,9 @@ def list_tiles(data_dir: os.PathLike | str, max_tiles: int | None = None) -> lis
     """
     if max_tiles is not None and max_tiles < 1:
         raise InputError(data_dir, f"--max-tiles must be >= 1, got {max_tiles}")
-    if _packed().is_packed_dir(data_dir):
-        return _packed().list_packed(data_dir, max_tiles)
+    store = store_for_dir(data_dir)
+    if store is not None:
+        return store.list_tiles(data_dir, max_tiles)
     entries = _scan(data_dir)[:max_tiles]
     paths = [Path(data_dir) / e.name for e in entries]
     for entry, path in zip(entries, paths):
@@ -227,61 +234,19 @@ def sidecar_path(tile_path: os.PathLike | str) -> Path:
 # --------------------------------------------------------------------------- reading
 
 
-def display_path(path: os.PathLike | str) -> str:
-    """A path as text that always prints (a non-UTF-8 name keeps its bytes as ``\\xNN``)."""
-    return os.fsencode(path).decode("utf-8", "backslashreplace")
-
-
-def _open_regular(path: Path, limit: int, what: str) -> bytes | None:
+def _read_bounded(path: Path, limit: int, what: str) -> bytes | None:
     """The bytes of ``path`` if it is a regular file of at most ``limit`` bytes; None if it does not exist.
 
-    Opened non-blocking and checked with ``fstat`` on the open descriptor, so a FIFO is refused
-    instead of hanging, a link to a device instead of reading forever, and nothing can be swapped
-    in between the check and the read.
+    Read through `axs_lib.bounded_read` (non-blocking open, ``fstat`` on the open descriptor, at
+    most ``limit + 1`` bytes), so a FIFO is refused instead of hanging and a link to a device
+    instead of reading forever; ``what`` (``sidecar``, ``pack index``) opens the message.
     """
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-    except FileNotFoundError:
-        if os.path.islink(path):
-            raise InputError(display_path(path), f"{what}: broken symlink") from None
-        return None
-    except OSError as exc:
-        raise InputError(display_path(path), _os_problem(exc, what)) from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise InputError(display_path(path), f"{what} is {_kind(st.st_mode)}, not a regular file")
-        if st.st_size > limit:
-            raise InputError(display_path(path), f"{what} is {st.st_size} bytes, more than the {limit} allowed")
-        with os.fdopen(fd, "rb", closefd=True) as f:
-            fd = -1
-            data = f.read(limit + 1)
-    except OSError as exc:
-        raise InputError(display_path(path), _os_problem(exc, what)) from None
-    finally:
-        if fd >= 0:
-            os.close(fd)
-    if len(data) > limit:
-        raise InputError(display_path(path), f"{what} grew past the {limit} bytes allowed while being read")
-    return data
-
-
-def _os_problem(exc: OSError, what: str) -> str:
-    if isinstance(exc, PermissionError):
-        return f"cannot read {what}: permission denied"
-    if exc.errno == errno.ELOOP:
-        return f"cannot read {what}: symlink loop"
-    if isinstance(exc, IsADirectoryError):
-        return f"{what} is a directory, not a regular file"
-    return f"cannot read {what}: {exc.strerror or exc}"
-
-
-def _kind(mode: int) -> str:
-    for test, word in ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
-                       (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device")):
-        if test(mode):
-            return word
-    return "not a regular file"
+        return read_regular(path, limit, subject=what)
+    except InputError as exc:
+        if exc.problem == NO_SUCH_FILE:
+            return None
+        raise
 
 
 def check_regular_file(path: Path, limit: int = MAX_TILE_BYTES, what: str = "file") -> os.stat_result:
@@ -291,9 +256,9 @@ def check_regular_file(path: Path, limit: int = MAX_TILE_BYTES, what: str = "fil
     except FileNotFoundError:
         raise InputError(display_path(path), "broken symlink" if os.path.islink(path) else "no such file") from None
     except OSError as exc:
-        raise InputError(display_path(path), _os_problem(exc, what)) from None
+        raise InputError(display_path(path), os_problem(exc, what)) from None
     if not stat.S_ISREG(st.st_mode):
-        raise InputError(display_path(path), f"{what} is {_kind(st.st_mode)}, not a regular file")
+        raise InputError(display_path(path), f"{what} is {kind_of(st.st_mode)}, not a regular file")
     if st.st_size > limit:
         raise InputError(display_path(path), f"{what} is {st.st_size} bytes, more than the {limit} allowed")
     return st
@@ -301,7 +266,7 @@ def check_regular_file(path: Path, limit: int = MAX_TILE_BYTES, what: str = "fil
 
 def read_json_file(path: Path, what: str, limit: int = MAX_SIDECAR_BYTES):
     """Parse a small JSON file; `InputError` for anything but a regular file of valid JSON."""
-    data = _open_regular(path, limit, what)
+    data = _read_bounded(path, limit, what)
     if data is None:
         raise InputError(display_path(path), f"no such {what}")
     return _parse_json(path, data, what)
@@ -349,16 +314,18 @@ def _parse_json(path: Path, data: bytes, what: str):
 def read_sidecar(tile_path: os.PathLike | str) -> dict:
     """The tile's sidecar metadata, checked, with ``split`` normalised; ``{}`` when there is none.
 
-    For a packed tile the metadata comes from its shard's index and gets the same checks.
+    For a tile of another store (a packed tile) the metadata comes from the store (the shard's
+    index) and gets the same checks.
     """
-    if _packed().is_packed_ref(tile_path):
-        meta = _packed().read_packed_meta(tile_path)
+    store = store_for_ref(tile_path)
+    if store is not None:
+        meta = store.read_meta(tile_path)
         path = Path(tile_path)
         if meta is None:
             return {}
     else:
         path = sidecar_path(tile_path)
-        data = _open_regular(path, MAX_SIDECAR_BYTES, "sidecar")
+        data = _read_bounded(path, MAX_SIDECAR_BYTES, "sidecar")
         if data is None:
             return {}
         meta = _parse_json(path, data, "sidecar")
@@ -371,12 +338,6 @@ def read_sidecar(tile_path: os.PathLike | str) -> dict:
     if "split" in meta:
         meta["split"] = SPLIT_ALIASES.get(meta["split"], meta["split"])
     return meta
-
-
-def _packed():
-    from axs_lib import packed  # packed imports this module; imported late to break the cycle
-
-    return packed
 
 
 def _field_problem(name: str, value: Any) -> str | None:
@@ -397,8 +358,9 @@ def load_arrays(path: os.PathLike | str) -> dict[str, np.ndarray]:
     declared size (zipfile never inflates a member past it), and each array's shape from its
     ``.npy`` header, which must fit in its member.
     """
-    if _packed().is_packed_ref(path):
-        arrays = _packed().read_packed_arrays(path)
+    store = store_for_ref(path)
+    if store is not None:
+        arrays = store.read_arrays(path)
         check_arrays(path, arrays)
         return arrays
     path = Path(path)
@@ -406,7 +368,7 @@ def load_arrays(path: os.PathLike | str) -> dict[str, np.ndarray]:
     if st.st_size == 0:
         raise InputError(display_path(path), "empty file (0 bytes), not an .npz tile")
     try:
-        with open(path, "rb") as f:
+        with open_regular(path, subject="tile") as f:  # non-blocking, checked on the descriptor (bounded_read)
             if not zipfile.is_zipfile(f):
                 raise InputError(display_path(path), "truncated or not an .npz file (no zip archive found)")
             with zipfile.ZipFile(f) as zf:
@@ -564,14 +526,16 @@ def valid_mask(arrays: dict[str, np.ndarray]) -> np.ndarray:
 
 def tile_shape(path: os.PathLike | str) -> tuple[int, ...] | None:
     """The shape of a tile's ``s1_vv`` read from its .npy header only, or None when unreadable."""
-    if _packed().is_packed_ref(path):
+    store = store_for_ref(path)
+    if store is not None:
         try:
-            return tuple(_packed().read_packed_arrays(path)[S1_KEYS[0]].shape)
+            return tuple(store.read_arrays(path)[S1_KEYS[0]].shape)
         except InputError:
             return None
     try:
-        check_regular_file(Path(path), MAX_TILE_BYTES, "tile")  # a FIFO named *.npz must not block
-        with zipfile.ZipFile(path) as zf, zf.open(f"{S1_KEYS[0]}.npy") as f:
+        check_regular_file(Path(path), MAX_TILE_BYTES, "tile")
+        # opened non-blocking and checked on the descriptor: a FIFO swapped in after the check must not block
+        with open_regular(path, subject="tile") as raw, zipfile.ZipFile(raw) as zf, zf.open(f"{S1_KEYS[0]}.npy") as f:
             major, _ = np.lib.format.read_magic(f)
             read_header = np.lib.format.read_array_header_1_0 if major == 1 else np.lib.format.read_array_header_2_0
             shape, _, _ = read_header(f)
@@ -651,16 +615,16 @@ def stat_key(st: os.stat_result) -> list[int]:
 
 
 def ref_key(ref: os.PathLike | str, real_dirs: dict[str, str] | None = None) -> tuple[str, str, list] | None:
-    """(directory, entry name, stat keys) of a tile ref, covering tile and sidecar (shard and index
-    for a packed tile); None when the tile does not exist. Raises `InputError` if it is not a file.
+    """(directory, entry name, stat keys) of a tile ref, covering tile and sidecar (a store's
+    `TileStore.ref_files`: shard and index for a packed tile); None when the tile does not exist. Raises `InputError` if it is not a file.
 
     Works on strings, not `Path`, and resolves each directory once (``real_dirs`` memoises it
     across calls): this is the whole per-tile cost of a cached start.
     """
     ref = os.fspath(ref)
-    if _packed().is_packed_ref(ref):
-        shard = os.path.dirname(ref)
-        files = (shard, shard[: -len(".npy")] + ".json")
+    store = store_for_ref(ref)
+    if store is not None:
+        files = store.ref_files(ref)
     else:
         files = (ref, os.path.splitext(ref)[0] + SIDECAR_SUFFIX)
     directory, name = os.path.split(files[0])
@@ -674,9 +638,9 @@ def ref_key(ref: os.PathLike | str, real_dirs: dict[str, str] | None = None) -> 
             keys.append(None)
             continue
         except OSError as exc:
-            raise InputError(display_path(file), _os_problem(exc, "file")) from None
+            raise InputError(display_path(file), os_problem(exc, "file")) from None
         if not stat.S_ISREG(st.st_mode):
-            raise InputError(display_path(file), f"{'tile' if i == 0 else 'sidecar'} is {_kind(st.st_mode)}, not a regular file")
+            raise InputError(display_path(file), f"{'tile' if i == 0 else 'sidecar'} is {kind_of(st.st_mode)}, not a regular file")
         keys.append(stat_key(st))
     real_dirs = {} if real_dirs is None else real_dirs
     if directory not in real_dirs:

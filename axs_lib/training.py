@@ -57,7 +57,7 @@ from axs_lib.fingerprint.environment import diff_environments, environment_finge
 from axs_lib.reproducibility import derive_seed, seed_globals, set_seed
 from axs_lib.run_dir import CONFIG_FILE, ENVIRONMENT_JSON, METRICS, RUN_JSON, RUN_MARKER, CheckpointManager, MetricsLog, RunDir, write_json
 from axs_lib.signals import StopRequest
-from axs_lib.workers import reap_workers_at_exit
+from axs_lib.workers import reap_workers_at_exit, shutdown_workers
 
 logger = logging.getLogger(__name__)
 
@@ -636,8 +636,6 @@ class Trainer:
 
     def close(self) -> None:
         """Stop the data workers and close the event log, however the run ended."""
-        from axs_lib.workers import shutdown_workers
-
         self.batches.close()
         self.loader.close()
         shutdown_workers(self.val_loader)

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
+from axs_lib import bitdiff
 from axs_lib.checkpoint import iter_leaves, load_checkpoint, save_checkpoint, tensor_bytes
 from axs_lib.errors import UsageError
 from axs_lib.reproducibility import (
@@ -100,21 +101,25 @@ def _state(model, optimizer) -> dict:
 
 
 def first_difference(a: dict, b: dict) -> str | None:
-    """Describe the first leaf where two nested states differ, or None when every bit agrees."""
-    la, lb = dict(iter_leaves(a)), dict(iter_leaves(b))
-    if la.keys() != lb.keys():
-        return f"keys differ: {sorted(la.keys() ^ lb.keys())[:5]}"
-    for name, x in la.items():
-        y = lb[name]
-        if isinstance(x, torch.Tensor):
-            if x.shape != y.shape or x.dtype != y.dtype:
-                return f"{name}: shape/dtype {tuple(x.shape)} {x.dtype} vs {tuple(y.shape)} {y.dtype}"
-            if bytes(tensor_bytes(x)) != bytes(tensor_bytes(y)):
-                diff = (x.double() - y.double()).abs()
-                return f"{name}: {int((diff > 0).sum())} of {x.numel()} elements differ, max abs diff {diff.max().item():.3e}"
-        elif x != y:
-            return f"{name}: {x!r} vs {y!r}"
-    return None
+    """Describe the first leaf where two nested states differ, or None when every bit agrees.
+
+    The walk is `axs_lib.bitdiff`'s (a NaN equals the same NaN, ``-0.0`` is not ``0.0``); a tensor
+    that differs is described by how many elements differ and the largest absolute difference.
+    """
+    found = bitdiff.first_difference(a, b)
+    if found is None:
+        return None
+    where = f"{found.dotted}: " if found.dotted else ""
+    if found.count is not None and isinstance(found.a, torch.Tensor):
+        return f"{where}{found.count} of {found.total} elements differ, max abs diff {_max_abs_diff(found.a, found.b)}"
+    return f"{where}{found.detail}"
+
+
+def _max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> str:
+    """The largest ``|a - b|`` of two tensors of one shape (``nan`` when a NaN is involved)."""
+    if a.is_complex():
+        return "n/a (complex)"
+    return f"{(a.detach().cpu().double() - b.detach().cpu().double()).abs().max().item():.3e}"
 
 
 @dataclass

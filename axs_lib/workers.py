@@ -4,8 +4,8 @@ Slurm, systemd, Kubernetes and ``timeout`` signal every process of a job, so Dat
 SIGTERM at the same moment as the main process. The main process must checkpoint and stop cleanly;
 a worker that died first would turn that into a DataLoader error. So:
 
-* workers ignore the stop signals (`ignore_stop_signals`, their ``worker_init_fn``) and are shut
-  down by the main process through their queues;
+* workers are seeded and ignore the stop signals (`init_worker`, the ``worker_init_fn`` of every
+  loader of ours) and are shut down by the main process through their queues (`shutdown_workers`);
 * the stop signals are held back while workers are forked (`stop_signals_held`), so one that lands
   before a worker ignores it waits and is discarded instead of killing the worker;
 * workers still alive when the interpreter exits are SIGKILLed (`reap_workers_at_exit`), since
@@ -14,7 +14,8 @@ a worker that died first would turn that into a DataLoader error. So:
 The main process's side (the stop signals as a flag the loop checks between steps) is
 `axs_lib.signals.StopRequest`.
 
-Imports no torch: the toolkit's loader and the Stage-1 data module both use it.
+Imports no torch: the toolkit's loader and the Stage-1 data module both use it (`init_worker`
+imports `axs_lib.reproducibility` when it runs, in a worker, where torch is loaded anyway).
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import atexit
 import contextlib
 import multiprocessing
 import signal
+from typing import Any, Callable
 
 # Signals a scheduler sends to the whole process group (one list, in `axs_lib.signals`, whose
 # `StopRequest` is the main process's side). Workers leave them to the main process, which
@@ -42,6 +44,36 @@ def ignore_stop_signals(worker_id: int = 0) -> None:
     for signum in STOP_SIGNALS:
         signal.signal(signum, signal.SIG_IGN)
     release_stop_signals()  # one that arrived since the fork is discarded now
+
+
+def init_worker(worker_id: int, user_init: Callable[[int], None] | None = None) -> None:
+    """The ``worker_init_fn`` of every loader of ours: `seed_worker`, ignore the stop signals, then ``user_init``.
+
+    A scheduler's signal to the process group is the main process's to act on (it checkpoints,
+    then shuts the workers down through their queues); a worker it killed would turn the stop into
+    a DataLoader error. The signals are ignored (and one held since the fork, see
+    `stop_signals_held`, discarded) before the user's own init, which may decide otherwise.
+    ``functools.partial(init_worker, user_init=fn)`` adds a user's init.
+    """
+    from axs_lib.reproducibility import seed_worker
+
+    seed_worker(worker_id)
+    ignore_stop_signals(worker_id)
+    if user_init is not None:
+        user_init(worker_id)
+
+
+def shutdown_workers(loader: Any) -> None:
+    """Stop a ``DataLoader``'s persistent workers now, through their queues (they ignore SIGTERM).
+
+    It is what DataLoader's own iterator runs when it is collected; a loader held in a reference
+    cycle is collected late, by when its queues may be closed and each worker costs a 5 s join
+    timeout. A no-op for a loader that has no workers running (or is None).
+    """
+    iterator = getattr(loader, "_iterator", None)
+    if iterator is not None:
+        loader._iterator = None
+        iterator._shutdown_workers()
 
 
 @contextlib.contextmanager
@@ -93,11 +125,3 @@ def _kill_leftover_workers() -> None:
         child.kill()
     for child in leftover:
         child.join(timeout=5)
-
-
-def shutdown_workers(loader) -> None:
-    """Stop a DataLoader's persistent workers now, through their queues (they ignore SIGTERM)."""
-    iterator = getattr(loader, "_iterator", None)
-    if iterator is not None:
-        loader._iterator = None
-        iterator._shutdown_workers()

@@ -22,6 +22,7 @@ import tempfile
 from pathlib import Path
 
 from axs_lib.ingest import write_synthetic_tiles
+from axs_lib.run_dir import RUN_JSON
 
 REPO = Path(__file__).resolve().parent.parent
 CONFIGS = {"portable": ["--portable"], "same threads": [], "default": None}
@@ -34,7 +35,7 @@ def _train(tiles: Path, out: Path, extra: list[str], args: argparse.Namespace) -
            *extra]
     env = {k: v for k, v in os.environ.items() if k not in ("OMP_NUM_THREADS", "MKL_NUM_THREADS")}
     subprocess.run(cmd, check=True, env=env, capture_output=True, text=True, timeout=1800)
-    return float(json.loads((out / "run.json").read_text())["steps_per_second"])
+    return float(json.loads((out / RUN_JSON).read_text())["steps_per_second"])
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -50,6 +50,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from axs_lib.run_dir import CHECKPOINTS, checkpoint_name
 from axs_lib.stage1.metrics import BANDS, QualityMetrics
 from axs_lib.tiles import OPTICAL_RANGE, SAR_DB_RANGE, list_tiles, read_sidecar, read_tile
 
@@ -217,7 +218,7 @@ def train_unet(train_dir: Path, out: Path, args) -> Path:
     result = train_stage1(config, ResumeRequest(), log=lambda line: None)
     if result.exit_code:
         raise RuntimeError(f"U-Net training failed with exit {result.exit_code}")
-    return out / "checkpoints" / f"checkpoint_step_{result.final_step}.pt"
+    return out / CHECKPOINTS / checkpoint_name(result.final_step)
 
 
 # --------------------------------------------------------------------------- report

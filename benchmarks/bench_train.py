@@ -71,16 +71,15 @@ from axs_lib.data import TileDataset, validation_loader
 from axs_lib.ingest import write_demo_tiles, write_synthetic_tiles
 from axs_lib.loader import ResumableLoader
 from axs_lib.reproducibility import derive_seed, seed_globals, set_seed
-from axs_lib.run_dir import CheckpointManager
+from axs_lib.run_dir import BEST, METRICS, RUN_JSON, CheckpointManager
 from axs_lib.sampling import ResumableSampler
 from axs_lib.split import leave_out_flagged, make_split
 from axs_lib.stage1.config import TrainConfig, resolve_auto_schedule
 from axs_lib.stage1.losses import stage1_loss
 from axs_lib.stage1.model import UNet, band_means, band_stats
 from axs_lib.stage1.train import evaluate, lr_factor
-from axs_lib.workers import shutdown_workers
 from axs_lib.tiles import list_tiles
-from axs_lib.workers import ignore_stop_signals
+from axs_lib.workers import ignore_stop_signals, shutdown_workers
 
 REPO = Path(__file__).resolve().parent.parent
 SEED = 42
@@ -276,7 +275,7 @@ def run_trainer(argv: list[str], out_dir: Path) -> dict:
         code = cli.main(argv)
     if code != 0:
         raise RuntimeError(f"axs {' '.join(argv)} exited {code}:\n{captured.getvalue()}")
-    info = json.loads((out_dir / "run.json").read_text())
+    info = json.loads((out_dir / RUN_JSON).read_text())
     return {"steps_per_s": info["steps_per_second"], "steps": info["final_step"], "cpu_s": timer.loop_cpu_seconds(),
             "saves_s": [c["save"] for c in timer.calls], "save_parts": timer.calls}
 
@@ -342,7 +341,7 @@ def plain_loop(s: SimpleNamespace, data_dir: Path, out_dir: Path, *, same_work: 
             if step % s.checkpoint_every == 0 or last:
                 save(f"step_{step}.pt", step)
             elif new_best:
-                save("best.pt", step)
+                save(BEST, step)
     finally:
         batches.close()
         loader.close()
@@ -500,7 +499,7 @@ def measure_startup(s: SimpleNamespace, data_dir: Path, work: Path, env: dict) -
             cmd = [sys.executable, "-m", "axs_lib.cli", "train", "stage1", "--data-dir", str(data_dir), "--output-dir", str(out),
                    "--seed", str(SEED), "--steps", "2", "--batch-size", "2", "--log-every", "1", "--device", s.device,
                    "--no-plots", "--no-tensorboard", "--quiet"]
-            times[mode].append(_seconds_to_step(cmd, out / "metrics.jsonl", env, work / f"run_{r}.log"))
+            times[mode].append(_seconds_to_step(cmd, out / METRICS, env, work / f"run_{r}.log"))
     return {"startup_s": _spread(times["trainer"]), "imports_s": _spread(times["imports"]) if "imports" in times else None}
 
 

@@ -9,11 +9,9 @@ import sys
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
-from axs_lib.check_dataset import check_dataset, compare, dataset_keys, load_factory
+from axs_lib.check_dataset import check_dataset, dataset_keys, load_factory
 from axs_lib.cli import main
 from axs_lib.errors import UsageError
 
@@ -133,17 +131,6 @@ def test_the_command_exits_0_when_exact_1_when_not_2_on_bad_input(module, capsys
 
 def test_a_python_file_can_be_named_instead_of_a_module(module):
     assert check_dataset(load_factory("user_datasets.py:global_random"), batches=2, batch_size=1).exact
-
-
-def test_compare_names_the_first_differing_field_by_bits():
-    nan = np.array([np.nan], dtype=np.float32)
-    other_nan = nan.view(np.uint32) ^ np.uint32(1)
-    assert compare({"a": [1, nan]}, {"a": [1, nan.copy()]}) is None
-    assert compare({"a": [1, nan]}, {"a": [1, other_nan.view(np.float32)]})[0] == "['a'][1]"
-    assert compare(0.0, -0.0) is not None
-    assert compare(torch.zeros(2, 2, dtype=torch.bfloat16), torch.eye(2, dtype=torch.bfloat16))[1].startswith("2 of 4 elements differ, first at (0, 0)")
-    assert compare((torch.zeros(2), "x"), (torch.zeros(3), "x")) == ("[0]", "shape (2,) vs (3,)")
-    assert compare({"a": 1}, {"b": 1})[1].startswith("keys")
 
 
 def test_bad_arguments_are_usage_errors(module):

@@ -17,6 +17,7 @@ from axs_lib.ingest import encode_tile
 from axs_lib.loader import ResumableLoader
 from axs_lib.sampling import SampleIndex
 from axs_lib.tiles import OPTICAL_RANGE, S1_KEYS, S2_KEYS, SAR_DB_RANGE, list_tiles, read_tile
+from axs_lib.workers import init_worker
 
 TENSORS = ("sar", "optical", "mask", "index", "epoch", "position")
 
@@ -181,30 +182,9 @@ def test_validation_loader_walks_in_order_without_augmentation(synth_tiles):
 def test_validation_loader_settings():
     loader = validation_loader(TileDataset([], seed=0, augment=False), batch_size=2, num_workers=2, seed=5, pin_memory=True)
     assert loader.persistent_workers and loader.num_workers == 2
-    assert loader.worker_init_fn.__name__ == "worker_init"  # ignores the stop signals, then seed_worker
+    assert loader.worker_init_fn is init_worker  # every loader's: seed_worker, then the stop signals ignored
     assert loader.pin_memory == torch.cuda.is_available()
     assert torch.equal(loader.generator.get_state(), torch.Generator().manual_seed(5).get_state())
-
-
-def test_a_worker_leaves_stop_signals_to_the_main_process_and_is_seeded():
-    import random
-    import signal
-
-    from axs_lib.data import worker_init
-    from axs_lib.workers import STOP_SIGNALS
-
-    before = {s: signal.getsignal(s) for s in STOP_SIGNALS}
-    try:
-        torch.manual_seed(1234)
-        worker_init(0)
-        assert all(signal.getsignal(s) is signal.SIG_IGN for s in STOP_SIGNALS)
-        first = random.random()
-        torch.manual_seed(1234)
-        worker_init(0)
-        assert random.random() == first  # seed_worker ran: python's generator follows torch's seed
-    finally:
-        for s, handler in before.items():
-            signal.signal(s, handler)
 
 
 @pytest.mark.parametrize("index", [12, SampleIndex(12, 0, 0), -1])

@@ -155,6 +155,31 @@ def test_runs_bad_input_is_one_line_exit_2(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and err.startswith(f"axs: error: {tmp_path / bad}") and "Traceback" not in err
 
 
+def _refuse_to_block(*_):
+    raise AssertionError("blocked for more than 5 s")
+
+
+@pytest.mark.parametrize("part,kind", [("run.json", "fifo"), ("run.json", "dev-zero"), ("checkpoints/latest", "fifo"),
+                                       ("checkpoints/latest", "dev-zero")])
+def test_runs_on_a_part_that_is_a_fifo_or_dev_zero_is_one_line_without_blocking(tmp_path, ckpt, capsys, part, kind):
+    run = write_run(tmp_path / "run", ckpt, manifest=part == "run.json")
+    target = run / part
+    target.unlink(missing_ok=True)
+    if kind == "fifo":
+        os.mkfifo(target)  # nobody writes to it: an ordinary open would wait forever
+    else:
+        target.symlink_to("/dev/zero")  # an ordinary read would never end
+    old = signal.signal(signal.SIGALRM, _refuse_to_block)
+    signal.alarm(5)
+    try:
+        assert main(["runs", str(run)]) == 2
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith(f"axs: error: {target}") and "Traceback" not in err
+
+
 @pytest.mark.parametrize("command", ["compare", "inspect", "runs"])
 def test_help_shows_an_example(command, capsys):
     assert main([command, "--help"]) == 0

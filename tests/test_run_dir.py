@@ -193,6 +193,30 @@ def test_metrics_log_skips_foreign_lines_and_cuts_back_to_a_step(tmp_path):
     assert log.read() == [{"step": 1}]
 
 
+def test_a_metrics_log_that_is_a_fifo_or_a_link_is_refused_by_kind_without_blocking(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    os.mkfifo(path)  # nobody writes to it: an ordinary open would wait forever
+    with pytest.raises(InputError, match=r"metrics.jsonl: is a FIFO \(named pipe\), not a metrics log"):
+        run_dir.MetricsLog(path).read()
+    path.unlink()
+    path.symlink_to("/dev/zero")  # a read through it would never end
+    with pytest.raises(InputError, match="metrics.jsonl: is a symbolic link"):
+        run_dir.MetricsLog(path).read()
+    path.unlink()
+    assert run_dir.MetricsLog(path).read() == []  # absent: nothing logged yet
+
+
+def test_config_differences_names_the_fields_that_are_not_the_same_bits_in_every_run():
+    nan = float("nan")
+    a = {"lr": 0.1, "steps": 2, "dropout": nan, "output_dir": "runs/a", "data_dir": "tiles", "seed": 1}
+    b = {"lr": 0.1, "steps": 3, "dropout": nan, "output_dir": "runs/b", "data_dir": "other", "seed": 2, "width": 8}
+    assert run_dir.config_differences(a, b) == ["steps", "seed", "width"]  # where a run lives is no difference
+    assert run_dir.config_differences(a, b, ignore=(*run_dir.LOCATION_FIELDS, "seed")) == ["steps", "width"]
+    assert run_dir.config_differences(dict(a, lr=0.0), dict(a, lr=-0.0)) == ["lr"]
+    assert run_dir.config_differences(a, dict(a), dict(a, steps=9)) == ["steps"]
+    assert run_dir.config_differences(a) == []
+
+
 # --------------------------------------------------------------------------- training state
 
 
@@ -316,6 +340,17 @@ def test_check_resume_reports_crafted_values_as_differences_instead_of_crashing(
     assert any(p.startswith("checkpoint format: checkpoint [2]") for p in problems)
     assert any(p.startswith("seed: checkpoint None") for p in problems)
     assert all(len(p) < 400 for p in problems)  # a 10 kB value is cut, not pasted into the message
+
+
+def test_check_resume_accepts_every_format_the_checkpoint_module_reads_and_names_them_otherwise():
+    from axs_lib.checkpoint import FORMAT_KEY, FORMAT_VERSION, READABLE_FORMATS
+
+    assert {1, FORMAT_VERSION} <= READABLE_FORMATS  # format 1 differs only in its checksum
+    for version in READABLE_FORMATS:
+        assert check_resume({FORMAT_KEY: version}) == []
+    unknown = max(READABLE_FORMATS) + 1
+    assert check_resume({FORMAT_KEY: unknown}) == [
+        f"checkpoint format: checkpoint {unknown}, this version reads {sorted(READABLE_FORMATS)}"]
 
 
 def test_the_checkpoint_manager_alone_does_not_resume_a_linked_step_file(tmp_path):

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import struct
+import time
 import zipfile
 from contextlib import contextmanager
 
@@ -184,15 +185,15 @@ def test_non_utf8_file_name_is_reported_in_one_printable_line(tmp_path, capsys):
 
 def test_permission_denied_is_said_not_truncated(tmp_path, monkeypatch, capsys):
     path = tile(tmp_path)
-    if os.geteuid() == 0:  # root reads anything: make open() answer as the kernel would for others
-        real_open = open
+    if os.geteuid() == 0:  # root reads anything: make the open (axs_lib.bounded_read's) answer as the kernel would for others
+        real_open = os.open
 
         def denied(file, *args, **kwargs):
             if os.fspath(file) == str(path):
                 raise PermissionError(13, "Permission denied", str(path))
             return real_open(file, *args, **kwargs)
 
-        monkeypatch.setattr(tiles_module, "open", denied, raising=False)
+        monkeypatch.setattr(os, "open", denied)
     else:
         path.chmod(0)
     with pytest.raises(InputError) as err:
@@ -301,6 +302,19 @@ def test_summary_and_validate_do_not_block_on_a_fifo_tile(tmp_path, capsys):
         assert summarize(tmp_path)["unreadable"] == 1
         assert main(["tiles", "validate", str(tmp_path)]) == 1
     assert "pipe.npz: tile is a FIFO (named pipe), not a regular file" in capsys.readouterr().out
+
+
+def test_a_tile_swapped_for_a_fifo_after_its_check_is_refused_without_hanging(tmp_path, monkeypatch):
+    good = tile(tmp_path, GOOD, "good")
+    os.mkfifo(tmp_path / "pipe.npz")
+    # the check saw a regular file; by the time of the read a FIFO has taken its place
+    monkeypatch.setattr(tiles_module, "check_regular_file", lambda *_: os.stat(good))
+    with no_hang(), pytest.raises(InputError, match="pipe.npz: tile is a FIFO"):
+        load_arrays(tmp_path / "pipe.npz")
+    start = time.monotonic()
+    with no_hang(3):  # tile_shape turns any failure into None: it must come back at once, not after the alarm
+        assert tiles_module.tile_shape(tmp_path / "pipe.npz") is None
+    assert time.monotonic() - start < 2
 
 
 # --------------------------------------------------------------------------- sidecar values JSON lets through

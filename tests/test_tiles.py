@@ -250,3 +250,64 @@ def test_summary_counts_unreadable_tiles(demo_tiles, tmp_path):
 
 def test_read_sidecar_absent_is_empty(tmp_path):
     assert read_sidecar(write(tmp_path)) == {}
+
+
+# --------------------------------------------------------------------------- tile stores
+
+
+class _MemoryStore:
+    """A tile format of the test's own: a directory holding ``memory.store``, tiles kept in a dict."""
+
+    def __init__(self, tiles: dict[str, tuple[dict, dict | None]]):
+        self.tiles = tiles
+
+    def holds_dir(self, directory):
+        return os.path.isfile(os.path.join(directory, "memory.store"))
+
+    def holds_ref(self, ref):
+        return os.path.basename(os.path.dirname(os.fspath(ref))) == "memory.store"
+
+    def list_tiles(self, directory, max_tiles=None):
+        from pathlib import Path
+
+        return [Path(directory) / "memory.store" / f"{name}.npz" for name in sorted(self.tiles)][:max_tiles]
+
+    def read_arrays(self, ref):
+        return self.tiles[os.path.basename(ref).removesuffix(".npz")][0]
+
+    def read_meta(self, ref):
+        return self.tiles[os.path.basename(ref).removesuffix(".npz")][1]
+
+    def ref_files(self, ref):
+        marker = os.path.dirname(os.fspath(ref))
+        return marker, marker
+
+
+def test_a_tile_store_of_ones_own_is_listed_read_and_checked_like_npz_tiles(tmp_path, monkeypatch):
+    from axs_lib import tile_store
+    from axs_lib.tiles import ref_key
+
+    monkeypatch.setattr(tile_store, "_stores", list(tile_store.stores()))
+    arrays = good_arrays()
+    store = _MemoryStore({"b": (arrays, {"split": "validation"}), "a": (arrays, None),
+                          "bad": (with_(s1_vv=arrays["s1_vv"][:4]), {"split": "holdout"})})
+    tile_store.register(store)
+    (tmp_path / "memory.store").write_text("")
+    refs = list_tiles(tmp_path)
+    assert [r.stem for r in refs] == ["a", "b", "bad"] and tile_store.store_for_ref(refs[0]) is store
+    tile = read_tile(refs[1])
+    assert np.array_equal(tile.sar[0], arrays["s1_vv"], equal_nan=True) and tile.meta["split"] == "val"  # normalised by tiles
+    assert read_sidecar(refs[0]) == {}
+    with pytest.raises(InputError, match="split"):  # the sidecar checks apply to what a store returns
+        read_sidecar(refs[2])
+    with pytest.raises(InputError, match="shape"):  # and so does the tile contract
+        read_tile(refs[2])
+    assert ref_key(refs[0])[1] == "memory.store"  # a stat cache keys the tile on the store's files
+
+
+def test_the_packed_store_is_a_tile_store_and_a_non_store_is_refused():
+    from axs_lib import packed, tile_store
+
+    assert isinstance(packed.STORE, tile_store.TileStore) and packed.STORE in tile_store.stores()
+    with pytest.raises(TypeError, match="TileStore"):
+        tile_store.register(object())

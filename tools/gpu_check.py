@@ -36,15 +36,16 @@ import torch  # noqa: E402
 
 from axs_lib.cli import main  # noqa: E402
 from axs_lib.ingest import write_synthetic_tiles  # noqa: E402
+from axs_lib.run_dir import CHECKPOINTS, METRICS, RUN_JSON  # noqa: E402
 from axs_lib.stage1 import train as train_module  # noqa: E402
 
 
 def shas(run: Path) -> dict[str, str]:
-    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((run / "checkpoints").glob("*.pt"))}
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted((run / CHECKPOINTS).glob("*.pt"))}
 
 
 def steps_per_second(run: Path) -> float | None:
-    return json.loads((run / "run.json").read_text()).get("steps_per_second")
+    return json.loads((run / RUN_JSON).read_text()).get("steps_per_second")
 
 
 def train(tiles: Path, out: Path, steps: int, *extra: str) -> int:
@@ -78,7 +79,7 @@ def killed_and_resumed(tiles: Path, out: Path, steps: int) -> dict:
     target = steps // 2 + 3  # past the first checkpoint, mid-epoch
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None:
-        log = out / "metrics.jsonl"
+        log = out / METRICS
         if log.exists() and sum('"train"' in line for line in log.read_text().splitlines()) >= target:
             break
         time.sleep(0.02)

@@ -59,6 +59,7 @@ sys.path.insert(0, str(ROOT))  # the axs_lib beside this script, not another ins
 
 from axs_lib.checkpoint import load_checkpoint, read_latest  # noqa: E402
 from axs_lib.errors import CheckpointError  # noqa: E402
+from axs_lib.run_dir import CHECKPOINTS, METRICS, checkpoint_name, step_of  # noqa: E402
 
 ROOT_SEED_MAX = 2**32 - 1
 MAX_DELAY_S = 0.6  # a few steps of this small model: lands in steps, validation and writes alike
@@ -222,22 +223,16 @@ def sha256(path: Path) -> str:
 
 
 def checkpoint_shas(run: Path) -> dict[str, str]:
-    return {p.name: sha256(p) for p in sorted((run / "checkpoints").glob("*.pt"))}
-
-
-def step_of(name: str | None) -> int:
-    if not name or not name.startswith("checkpoint_step_"):
-        return 0
-    return int(name[len("checkpoint_step_"):-len(".pt")])
+    return {p.name: sha256(p) for p in sorted((run / CHECKPOINTS).glob("*.pt"))}
 
 
 def resume_point(run: Path) -> int:
     """The step ``--resume auto`` will continue from: the one the latest pointer names (0 if none)."""
     try:
-        latest = read_latest(run / "checkpoints")
+        latest = read_latest(run / CHECKPOINTS)
     except CheckpointError:
         return 0
-    return step_of(latest.name) if latest is not None else 0
+    return (step_of(latest.name) or 0) if latest is not None else 0
 
 
 def logged_train_steps(metrics: Path) -> list[int]:
@@ -273,9 +268,9 @@ def check_after_kill(run: Path, reference: dict[str, str], interrupts: set[str] 
     interrupts = interrupts or set()
     latest_path = None
     with contextlib.suppress(CheckpointError):
-        latest_path = read_latest(run / "checkpoints")
+        latest_path = read_latest(run / CHECKPOINTS)
     problems = []
-    ckpts = run / "checkpoints"
+    ckpts = run / CHECKPOINTS
     for path in sorted(ckpts.glob("*.pt")) if ckpts.is_dir() else []:
         try:
             load_checkpoint(path)
@@ -283,7 +278,7 @@ def check_after_kill(run: Path, reference: dict[str, str], interrupts: set[str] 
             problems.append(f"damaged after kill: {exc}")
             continue
         interrupt = path.name not in reference and (path.name in interrupts or (latest_path is not None and path.name == latest_path.name))
-        if path.name.startswith("checkpoint_step_") and not interrupt and sha256(path) != reference.get(path.name):
+        if step_of(path.name) is not None and not interrupt and sha256(path) != reference.get(path.name):
             problems.append(f"{path.name} differs from the reference's")
     latest_name = None
     try:
@@ -360,7 +355,7 @@ def run_harness(
         if not first:
             argv += ["--resume", "auto", *resume_args]
         first = False
-        metrics = run / "metrics.jsonl"
+        metrics = run / METRICS
         inode_before = _inode(metrics)
         remaining = steps - s0
         if kill.kind in ("clock", "term") and remaining < kill.offset + 6:
@@ -368,7 +363,7 @@ def run_harness(
         if kill.kind == "write":
             ckpt_every = 2
             target_step = min(steps, (s0 // ckpt_every + kill.offset) * ckpt_every)
-            target = f"checkpoint_step_{target_step}.pt"
+            target = checkpoint_name(target_step)
             seg_env = {**env, "AXS_FAULT": f"kill:{target}"}
         else:
             target_step = min(steps - 1, s0 + kill.offset)
@@ -420,9 +415,9 @@ def run_harness(
             run_shas = {n: h for n, h in checkpoint_shas(run).items() if n not in interrupts or n in ref_shas}
             names = sorted(set(ref_shas) | set(run_shas))
             result.mismatches = [n for n in names if ref_shas.get(n) != run_shas.get(n)]
-            if sha256(reference / "metrics.jsonl") != sha256(run / "metrics.jsonl"):
-                result.mismatches.append("metrics.jsonl")
-            leftovers = sorted(p.name for p in (run / "checkpoints").glob(".*.tmp"))
+            if sha256(reference / METRICS) != sha256(run / METRICS):
+                result.mismatches.append(METRICS)
+            leftovers = sorted(p.name for p in (run / CHECKPOINTS).glob(".*.tmp"))
             result.mismatches += [f"{n} (temp file left)" for n in leftovers]
             result.files_compared = len(names) + 1
             result.identical = not result.mismatches

@@ -26,7 +26,7 @@ from typing import Any
 
 from axs_lib.cli import add_debug_flag
 from axs_lib.errors import EXIT_OK, InputError
-from axs_lib.run_dir import LOCK
+from axs_lib.run_dir import LOCK, RUN_JSON, checkpoint_folder, step_checkpoints
 
 EPILOG = """example:
   axs runs experiments/exp1_seed42 experiments/exp2_seed123 experiments/exp3_seed42
@@ -63,7 +63,7 @@ def _from_manifest(run: Path) -> dict:
 
     manifest = read_run_json(run)
     if manifest is None:
-        raise InputError(run / "run.json", "no such file")
+        raise InputError(run / RUN_JSON, "no such file")
     best = _dict(manifest.get("best"))
     return {
         "seed": manifest.get("seed", _dict(manifest.get("config")).get("seed")),
@@ -74,7 +74,7 @@ def _from_manifest(run: Path) -> dict:
         "environment": _dict(manifest.get("environment")),
         "duration_s": _duration(manifest.get("started_at"), manifest.get("ended_at")),
         "config": {k: v for k, v in _dict(manifest.get("config")).items() if isinstance(v, (str, int, float, bool, type(None)))},
-        "source": str(run / "run.json"),
+        "source": str(run / RUN_JSON),
     }
 
 
@@ -96,15 +96,12 @@ def _fmt_duration(seconds: float | None) -> str:
     return f"{hours}h{minutes:02d}m" if hours else f"{minutes}m{secs:02d}s"
 
 
-# config fields never shown as a difference: where the run lives says nothing about how it trained
-_NOT_A_DIFFERENCE = ("output_dir", "data_dir", "seed")
-
-
 def config_differences(rows: list[dict]) -> list[str]:
-    """The config fields whose values differ between the rows' runs (the columns `axs runs` adds)."""
-    configs = [r.get("config") or {} for r in rows]
-    keys = dict.fromkeys(k for c in configs for k in c)
-    return [k for k in keys if k not in _NOT_A_DIFFERENCE and len({repr(c.get(k)) for c in configs}) > 1]
+    """The config fields whose values differ between the rows' runs (the columns `axs runs` adds);
+    the seed has a column of its own."""
+    from axs_lib.run_dir import LOCATION_FIELDS, config_differences as differing
+
+    return differing(*(r.get("config") or {} for r in rows), ignore=(*LOCATION_FIELDS, "seed"))
 
 
 # What each field of a row may hold; a hand-edited or damaged file's other values are shown as unreadable.
@@ -141,15 +138,13 @@ def _checked(row: dict) -> dict:
 
 def _latest_checkpoint(run_dir: Path) -> Path:
     from axs_lib.checkpoint import read_latest
-    from axs_lib.compare import checkpoint_steps
 
-    folder = run_dir / "checkpoints" if (run_dir / "checkpoints").is_dir() else run_dir
-    latest = read_latest(folder)
+    latest = read_latest(checkpoint_folder(run_dir))
     if latest is not None:
         return latest
-    steps = checkpoint_steps(run_dir)
+    steps = step_checkpoints(run_dir)  # newest first
     if steps:
-        return steps[max(steps)]
+        return steps[0][1]
     raise InputError(run_dir, "no run.json and no checkpoints: not an experiment directory")
 
 
@@ -178,10 +173,8 @@ def run_is_live(run: Path) -> bool:
 
 def _mark_killed(row: dict, run: Path) -> None:
     """A manifest that says "running" for a run nobody runs: show it as killed, at its newest checkpoint."""
-    from axs_lib.compare import checkpoint_steps
-
     try:
-        steps = checkpoint_steps(run)
+        steps = dict(step_checkpoints(run))
     except OSError:
         steps = {}
     row["status"] = "killed"
@@ -196,7 +189,7 @@ def describe_experiment(path: Path, *, trust: bool = False) -> dict:
     """The row ``axs runs`` shows for one experiment directory or checkpoint file."""
     if not path.exists():
         raise InputError(path, "no such file or directory")
-    if path.is_dir() and os.path.lexists(path / "run.json"):
+    if path.is_dir() and os.path.lexists(path / RUN_JSON):
         row = _checked(_from_manifest(path))
         if row["status"] == "running" and not run_is_live(path):
             _mark_killed(row, path)

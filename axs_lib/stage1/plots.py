@@ -35,6 +35,7 @@ from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from axs_lib.run_dir import LOSS_PLOT, PLOTS, SAMPLES, sample_image
 from axs_lib.stage1.metrics import QualityMetrics
 
 RGB = (2, 1, 0)  # B4, B3, B2 in the optical tensor (B2, B3, B4, B8)
@@ -231,9 +232,9 @@ def sample_panel(path: Path, model: torch.nn.Module, dataset, device: torch.devi
 def refresh(output_dir: Path, records: list[dict], model, dataset, device, step: int, count: int, events=None) -> None:
     """Rewrite ``plots/loss.png``, write ``samples/step_<step>.png`` and, given an
     `axs_lib.stage1.events.EventLog`, send the same samples image to TensorBoard."""
-    (output_dir / "plots").mkdir(exist_ok=True)
-    (output_dir / "samples").mkdir(exist_ok=True)
-    loss_curves(output_dir / "plots" / "loss.png", records)
-    image = sample_panel(output_dir / "samples" / f"step_{step}.png", model, dataset, device, count, step)
+    (output_dir / PLOTS).mkdir(exist_ok=True)
+    (output_dir / SAMPLES).mkdir(exist_ok=True)
+    loss_curves(output_dir / LOSS_PLOT, records)
+    image = sample_panel(output_dir / sample_image(step), model, dataset, device, count, step)
     if events is not None:
         events.add_image("samples", image, step)

@@ -51,7 +51,7 @@ from axs_lib.fingerprint.data import data_fingerprint
 from axs_lib.fingerprint.environment import diff_environments  # noqa: F401 - the resume checks' order, in one place for tests
 from axs_lib.loader import ResumableLoader
 from axs_lib.reproducibility import derive_seed, seed_globals
-from axs_lib.run_dir import PLOTS, SAMPLES, SPLIT_JSON
+from axs_lib.run_dir import LOSS_PLOT, PLOTS, SPLIT_JSON, sample_image
 from axs_lib.sampling import ResumableSampler
 from axs_lib.signals import EXIT_CODES
 from axs_lib.split import leave_out_flagged, make_split
@@ -285,7 +285,7 @@ class Stage1Trainer(Trainer):
 
     def _refresh_plots(self, step: int) -> None:
         from axs_lib.stage1 import plots  # matplotlib: imported by runs that draw, not by --no-plots
-        self.save_run_info(record=[f"{PLOTS}/loss.png", f"{SAMPLES}/step_{step}.png"])
+        self.save_run_info(record=[LOSS_PLOT, sample_image(step)])
         plots.refresh(self.output_dir, self.metrics_log.read(), self.model, self.val_set, self.device, step, SAMPLE_TILES,
                       events=self.events)
 

@@ -13,7 +13,7 @@ toolkit needs, in the order a training loop meets it:
 * more than one rank: `MicroBatchPlan`, `GradientTree` (`axs_lib.distributed`);
 * checkpoints: `TrainingState` (`axs_lib.state`), `CheckpointManager` (`axs_lib.run_dir`),
   `save_checkpoint`, `load_checkpoint` (`axs_lib.checkpoint`), `EarlyStopping`
-  (`axs_lib.stage1.early_stopping`);
+  (`axs_lib.early_stopping`);
 * a run's surroundings: `StopRequest` (`axs_lib.signals`), `pin` (portable CPU mode,
   `axs_lib.portable`);
 * the errors the toolkit raises, all `AxsError`: `InputError`, `CheckpointError`, `UsageError`,
@@ -62,7 +62,7 @@ _HOMES: dict[str, str] = {
     "CheckpointManager": "axs_lib.run_dir",
     "save_checkpoint": "axs_lib.checkpoint",
     "load_checkpoint": "axs_lib.checkpoint",
-    "EarlyStopping": "axs_lib.stage1.early_stopping",
+    "EarlyStopping": "axs_lib.early_stopping",
     # a run's surroundings
     "StopRequest": "axs_lib.signals",
     "pin": "axs_lib.portable",
@@ -135,5 +135,5 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; at run time the names arri
     from axs_lib.samples import SeededDataset, sample_generator, sample_rng
     from axs_lib.sampling import ResumableSampler, SampleIndex
     from axs_lib.signals import StopRequest
-    from axs_lib.stage1.early_stopping import EarlyStopping
+    from axs_lib.early_stopping import EarlyStopping
     from axs_lib.state import TrainingState

@@ -24,10 +24,13 @@ the first. A run goes through named phases, in this order:
    (SIGTERM, SIGINT, SIGUSR1: checkpoint at the step reached, exit 128 + signal).
 5. **finish** (`Trainer.finish`): the status, the best metric and the speed go to ``run.json``.
 
-The task's part is a subclass of `Trainer`: ``check_data``, ``check_checkpoint`` (class methods,
-run before anything is written), ``__init__`` (datasets, model, optimizer, `TrainingState`),
-``micro_batch_loss``, ``validate`` and, optionally, ``on_validated``, ``task_files`` and
-``run_info_extras``. `run_training` is the entry point: ``run_training(MyTrainer, config,
+The task's part is a subclass of `Trainer`: ``check_data`` (a class method, run before anything
+is written), ``__init__`` (datasets, model, optimizer, scheduler, early stopping, `TrainingState`,
+then `Trainer.attach_data`), ``micro_batch_loss`` and ``validate``. Optional hooks:
+``check_checkpoint``, ``config_differences`` and ``config_warnings`` (before anything is written);
+``task_files``, ``run_info_extras``, ``write_config``, ``open_events`` and ``event_log_names`` (the
+run's records); ``describe``, ``metrics_line``, ``on_validated`` and ``finish_note`` (what the run
+says and draws); ``name`` and ``no_validation`` (its words). `run_training` is the entry point: ``run_training(MyTrainer, config,
 ResumeRequest("auto"))``. The config is the task's dataclass; the session reads the fields listed
 in `SessionConfig`.
 """
@@ -74,6 +77,7 @@ class SessionConfig(Protocol):
     portable: bool
     threads: int | None
     steps: int
+    lr: float
     batch_size: int
     accum_steps: int
     log_every: int
@@ -120,8 +124,7 @@ class RunResult:
 @dataclass
 class DataCheck:
     """What a task's `Trainer.check_data` found: the config with anything automatic resolved, the
-    micro-batch plan, the data fingerprint, the lines for ``run.json``, and the task's own
-    inputs (Stage-1: the tile paths and the split)."""
+    micro-batch plan, the data fingerprint, and the task's own inputs (Stage-1: the split)."""
 
     config: Any
     plan: MicroBatchPlan
@@ -338,10 +341,13 @@ class Trainer:
     """The loop of a run in named phases; a task subclasses it (see the module docstring).
 
     The subclass's ``__init__`` calls ``super().__init__(setup, device, world, say)`` first, then
-    builds its datasets, model, ``optimizer``, ``scheduler``, ``stopper`` (`EarlyStopping`) and
-    ``state`` (`TrainingState`, restored from ``setup.ckpt`` when resuming), and finally calls
-    `attach_data` with its training loader and validation loader.
+    builds its datasets, ``model``, ``optimizer``, ``scheduler``, ``stopper`` (`EarlyStopping`) and
+    ``state`` (`TrainingState(..., loader=loader)`, restored from ``setup.ckpt`` when resuming, so
+    the loader's position comes back with the rest), and finally calls `attach_data` with its
+    training loader and validation loader.
     """
+
+    REQUIRED = ("model", "optimizer", "scheduler", "stopper", "state", "loader")  # what run() needs of __init__
 
     name: ClassVar[str] = "train"  # the progress bar's label
     no_validation: ClassVar[str] = "warning: no validation data: no validation metrics, best.pt or early stopping"
@@ -390,10 +396,11 @@ class Trainer:
         return f"device {device_name(self.device)}; world size {self.world.size}; step {self.state.step} of {self.config.steps}"
 
     def open_events(self):
-        """The event log mirroring ``metrics.jsonl`` (TensorBoard), or None; and the names it writes."""
+        """The event log mirroring ``metrics.jsonl`` (TensorBoard), or None."""
         return None
 
     def event_log_names(self) -> list[str]:
+        """The run-directory names the event log writes (recorded in the manifest before it opens)."""
         return []
 
     # ------------------------------------------------------------------ set up
@@ -413,9 +420,19 @@ class Trainer:
         self.val_loader = None
         reap_workers_at_exit()
 
-    def attach_data(self, loader, val_loader=None) -> None:
-        """The training loader (a `ResumableLoader` with the run's plan, at its restored position) and
-        the validation loader; the loader's position joins the training state."""
+    def attach_data(self, loader, val_loader=None, *, position_restored: bool = False) -> None:
+        """The training loader (a `ResumableLoader` with the run's plan) and the validation loader; the
+        loader's position joins the training state.
+
+        On a resume the loader must already be at the checkpoint's position: restored with the state
+        (``TrainingState(..., loader=loader)``), or by the task itself (``position_restored``, as
+        Stage-1 does to map an earlier version's positions). A loader at the start of the data would
+        resume inexactly without a word, so that is refused here.
+        """
+        restored = position_restored or self.state.components.get("sampler_state") is loader
+        if self.setup.ckpt is not None and not restored:
+            raise TypeError(f"{type(self).__name__}: the training loader's position was not restored from the checkpoint: "
+                            "pass loader= to TrainingState before loading it, or restore it and pass position_restored=True")
         self.loader, self.val_loader = loader, val_loader
         self.state.components["sampler_state"] = loader
         self.parameters = list(self.model.parameters())
@@ -602,6 +619,10 @@ class Trainer:
 
     # ------------------------------------------------------------------ the run
     def run(self) -> RunResult:
+        missing = [name for name in self.REQUIRED if not hasattr(self, name)]
+        if missing:
+            raise TypeError(f"{type(self).__name__}.__init__ did not set {', '.join(missing)} (see Trainer; the loader "
+                            "comes with attach_data)")
         config, state = self.config, self.state
         self.start()
         self.say(self.describe())

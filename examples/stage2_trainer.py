@@ -39,7 +39,7 @@ from axs_lib.fingerprint.data import data_fingerprint  # noqa: E402
 from axs_lib.loader import ResumableLoader  # noqa: E402
 from axs_lib.reproducibility import derive_seed, seed_globals  # noqa: E402
 from axs_lib.samples import SeededDataset  # noqa: E402
-from axs_lib.stage1.early_stopping import EarlyStopping  # noqa: E402
+from axs_lib.early_stopping import EarlyStopping  # noqa: E402
 from axs_lib.state import TrainingState  # noqa: E402
 from axs_lib.tiles import SAR_DB_RANGE, list_tiles, read_tile  # noqa: E402
 from axs_lib.training import DataCheck, ResumeRequest, Trainer, lr_factor, micro_batch_plan, run_training  # noqa: E402

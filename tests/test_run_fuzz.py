@@ -89,17 +89,17 @@ def config() -> TrainConfig:
 @given(ckpt=_crafted)
 def test_the_trainers_resume_checks_refuse_any_crafted_checkpoint_with_one_line(config, ckpt):
     from axs_lib import run_dir
-    from axs_lib.fingerprint.environment import environment_fingerprint
+    from axs_lib.fingerprint.environment import diff_environments, environment_fingerprint
     from axs_lib.stage1 import train
 
     path = Path("crafted.pt")
     data_fp = {"scheme": "tiles-v2", "sha256": "d" * 64, "num_tiles": 6}
-    try:  # the order of train._check_inputs
+    try:  # the order of axs_lib.training.prepare
         run_dir.check_known_keys(ckpt, path)
         train.check_resume(ckpt, config, data_fp, 1)
         train._check_state_shapes(ckpt, path, config)
         train._check_sampler_position(ckpt, path, 5)
-        list(train.diff_environments(ckpt.get("environment"), environment_fingerprint()))
+        list(diff_environments(ckpt.get("environment"), environment_fingerprint()))
     except AxsError as exc:
         message = str(exc)
         assert "\n" not in message and message.startswith("crafted.pt: ") and len(message) < 1000

@@ -19,7 +19,7 @@ from axs_lib.run_dir import CheckpointManager
 from axs_lib.sampling import ResumableSampler
 from axs_lib.samples import SeededDataset
 from axs_lib.signals import StopRequest, StopRequested, exit_code
-from axs_lib.stage1.early_stopping import EarlyStopping
+from axs_lib.early_stopping import EarlyStopping
 from axs_lib.state import TrainingState
 
 REPO = Path(__file__).resolve().parents[1]

@@ -75,7 +75,7 @@ def test_a_second_trainer_with_another_seed_writes_other_bytes(tiles, reference,
 
 
 def test_a_second_trainer_stopped_by_a_signal_resumes_to_the_same_bytes(tiles, reference, tmp_path, monkeypatch):
-    stop_at = 6  # between two checkpoints: the stop itself writes step 6
+    stop_at = 5  # mid-epoch (8 training tiles, 4 a step) and between two checkpoints: the stop writes step 5
     original = example.LandCoverTrainer.micro_batch_loss
 
     def loss_then_stop(self, batch):
@@ -90,9 +90,29 @@ def test_a_second_trainer_stopped_by_a_signal_resumes_to_the_same_bytes(tiles, r
     monkeypatch.setattr(example.LandCoverTrainer, "micro_batch_loss", original)
     resumed = train(config(tiles, tmp_path), resume="auto")
     assert resumed.final_step == STEPS
+    assert json.loads((tmp_path / "run.json").read_text())["resumed_from"]["step"] == stop_at  # continued, not redone
     ref = checkpoints(reference)
     got = checkpoints(tmp_path)
     assert {name: got[name] for name in ref} == ref
+
+
+def test_a_trainer_whose_loader_position_was_not_restored_is_refused_on_resume(tiles, reference, tmp_path, monkeypatch):
+    """A subclass that registers its loader after loading the state would resume at the start of the
+    data without a word: `attach_data` refuses it."""
+    import shutil
+
+    from axs_lib.state import TrainingState
+
+    shutil.copytree(reference, tmp_path / "run")
+    original = TrainingState.__init__
+
+    def without_loader(self, **components):
+        components.pop("loader", None)
+        original(self, **components)
+
+    monkeypatch.setattr(TrainingState, "__init__", without_loader)
+    with pytest.raises(TypeError, match="loader's position was not restored"):
+        train(config(tiles, tmp_path / "run"), resume="auto")
 
 
 def test_a_second_trainer_refuses_a_resume_under_another_result_field_before_writing(tiles, reference, tmp_path):
@@ -115,3 +135,17 @@ def test_the_resume_rule_names_an_earlier_versions_sharding_and_accumulation():
     assert resume_problems({**base, "world_size": 2}, [], fp, allow_world_size_change=True) == []
     summed = resume_problems({**base, "world_size": 1, "config": {"accum_steps": 4}}, ["lr: differs"], fp)
     assert summed[0] == "lr: differs" and "drew all 4 micro-batches" in summed[1]
+
+
+def test_the_gpu_checks_sync_guard_wraps_the_step_the_trainer_runs(monkeypatch):
+    """tools/gpu_check.py forbids host syncs inside `Trainer.train_step` by wrapping it; a rename of
+    the step would make that check a crash on the GPU machine, where CI never looks."""
+    from axs_lib.stage1.train import Stage1Trainer
+
+    gpu_check = import_file(REPO / "tools" / "gpu_check.py", "gpu_check_tool")
+    modes, calls = [], []
+    monkeypatch.setattr("torch.cuda.set_sync_debug_mode", modes.append)
+    monkeypatch.setattr(Stage1Trainer, "train_step", lambda self, n: calls.append(n) or n)  # undone after the test
+    gpu_check.strict_steps()
+    assert Stage1Trainer.train_step(None, 3) == 3
+    assert calls == [3] and modes == ["error", "default"]

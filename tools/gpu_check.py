@@ -6,7 +6,7 @@ CI has no GPU, so these are not tests of the suite; run this wherever one is ava
 its report (``OUT_DIR/gpu_check.json``). It checks, on ``cuda``:
 
 * no host synchronisation in the training step (``torch.cuda.set_sync_debug_mode("error")``
-  around every ``Stage1Trainer._train_step``);
+  around every ``Stage1Trainer.train_step``);
 * rerun byte-identical; 0 vs 2 DataLoader workers byte-identical; SIGKILL with 2 workers plus
   ``--resume auto`` byte-identical to the run that never stopped; ``--precision bf16-mixed`` rerun
   byte-identical; ``--checkpoint-mode async`` byte-identical to sync;
@@ -57,7 +57,7 @@ def train(tiles: Path, out: Path, steps: int, *extra: str) -> int:
 
 def strict_steps():
     """Fail on any host synchronisation inside the training step; returns the original method."""
-    original = train_module.Stage1Trainer._train_step
+    original = train_module.Stage1Trainer.train_step
 
     def step(self, n):
         torch.cuda.set_sync_debug_mode("error")
@@ -66,7 +66,7 @@ def strict_steps():
         finally:
             torch.cuda.set_sync_debug_mode("default")
 
-    train_module.Stage1Trainer._train_step = step
+    train_module.Stage1Trainer.train_step = step
     return original
 
 
@@ -104,10 +104,10 @@ def run(out: Path, quick: bool) -> dict:
     except RuntimeError as exc:
         checks["no_sync_in_step"] = False
         report["sync_error"] = str(exc).splitlines()[0]
-        train_module.Stage1Trainer._train_step = original
+        train_module.Stage1Trainer.train_step = original
         train(tiles, out / "a", steps, "--overwrite")
     if original is not None:
-        train_module.Stage1Trainer._train_step = original
+        train_module.Stage1Trainer.train_step = original
     reference = shas(out / "a")
     train(tiles, out / "b", steps)
     checks["rerun_identical"] = shas(out / "b") == reference

@@ -31,6 +31,7 @@ back to the same config (``axs train stage1 --print-config`` prints it).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import math
 import re
@@ -412,8 +413,10 @@ class ConfigRequest:
     def output_dir(self) -> str:
         return self.given.get("output_dir") or f"runs/stage1_seed{self.given.get('seed', DEFAULT_SEED)}"
 
+    @functools.cached_property
     def _previous(self) -> dict[str, Any]:
-        """The run.json of the run being resumed, or {} when there is none to read."""
+        """The run.json of the run being resumed, or {} when there is none to read (read once: under
+        torchrun, rank 0 rewrites it once training starts)."""
         from axs_lib.errors import AxsError
         from axs_lib.run_dir import read_run_json
 
@@ -441,7 +444,7 @@ class ConfigRequest:
 
     def fresh(self) -> TrainConfig:
         """The config as given (a resume's micro-batch size is the run's own unless given)."""
-        config = build_config(self._with_accum(_as_dict(self._previous().get("config"))), self.file_values)
+        config = build_config(self._with_accum(_as_dict(self._previous.get("config"))), self.file_values)
         config.data_dir = self.given.get("data_dir") or "tiles"
         config.output_dir = self.output_dir
         return config
@@ -450,7 +453,7 @@ class ConfigRequest:
         """The config on top of a checkpoint's stored result fields (the resume rule above)."""
         resumed = build_config(self._with_accum(stored), self.file_values, base=stored)
         resumed.output_dir = self.output_dir
-        resumed.data_dir = self.given.get("data_dir") or _previous_data_dir(self._previous()) or "tiles"
+        resumed.data_dir = self.given.get("data_dir") or _previous_data_dir(self._previous) or "tiles"
         return resumed
 
 

@@ -48,7 +48,6 @@ from torch import nn
 from axs_lib.data import TileDataset, validation_loader
 from axs_lib.errors import CheckpointError, UsageError
 from axs_lib.fingerprint.data import data_fingerprint
-from axs_lib.fingerprint.environment import diff_environments  # noqa: F401 - the resume checks' order, in one place for tests
 from axs_lib.loader import ResumableLoader
 from axs_lib.reproducibility import derive_seed, seed_globals
 from axs_lib.run_dir import LOSS_PLOT, PLOTS, SPLIT_JSON, sample_image
@@ -56,7 +55,7 @@ from axs_lib.sampling import ResumableSampler
 from axs_lib.signals import EXIT_CODES
 from axs_lib.split import leave_out_flagged, make_split
 from axs_lib.stage1.config import TrainConfig, config_warnings, diff_result_fields, resolve_auto_schedule, write_config_file
-from axs_lib.stage1.early_stopping import EarlyStopping
+from axs_lib.early_stopping import EarlyStopping
 from axs_lib.stage1.events import available as events_available
 from axs_lib.stage1.events import open_event_log
 from axs_lib.stage1.losses import stage1_loss
@@ -131,10 +130,10 @@ def train_stage1(config: TrainConfig, resume: ResumeRequest, *, overwrite: bool 
     directory locked and, with ``overwrite``, the files that the earlier run recorded in its
     manifest removed. ``config_for_resume`` rebuilds the config on top of a checkpoint's stored
     result fields (see `axs_lib.commands.train`); ``log`` receives progress lines (default: the
-    ``axs_lib.training`` logger).
+    ``axs_lib.stage1.train`` logger).
     """
-    return run_training(Stage1Trainer, config, resume, overwrite=overwrite, log=log, config_for_resume=config_for_resume,
-                        notes=notes)
+    return run_training(Stage1Trainer, config, resume, overwrite=overwrite, log=log or logger.info,
+                        config_for_resume=config_for_resume, notes=notes)
 
 
 RESUME_KEYS = ("step", "model_state_dict", "optimizer_state_dict", "scheduler_state_dict", "sampler_state", "early_stopping")
@@ -236,7 +235,7 @@ class Stage1Trainer(Trainer):
                                  num_workers=config.num_workers, pin_memory=self.pin, worker_init_fn=ignore_stop_signals)
         loader.load_state_dict({"epoch": start[0], "position": start[1]})
         val_loader = validation_loader(self.val_set, config.batch_size, config.num_workers, config.seed, self.pin) if self.val_set else None
-        self.attach_data(loader, val_loader)
+        self.attach_data(loader, val_loader, position_restored=True)  # _resume_position maps earlier versions' positions
         self.autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16,
                                           enabled=config.precision == "bf16-mixed")
 

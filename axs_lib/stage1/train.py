@@ -61,14 +61,14 @@ from axs_lib.fingerprint.data import data_fingerprint
 from axs_lib.fingerprint.environment import (diff_environments, environment_fingerprint, environment_report,
                                               portable_fingerprint)
 from axs_lib.reproducibility import derive_seed, seed_globals, set_seed
+from axs_lib.loggers import open_loggers, requested
+from axs_lib.loggers import run_files as logger_files
 from axs_lib.run_dir import (CONFIG_FILE, ENVIRONMENT_JSON, METRICS, PLOTS, RUN_JSON, RUN_MARKER, SAMPLES, SPLIT_JSON,
-                             TENSORBOARD, CheckpointManager, MetricsLog, RunDir, write_json)
+                             CheckpointManager, MetricsLog, RunDir, write_json)
 from axs_lib.sampling import ResumableSampler
 from axs_lib.split import leave_out_flagged, make_split
 from axs_lib.stage1.config import TrainConfig, config_warnings, diff_result_fields, resolve_auto_schedule, write_config_file
 from axs_lib.stage1.early_stopping import EarlyStopping
-from axs_lib.stage1.events import available as events_available
-from axs_lib.stage1.events import open_event_log
 from axs_lib.stage1.losses import stage1_loss
 from axs_lib.stage1.metrics import QualityMetrics, flat
 from axs_lib.stage1.model import UNet, band_means, band_stats
@@ -457,9 +457,7 @@ class Stage1Trainer:
 
     def _write_run_files(self) -> None:
         setup, config = self.setup, self.config
-        names = [SPLIT_JSON, ENVIRONMENT_JSON, CONFIG_FILE, METRICS]
-        if config.tensorboard and events_available():
-            names.append(f"{TENSORBOARD}/")
+        names = [SPLIT_JSON, ENVIRONMENT_JSON, CONFIG_FILE, METRICS, *logger_files(requested(config))]
         setup.run.record(*names)
         self.run_info = {
             RUN_MARKER: 1, "status": "running", "config": config.to_dict(), "seed": config.seed, "seed_info": setup.seed_info,
@@ -480,7 +478,7 @@ class Stage1Trainer:
         write_json(self.output_dir / ENVIRONMENT_JSON, environment_report(setup.env_fp))
         write_config_file(config, self.output_dir / CONFIG_FILE)
         self.metrics_log.truncate_after(self.state.step)  # drop what a killed run logged after its last checkpoint
-        self.events = open_event_log(self.output_dir, self.state.step, config.tensorboard)
+        self.events = open_loggers(self.output_dir, self.state.step, requested(config), params=config.to_dict())
 
     def _record(self, entry: dict) -> None:
         self.metrics_log.append(entry)

@@ -22,7 +22,7 @@ run asked for and returns one `Loggers` that fans every call out to them:
   artifacts. The tracking store is ``MLFLOW_TRACKING_URI`` when set, else a local file store in
   ``<run>/mlruns`` (``mlflow ui --backend-store-uri <run>/mlruns``). mlflow-skinny has no SQL store,
   and MLflow 3 refuses the file store unless ``MLFLOW_ALLOW_FILE_STORE`` is true, so for that
-  default store this module sets it (``setdefault``: a value of the user's wins). The experiment
+  default store this module sets it when it is unset (a value of the user's wins). The experiment
   is ``MLFLOW_EXPERIMENT_NAME`` or ``axs``.
 * **Weights & Biases** (``pip install 'axs-lib[wandb]'``): ``wandb.init(dir=<run>)``, so its files
   go to ``<run>/wandb/``; the mode is wandb's own ``WANDB_MODE`` (``offline`` logs without an
@@ -389,8 +389,8 @@ class MLflowLogger:
         from mlflow.tracking import MlflowClient
 
         uri = os.environ.get("MLFLOW_TRACKING_URI") or (Path(root).resolve() / MLRUNS).as_uri()
-        if local_mlflow_store():
-            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")  # MLflow 3: the file store is opt-in
+        if local_mlflow_store() and not os.environ.get("MLFLOW_ALLOW_FILE_STORE"):
+            os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # MLflow 3: the file store is opt-in; a user's value wins
         self.client = client = MlflowClient(tracking_uri=uri)
         self.run_id = self._continued(ids.get("mlflow"), uri)
         logged_params: dict[str, str] = {}

@@ -13,6 +13,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import signal
 from pathlib import Path
 
 import numpy as np
@@ -355,3 +356,21 @@ def test_a_logger_failing_mid_run_loses_no_checkpoint(demo_tiles, stage1_referen
     assert "CSV logging failed (add: [Errno 28] No space left on device); CSV is off" in capsys.readouterr().err
     assert [int(r["step"]) for r in read_csv(out / "metrics.csv")[1]] == [1, 2, 3, 4, 4]
     assert json.loads((out / run_dir.RUN_JSON).read_text())["status"] == "completed"
+
+
+def test_killed_in_a_checkpoint_write_and_resumed_every_logger_holds_each_step_once(
+        demo_tiles, stage1_reference, tmp_path, offline):
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    out = tmp_path / "killed"
+    argv = killtest.train_argv(demo_tiles, out, REFERENCE_STEPS, "--mlflow", "--wandb", num_workers=0)
+    proc = killtest.spawn(argv, killtest.child_env({"AXS_FAULT": "kill:checkpoint_step_6.pt"}), tmp_path / "log")
+    assert proc.wait(timeout=120) == -signal.SIGKILL  # steps 5 and 6 logged, their checkpoint not written
+    first_ids = json.loads((out / run_dir.LOGGERS_JSON).read_text())
+    train_in_process([*argv, "--resume", "auto"])
+    assert shas(out) == shas(stage1_reference)
+    assert (out / "metrics.csv").read_bytes() == (stage1_reference / "metrics.csv").read_bytes()
+    assert json.loads((out / run_dir.LOGGERS_JSON).read_text()) == first_ids  # the same MLflow and W&B runs
+    client, run = mlflow_run(out)
+    train = [r for r in read_csv(out / "metrics.csv")[1] if r["split"] == "train"]
+    assert mlflow_points(client, run, "train/loss") == [(int(r["step"]), float(r["loss"])) for r in train]

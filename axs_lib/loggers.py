@@ -57,12 +57,13 @@ import sys
 import time
 from numbers import Real
 from pathlib import Path
-from typing import Any, Iterable, Protocol
-
-import numpy as np
+from typing import TYPE_CHECKING, Any, Iterable, Protocol
 
 from axs_lib.errors import UsageError
 from axs_lib.run_dir import LOGGERS_JSON, METRICS_CSV, MLRUNS, TENSORBOARD, WANDB
+
+if TYPE_CHECKING:
+    import numpy as np  # imported where a picture is written: `axs train --help` stays numpy-free
 
 log = logging.getLogger(__name__)
 
@@ -84,7 +85,7 @@ class Logger(Protocol):
 
     def add(self, record: dict) -> None: ...
 
-    def add_image(self, tag: str, image: np.ndarray, step: int) -> None: ...
+    def add_image(self, tag: str, image: "np.ndarray", step: int) -> None: ...
 
     def close(self, status: str = "finished") -> None: ...
 
@@ -160,7 +161,7 @@ class Loggers:
         for name, logger in list(self.active.items()):
             self._call(name, "add", logger.add, record)
 
-    def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
+    def add_image(self, tag: str, image: "np.ndarray", step: int) -> None:
         for name, logger in list(self.active.items()):
             self._call(name, "add_image", logger.add_image, tag, image, step)
 
@@ -209,6 +210,7 @@ def open_loggers(root: os.PathLike | str, start_step: int, names: Iterable[str] 
     root = Path(root)
     names = list(dict.fromkeys(names))
     check_installed(names)
+    root.mkdir(parents=True, exist_ok=True)  # a loop of the user's may not have made it yet
     params = dict(params or {})
     run_name = run_name or root.resolve().name
     opened = Loggers()
@@ -293,7 +295,7 @@ class CSVLogger:
         with open(self.path, "a", newline="") as f:
             csv.DictWriter(f, self.columns, restval="", lineterminator="\n").writerow(row)
 
-    def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
+    def add_image(self, tag: str, image: "np.ndarray", step: int) -> None:
         """Pictures have no place in a table (the PNGs are in the run directory)."""
 
     def close(self, status: str = "finished") -> None:
@@ -334,8 +336,10 @@ class TensorBoardLogger:
         for name, value in metrics_of(record).items():
             self.writer.add_scalar(f"{record['split']}/{name}", value, record["step"])
 
-    def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
+    def add_image(self, tag: str, image: "np.ndarray", step: int) -> None:
         """An (H, W, 3) uint8 picture, e.g. the rendered samples figure."""
+        import numpy as np
+
         self.writer.add_image(tag, np.asarray(image), step, dataformats="HWC")
 
     def close(self, status: str = "finished") -> None:
@@ -437,7 +441,9 @@ class MLflowLogger:
         if metrics:
             self.client.log_batch(self.run_id, metrics=metrics)
 
-    def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
+    def add_image(self, tag: str, image: "np.ndarray", step: int) -> None:
+        import numpy as np
+
         if step > self.last_step.get(tag, -1):
             self.client.log_image(self.run_id, np.asarray(image), key=tag, step=step)
 
@@ -477,7 +483,9 @@ class WandbLogger:
         if self._sends(step):
             self.run.log({f"{record['split']}/{k}": v for k, v in metrics_of(record).items()}, step=step)
 
-    def add_image(self, tag: str, image: np.ndarray, step: int) -> None:
+    def add_image(self, tag: str, image: "np.ndarray", step: int) -> None:
+        import numpy as np
+
         if self._sends(step):
             self.run.log({tag: self.wandb.Image(np.asarray(image))}, step=step)
 

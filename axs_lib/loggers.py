@@ -199,11 +199,12 @@ def _short(exc: BaseException, limit: int = 200) -> str:
 
 def open_loggers(root: os.PathLike | str, start_step: int, names: Iterable[str] = (), *,
                  params: dict[str, Any] | None = None, run_name: str | None = None,
-                 project: str = DEFAULT_PROJECT) -> Loggers:
+                 project: str = DEFAULT_PROJECT, quiet: bool = False) -> Loggers:
     """CSV plus the optional loggers ``names`` for the run directory ``root``, starting after ``start_step``.
 
     ``params`` (the run's config) go to MLflow as params and to W&B as its config; ``run_name``
-    (default: the directory's name) names the MLflow and W&B runs. MLflow or W&B asked for but not
+    (default: the directory's name) names the MLflow and W&B runs; ``quiet`` keeps wandb's own
+    lines to the essential ones, as the run's are. MLflow or W&B asked for but not
     installed is a `UsageError` (callers check first: `check_installed`); a logger that fails to
     open is a warning and the run goes on without it.
     """
@@ -224,7 +225,7 @@ def open_loggers(root: os.PathLike | str, start_step: int, names: Iterable[str] 
     if "mlflow" in names:
         openers["mlflow"] = lambda: MLflowLogger(root, params, run_name, project, state)
     if "wandb" in names:
-        openers["wandb"] = lambda: WandbLogger(root, params, run_name, project, state)
+        openers["wandb"] = lambda: WandbLogger(root, params, run_name, project, state, quiet)
     for name, opener in openers.items():
         try:
             opened.active[name] = opener()
@@ -461,7 +462,7 @@ def _param(value: Any) -> str:
 class WandbLogger:
     """One W&B run per run directory, files in ``<run>/wandb/``; the mode is ``WANDB_MODE``'s."""
 
-    def __init__(self, root: Path, params: dict, run_name: str, project: str, ids: RunIds):
+    def __init__(self, root: Path, params: dict, run_name: str, project: str, ids: RunIds, quiet: bool = False):
         import wandb
 
         previous = ids.get("wandb").get("id")
@@ -469,7 +470,7 @@ class WandbLogger:
         self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or project, name=run_name, dir=str(root),
                               id=run_id, resume="allow" if run_id else None, config=params,
-                              settings=wandb.Settings(console="off"))
+                              settings=wandb.Settings(console="off", **({"quiet": True} if quiet else {})))
         if run_id is None:
             ids.set("wandb", {"id": self.run.id})
 

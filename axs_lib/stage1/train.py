@@ -478,7 +478,8 @@ class Stage1Trainer:
         write_json(self.output_dir / ENVIRONMENT_JSON, environment_report(setup.env_fp))
         write_config_file(config, self.output_dir / CONFIG_FILE)
         self.metrics_log.truncate_after(self.state.step)  # drop what a killed run logged after its last checkpoint
-        self.events = open_loggers(self.output_dir, self.state.step, requested(config), params=config.to_dict())
+        self.events = open_loggers(self.output_dir, self.state.step, requested(config), params=config.to_dict(),
+                                   quiet=config.quiet)
 
     def _record(self, entry: dict) -> None:
         self.metrics_log.append(entry)

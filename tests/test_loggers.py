@@ -22,6 +22,7 @@ import pytest
 import killtest
 from axs_lib import loggers, run_dir
 from axs_lib.cli import main
+from axs_lib.errors import InputError
 from axs_lib.run_dir import RunDir
 from axs_lib.stage1.config import RESULT_FIELD_NAMES, TrainConfig
 from conftest import REFERENCE_STEPS, train_in_process
@@ -226,6 +227,16 @@ def test_a_logger_asked_for_but_not_installed_is_one_line_before_anything_is_wri
     assert not out.exists()
 
 
+def test_a_config_file_that_turns_a_missing_logger_on_is_refused_the_same_way(tmp_path, monkeypatch, capsys):
+    without(monkeypatch, "wandb")
+    (tmp_path / "exp.yaml").write_text("wandb: true\n")
+    out = tmp_path / "run"
+    code = main(["train", "stage1", "--config", str(tmp_path / "exp.yaml"), "--output-dir", str(out), "--seed", "1"])
+    assert code == 2 and "--wandb: wandb is not installed" in capsys.readouterr().err and not out.exists()
+    assert main(["train", "stage1", "--config", str(tmp_path / "exp.yaml"), "--no-wandb", "--print-config"]) == 0
+    assert "wandb: false" in capsys.readouterr().out.splitlines()
+
+
 def test_tensorboard_missing_is_a_warning_and_the_other_loggers_open(tmp_path, monkeypatch, caplog):
     without(monkeypatch, "tensorboard")
     with caplog.at_level(logging.WARNING, logger="axs_lib.loggers"):
@@ -291,7 +302,7 @@ def test_a_logger_part_that_is_a_symlink_is_refused(tmp_path, part):
     (tmp_path / "elsewhere").mkdir()
     (tmp_path / "run").mkdir()
     (tmp_path / "run" / part).symlink_to(tmp_path / "elsewhere")
-    with pytest.raises(Exception, match="is a symbolic link"):
+    with pytest.raises(InputError, match="is a symbolic link"):
         run_dir.refuse_symlinked_parts(tmp_path / "run")
 
 

@@ -24,8 +24,8 @@ A test tool, not part of the installed package: it lives beside the repository's
    loads with a valid checksum, every ``checkpoint_step_<N>.pt`` present is byte-identical to the
    reference's, and the ``latest`` pointer names a complete file. Then it resumes with
    ``--resume auto``;
-3. after the last kill, lets the run finish and requires every checkpoint file (sha256) and
-   ``metrics.jsonl`` to be byte-identical to the reference's.
+3. after the last kill, lets the run finish and requires every checkpoint file (sha256),
+   ``metrics.jsonl`` and ``metrics.csv`` to be byte-identical to the reference's.
 
 The plan (kind of each kill, its target and delay) is a pure function of ``--seed`` and is printed
 first, so a failure is replayed with the same command. Wall-clock kills land at slightly different
@@ -420,11 +420,12 @@ def run_harness(
             run_shas = {n: h for n, h in checkpoint_shas(run).items() if n not in interrupts or n in ref_shas}
             names = sorted(set(ref_shas) | set(run_shas))
             result.mismatches = [n for n in names if ref_shas.get(n) != run_shas.get(n)]
-            if sha256(reference / "metrics.jsonl") != sha256(run / "metrics.jsonl"):
-                result.mismatches.append("metrics.jsonl")
+            # the record and its table, each cut back at every resume (a reference of an earlier version has no table)
+            logs = [n for n in ("metrics.jsonl", "metrics.csv") if (reference / n).is_file()]
+            result.mismatches += [n for n in logs if not (run / n).is_file() or sha256(reference / n) != sha256(run / n)]
             leftovers = sorted(p.name for p in (run / "checkpoints").glob(".*.tmp"))
             result.mismatches += [f"{n} (temp file left)" for n in leftovers]
-            result.files_compared = len(names) + 1
+            result.files_compared = len(names) + len(logs)
             result.identical = not result.mismatches
     result.wall_s = time.monotonic() - started
     log(result.summary())

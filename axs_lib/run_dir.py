@@ -7,8 +7,11 @@ This module is the one place that knows file names. Layout::
     <run>/environment.json      environment fingerprint plus installed packages
     <run>/split.json            which tiles went to train and val
     <run>/metrics.jsonl         one line per logged step and per validation
+    <run>/metrics.csv           the same records as a table, one row each (`axs_lib.loggers`)
+    <run>/loggers.json          the MLflow and W&B run ids a resume continues
     <run>/checkpoints/checkpoint_step_<N>.pt, best.pt, latest
     <run>/plots/loss.png, <run>/samples/step_<N>.png, <run>/tensorboard/
+    <run>/mlruns/, <run>/wandb/ MLflow's local store and W&B's run files, when those loggers are on
     <run>/.lock                 held (lockf) while a run is live
 
 Two users: the Stage-1 trainer (`RunDir` for the whole directory, `CheckpointManager` for
@@ -45,6 +48,7 @@ import json
 import logging
 import os
 import re
+import shutil
 import stat
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -63,13 +67,28 @@ METRICS = "metrics.jsonl"
 PLOTS = "plots"
 SAMPLES = "samples"
 TENSORBOARD = "tensorboard"
+METRICS_CSV = "metrics.csv"
+LOGGERS_JSON = "loggers.json"
+MLRUNS = "mlruns"  # MLflow's file store, when no MLFLOW_TRACKING_URI says otherwise
+WANDB = "wandb"  # what wandb.init(dir=<run>) writes
 LOCK = ".lock"
 BEST = "best.pt"
 LATEST = "latest"
 UNLOADABLE_SUFFIX = ".unloadable"
 SUPERSEDED_SUFFIX = ".superseded"
 # What a run writes at its top level; none of them may be a symbolic link (`refuse_symlinked_parts`).
-RUN_PARTS = (RUN_JSON, CONFIG_FILE, ENVIRONMENT_JSON, SPLIT_JSON, METRICS, CHECKPOINTS, PLOTS, SAMPLES, TENSORBOARD)
+RUN_PARTS = (RUN_JSON, CONFIG_FILE, ENVIRONMENT_JSON, SPLIT_JSON, METRICS, CHECKPOINTS, PLOTS, SAMPLES, TENSORBOARD,
+             METRICS_CSV, LOGGERS_JSON, MLRUNS, WANDB)
+# Folders whose content a library names (the manifest lists them as ``<folder>/``): the entries at
+# their top level that the library writes for a run. ``--overwrite`` removes exactly those, a
+# matching directory with everything in it (the library's tree), and keeps any other entry.
+LIBRARY_FOLDERS = {
+    TENSORBOARD: re.compile(r"^events\.out\.tfevents\..*$"),
+    # experiments (numeric ids, with their runs inside), the default experiment and the store's trash
+    MLRUNS: re.compile(r"^(\d+|\.trash)$"),
+    # one folder per run start (``offline-run-<date>_<time>-<id>``, ``run-...`` online), the links to the latest
+    WANDB: re.compile(r"^((offline-)?run-\d{8}_\d{6}-[0-9a-z]+|latest-run|debug\.log|debug-internal\.log)$"),
+}
 STEP_FILE = re.compile(r"^checkpoint_step_(\d+)\.pt$")
 # A checkpoint-folder temp file of `axs_lib.atomic` (``.<name>.<random>.tmp``) for a name the manager writes
 _STALE_TEMP = re.compile(r"^\.(checkpoint_step_\d+\.pt|best\.pt|latest)\.[^/]+\.tmp$")
@@ -78,7 +97,7 @@ RUN_MARKER = "axs_run"  # run.json key that says "this directory is a run of our
 _LEGACY_FILES = (RUN_JSON, ENVIRONMENT_JSON, SPLIT_JSON, METRICS)
 _LEGACY_PATTERNS = {CHECKPOINTS: re.compile(r"^(checkpoint_step_\d+\.pt|best\.pt|latest)$"),
                     PLOTS: re.compile(r"^loss\.png$"), SAMPLES: re.compile(r"^step_\d+\.png$"),
-                    TENSORBOARD: re.compile(r"^events\.out\.tfevents\..*$")}
+                    TENSORBOARD: LIBRARY_FOLDERS[TENSORBOARD]}
 MAX_RUN_JSON_BYTES = 16 * 2**20
 
 
@@ -192,7 +211,7 @@ def _refuse_links(links: list[Path]) -> None:
 def refuse_unwritable(root: os.PathLike | str) -> None:
     """One `InputError` line when the run directory or one of its folders cannot be written (read-only)."""
     root = Path(root)
-    for folder in (root, *(root / name for name in (CHECKPOINTS, PLOTS, SAMPLES, TENSORBOARD))):
+    for folder in (root, *(root / name for name in (CHECKPOINTS, PLOTS, SAMPLES, *LIBRARY_FOLDERS))):
         if folder.is_dir() and not os.access(folder, os.W_OK | os.X_OK):
             raise InputError(folder, "is not writable (read-only directory or filesystem): this run could not save "
                                      "its files there; make it writable or use another --output-dir")
@@ -300,20 +319,14 @@ class RunDir:
         for name in sorted(set(names), key=lambda n: (n.count("/"), n), reverse=True):
             if ".." in Path(name).parts or Path(name).is_absolute():
                 continue  # a manifest never names anything outside the run
-            if name.endswith("/"):  # a folder whose files a library names (TensorBoard's event files)
-                pattern = _LEGACY_PATTERNS.get(name.rstrip("/"))
-                folder = self.root / name
-                if pattern is not None and folder.is_dir() and not folder.is_symlink():
-                    for p in folder.iterdir():
-                        if pattern.match(p.name) and p.is_file():
-                            _changing(p, p.unlink)
-                            removed.append(f"{name}{p.name}")
+            if name.endswith("/"):  # a folder whose files a library names (TensorBoard, MLflow, W&B)
+                removed += _clear_library_folder(self.root, name.rstrip("/"))
                 continue
             target = self.root / name
             if target.is_file() or target.is_symlink():
                 _changing(target, target.unlink)
                 removed.append(name)
-        for folder in (CHECKPOINTS, PLOTS, SAMPLES, TENSORBOARD):
+        for folder in (CHECKPOINTS, PLOTS, SAMPLES, *LIBRARY_FOLDERS):
             with contextlib.suppress(OSError):
                 (self.root / folder).rmdir()  # only when now empty: a user's own file keeps its folder
         self.written = set()
@@ -347,6 +360,25 @@ def _free_name(path: Path, suffix: str) -> Path:
         n += 1
         target = path.with_name(f"{path.name}{suffix}.{n}")
     return target
+
+
+def _clear_library_folder(root: Path, folder_name: str) -> list[str]:
+    """Remove the entries of a library folder (`LIBRARY_FOLDERS`) that the library writes: a file or
+    link by name (never followed), a directory with its tree; every other entry stays."""
+    pattern = LIBRARY_FOLDERS.get(folder_name)
+    folder = root / folder_name
+    if pattern is None or not folder.is_dir() or folder.is_symlink():
+        return []
+    removed = []
+    for p in sorted(folder.iterdir()):
+        if not pattern.match(p.name):
+            continue
+        if p.is_dir() and not p.is_symlink():
+            _changing(p, lambda p=p: shutil.rmtree(p))  # rmtree removes links inside, never what they point to
+        else:
+            _changing(p, p.unlink)
+        removed.append(f"{folder_name}/{p.name}")
+    return removed
 
 
 def _legacy_outputs(root: Path) -> list[str]:

@@ -56,6 +56,8 @@ from tqdm import tqdm
 from axs_lib import run_dir
 from axs_lib.distributed import GradientTree, MicroBatchPlan, PlanError, World, any_rank, init_world, main_first, shutdown
 from axs_lib.errors import EXIT_FAILURE, AxsError, UsageError
+from axs_lib.loggers import check_installed, open_loggers, requested
+from axs_lib.loggers import run_files as logger_files
 from axs_lib.fingerprint.environment import diff_environments, environment_fingerprint, environment_report, portable_fingerprint
 from axs_lib.reproducibility import derive_seed, seed_globals, set_seed
 from axs_lib.run_dir import CONFIG_FILE, ENVIRONMENT_JSON, METRICS, RUN_JSON, RUN_MARKER, CheckpointManager, MetricsLog, RunDir, write_json
@@ -264,6 +266,7 @@ def prepare(trainer: type[Trainer], config: SessionConfig, resume: ResumeRequest
         manager.keep_last, manager.keep_best, manager.checkpoint_mode = config.keep_last, config.keep_best, config.checkpoint_mode
         pinning = pin_cpu(config)  # flags not given take the checkpoint's values: --portable and --threads too
 
+    check_installed(requested(config))  # a logger asked for but not installed: one line, nothing written
     seed_info = set_seed(config.seed, deterministic=config.deterministic, benchmark=config.benchmark)
     # a resume is accepted as exact only on content hashed now, never on a cached digest
     checked = trainer.check_data(config, world, verify=ckpt is not None)
@@ -396,12 +399,14 @@ class Trainer:
         return f"device {device_name(self.device)}; world size {self.world.size}; step {self.state.step} of {self.config.steps}"
 
     def open_events(self):
-        """The event log mirroring ``metrics.jsonl`` (TensorBoard), or None."""
-        return None
+        """The views of ``metrics.jsonl``: ``metrics.csv`` always, TensorBoard, MLflow and W&B as the
+        config asks (`axs_lib.loggers`)."""
+        return open_loggers(self.output_dir, self.state.step, requested(self.config), params=self.config.to_dict(),
+                            quiet=self.config.quiet)
 
     def event_log_names(self) -> list[str]:
-        """The run-directory names the event log writes (recorded in the manifest before it opens)."""
-        return []
+        """The run-directory names the loggers write (recorded in the manifest before they open)."""
+        return logger_files(requested(self.config))
 
     # ------------------------------------------------------------------ set up
     def __init__(self, setup: Setup, device: torch.device, world: World, say: Callable[[str], None]):

@@ -26,7 +26,7 @@ from packaging.utils import canonicalize_name
 from axs_lib.cli import command_names, commands_needed, main
 
 ROOT = Path(__file__).resolve().parents[1]
-EXTRAS = {"data", "ingest", "tensorboard", "lightning", "dev"}
+EXTRAS = {"data", "ingest", "tensorboard", "lightning", "mlflow", "wandb", "dev"}
 TESTED_PYTHONS = ("3.11", "3.12", "3.13")
 
 
@@ -141,10 +141,13 @@ data = ["rasterio>=1.4"]
 ingest = ["rasterio>=1.4"]
 tensorboard = ["tensorboard>=2.16"]
 lightning = ["lightning>=2.4"]
-dev = ["axs-lib[data,tensorboard,lightning]", "pytest", "pytest-timeout", "pytest-xdist", "hypothesis"]
+mlflow = ["mlflow-skinny>=3.17"]
+wandb = ["wandb>=0.31"]
+dev = ["axs-lib[data,tensorboard,lightning,mlflow,wandb]", "pytest", "pytest-timeout", "pytest-xdist", "hypothesis"]
 """
 GOOD_PINS = "torch==2.13.0\nnumpy==2.4.6\nrasterio==1.4.4\ntensorboard==2.21.0\nlightning==2.6.6\n" \
-            "pytest==9.2.0\npytest-timeout==2.4.0\npytest_xdist==3.8.0\nhypothesis==6.170.17\n"
+            "pytest==9.2.0\npytest-timeout==2.4.0\npytest_xdist==3.8.0\nhypothesis==6.170.17\n" \
+            "mlflow-skinny==3.17.2\nwandb==0.31.0\n"
 
 
 def test_the_checks_pass_a_good_example():
@@ -159,7 +162,8 @@ def test_the_checks_pass_a_good_example():
     ('"torch>=2.11,<2.15"', '"torch>=2.11"', core_pin_problems),
     ('"numpy>=2.0,<3"', '"numpy==2.4.6"', core_pin_problems),
     ('lightning = ["lightning>=2.4"]\n', "", extra_problems),
-    ('"axs-lib[data,tensorboard,lightning]", ', "", extra_problems),
+    ('"axs-lib[data,tensorboard,lightning,mlflow,wandb]", ', "", extra_problems),
+    ("lightning,mlflow,wandb]", "lightning]", extra_problems),
     ('"hypothesis"]', '"pytest"]', extra_problems),
 ])
 def test_the_checks_catch_a_broken_pyproject(old, new, check):

@@ -3,7 +3,6 @@ initialisation that keeps early samples from being white."""
 
 from __future__ import annotations
 
-import logging
 import math
 
 import numpy as np
@@ -12,7 +11,9 @@ import torch
 from matplotlib.image import imread
 
 from axs_lib.data import TileDataset
-from axs_lib.stage1 import events, plots
+from axs_lib import loggers
+from axs_lib.run_dir import TENSORBOARD
+from axs_lib.stage1 import plots
 from axs_lib.stage1.model import HEAD_WEIGHT_SCALE, UNet, band_means, band_stats, init_output_bias
 from axs_lib.tiles import list_tiles, read_sidecar
 
@@ -144,27 +145,15 @@ def test_samples_go_to_tensorboard_as_the_same_image(tmp_path, dataset):
     pytest.importorskip("tensorboard")
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-    log = events.open_event_log(tmp_path, 0)
+    log = loggers.open_loggers(tmp_path, 0, ["tensorboard"])
     plots.refresh(tmp_path, [], model(), dataset, CPU, 3, 1, events=log)
     log.close()
-    accumulator = EventAccumulator(str(tmp_path / events.EVENTS_DIR), size_guidance={"images": 0})
+    accumulator = EventAccumulator(str(tmp_path / TENSORBOARD), size_guidance={"images": 0})
     accumulator.Reload()
     assert accumulator.Tags()["images"] == ["samples"]
     (entry,) = accumulator.Images("samples")
     png = imread(tmp_path / "samples" / "step_3.png")
     assert entry.step == 3 and (entry.height, entry.width) == png.shape[:2]
-
-
-def test_missing_tensorboard_is_said_once_not_silently_skipped(tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr(events, "available", lambda: False)
-    with caplog.at_level(logging.WARNING, logger="axs_lib.stage1.events"):
-        assert events.open_event_log(tmp_path, 0) is None
-    assert [r.getMessage() for r in caplog.records] == [events.MISSING]
-    caplog.clear()
-    with caplog.at_level(logging.WARNING, logger="axs_lib.stage1.events"):
-        assert events.open_event_log(tmp_path, 0, enabled=False) is None  # --no-tensorboard: nothing to say
-    assert caplog.records == []
-    assert not (tmp_path / events.EVENTS_DIR).exists()
 
 
 # --------------------------------------------------------------------------- output initialisation

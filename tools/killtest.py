@@ -24,8 +24,8 @@ A test tool, not part of the installed package: it lives beside the repository's
    loads with a valid checksum, every ``checkpoint_step_<N>.pt`` present is byte-identical to the
    reference's, and the ``latest`` pointer names a complete file. Then it resumes with
    ``--resume auto``;
-3. after the last kill, lets the run finish and requires every checkpoint file (sha256) and
-   ``metrics.jsonl`` to be byte-identical to the reference's.
+3. after the last kill, lets the run finish and requires every checkpoint file (sha256),
+   ``metrics.jsonl`` and ``metrics.csv`` to be byte-identical to the reference's.
 
 The plan (kind of each kill, its target and delay) is a pure function of ``--seed`` and is printed
 first, so a failure is replayed with the same command. Wall-clock kills land at slightly different
@@ -59,7 +59,7 @@ sys.path.insert(0, str(ROOT))  # the axs_lib beside this script, not another ins
 
 from axs_lib.checkpoint import load_checkpoint, read_latest  # noqa: E402
 from axs_lib.errors import CheckpointError  # noqa: E402
-from axs_lib.run_dir import CHECKPOINTS, METRICS, checkpoint_name, step_of  # noqa: E402
+from axs_lib.run_dir import CHECKPOINTS, METRICS, METRICS_CSV, checkpoint_name, step_of  # noqa: E402
 
 ROOT_SEED_MAX = 2**32 - 1
 MAX_DELAY_S = 0.6  # a few steps of this small model: lands in steps, validation and writes alike
@@ -415,11 +415,12 @@ def run_harness(
             run_shas = {n: h for n, h in checkpoint_shas(run).items() if n not in interrupts or n in ref_shas}
             names = sorted(set(ref_shas) | set(run_shas))
             result.mismatches = [n for n in names if ref_shas.get(n) != run_shas.get(n)]
-            if sha256(reference / METRICS) != sha256(run / METRICS):
-                result.mismatches.append(METRICS)
+            # the record and its table, each cut back at every resume (a reference of an earlier version has no table)
+            logs = [n for n in (METRICS, METRICS_CSV) if (reference / n).is_file()]
+            result.mismatches += [n for n in logs if not (run / n).is_file() or sha256(reference / n) != sha256(run / n)]
             leftovers = sorted(p.name for p in (run / CHECKPOINTS).glob(".*.tmp"))
             result.mismatches += [f"{n} (temp file left)" for n in leftovers]
-            result.files_compared = len(names) + 1
+            result.files_compared = len(names) + len(logs)
             result.identical = not result.mismatches
     result.wall_s = time.monotonic() - started
     log(result.summary())

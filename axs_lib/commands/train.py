@@ -108,6 +108,13 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--no-plots", dest="plots", action="store_false", default=S, help="skip loss and sample plots")
     run.add_argument("--no-tensorboard", dest="tensorboard", action="store_false", default=S,
                      help="no TensorBoard event files (written to <run>/tensorboard when tensorboard is installed)")
+    run.add_argument("--mlflow", action=argparse.BooleanOptionalAction, default=S,
+                     help="log params and metrics to MLflow too (pip install 'axs-lib[mlflow]'): MLFLOW_TRACKING_URI, "
+                          "else a local store in <run>/mlruns; a resume continues the same MLflow run (default: off)")
+    run.add_argument("--wandb", action=argparse.BooleanOptionalAction, default=S,
+                     help="log config and metrics to Weights & Biases too (pip install 'axs-lib[wandb]'), files in "
+                          "<run>/wandb; WANDB_MODE=offline needs no account; a resume continues the same W&B run "
+                          "(default: off). <run>/metrics.csv is written always")
     run.add_argument("--quiet", action="store_true", default=S, help="no progress bar or progress lines")
     run.add_argument("--config", metavar="FILE", help="JSON, TOML or YAML file of options (as --print-config writes); explicit flags win")
     run.add_argument("--print-config", action="store_true",

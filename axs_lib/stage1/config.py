@@ -3,7 +3,7 @@
 Fields split in two. *Result* fields (seeds, steps, model, optimiser, loss, split and
 augmentation, validation cadence, precision, determinism) change the trained bits: they are stored
 in every checkpoint and a resume that changes one is refused. *Run* fields (paths, ``max_tiles``,
-worker count, checkpoint cadence, retention and write mode, verbosity) do not change the bits given
+worker count, checkpoint cadence, retention and write mode, loggers, verbosity) do not change the bits given
 the same tiles (the tile set itself is checked through the data fingerprint): two runs that differ
 only there produce byte-identical checkpoints, which is what lets ``--num-workers 0`` and ``4`` be
 compared.
@@ -142,6 +142,8 @@ class TrainConfig:
     log_every: int = field(default=10, metadata={"run": True})
     plots: bool = field(default=True, metadata={"run": True})
     tensorboard: bool = field(default=True, metadata={"run": True})
+    mlflow: bool = field(default=False, metadata={"run": True})  # axs_lib.loggers: the metrics to MLflow too
+    wandb: bool = field(default=False, metadata={"run": True})  # and to Weights & Biases
     quiet: bool = field(default=False, metadata={"run": True})
 
     def __post_init__(self):

@@ -22,7 +22,7 @@ SAM and MAE, as `axs evaluate` computes them), what a remote-sensing user checks
 Figures are built as `matplotlib.figure.Figure` objects, never through ``pyplot``: no global
 state, no backend chosen for the caller. Plotting draws no random numbers and runs the model in
 eval mode without gradients, so it cannot change a run's bits. The rendered samples image can also
-go to TensorBoard (`axs_lib.stage1.events.EventLog.add_image`).
+go to TensorBoard (`axs_lib.loggers`, ``add_image``).
 """
 
 from __future__ import annotations
@@ -231,7 +231,7 @@ def sample_panel(path: Path, model: torch.nn.Module, dataset, device: torch.devi
 
 def refresh(output_dir: Path, records: list[dict], model, dataset, device, step: int, count: int, events=None) -> None:
     """Rewrite ``plots/loss.png``, write ``samples/step_<step>.png`` and, given an
-    `axs_lib.stage1.events.EventLog`, send the same samples image to TensorBoard."""
+    the run's loggers (`axs_lib.loggers`), send the same samples image to TensorBoard."""
     (output_dir / PLOTS).mkdir(exist_ok=True)
     (output_dir / SAMPLES).mkdir(exist_ok=True)
     loss_curves(output_dir / LOSS_PLOT, records)

@@ -56,8 +56,6 @@ from axs_lib.signals import EXIT_CODES
 from axs_lib.split import leave_out_flagged, make_split
 from axs_lib.stage1.config import TrainConfig, config_warnings, diff_result_fields, resolve_auto_schedule, write_config_file
 from axs_lib.early_stopping import EarlyStopping
-from axs_lib.stage1.events import available as events_available
-from axs_lib.stage1.events import open_event_log
 from axs_lib.stage1.losses import stage1_loss
 from axs_lib.stage1.metrics import QualityMetrics, flat
 from axs_lib.stage1.model import UNet, band_means, band_stats
@@ -292,14 +290,6 @@ class Stage1Trainer(Trainer):
     # ------------------------------------------------------------------ the run directory's Stage-1 records
     def task_files(self) -> list:
         return [(SPLIT_JSON, self.setup.data.write)]
-
-    def event_log_names(self) -> list[str]:
-        from axs_lib.run_dir import TENSORBOARD
-
-        return [f"{TENSORBOARD}/"] if self.config.tensorboard and events_available() else []
-
-    def open_events(self):
-        return open_event_log(self.output_dir, self.state.step, self.config.tensorboard)
 
     def write_config(self, path: Path) -> None:
         write_config_file(self.config, path)

@@ -601,7 +601,8 @@ class CheckpointManager:
     ``best.pt`` as a second name of the same file when ``best=True``), then moves ``latest``. With
     ``checkpoint_mode="async"`` the write runs in a background thread after a host snapshot; at
     most one write is in flight and `close` waits for it. ``keep_last=N`` deletes older step
-    checkpoints after each save, never the one ``latest`` or ``best.pt`` names.
+    checkpoints after each save, never the one ``latest`` or ``best.pt`` names, and, when ``owns`` is
+    set (the trainer sets it to its run's manifest), never one the run did not write.
 
     ``resume("auto")`` returns the newest checkpoint that loads and passes its checksum (``latest``
     first, then step files newest first), logging every file it skips and why; given the run's
@@ -622,6 +623,7 @@ class CheckpointManager:
         self.keep_best = keep_best
         self.checkpoint_mode = checkpoint_mode
         self.on_write = on_write  # told the run-relative names about to be written (the run's manifest)
+        self.owns: Callable[[str], bool] | None = None  # which checkpoint names retention may delete (None: all)
         self.best_step: int | None = None
         self.skipped: list[Path] = []  # unloadable checkpoints newer than the resumed one
         self.resumed_from: Path | None = None  # the checkpoint this run continues (set by resume)
@@ -820,7 +822,8 @@ class CheckpointManager:
         return names
 
     def prune(self, newest: int) -> list[str]:
-        """Delete step checkpoints beyond the ``keep_last`` newest, never the one ``latest`` names."""
+        """Delete step checkpoints beyond the ``keep_last`` newest, never the one ``latest`` names nor one
+        that ``owns`` says the run did not write (a file copied in is the user's, whatever its name)."""
         from axs_lib.checkpoint import read_latest
 
         if self.keep_last is None:
@@ -830,7 +833,8 @@ class CheckpointManager:
         protected = {latest.name} if latest is not None else set()
         removed = []
         for i, (step, path) in enumerate(step_checkpoints(self.folder)):
-            if i >= self.keep_last and step <= newest and path.name not in protected:
+            owned = self.owns is None or self.owns(path.name)
+            if i >= self.keep_last and step <= newest and path.name not in protected and owned:
                 _changing(path, lambda path=path: path.unlink(missing_ok=True))
                 removed.append(path.name)
         return removed

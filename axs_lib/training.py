@@ -60,7 +60,7 @@ from axs_lib.loggers import check_installed, open_loggers, requested
 from axs_lib.loggers import run_files as logger_files
 from axs_lib.fingerprint.environment import diff_environments, environment_fingerprint, environment_report, portable_fingerprint
 from axs_lib.reproducibility import derive_seed, seed_globals, set_seed
-from axs_lib.run_dir import CONFIG_FILE, ENVIRONMENT_JSON, METRICS, RUN_JSON, RUN_MARKER, CheckpointManager, MetricsLog, RunDir, write_json
+from axs_lib.run_dir import CHECKPOINTS, CONFIG_FILE, ENVIRONMENT_JSON, METRICS, RUN_JSON, RUN_MARKER, CheckpointManager, MetricsLog, RunDir, write_json
 from axs_lib.signals import StopRequest
 from axs_lib.workers import reap_workers_at_exit, shutdown_workers
 
@@ -416,6 +416,8 @@ class Trainer:
         self.output_dir = setup.run.root
         self.manager = setup.manager
         self.manager.on_write = self._before_write
+        run = setup.run  # its manifest: retention deletes only what this run wrote
+        self.manager.owns = lambda name: f"{CHECKPOINTS}/{name}" in run.written
         self.metrics: dict[str, float] = dict(setup.ckpt.get("metrics") or {}) if setup.ckpt is not None else {}
         self.metrics_log = MetricsLog(self.output_dir / METRICS)
         self.events = None

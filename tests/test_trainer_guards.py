@@ -232,3 +232,17 @@ def test_overwrite_over_a_step_checkpoint_the_earlier_run_did_not_write_is_refus
     assert "holds checkpoints the earlier run did not write (checkpoint_step_1.pt)" in err
     assert stranger.read_bytes() == b"the user's own file"
     assert (out / "checkpoints" / "checkpoint_step_2.pt").exists()  # nothing of the earlier run removed either
+
+
+def test_keep_last_deletes_the_runs_own_old_checkpoints_and_never_a_file_copied_in(tiles, tmp_path, capsys):
+    """--keep-last prunes what the run wrote (its manifest); a step file the user copied into
+    checkpoints/ is theirs, whatever its name."""
+    run, argv = tmp_path / "run", ["--data-dir", str(tiles), "--output-dir", str(tmp_path / "run"), *BASE, "--steps", "8"]
+    assert _train(capsys, *argv) == (0, [])
+    folder = run / "checkpoints"
+    for name in ("checkpoint_step_6.pt", "checkpoint_step_8.pt", "latest"):  # as if killed after step 4's checkpoint
+        (folder / name).unlink()
+    (folder / "checkpoint_step_1.pt").write_bytes((folder / "checkpoint_step_2.pt").read_bytes())  # the user's copy
+    assert _train(capsys, *argv, "--keep-last", "1", "--resume", "auto") == (0, [])
+    steps = sorted(p.name for p in folder.glob("checkpoint_step_*.pt"))
+    assert steps == ["checkpoint_step_1.pt", "checkpoint_step_8.pt"]  # 2, 4 and 6 were the run's: pruned

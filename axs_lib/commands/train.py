@@ -99,7 +99,7 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     run.add_argument("--num-workers", type=argtypes.integer, default=S, help=f"DataLoader workers; results do not depend on it (default 0, at most {MAXIMA['num_workers']})")
     run.add_argument("--checkpoint-every", type=argtypes.integer, default=S, help="checkpoint every N steps and at the end (default 50)")
     run.add_argument("--keep-last", type=argtypes.integer, default=S, metavar="N",
-                     help="keep only the newest N step checkpoints (default: keep all)")
+                     help="keep only the newest N step checkpoints that this run wrote; a file copied in stays (default: keep all)")
     run.add_argument("--keep-best", action=argparse.BooleanOptionalAction, default=S,
                      help="keep best.pt, the checkpoint of the best validation score (default: keep it)")
     run.add_argument("--checkpoint-mode", choices=CHECKPOINT_MODES, default=S,

@@ -697,16 +697,17 @@ def _environment_diffs(la: dict[str, Any], lb: dict[str, Any], kept_a: list[str]
 
 
 def _check_not_damaged(ca: Any, cb: Any, a: Path, b: Path) -> None:
-    """Equal stored checksums promise equal content: if the content differs, a file is damaged.
+    """Two checkpoints whose content differs: first make sure neither file is damaged.
 
-    Verifying both (which reads them through SHA-256) names the damaged one; this only runs in
-    that case, so the usual comparison never pays for it.
+    A file whose content no longer matches its own checksum (a flipped bit on disk, a copy cut
+    short in the middle of a tensor that still unpickles) would otherwise be reported as training
+    nondeterminism. This reads both through their hash, and only runs when the contents differ, so
+    the usual identical comparison never pays for it. A file without a checksum (a foreign
+    checkpoint, loaded with ``--trust``) is compared as it is.
     """
-    if not (isinstance(ca, dict) and isinstance(cb, dict)
-            and any(k in ca and ca.get(k) == cb.get(k) for k in CHECKSUM_KEYS)):
-        return
-    check_content(ca, a)
-    check_content(cb, b)
+    for obj, path in ((ca, a), (cb, b)):
+        if isinstance(obj, dict) and any(k in obj for k in CHECKSUM_KEYS):
+            check_content(obj, path)
 
 
 # --------------------------------------------------------------------------- two runs

@@ -452,6 +452,27 @@ def test_damaged_file_with_the_same_checksum_is_named(tmp_path, pair, capsys):
     assert err.startswith(f"axs: error: {b}: checksum mismatch") and len(err.splitlines()) == 1
 
 
+def test_a_damaged_file_is_named_also_when_the_checkpoints_differ_anyway(tmp_path, pair, capsys):
+    """Another seed's checkpoint differs everywhere; if it is also damaged on disk, that is what compare
+    says first, not "nondeterminism" blamed on the training."""
+    def other_weights(c):
+        c["model_state_dict"] = {k: v + 1 for k, v in c["model_state_dict"].items()}
+        return c
+
+    a, b = pair(other_weights)
+    assert cli(a, b) == 1  # different, and both intact: the usual verdict
+    capsys.readouterr()
+    data = bytearray(b.read_bytes())
+    needle = (make_checkpoint()["model_state_dict"]["0.weight"] + 1).numpy().tobytes()
+    at = data.find(needle)
+    assert at > 0
+    data[at + 5] ^= 0x01
+    b.write_bytes(bytes(data))
+    assert cli(a, b) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"axs: error: {b}: checksum mismatch") and len(err.splitlines()) == 1
+
+
 # --------------------------------------------------------------------------- the guide's command
 
 

@@ -21,6 +21,7 @@ import functools
 import importlib.resources
 import io
 import itertools
+import multiprocessing
 import json
 import os
 import tarfile
@@ -719,8 +720,10 @@ def convert_reben(
     bar = tqdm(total=table.metadata.num_rows, unit="patch", disable=None if progress else True, smoothing=0.05)
     # concurrent.futures, not multiprocessing.Pool: a Pool whose worker is killed (the OOM killer)
     # replaces the worker and waits forever for the lost task; the executor notices the death
-    # and fails every pending result with BrokenProcessPool.
-    pool = concurrent.futures.ProcessPoolExecutor(jobs) if jobs > 1 else None
+    # and fails every pending result with BrokenProcessPool. Workers come from a fork server, not a
+    # fork of this process: pyarrow and GDAL run threads here, and forking a threaded process can
+    # deadlock the child (Python 3.12+ warns of it at every fork).
+    pool = concurrent.futures.ProcessPoolExecutor(jobs, mp_context=multiprocessing.get_context("forkserver")) if jobs > 1 else None
     try:
         for status, stem, reason in _run_tasks(tasks, pool, out_dir):
             bar.update(1)

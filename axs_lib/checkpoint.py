@@ -494,3 +494,15 @@ def read_latest(checkpoint_dir: os.PathLike | str) -> Path | None:
     if not name or "/" in name or "\\" in name or name.startswith(".") or not name.isprintable():
         raise CheckpointError(pointer, f"malformed latest pointer {name[:80]!r}")
     return Path(checkpoint_dir) / name
+
+
+def load_noting_trust(path: os.PathLike | str, *, trust: bool, verify: bool = False) -> tuple[Any, list[str]]:
+    """Load a checkpoint memory-mapped; return it with the warnings a ``--trust`` load gave.
+
+    An empty list means the file loaded weights-only, i.e. safely. Damaged, unsafe (without
+    ``trust``) and foreign files raise `CheckpointError`.
+    """
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        obj = load_checkpoint(path, trust=trust, verify=verify, mmap=True)
+    return obj, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]

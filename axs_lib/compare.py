@@ -41,7 +41,6 @@ import mmap
 import os
 import re
 import sys
-import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -50,7 +49,9 @@ import numpy as np
 import torch
 
 from axs_lib.bitdiff import same_value
-from axs_lib.checkpoint import CHECKSUM_KEY, CHECKSUM_KEYS, LEGACY_CHECKSUM_KEY, check_content, iter_leaves, load_checkpoint
+from axs_lib.report import describe_leaf, format_number, format_shape, format_table, json_safe, short_repr
+from axs_lib.checkpoint import (CHECKSUM_KEY, CHECKSUM_KEYS, LEGACY_CHECKSUM_KEY, check_content, iter_leaves,
+                                load_noting_trust)
 from axs_lib.run_dir import step_checkpoints
 from axs_lib.errors import CheckpointError, InputError, UsageError
 from axs_lib.fingerprint.environment import diff_environments, PORTABLE_KEYS
@@ -321,20 +322,6 @@ def _as_tensor(leaf: Any) -> torch.Tensor | None:
     return None
 
 
-def jsonable(value: Any) -> Any:
-    """A JSON-safe stand-in for a leaf: numbers, strings, bools and None as they are (non-finite
-    floats as strings), tensors as a short description, anything else as its ``repr``."""
-    if value is None or isinstance(value, (bool, int, str)):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else str(value)
-    if isinstance(value, torch.Tensor):
-        return f"tensor({str(value.dtype).removeprefix('torch.')}, shape={list(value.shape)})"
-    if isinstance(value, (list, tuple)) and not value:
-        return []
-    return repr(value)
-
-
 def _prefixes(path: str) -> Iterable[str]:
     """``a``, ``a.b``, ``a.b[0]``, ... for ``a.b[0].c`` (the path itself excluded)."""
     for m in re.finditer(r"[.\[]", path):
@@ -396,8 +383,8 @@ class MetaRow:
         return same_value(self.a, self.b) if not isinstance(self.a, _Absent) else isinstance(self.b, _Absent)
 
     def to_dict(self) -> dict:
-        return {"key": self.key, "a": None if self.a is ABSENT else jsonable(self.a),
-                "b": None if self.b is ABSENT else jsonable(self.b), "equal": self.equal}
+        return {"key": self.key, "a": None if self.a is ABSENT else describe_leaf(self.a),
+                "b": None if self.b is ABSENT else describe_leaf(self.b), "equal": self.equal}
 
 
 def metadata_leaves(ckpt: Any) -> dict[str, Any]:
@@ -491,7 +478,7 @@ class ValueDiff:
     b: Any
 
     def to_dict(self) -> dict:
-        return {"path": self.path, "a": jsonable(self.a), "b": jsonable(self.b)}
+        return {"path": self.path, "a": describe_leaf(self.a), "b": describe_leaf(self.b)}
 
 
 @dataclass
@@ -576,14 +563,14 @@ class CheckpointComparison:
         if diffs:
             lines += ["", "tensors that differ (largest first):"]
             rows = [
-                (t.path or "(root)", t.dtype_a, _fmt_shape(t.shape_a), t.mismatch or f"{t.n_differ}/{t.numel}",
-                 _fmt_num(t.max_abs), _fmt_num(t.max_rel), _fmt_num(t.max_ulp), _fmt_shape(t.first_index))
+                (t.path or "(root)", t.dtype_a, format_shape(t.shape_a), t.mismatch or f"{t.n_differ}/{t.numel}",
+                 format_number(t.max_abs), format_number(t.max_rel), format_number(t.max_ulp), format_shape(t.first_index))
                 for t in diffs[:max_rows]
             ]
             lines += format_table(("path", "dtype", "shape", "differ", "max abs", "max rel", "max ULP", "first at"), rows)
             if len(diffs) > max_rows:
                 rest = diffs[max_rows:]
-                lines.append(f"  ... and {len(rest)} more, with max abs diff up to {_fmt_num(rest[0].max_abs)} (see --json)")
+                lines.append(f"  ... and {len(rest)} more, with max abs diff up to {format_number(rest[0].max_abs)} (see --json)")
         lines.append(f"{len(self.tensors) - len(diffs)} of {len(self.tensors)} tensors bit-identical.")
         if self.value_diffs:
             lines += ["", "other values that differ:"]
@@ -611,18 +598,6 @@ class CheckpointComparison:
 
 _HEADLINE_META = {"step", "epoch", CHECKSUM_KEY, LEGACY_CHECKSUM_KEY, "seed_info.seed", "seed_info.deterministic",
                   "data_fingerprint.sha256", "environment.torch", "environment.cuda"}
-
-
-def load_noting_trust(path: os.PathLike | str, *, trust: bool, verify: bool = False) -> tuple[Any, list[str]]:
-    """Load a checkpoint memory-mapped; return it with the warnings a ``--trust`` load gave.
-
-    An empty list means the file loaded weights-only, i.e. safely. Damaged, unsafe (without
-    ``trust``) and foreign files raise `CheckpointError`.
-    """
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        obj = load_checkpoint(path, trust=trust, verify=verify, mmap=True)
-    return obj, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
 
 
 def files_equal(a: Path, b: Path, block: int = 1 << 20) -> bool:
@@ -821,42 +796,4 @@ def compare_paths(a: os.PathLike | str, b: os.PathLike | str, options: Options =
 
 def to_json(result: CheckpointComparison | RunComparison) -> str:
     """The result as indented JSON (non-finite numbers as strings, so any JSON parser reads it)."""
-    return json.dumps(_finite(result.to_dict()), indent=2)
-
-
-def _finite(obj: Any) -> Any:
-    if isinstance(obj, float) and not math.isfinite(obj):
-        return str(obj)
-    if isinstance(obj, dict):
-        return {k: _finite(v) for k, v in obj.items()}
-    if isinstance(obj, list):
-        return [_finite(v) for v in obj]
-    return obj
-
-
-# --------------------------------------------------------------------------- text helpers
-
-
-def _fmt_num(x: float | int | None) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, int):
-        return str(x)
-    return "0" if x == 0 else f"{x:.3g}"
-
-
-def _fmt_shape(shape: Sequence[int] | None) -> str:
-    return "-" if shape is None else "(" + ", ".join(map(str, shape)) + ")"
-
-
-def short_repr(value: Any, width: int = 40) -> str:
-    text = repr(value) if not isinstance(value, str) else value
-    if isinstance(value, torch.Tensor):
-        text = jsonable(value)
-    return text if len(text) <= width else text[: width - 3] + "..."
-
-
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
-    """Left-aligned columns, two spaces apart, indented by two."""
-    widths = [max(len(str(r[i])) for r in (headers, *rows)) for i in range(len(headers))]
-    return ["  " + "  ".join(str(c).ljust(w) for c, w in zip(r, widths)).rstrip() for r in (headers, *rows)]
+    return json.dumps(json_safe(result.to_dict()), indent=2)

@@ -42,7 +42,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
 def _plain(obj: Any) -> Any:
     """A nested checkpoint section as JSON-safe values."""
-    from axs_lib.compare import jsonable
+    from axs_lib.report import describe_leaf as jsonable
 
     if isinstance(obj, dict):
         return {str(k): _plain(v) for k, v in obj.items()}
@@ -56,7 +56,8 @@ def describe(path: Path, *, trust: bool = False, allow_unverified: bool = False)
     import torch
 
     from axs_lib.checkpoint import iter_leaves, tensor_bytes, verify_content
-    from axs_lib.compare import DETERMINISM_FLAGS, load_noting_trust
+    from axs_lib.checkpoint import load_noting_trust
+    from axs_lib.compare import DETERMINISM_FLAGS
 
     ckpt, notes = load_noting_trust(path, trust=trust, verify=False)
     verified = verify_content(ckpt, path, allow_unverified=allow_unverified or trust)
@@ -96,7 +97,7 @@ def describe(path: Path, *, trust: bool = False, allow_unverified: bool = False)
 def render_text(info: dict) -> str:
     """``describe``'s result for people: one ``key: value`` line per field, sections indented."""
     from axs_lib.checkpoint import iter_leaves
-    from axs_lib.compare import short_repr
+    from axs_lib.report import short_repr
 
     t = info["tensors"]
     lines = [

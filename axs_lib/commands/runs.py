@@ -149,7 +149,7 @@ def _latest_checkpoint(run_dir: Path) -> Path:
 
 
 def _from_checkpoint(path: Path, trust: bool) -> dict:
-    from axs_lib.compare import load_noting_trust  # torch: only for runs without run.json
+    from axs_lib.checkpoint import load_noting_trust  # torch: only for runs without run.json
 
     ckpt, _ = load_noting_trust(path, trust=trust)
     ckpt = _dict(ckpt)
@@ -220,7 +220,7 @@ def _fmt_best(best: dict | None) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    from axs_lib.compare import format_table
+    from axs_lib.report import format_table
 
     rows = [describe_experiment(Path(p), trust=args.trust) for p in args.experiments]
     warnings = consistency_warnings(rows) if len(rows) > 1 else []

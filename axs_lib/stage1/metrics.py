@@ -41,6 +41,7 @@ import math
 
 import torch
 
+from axs_lib.report import json_safe
 from axs_lib.tiles import OPTICAL_RANGE, S2_KEYS
 
 log = logging.getLogger(__name__)
@@ -174,13 +175,7 @@ def flat(result: dict) -> dict[str, float]:
 def jsonable(value):
     """A result with every non-finite number (NaN: nothing to measure; inf: a perfect PSNR) as None,
     so that it is valid JSON (which has neither)."""
-    if isinstance(value, dict):
-        return {k: jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [jsonable(v) for v in value]
-    if isinstance(value, float) and not math.isfinite(value):
-        return None
-    return value
+    return json_safe(value, nonfinite=lambda _: None)
 
 
 def table(result: dict, title: str | None = None) -> str:

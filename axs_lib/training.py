@@ -330,7 +330,10 @@ def run_training(trainer: type[Trainer], config: SessionConfig, resume: ResumeRe
         owned.callback(shutdown, world)
         setup = prepare(trainer, config, resume, overwrite, world, say, config_for_resume)
         main_first(lambda: open_run_dir(setup, overwrite, resume, owned, say), world)
-        for line in [*trainer.config_warnings(setup.config), *notes]:
+        # a setting's warning is said when the run starts; its result fields cannot change on a resume,
+        # so a run resumed ten times does not say it ten times more
+        warnings = trainer.config_warnings(setup.config) if setup.ckpt is None else []
+        for line in [*warnings, *notes]:
             say(line)
         session = trainer(setup, device, world, say)
         owned.callback(session.manager.close)

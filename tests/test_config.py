@@ -240,6 +240,9 @@ def test_warmup_warning_is_said_by_a_run_that_starts_and_never_beside_an_input_e
     assert err.count("\n") == 1 and "no such directory" in err  # bad input: one line, the warning not beside it
     assert main([*argv, "--data-dir", str(synth_tiles), "--output-dir", str(tmp_path / "good")]) == 0
     assert "warning: --warmup-steps 10 >= --steps 1" in capsys.readouterr().err
+    # said when the run starts, not again at each resume (its result fields cannot change there)
+    assert main([*argv, "--data-dir", str(synth_tiles), "--output-dir", str(tmp_path / "good"), "--resume", "auto"]) == 0
+    assert "--warmup-steps" not in capsys.readouterr().err
 
 
 def test_a_changed_precision_is_a_resume_difference():

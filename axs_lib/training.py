@@ -243,6 +243,27 @@ def continues_inexactly(ckpt: dict | None, resume: ResumeRequest) -> bool:
     return ckpt is not None and (resume.force or ckpt.get("world_size", 1) != 1)
 
 
+def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Any, path: Path | str) -> None:
+    """Load ``state_dict`` into ``optimizer`` (None: the state it holds) and refuse, in one line, a state that does not fit its
+    parameters: torch checks the groups' sizes when loading, but a moment estimate of another shape
+    (a crafted or foreign file with a valid checksum) would only fail inside the first step, as a
+    traceback, after the run directory is opened. Every per-parameter tensor of more than one
+    element must have its parameter's shape (AdamW's moments, SGD's momentum)."""
+    from axs_lib.errors import CheckpointError
+
+    try:
+        if state_dict is not None:
+            optimizer.load_state_dict(state_dict)
+    except (ValueError, TypeError, KeyError, IndexError, RuntimeError, AttributeError) as exc:
+        raise CheckpointError(path, f"optimizer_state_dict does not fit this model's optimizer: {str(exc).splitlines()[0][:200]}") from None
+    for group in optimizer.param_groups:
+        for param in group["params"]:
+            for key, value in optimizer.state.get(param, {}).items():
+                if isinstance(value, torch.Tensor) and value.numel() > 1 and value.shape != param.shape:
+                    raise CheckpointError(path, f"optimizer_state_dict: its {key} has shape {tuple(value.shape)} for a "
+                                                f"parameter of shape {tuple(param.shape)}")
+
+
 # --------------------------------------------------------------------------- phases 1 and 2
 
 
@@ -443,6 +464,8 @@ class Trainer:
         if self.setup.ckpt is not None and not restored:
             raise TypeError(f"{type(self).__name__}: the training loader's position was not restored from the checkpoint: "
                             "pass loader= to TrainingState before loading it, or restore it and pass position_restored=True")
+        if self.setup.ckpt is not None:  # loaded already: checked again here for a task that did not before writing
+            check_optimizer_state(self.optimizer, None, self.setup.ckpt_path)
         self.loader, self.val_loader = loader, val_loader
         self.state.components["sampler_state"] = loader
         self.parameters = list(self.model.parameters())

@@ -246,3 +246,23 @@ def test_keep_last_deletes_the_runs_own_old_checkpoints_and_never_a_file_copied_
     assert _train(capsys, *argv, "--keep-last", "1", "--resume", "auto") == (0, [])
     steps = sorted(p.name for p in folder.glob("checkpoint_step_*.pt"))
     assert steps == ["checkpoint_step_1.pt", "checkpoint_step_8.pt"]  # 2, 4 and 6 were the run's: pruned
+
+
+def test_an_optimizer_state_of_other_shapes_is_one_line_before_anything_is_written(finished_run, tiles, tmp_path, capsys):
+    """A checkpoint with a valid checksum whose AdamW moment has another shape (crafted, or another
+    model's) used to fail inside the first step, as a traceback, after the run directory was opened."""
+    import torch
+
+    from axs_lib.checkpoint import CHECKSUM_KEYS, FORMAT_KEY, load_checkpoint, save_checkpoint
+
+    run = _copy(finished_run, tmp_path)
+    path = run / "checkpoints" / "checkpoint_step_4.pt"
+    ckpt = {k: v for k, v in load_checkpoint(path).items() if k not in (*CHECKSUM_KEYS, FORMAT_KEY)}
+    state = ckpt["optimizer_state_dict"]["state"]
+    state[next(iter(state))]["exp_avg"] = torch.zeros(3)
+    save_checkpoint(ckpt, path)
+    before = _snapshot(run)
+    code, lines = _train(capsys, "--data-dir", str(tiles), "--output-dir", str(run), *BASE, "--resume", str(path))
+    assert code == 2
+    _one_error(lines, str(path), "exp_avg has shape (3,) for a parameter of shape")
+    assert _snapshot(run) == before

@@ -149,3 +149,24 @@ def test_the_gpu_checks_sync_guard_wraps_the_step_the_trainer_runs(monkeypatch):
     gpu_check.strict_steps()
     assert Stage1Trainer.train_step(None, 3) == 3
     assert calls == [3] and modes == ["error", "default"]
+
+
+def test_a_second_trainer_refuses_an_optimizer_state_that_does_not_fit_its_parameters(tiles, reference, tmp_path):
+    """The session checks the optimizer state a trainer loaded, so a task without its own check
+    still gets one line instead of a traceback inside the first step."""
+    import shutil
+
+    import torch
+
+    from axs_lib.checkpoint import CHECKSUM_KEYS, FORMAT_KEY, load_checkpoint, save_checkpoint
+    from axs_lib.errors import CheckpointError
+
+    run = tmp_path / "run"
+    shutil.copytree(reference, run)
+    path = run / "checkpoints" / "checkpoint_step_8.pt"
+    ckpt = {k: v for k, v in load_checkpoint(path).items() if k not in (*CHECKSUM_KEYS, FORMAT_KEY)}
+    state = ckpt["optimizer_state_dict"]["state"]
+    state[next(iter(state))]["exp_avg_sq"] = torch.zeros(5)
+    save_checkpoint(ckpt, path)
+    with pytest.raises(CheckpointError, match=r"exp_avg_sq has shape \(5,\)"):
+        run_training(example.LandCoverTrainer, config(tiles, run), ResumeRequest(str(path)), log=lambda line: None)

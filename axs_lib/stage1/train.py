@@ -61,7 +61,7 @@ from axs_lib.stage1.metrics import QualityMetrics, flat
 from axs_lib.stage1.model import UNet, band_means, band_stats
 from axs_lib.state import TrainingState
 from axs_lib.tiles import check_tiles, list_tiles
-from axs_lib.training import (DataCheck, ResumeRequest, RunResult, Setup, Trainer, device_name, lr_factor,
+from axs_lib.training import (DataCheck, ResumeRequest, RunResult, Setup, Trainer, check_optimizer_state, device_name, lr_factor,
                               micro_batch_plan, resume_problems, run_training)
 from axs_lib.workers import ignore_stop_signals, stop_signals_held
 
@@ -145,7 +145,8 @@ def _check_state_shapes(ckpt: dict, path: Path, config: TrainConfig) -> None:
     sampler_state = ckpt["sampler_state"]
     if not all(isinstance(sampler_state.get(k), int) and sampler_state[k] >= 0 for k in ("epoch", "position")):
         raise CheckpointError(path, f"sampler_state {sampler_state!r} is not an (epoch, position) pair")
-    expected = {k: tuple(v.shape) for k, v in UNet(width=config.width, dropout=config.dropout, head=config.head).state_dict().items()}
+    model = UNet(width=config.width, dropout=config.dropout, head=config.head)
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     stored = ckpt.get("model_state_dict")
     if not isinstance(stored, dict):
         raise CheckpointError(path, "has no model_state_dict: not a Stage-1 checkpoint")
@@ -154,6 +155,7 @@ def _check_state_shapes(ckpt: dict, path: Path, config: TrainConfig) -> None:
         diff = sorted(set(got) ^ set(expected)) or [k for k in expected if got.get(k) != expected[k]]
         raise CheckpointError(path, f"its model does not fit a Stage-1 U-Net of width {config.width} with a {config.head} head "
                                     f"(first difference: {diff[0]})")
+    check_optimizer_state(torch.optim.AdamW(model.parameters()), ckpt["optimizer_state_dict"], path)  # before anything is written
 
 
 def _check_sampler_position(ckpt: dict, path: Path, num_train: int) -> None:

@@ -16,6 +16,8 @@ toolkit needs, in the order a training loop meets it:
   (`axs_lib.early_stopping`);
 * a run's surroundings: `StopRequest` (`axs_lib.signals`), `pin` (portable CPU mode,
   `axs_lib.portable`);
+* a trainer of one's own on the training session: `Trainer`, `run_training`, `ResumeRequest`,
+  `DataCheck` (`axs_lib.training`; see examples/stage2_trainer.py);
 * the errors the toolkit raises, all `AxsError`: `InputError`, `CheckpointError`, `UsageError`,
   `WriteError`, `PlanError`, `PortableError`.
 
@@ -66,6 +68,11 @@ _HOMES: dict[str, str] = {
     # a run's surroundings
     "StopRequest": "axs_lib.signals",
     "pin": "axs_lib.portable",
+    # a trainer on the training session
+    "Trainer": "axs_lib.training",
+    "run_training": "axs_lib.training",
+    "ResumeRequest": "axs_lib.training",
+    "DataCheck": "axs_lib.training",
     # errors
     "AxsError": "axs_lib.errors",
     "InputError": "axs_lib.errors",
@@ -92,6 +99,8 @@ __all__ = [
     "TrainingState", "CheckpointManager", "save_checkpoint", "load_checkpoint", "EarlyStopping",
     # a run's surroundings
     "StopRequest", "pin",
+    # a trainer on the training session
+    "Trainer", "run_training", "ResumeRequest", "DataCheck",
     # errors
     "AxsError", "InputError", "CheckpointError", "UsageError", "WriteError", "PlanError", "PortableError",
 ]
@@ -137,3 +146,4 @@ if TYPE_CHECKING:  # for type checkers and IDEs only; at run time the names arri
     from axs_lib.signals import StopRequest
     from axs_lib.early_stopping import EarlyStopping
     from axs_lib.state import TrainingState
+    from axs_lib.training import DataCheck, ResumeRequest, Trainer, run_training

@@ -87,7 +87,7 @@ LIBRARY_FOLDERS = {
     # experiments (numeric ids, with their runs inside), the default experiment and the store's trash
     MLRUNS: re.compile(r"^(\d+|\.trash)$"),
     # one folder per run start (``offline-run-<date>_<time>-<id>``, ``run-...`` online), the links to the latest
-    WANDB: re.compile(r"^((offline-)?run-\d{8}_\d{6}-[0-9a-z]+|latest-run|debug\.log|debug-internal\.log)$"),
+    WANDB: re.compile(r"^((offline-)?run-\d{8}_\d{6}-[0-9a-z]+(-\d+)?|latest-run|debug\.log|debug-internal\.log)$"),
 }
 STEP_FILE = re.compile(r"^checkpoint_step_(\d+)\.pt$")
 # A checkpoint-folder temp file of `axs_lib.atomic` (``.<name>.<random>.tmp``) for a name the manager writes

@@ -12,6 +12,7 @@ import csv
 import hashlib
 import importlib.util
 import json
+import re
 import logging
 import signal
 from pathlib import Path
@@ -145,6 +146,14 @@ def test_mlflow_gets_params_and_metrics_in_the_run_directory_and_a_resume_contin
     assert mlflow_points(again, run2, "val/psnr") == [(4, 24.0), (6, 26.0), (8, 28.0)]
 
 
+def _started(folder: Path) -> tuple[str, int]:
+    """When an offline run folder was started: ``offline-run-<date>_<time>-<id>``, and wandb adds
+    ``-1``, ``-2``, ... to a second start of the same run within the same second."""
+    match = re.fullmatch(r"offline-run-(\d{8}_\d{6})-[a-z0-9]+(?:-(\d+))?", folder.name)
+    assert match, folder.name
+    return match.group(1), int(match.group(2) or 0)
+
+
 def wandb_history(root: Path) -> list[dict]:
     """The history rows of every W&B offline run file under ``<root>/wandb``, read with wandb's own protobuf."""
     import wandb
@@ -152,7 +161,7 @@ def wandb_history(root: Path) -> list[dict]:
 
     wandb.teardown()  # the wandb service writes its log in the background: wait until it has written all
     rows = []
-    for path in sorted((root / run_dir.WANDB).glob("offline-run-*/run-*.wandb")):
+    for path in sorted((root / run_dir.WANDB).glob("offline-run-*/run-*.wandb"), key=lambda p: _started(p.parent)):
         for data in _log_records(path.read_bytes()):
             record = pb.Record()
             record.ParseFromString(data)
@@ -200,7 +209,7 @@ def test_wandb_offline_gets_the_metrics_in_the_run_directory_and_a_resume_contin
         resumed.add(record)
     resumed.close()
     runs = sorted((root / "wandb").glob("offline-run-*"))
-    assert len(runs) == 2 and all(p.name.endswith(f"-{run_id}") for p in runs)  # the same W&B run, started twice
+    assert len(runs) == 2 and all(re.search(rf"-{run_id}(-\d+)?$", p.name) for p in runs)  # the same W&B run, started twice
     steps = [row["_step"] for row in wandb_history(root)]
     assert steps[:6] == [1, 2, 3, 4, 5, 6] and sorted(steps[6:]) == steps[6:] and steps[-1] == 8
 
@@ -314,10 +323,11 @@ def test_overwrite_removes_the_loggers_files_and_keeps_a_users_own(tmp_path, off
     names = ["tensorboard", "mlflow", "wandb"]
     run_dir.write_json(root / run_dir.RUN_JSON, {run_dir.RUN_MARKER: 1, "status": "completed",
                                                  "written": [run_dir.RUN_JSON, *loggers.run_files(names)]})
-    fanout = loggers.open_loggers(root, 0, names, params={"seed": 1})
-    for record in records(range(1, 3)):
-        fanout.add(record)
-    fanout.close()
+    for start in (0, 1):  # a start and a resume: within one second, wandb names the second folder <...>-<id>-1
+        fanout = loggers.open_loggers(root, start, names, params={"seed": 1})
+        for record in records(range(start + 1, 3)):
+            fanout.add(record)
+        fanout.close()
     for mine in ("wandb/my_notes.txt", "mlruns/README", "tensorboard/my.txt"):
         (root / mine).write_text("mine\n")
     run = RunDir(root)
@@ -326,6 +336,8 @@ def test_overwrite_removes_the_loggers_files_and_keeps_a_users_own(tmp_path, off
         run.clear_previous()
     left = sorted(str(p.relative_to(root)) for p in root.rglob("*"))
     assert left == [".lock", "mlruns", "mlruns/README", "tensorboard", "tensorboard/my.txt", "wandb", "wandb/my_notes.txt"]
+    wandb_names = run_dir.LIBRARY_FOLDERS[run_dir.WANDB]  # the second start in one second, whenever it happens
+    assert wandb_names.match("offline-run-20261203_145804-mr5nf0vi-1") and not wandb_names.match("offline-notes")
 
 
 # --------------------------------------------------------------------------- the trainer

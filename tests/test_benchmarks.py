@@ -158,3 +158,33 @@ def test_validation_mode_evaluates_validation_scenes_and_never_touches_a_test_sc
         assert int(hashlib.sha256(("val:" + bench_quality.scene_of(p.stem)).encode()).hexdigest(), 16) % 4 == 0
     # a scene is never split between training and validation
     assert not {bench_quality.scene_of(p.stem) for p in train} & {bench_quality.scene_of(p.stem) for p in validation}
+
+
+def test_weight_average_of_quality_variants_is_the_bias_corrected_exponential_average_of_the_steps():
+    import torch
+
+    from benchmarks.quality_variants import WeightAverage
+
+    net = torch.nn.Linear(3, 2)
+    average = WeightAverage(net, decays=(0.9, 0.5))
+    steps = []
+    for _ in range(5):
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p))
+        steps.append([p.detach().clone() for p in net.parameters()])
+        average.update(net)
+    for d in (0.9, 0.5):  # sum_t d^(T-t) w_t / sum_t d^(T-t): the starting weights weigh nothing
+        weights = [d ** (len(steps) - 1 - t) for t in range(len(steps))]
+        state = average.state_dict(net, d)
+        for i, (name, _) in enumerate(net.named_parameters()):
+            expected = sum(w * s[i] for w, s in zip(weights, steps)) / sum(weights)
+            assert torch.allclose(state[name], expected, atol=1e-6), name
+    assert not torch.equal(average.state_dict(net, 0.9)["weight"], net.weight)
+
+
+def test_quality_variants_pass_trainer_options_by_prefix():
+    from benchmarks.quality_variants import trainer_args
+
+    args = trainer_args(["median", "wd0.5", "w8", "bs6", "drop0.1", "gain1"], seed=7)
+    assert vars(args) == {"seed": 7, "weight_decay": 0.5, "width": 8, "batch_size": 6, "dropout": 0.1}

@@ -1,0 +1,216 @@
+"""Experiment harness: U-Net variants on bench_quality's validation scenes, without changing the trainer.
+
+Not one of the ratio benchmarks (``python -m benchmarks`` does not run it). It trains the Stage-1
+U-Net exactly as `benchmarks.bench_quality` does (`bench_quality.train_unet`, the trainer's
+defaults on the same tiles) with one or more *variants* switched in from the outside, and reports
+the clear-validation figures of the final weights and of exponential moving averages (EMA) of the
+weights at several decays, which a single run can track without changing its training at all.
+The variants replace trainer internals by assignment (``axs_lib.stage1.train.stage1_loss``,
+``band_stats``, ``Stage1Trainer._train_step``, ``TileDataset.__getitem__``): a prototype, to be
+measured before anything moves into the trainer, and tied to the trainer's current names.
+
+``python -m benchmarks.quality_variants VARIANT SEED [--baselines] [--out FILE.jsonl]``; VARIANT is
+one or more of these, joined by commas:
+
+* ``default``: nothing switched (the linear head centred on each band's training mean);
+* ``median``: the head centred on each band's training median instead (the best constant under
+  the L1 loss; reflectance is skewed, so the mean sits far above it: B4 mean 371, median 197 on
+  the validation mode's training tiles); ``median_visible``: the median for B2, B3 and B4 and the
+  mean for B8. The median is taken over the same pixels as `band_stats`'s mean;
+* ``mad``: the L1 divides each band's error by its training median absolute deviation instead of
+  its standard deviation (rescaled so that the mean per-band weight is unchanged);
+* ``log``: the L1 taken on ``log(reflectance + 0.01)``, each band divided by the standard deviation
+  of that log over the training pixels;
+* ``gain<S>``: per-tile SAR radiometric augmentation: N(0, S dB) added to VV and VH alike and a
+  further N(0, S/2 dB) to VH alone, drawn from ``derive_seed(seed, "gain", epoch, index)``;
+* ``wd<X>``, ``w<N>``, ``bs<N>``, ``drop<X>``: the trainer's ``--weight-decay``, ``--width``,
+  ``--batch-size``, ``--dropout``.
+
+EMA (`WeightAverage`): after every optimizer step, ``avg += (w - avg) * (1 - d) / (1 - d**t)`` for
+step t = 1, 2, ...: the bias-corrected average (as Adam's moments), so the untrained starting
+weights carry no weight of their own; the first step sets ``avg = w``.
+
+Figures go to ``--out`` (JSON lines: variant, weights, seed, split, set, MAE / RMSE overall and per
+band) and are printed; ``--split test`` evaluates on the held-out scenes instead (for the one
+candidate kept, once).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from benchmarks import bench_quality as bq
+
+EMA_DECAYS = (0.99, 0.995, 0.998, 0.999)
+LOG_EPS = 0.01  # reflectance 100: the log's offset, so water (reflectance near 0) stays finite
+TRAINER_OPTIONS = (("wd", "weight_decay", float), ("w", "width", int), ("bs", "batch_size", int), ("drop", "dropout", float))
+
+
+class WeightAverage:
+    """Bias-corrected exponential moving averages of a model's parameters, one per decay.
+
+    ``update(model)`` after each optimizer step; ``state_dict(model, decay)`` is the model's state
+    dict with the averaged parameters (buffers as the model has them), ready for ``load_state_dict``.
+    """
+
+    def __init__(self, model: torch.nn.Module, decays=EMA_DECAYS):
+        self.averages = {d: [p.detach().clone() for p in model.parameters()] for d in decays}
+        self.updates = 0
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        self.updates += 1
+        params = [p.detach() for p in model.parameters()]
+        for d, average in self.averages.items():
+            torch._foreach_lerp_(average, params, (1.0 - d) / (1.0 - d**self.updates))
+
+    def state_dict(self, model: torch.nn.Module, decay: float) -> dict:
+        state = {k: v.clone() for k, v in model.state_dict().items()}
+        for (name, _), average in zip(model.named_parameters(), self.averages[decay]):
+            state[name] = average.clone()
+        return state
+
+
+def _pixels(paths) -> np.ndarray:
+    """(P, 4) training reflectance normalised to [0, 1] over valid pixels."""
+    return bq.pixels(paths)[1] / bq.OPTICAL_RANGE[1]
+
+
+def install(parts: list[str], train_paths, holder: dict) -> None:
+    """Switch the variants in ``parts`` into the trainer; ``holder`` receives the `WeightAverage`."""
+    import axs_lib.data as data
+    import axs_lib.stage1.train as train
+    from axs_lib.stage1.losses import masked_l1, stage1_loss
+    from axs_lib.stage1.model import band_stats
+
+    y = _pixels(train_paths)
+    if "median" in parts or "median_visible" in parts:
+        bands = 4 if "median" in parts else 3
+        train.band_stats = lambda dataset, max_tiles=64: _centred_on_medians(band_stats, dataset, max_tiles, bands)
+    if "mad" in parts:
+        std, mad = y.std(0), np.median(np.abs(y - np.median(y, 0)), 0)
+        weights = (1 / mad) / np.mean(1 / mad) * np.mean(1 / std)
+        scale = torch.tensor(1 / weights, dtype=torch.float32)
+        train.stage1_loss = lambda pred, target, mask, l1_weight=1.0, ssim_weight=0.0, band_scale=None: stage1_loss(
+            pred, target, mask, l1_weight, ssim_weight, scale.to(pred.device))
+    if "log" in parts:
+        log_std = torch.tensor(np.log(y + LOG_EPS).std(0), dtype=torch.float32).reshape(1, -1, 1, 1)
+
+        def log_loss(pred, target, mask, l1_weight=1.0, ssim_weight=0.0, band_scale=None):
+            log_pred = torch.log(pred.clamp_min(-LOG_EPS + 1e-3) + LOG_EPS)
+            return l1_weight * masked_l1(log_pred / log_std, torch.log(target + LOG_EPS) / log_std, mask)
+        train.stage1_loss = log_loss
+    gains = [p for p in parts if p.startswith("gain")]
+    if gains:
+        _install_gain(data, train, float(gains[0][len("gain"):]))
+
+    original_step = train.Stage1Trainer._train_step
+
+    def train_step(self, step):
+        holder.setdefault("ema", WeightAverage(self.model))
+        holder.setdefault("model", self.model)
+        total = original_step(self, step)
+        holder["ema"].update(self.model)
+        return total
+    train.Stage1Trainer._train_step = train_step
+
+
+def _centred_on_medians(band_stats, dataset, max_tiles: int, bands: int):
+    """`band_stats` with the first ``bands`` centres replaced by the median over the same tiles and pixels."""
+    means, stds = band_stats(dataset, max_tiles)
+    n = len(dataset)
+    pixels = []
+    for index in sorted({i * n // min(n, max_tiles) for i in range(min(n, max_tiles))}):
+        sample = dataset[index]
+        pixels.append(sample["optical"].numpy().astype(np.float64)[:, sample["mask"].numpy()[0] > 0])
+    medians = np.median(np.concatenate(pixels, axis=1), axis=1)
+    return tuple(float(m) for m in medians[:bands]) + tuple(means[bands:]), stds
+
+
+def _install_gain(data, train, sigma: float) -> None:
+    span = bq.SAR_DB_RANGE[1] - bq.SAR_DB_RANGE[0]
+    original = data.TileDataset.__getitem__
+
+    def getitem(self, key):
+        out = original(self, key)
+        epoch = int(getattr(key, "epoch", -1))
+        if self.augment and epoch >= 0:
+            g = torch.Generator().manual_seed(train.derive_seed(self.seed, "gain", epoch, int(key)))
+            shared, vh = torch.randn(2, generator=g, dtype=torch.float64).tolist()
+            offsets = torch.tensor([sigma * shared, sigma * shared + sigma / 2 * vh], dtype=torch.float32) / span
+            out["sar"] = torch.where(out["mask"] > 0, (out["sar"] + offsets[:, None, None]).clamp(0, 1), out["sar"])
+        return out
+    data.TileDataset.__getitem__ = getitem
+
+
+def trainer_args(parts: list[str], seed: int) -> argparse.Namespace:
+    args = argparse.Namespace(seed=seed)
+    for part in parts:
+        for prefix, name, kind in TRAINER_OPTIONS:
+            rest = part[len(prefix):]
+            if part.startswith(prefix) and rest[:1].isdigit():
+                setattr(args, name, kind(rest))
+                break
+    return args
+
+
+def summary(result: dict) -> dict:
+    overall, bands = result["overall"], result["bands"]
+    return {"mae": overall["mae"], "rmse": overall["rmse"], **{f"{b}_mae": bands[b]["mae"] for b in bands},
+            **{f"{b}_rmse": bands[b]["rmse"] for b in bands}}
+
+
+def main(argv=None) -> list[dict]:
+    from axs_lib.ingest import write_demo_tiles
+    from axs_lib.stage1.predict import evaluate_model, load_model
+
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quality_variants", description=__doc__.split("\n\n")[0])
+    p.add_argument("variant")
+    p.add_argument("seed", type=int)
+    p.add_argument("--split", choices=("validation", "test"), default="validation")
+    p.add_argument("--baselines", action="store_true", help="also the constant median and the pixel MLP")
+    p.add_argument("--out", type=Path, default=Path("quality_variants.jsonl"))
+    a = p.parse_args(argv)
+    parts = a.variant.split(",")
+    started = time.perf_counter()
+    rows: list[dict] = []
+    with tempfile.TemporaryDirectory(prefix="axs-quality-variants-") as tmp:
+        work = Path(tmp)
+        write_demo_tiles(work / "demo")
+        paths = bq.gather_tiles([work / "demo"] + ([bq.BENV1] if bq.BENV1.is_dir() else []))
+        train_paths, tests = bq.split_tiles(paths, a.split == "validation")
+        train_clear = [q for q in train_paths if not bq.flagged(q)]
+        sets = {"clear": [q for q in tests if bq.clear(q)], "all": tests}
+        if a.baselines:
+            for name, fit in (("median", bq.fit_median(train_clear)), ("pixel MLP", bq.fit_pixel_mlp(train_clear))):
+                rows += [{"variant": name, "weights": "", "seed": 0, "split": a.split, "set": s,
+                          **summary(bq.evaluate_pixel_model(fit, tiles))} for s, tiles in sets.items()]
+        holder: dict = {}
+        install(parts, train_clear, holder)
+        ckpt = bq.train_unet(bq.materialise_train_dir(train_paths, work / "train"), work / "run", trainer_args(parts, a.seed))
+        model, _ = load_model(ckpt)
+        weights = {"final": None, **{f"ema{d}": holder["ema"].state_dict(holder["model"], d) for d in EMA_DECAYS}}
+        for label, state in weights.items():
+            if state is not None:
+                model.load_state_dict(state)
+            rows += [{"variant": a.variant, "weights": label, "seed": a.seed, "split": a.split, "set": s,
+                      **summary(evaluate_model(model, tiles))} for s, tiles in sets.items()]
+    with a.out.open("a") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    for r in rows:
+        if r["set"] == "clear":
+            print(f"{r['variant']:>12} {r['weights']:>9} seed {r['seed']:<4} MAE {r['mae']:.0f} RMSE {r['rmse']:.0f}  "
+                  + " ".join(f"{b} {r[b + '_mae']:.0f}" for b in ("B2", "B3", "B4", "B8")))
+    print(f"({time.perf_counter() - started:.0f} s)")
+    return rows
+
+
+if __name__ == "__main__":
+    main()

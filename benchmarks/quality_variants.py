@@ -6,7 +6,7 @@ defaults on the same tiles) with one or more *variants* switched in from the out
 the clear-validation figures of the final weights and of exponential moving averages (EMA) of the
 weights at several decays, which a single run can track without changing its training at all.
 The variants replace trainer internals by assignment (``axs_lib.stage1.train.stage1_loss``,
-``band_stats``, ``Stage1Trainer._train_step``, ``TileDataset.__getitem__``): a prototype, to be
+``band_stats``, ``Stage1Trainer.train_step``, ``TileDataset.__getitem__``): a prototype, to be
 measured before anything moves into the trainer, and tied to the trainer's current names.
 
 ``python -m benchmarks.quality_variants VARIANT SEED [--baselines] [--out FILE.jsonl]``; VARIANT is
@@ -111,7 +111,7 @@ def install(parts: list[str], train_paths, holder: dict) -> None:
     if gains:
         _install_gain(data, train, float(gains[0][len("gain"):]))
 
-    original_step = train.Stage1Trainer._train_step
+    original_step = train.Stage1Trainer.train_step
 
     def train_step(self, step):
         holder.setdefault("ema", WeightAverage(self.model))
@@ -119,7 +119,7 @@ def install(parts: list[str], train_paths, holder: dict) -> None:
         total = original_step(self, step)
         holder["ema"].update(self.model)
         return total
-    train.Stage1Trainer._train_step = train_step
+    train.Stage1Trainer.train_step = train_step
 
 
 def _centred_on_medians(band_stats, dataset, max_tiles: int, bands: int):

@@ -188,3 +188,24 @@ def test_quality_variants_pass_trainer_options_by_prefix():
 
     args = trainer_args(["median", "wd0.5", "w8", "bs6", "drop0.1", "gain1"], seed=7)
     assert vars(args) == {"seed": 7, "weight_decay": 0.5, "width": 8, "batch_size": 6, "dropout": 0.1}
+
+
+def test_quality_variants_hook_into_the_step_the_trainer_runs(synth_tiles, tmp_path, monkeypatch):
+    """The harness wraps `Stage1Trainer.train_step` to average the weights after every step; a
+    renamed step would leave its averages at the starting weights without a word."""
+    import axs_lib.data as data
+    import axs_lib.stage1.train as train
+    from axs_lib.stage1.config import build_config
+    from benchmarks.quality_variants import install
+
+    for owner, name in ((train.Stage1Trainer, "train_step"), (train, "stage1_loss"), (train, "band_stats"),
+                        (data.TileDataset, "__getitem__")):
+        monkeypatch.setattr(owner, name, getattr(owner, name))  # every patch of install() undone after the test
+    from axs_lib.tiles import list_tiles
+
+    holder: dict = {}
+    install(["default"], list_tiles(synth_tiles), holder)
+    config = build_config({"seed": 3, "steps": 3, "width": 4, "batch_size": 2, "plots": False, "tensorboard": False,
+                           "quiet": True, "data_dir": str(synth_tiles), "output_dir": str(tmp_path / "run")})
+    train.train_stage1(config, train.ResumeRequest(), log=lambda line: None)
+    assert holder["ema"].updates == 3

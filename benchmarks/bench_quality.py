@@ -203,11 +203,12 @@ def evaluate_pixel_model(predict, tests: list[Path]) -> dict:
 # --------------------------------------------------------------------------- the U-Net
 
 
-def train_unet(train_dir: Path, out: Path, args) -> Path:
+def train_unet(train_dir: Path, out: Path, args, seed: int | None = None) -> Path:
     from axs_lib.stage1.config import build_config
     from axs_lib.stage1.train import ResumeRequest, train_stage1
 
-    explicit = {"data_dir": str(train_dir), "output_dir": str(out), "seed": args.seed, "split_source": "sidecar",
+    seed = args.seed if seed is None else seed
+    explicit = {"data_dir": str(train_dir), "output_dir": str(out), "seed": seed, "split_source": "sidecar",
                 "plots": False, "tensorboard": False, "quiet": True, "checkpoint_every": 10**9}
     for name in ("steps", "width", "batch_size", "lr", "ssim_weight", "head", "dropout", "l1_weight", "weight_decay",
                  "warmup_steps"):
@@ -241,6 +242,11 @@ def band_table(results: dict[str, dict]) -> str:
     return "\n".join(lines)
 
 
+def unet_name(seed: int, seeds: list[int]) -> str:
+    """The U-Net's row: ``U-Net``, or ``U-Net seed S`` when several seeds are compared."""
+    return "U-Net" if len(seeds) == 1 else f"U-Net seed {seed}"
+
+
 def verdict(results: dict[str, dict]) -> dict:
     """The targets: U-Net MAE and RMSE >= 15 % better than the best per-pixel model; B2-B4 MAE below the median's."""
     unet = results["U-Net"]["overall"]
@@ -260,6 +266,9 @@ def parse_args(argv=None):
     p.add_argument("--validation", action="store_true",
                    help="tune mode: leave the test scenes out, hold out the validation scenes and report on them")
     p.add_argument("--seed", type=int, default=42)
+    p.add_argument("--seeds", type=lambda text: [int(x) for x in text.split(",")],
+                   help="train the U-Net once per seed (e.g. 42,7,123) and report each and their spread: a single "
+                        "seed's margin over the per-pixel models can be luck")
     p.add_argument("--steps", type=int, help="U-Net steps (default: the trainer's, scaled to the training tiles)")
     p.add_argument("--width", type=int)
     p.add_argument("--batch-size", type=int)
@@ -302,28 +311,38 @@ def main(argv=None) -> dict:
         fits = {"median": fit_median(train_clear), "ridge": fit_ridge(train_clear),
                 "pixel MLP": fit_pixel_mlp(train_clear, args.mlp_steps)}
         t0 = time.perf_counter()
-        ckpt = train_unet(materialise_train_dir(train, work / "train"), work / "run", args)
-        unet_seconds = time.perf_counter() - t0
+        seeds = args.seeds or [args.seed]
+        train_dir = materialise_train_dir(train, work / "train")
+        ckpts = {seed: train_unet(train_dir, work / f"run_{seed}", args, seed) for seed in seeds}
+        unet_seconds = (time.perf_counter() - t0) / len(seeds)
         results: dict[str, dict] = {}
         for name, tiles in test_sets.items():
             if not tiles:
                 continue
             res = {m: evaluate_pixel_model(f, tiles) for m, f in fits.items()}
-            res["U-Net"] = evaluate_checkpoint(ckpt, tiles)
+            for seed, ckpt in ckpts.items():
+                res[unet_name(seed, seeds)] = evaluate_checkpoint(ckpt, tiles)
             results[name] = res
-        config = torch.load(ckpt, weights_only=True)["config"]
+        config = torch.load(ckpts[seeds[0]], weights_only=True)["config"]
     out = {"split": "validation" if args.validation else "test", "tiles": {"train": len(train_clear), **{k: len(v) for k, v in test_sets.items()}},
            "unet": {"steps": config["steps"], "width": config["width"], "batch_size": config["batch_size"],
                     "head": config["head"], "seconds": unet_seconds},
-           "results": results, "verdict": {k: verdict(v) for k, v in results.items()}}
+           "seeds": seeds, "results": results,
+           "verdict": {k: verdict(v) for k, v in results.items()} if len(seeds) == 1 else
+                      {k: {str(seed): verdict({**v, "U-Net": v[unet_name(seed, seeds)]}) for seed in seeds} for k, v in results.items()}}
     print(f"U-Net: {config['steps']} steps, width {config['width']}, batch {config['batch_size']}, {config['head']} head, "
           f"{unet_seconds:.0f} s to train")
     for name, res in results.items():
         print(f"\nheld-out {out['split']} tiles: {name} ({out['tiles'][name]})\n{summary_table(res)}\n\n{band_table(res)}")
-        v = out["verdict"][name]
-        print(f"U-Net vs best per-pixel model: MAE {v['mae_gain']:+.1%}, RMSE {v['rmse_gain']:+.1%} better; "
-              + ", ".join(f"{b} MAE x{v[f'{b}_mae_vs_median']:.2f} RMSE x{v[f'{b}_rmse_vs_median']:.2f}" for b in ("B2", "B3", "B4"))
-              + " of the median's")
+        verdicts = {seeds[0]: out["verdict"][name]} if len(seeds) == 1 else {s: out["verdict"][name][str(s)] for s in seeds}
+        for seed, v in verdicts.items():
+            print(f"{unet_name(seed, seeds)} vs best per-pixel model: MAE {v['mae_gain']:+.1%}, RMSE {v['rmse_gain']:+.1%} better; "
+                  + ", ".join(f"{b} MAE x{v[f'{b}_mae_vs_median']:.2f} RMSE x{v[f'{b}_rmse_vs_median']:.2f}" for b in ("B2", "B3", "B4"))
+                  + " of the median's")
+        if len(seeds) > 1:
+            gains = [verdicts[s]["mae_gain"] for s in seeds]
+            print(f"U-Net MAE gain over {len(seeds)} seeds: mean {sum(gains) / len(gains):+.1%}, "
+                  f"from {min(gains):+.1%} to {max(gains):+.1%}")
     print(f"\n({time.perf_counter() - started:.0f} s)")
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))

@@ -134,6 +134,16 @@ def test_bench_quality_quick_trains_every_method_on_held_out_scenes(demo_tiles, 
     assert "| U-Net | B2 |" in out and "U-Net vs best per-pixel model" in out
 
 
+def test_bench_quality_with_several_seeds_reports_each_and_their_spread(demo_tiles, capsys):
+    results = bench_quality.main(["--quick", "--seeds", "1,2", "--data-dir", str(demo_tiles), "--data-dir",
+                                  str(bench_quality.BENV1)])
+    test = results["results"]["all"]
+    assert set(test) == {"median", "ridge", "pixel MLP", "U-Net seed 1", "U-Net seed 2"}
+    assert test["U-Net seed 1"]["overall"]["mae"] != test["U-Net seed 2"]["overall"]["mae"]  # the seeds really differ
+    assert set(results["verdict"]["all"]) == {"1", "2"}
+    assert "U-Net MAE gain over 2 seeds: mean" in capsys.readouterr().out
+
+
 def test_held_out_scenes_follow_the_documented_hash_rule_and_keep_a_scene_together():
     import hashlib
 

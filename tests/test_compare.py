@@ -439,17 +439,25 @@ def test_malicious_payload_runs_only_with_trust(tmp_path, pair):
     assert marker.read_text() == "ran"
 
 
-def test_damaged_file_with_the_same_checksum_is_named(tmp_path, pair, capsys):
-    a, b = pair()
-    data = bytearray(b.read_bytes())
-    needle = make_checkpoint()["model_state_dict"]["0.weight"].numpy().tobytes()
-    at = data.find(needle)
+def _flip_a_bit_of(path, tensor) -> None:
+    """Damage ``path`` on disk as a bad sector would: one bit inside ``tensor``'s bytes, still loadable."""
+    data = bytearray(path.read_bytes())
+    at = data.find(tensor.numpy().tobytes())
     assert at > 0
     data[at + 5] ^= 0x01
-    b.write_bytes(bytes(data))
+    path.write_bytes(bytes(data))
+
+
+def _named_as_damaged(a, b, capsys) -> None:
     assert cli(a, b) == 2
     err = capsys.readouterr().err
     assert err.startswith(f"axs: error: {b}: checksum mismatch") and len(err.splitlines()) == 1
+
+
+def test_damaged_file_with_the_same_checksum_is_named(tmp_path, pair, capsys):
+    a, b = pair()
+    _flip_a_bit_of(b, make_checkpoint()["model_state_dict"]["0.weight"])
+    _named_as_damaged(a, b, capsys)
 
 
 def test_a_damaged_file_is_named_also_when_the_checkpoints_differ_anyway(tmp_path, pair, capsys):
@@ -462,15 +470,8 @@ def test_a_damaged_file_is_named_also_when_the_checkpoints_differ_anyway(tmp_pat
     a, b = pair(other_weights)
     assert cli(a, b) == 1  # different, and both intact: the usual verdict
     capsys.readouterr()
-    data = bytearray(b.read_bytes())
-    needle = (make_checkpoint()["model_state_dict"]["0.weight"] + 1).numpy().tobytes()
-    at = data.find(needle)
-    assert at > 0
-    data[at + 5] ^= 0x01
-    b.write_bytes(bytes(data))
-    assert cli(a, b) == 2
-    err = capsys.readouterr().err
-    assert err.startswith(f"axs: error: {b}: checksum mismatch") and len(err.splitlines()) == 1
+    _flip_a_bit_of(b, make_checkpoint()["model_state_dict"]["0.weight"] + 1)
+    _named_as_damaged(a, b, capsys)
 
 
 # --------------------------------------------------------------------------- the guide's command

@@ -67,8 +67,15 @@ def init_world(device: torch.device) -> World:
     return World(rank=dist.get_rank(), size=dist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
 
 
-def shutdown(world: World) -> None:
+def shutdown(world: World, *, wait_for_all: bool = False) -> None:
+    """Leave the process group. ``wait_for_all`` (a run that ended normally): first wait until every
+    rank got here. A rank that tears its gloo connections down while another still works (rank 0
+    writing the model) can die in gloo's destructor with SIGABRT ("terminate called without an
+    active exception") after all its work was done. Not on an error path: a rank that failed
+    elsewhere would never arrive, and the others would wait for it forever."""
     if world.distributed and dist.is_initialized():
+        if wait_for_all:
+            dist.barrier()
         dist.destroy_process_group()
 
 

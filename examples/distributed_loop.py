@@ -84,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         if world.is_main:
             print(f"step {step + 1}: loss {float(total):.6f}")
+    batches.close()  # before the process group goes: a batch stream left open is closed at interpreter exit
     loader.close()
     if world.is_main:
         buffer = io.BytesIO()
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
         out.mkdir(parents=True, exist_ok=True)
         (out / "model.pt").write_bytes(buffer.getvalue())
         print(f"{out / 'model.pt'}: sha256 {hashlib.sha256(buffer.getvalue()).hexdigest()}")
-    shutdown(world)
+    shutdown(world, wait_for_all=True)  # rank 0 may still be writing: leave together
     return 0
 
 

@@ -53,6 +53,7 @@ import io
 import json
 import logging
 import os
+import re
 import sys
 import time
 from numbers import Real
@@ -350,6 +351,9 @@ class TensorBoardLogger:
 # --------------------------------------------------------------------------- run ids kept for a resume
 
 
+PLAIN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_-]{0,127}")  # what MLflow and W&B ids look like
+
+
 class RunIds:
     """``<run>/loggers.json``: the MLflow and W&B run ids of this run directory, so a resume continues them."""
 
@@ -376,6 +380,16 @@ class RunIds:
         entry = self.data.get(name)
         return entry if isinstance(entry, dict) else {}
 
+    def run_id(self, name: str, key: str) -> str | None:
+        """The stored id of logger ``name``, when it is a plain id: both libraries build file and
+        folder names from it, so ``../x`` or ``/abs`` in an edited file must never reach them."""
+        value = self.get(name).get(key)
+        if isinstance(value, str) and PLAIN_ID.fullmatch(value):
+            return value
+        if value is not None:
+            log.warning("%s: %s id %r is not a plain id; %s starts a new run", self.path, LABELS[name], value, LABELS[name])
+        return None
+
     def set(self, name: str, entry: dict) -> None:
         from axs_lib.atomic import atomic_write_text
 
@@ -397,7 +411,7 @@ class MLflowLogger:
         if local_mlflow_store() and not os.environ.get("MLFLOW_ALLOW_FILE_STORE"):
             os.environ["MLFLOW_ALLOW_FILE_STORE"] = "true"  # MLflow 3: the file store is opt-in; a user's value wins
         self.client = client = MlflowClient(tracking_uri=uri)
-        self.run_id = self._continued(ids.get("mlflow"), uri)
+        self.run_id = self._continued(ids, uri)
         logged_params: dict[str, str] = {}
         if self.run_id is None:
             experiment_name = os.environ.get("MLFLOW_EXPERIMENT_NAME") or project
@@ -418,9 +432,10 @@ class MLflowLogger:
         for i in range(0, len(fresh), 100):  # log_batch takes at most 100 params
             client.log_batch(self.run_id, params=fresh[i:i + 100])
 
-    def _continued(self, entry: dict, uri: str) -> str | None:
-        run_id = entry.get("run_id")
-        if not isinstance(run_id, str) or entry.get("tracking_uri") != uri:
+    def _continued(self, ids: RunIds, uri: str) -> str | None:
+        entry = ids.get("mlflow")
+        run_id = ids.run_id("mlflow", "run_id")
+        if run_id is None or entry.get("tracking_uri") != uri:
             return None
         try:
             self.client.get_run(run_id)
@@ -465,8 +480,7 @@ class WandbLogger:
     def __init__(self, root: Path, params: dict, run_name: str, project: str, ids: RunIds, quiet: bool = False):
         import wandb
 
-        previous = ids.get("wandb").get("id")
-        run_id = previous if isinstance(previous, str) and previous else None
+        run_id = ids.run_id("wandb", "id")
         self.wandb = wandb
         self.run = wandb.init(project=os.environ.get("WANDB_PROJECT") or project, name=run_name, dir=str(root),
                               id=run_id, resume="allow" if run_id else None, config=params,

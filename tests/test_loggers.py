@@ -397,3 +397,26 @@ def test_killed_in_a_checkpoint_write_and_resumed_every_logger_holds_each_step_o
     client, run = mlflow_run(out)
     train = [r for r in read_csv(out / "metrics.csv")[1] if r["split"] == "train"]
     assert mlflow_points(client, run, "train/loss") == [(int(r["step"]), float(r["loss"])) for r in train]
+
+
+def test_run_ids_from_an_edited_loggers_file_never_name_a_path(tmp_path, offline, caplog):
+    """Both libraries build file and folder names from the stored ids: ``..`` or an absolute path in
+    loggers.json starts new runs (one warning each) and nothing is written outside the run."""
+    pytest.importorskip("mlflow")
+    pytest.importorskip("wandb")
+    root = tmp_path / "run"
+    root.mkdir()
+    uri = (root.resolve() / run_dir.MLRUNS).as_uri()
+    (root / run_dir.LOGGERS_JSON).write_text(json.dumps({"mlflow": {"tracking_uri": uri, "run_id": "../../escaped"},
+                                                         "wandb": {"id": str(tmp_path / "abs")}}))
+    before = {p for p in tmp_path.iterdir()}
+    with caplog.at_level(logging.WARNING, logger="axs_lib.loggers"):
+        fanout = loggers.open_loggers(root, 0, ["mlflow", "wandb"], params={"seed": 1})
+        fanout.add({"step": 1, "split": "train", "loss": 1.0})
+        fanout.close()
+    assert sum("is not a plain id" in r.getMessage() for r in caplog.records) == 2
+    ids = json.loads((root / run_dir.LOGGERS_JSON).read_text())
+    assert loggers.PLAIN_ID.fullmatch(ids["mlflow"]["run_id"]) and loggers.PLAIN_ID.fullmatch(ids["wandb"]["id"])
+    new = {p.name for p in tmp_path.iterdir()} - {p.name for p in before}
+    assert not {n for n in new if not n.startswith("wandb-")}  # only wandb's own config and cache (the fixture's)
+    assert not (tmp_path / "escaped").exists() and not (tmp_path / "abs").exists()

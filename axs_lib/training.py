@@ -55,7 +55,7 @@ from tqdm import tqdm
 
 from axs_lib import run_dir
 from axs_lib.distributed import GradientTree, MicroBatchPlan, PlanError, World, any_rank, init_world, main_first, shutdown
-from axs_lib.errors import EXIT_FAILURE, AxsError, UsageError
+from axs_lib.errors import EXIT_FAILURE, AxsError, CheckpointError, UsageError
 from axs_lib.loggers import check_installed, open_loggers, requested
 from axs_lib.loggers import run_files as logger_files
 from axs_lib.fingerprint.environment import diff_environments, environment_fingerprint, environment_report, portable_fingerprint
@@ -249,8 +249,6 @@ def check_optimizer_state(optimizer: torch.optim.Optimizer, state_dict: Any, pat
     (a crafted or foreign file with a valid checksum) would only fail inside the first step, as a
     traceback, after the run directory is opened. Every per-parameter tensor of more than one
     element must have its parameter's shape (AdamW's moments, SGD's momentum)."""
-    from axs_lib.errors import CheckpointError
-
     try:
         if state_dict is not None:
             optimizer.load_state_dict(state_dict)

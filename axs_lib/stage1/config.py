@@ -41,6 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from axs_lib.errors import InputError, UsageError
+from axs_lib.run_dir import diff_fields  # the one field comparison: bounded lines, crafted values safe
 
 DEFAULT_SEED = 42
 DEFAULT_SPLIT_SEED = 0  # fixed, so runs that differ only in --seed share their train/val tiles
@@ -478,9 +479,7 @@ def diff_result_fields(stored: dict[str, Any], current: dict[str, Any]) -> list[
     A key that an older checkpoint lacks counts as the value such checkpoints implicitly had
     (`IMPLICIT_IN_OLDER_CHECKPOINTS`), so adding an option does not strand every earlier run.
     """
-    stored = {**{k: v for k, v in IMPLICIT_IN_OLDER_CHECKPOINTS.items() if k in current}, **stored}
-    keys = sorted(set(stored) | set(current))
-    return [f"{k}: checkpoint {stored.get(k)!r}, now {current.get(k)!r}" for k in keys if stored.get(k) != current.get(k)]
+    return diff_fields({**{k: v for k, v in IMPLICIT_IN_OLDER_CHECKPOINTS.items() if k in current}, **stored}, current)
 
 
 # --------------------------------------------------------------------------- writing the config

@@ -52,7 +52,6 @@ from axs_lib.loader import ResumableLoader
 from axs_lib.reproducibility import derive_seed, seed_globals
 from axs_lib.run_dir import LOSS_PLOT, PLOTS, SPLIT_JSON, sample_image
 from axs_lib.sampling import ResumableSampler
-from axs_lib.signals import EXIT_CODES
 from axs_lib.split import leave_out_flagged, make_split
 from axs_lib.stage1.config import TrainConfig, config_warnings, diff_result_fields, resolve_auto_schedule, write_config_file
 from axs_lib.early_stopping import EarlyStopping
@@ -68,7 +67,6 @@ from axs_lib.workers import ignore_stop_signals, stop_signals_held
 __all__ = ["ResumeRequest", "RunResult", "Stage1Trainer", "check_resume", "evaluate", "lr_factor", "train_stage1"]
 
 logger = logging.getLogger(__name__)
-EXIT_INTERRUPTED = EXIT_CODES  # 128 + signal number (axs_lib.signals)
 SAMPLE_TILES = 3  # validation tiles shown in samples/step_<N>.png
 
 

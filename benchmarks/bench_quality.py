@@ -210,7 +210,7 @@ def train_unet(train_dir: Path, out: Path, args, seed: int | None = None) -> Pat
     seed = args.seed if seed is None else seed
     explicit = {"data_dir": str(train_dir), "output_dir": str(out), "seed": seed, "split_source": "sidecar",
                 "plots": False, "tensorboard": False, "quiet": True, "checkpoint_every": 10**9}
-    for name in ("steps", "width", "batch_size", "lr", "ssim_weight", "head", "dropout", "l1_weight", "weight_decay",
+    for name in ("steps", "width", "batch_size", "lr", "ssim_weight", "head", "block", "dropout", "l1_weight", "weight_decay",
                  "warmup_steps"):
         if getattr(args, name, None) is not None:
             explicit[name] = getattr(args, name)
@@ -279,6 +279,7 @@ def parse_args(argv=None):
     p.add_argument("--weight-decay", type=float)
     p.add_argument("--warmup-steps", type=int)
     p.add_argument("--head", choices=("linear", "sigmoid"))
+    p.add_argument("--block", choices=("residual", "groupnorm"))
     p.add_argument("--mlp-steps", type=int, default=MLP_STEPS)
     p.add_argument("--json", type=Path, help="also write the results here")
     args = p.parse_args(argv)

@@ -23,8 +23,19 @@ one or more of these, joined by commas:
   of that log over the training pixels;
 * ``gain<S>``: per-tile SAR radiometric augmentation: N(0, S dB) added to VV and VH alike and a
   further N(0, S/2 dB) to VH alone, drawn from ``derive_seed(seed, "gain", epoch, index)``;
-* ``wd<X>``, ``w<N>``, ``bs<N>``, ``drop<X>``: the trainer's ``--weight-decay``, ``--width``,
-  ``--batch-size``, ``--dropout``.
+* ``wd<X>``, ``w<N>``, ``bs<N>``, ``drop<X>``, ``lr<X>``, ``steps<N>``: the trainer's
+  ``--weight-decay``, ``--width``, ``--batch-size``, ``--dropout``, ``--lr``, ``--steps``;
+* ``groupnorm``: the trainer's ``--block groupnorm`` (the blocks before the residual shortcut);
+* ``norm<kind>``: the GroupNorm blocks with their normalisation replaced: ``none`` (convolutions with
+  bias, nothing normalised), ``first`` (no normalisation in the first block only), ``ln`` (LayerNorm
+  over the channels of each pixel);
+* ``l2mix<W>``: the loss ``|e| + W e^2`` on the standardised error ``e`` of each band;
+* ``crop<N>``: training samples cropped to N x N at an offset drawn per (epoch, tile).
+
+``--split cv<k>`` (k = 0, 1, 2) is cross-validation over the *training* scenes: a training scene's
+fold is ``sha256(CV_SALT + scene) % 3``; fold k is evaluated and the other two train, and the test
+scenes take no part. Three folds of 8, 8 and 9 tiles evaluate every training tile once, where the
+validation mode evaluates 7 tiles of two scenes, so a choice made on them rests on every training place.
 
 EMA (`WeightAverage`): after every optimizer step, ``avg += (w - avg) * (1 - d) / (1 - d**t)`` for
 step t = 1, 2, ...: the bias-corrected average (as Adam's moments), so the untrained starting
@@ -48,9 +59,12 @@ import torch
 
 from benchmarks import bench_quality as bq
 
-EMA_DECAYS = (0.99, 0.995, 0.998, 0.999)
+EMA_DECAYS = (0.99, 0.995, 0.998, 0.999, 0.9995, 0.9998)
 LOG_EPS = 0.01  # reflectance 100: the log's offset, so water (reflectance near 0) stays finite
-TRAINER_OPTIONS = (("wd", "weight_decay", float), ("w", "width", int), ("bs", "batch_size", int), ("drop", "dropout", float))
+TRAINER_OPTIONS = (("wd", "weight_decay", float), ("w", "width", int), ("bs", "batch_size", int), ("drop", "dropout", float),
+                   ("lr", "lr", float), ("steps", "steps", int))
+CV_FOLDS = 3
+CV_SALT = "cv11:"  # the first salt (of cv0: .. cv39:) that splits the 25 training tiles 8 / 8 / 9
 
 
 class WeightAverage:
@@ -107,6 +121,27 @@ def install(parts: list[str], train_paths, holder: dict) -> None:
             log_pred = torch.log(pred.clamp_min(-LOG_EPS + 1e-3) + LOG_EPS)
             return l1_weight * masked_l1(log_pred / log_std, torch.log(target + LOG_EPS) / log_std, mask)
         train.stage1_loss = log_loss
+    depth = [p for p in parts if p.startswith("depth")]
+    if depth:
+        import axs_lib.stage1.model as model_module
+        model_module.DEPTH = int(depth[0][len("depth"):])
+        model_module.STRIDE = 2**model_module.DEPTH
+    norms = [p for p in parts if p.startswith("norm")]
+    if norms:
+        _install_norm(norms[0][len("norm"):])
+    mixes = [p for p in parts if p.startswith("l2mix")]
+    if mixes:
+        weight = float(mixes[0][len("l2mix"):])
+
+        def mix_loss(pred, target, mask, l1_weight=1.0, ssim_weight=0.0, band_scale=None):
+            scale = band_scale.to(pred.dtype).reshape(1, -1, 1, 1)
+            err = (pred - target) / scale
+            count = (mask.sum() * pred.shape[1]).clamp_min(1.0)
+            return ((err.abs() + weight * err**2) * mask).sum() / count
+        train.stage1_loss = mix_loss
+    crops = [p for p in parts if p.startswith("crop")]
+    if crops:
+        _install_crop(data, train, int(crops[0][len("crop"):]))
     gains = [p for p in parts if p.startswith("gain")]
     if gains:
         _install_gain(data, train, float(gains[0][len("gain"):]))
@@ -150,8 +185,71 @@ def _install_gain(data, train, sigma: float) -> None:
     data.TileDataset.__getitem__ = getitem
 
 
+def _install_norm(kind: str) -> None:
+    """The U-Net's blocks with another normalisation: ``none`` (convolutions with bias, no norm),
+    ``first`` (no norm in the first block only: GroupNorm there removes each tile's mean backscatter),
+    ``ln`` (per-pixel LayerNorm over channels)."""
+    import axs_lib.stage1.model as model_module
+    from torch import nn
+
+    class ChannelNorm(nn.Module):
+        def __init__(self, channels):
+            super().__init__()
+            self.norm = nn.LayerNorm(channels)
+
+        def forward(self, x):
+            return self.norm(x.movedim(1, -1)).movedim(-1, 1)
+
+    original = model_module._block
+
+    def block(cin, cout):
+        use_plain = kind == "none" or (kind == "first" and cin == model_module.IN_CHANNELS)
+        if kind == "ln":
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1, bias=False), ChannelNorm(cout), nn.SiLU(),
+                                 nn.Conv2d(cout, cout, 3, padding=1, bias=False), ChannelNorm(cout), nn.SiLU())
+        if use_plain:
+            return nn.Sequential(nn.Conv2d(cin, cout, 3, padding=1), nn.SiLU(), nn.Conv2d(cout, cout, 3, padding=1), nn.SiLU())
+        return original(cin, cout)
+    model_module.BLOCK_TYPES["groupnorm"] = block
+
+
+def _install_crop(data, train, size: int) -> None:
+    """Training samples cropped to ``size`` x ``size`` at an offset drawn per (epoch, tile)."""
+    original = data.TileDataset.__getitem__
+
+    def getitem(self, key):
+        out = original(self, key)
+        epoch = int(getattr(key, "epoch", -1))
+        if self.augment and epoch >= 0:
+            g = torch.Generator().manual_seed(train.derive_seed(self.seed, "crop", epoch, int(key)))
+            h, w = out["sar"].shape[-2:]
+            top = int(torch.randint(0, h - size + 1, (1,), generator=g))
+            left = int(torch.randint(0, w - size + 1, (1,), generator=g))
+            for name in ("sar", "optical", "mask"):
+                out[name] = out[name][..., top:top + size, left:left + size].contiguous()
+        return out
+    data.TileDataset.__getitem__ = getitem
+
+
+def cv_fold(stem: str) -> int:
+    """A training scene's cross-validation fold: ``sha256(CV_SALT + scene) % CV_FOLDS``."""
+    return int(bq.hashlib.sha256((CV_SALT + bq.scene_of(stem)).encode()).hexdigest(), 16) % CV_FOLDS
+
+
+def split(paths, name: str):
+    """(training tiles, evaluated tiles) for ``validation``, ``test`` or ``cv<k>`` (the training scenes
+    of fold k evaluated, the other folds trained on; the test scenes take no part)."""
+    if not name.startswith("cv"):
+        return bq.split_tiles(paths, name == "validation")
+    k = int(name[2:])
+    pool = [q for q in paths if not bq.held_out(q.stem)]
+    return [q for q in pool if cv_fold(q.stem) != k], [q for q in pool if cv_fold(q.stem) == k]
+
+
 def trainer_args(parts: list[str], seed: int) -> argparse.Namespace:
     args = argparse.Namespace(seed=seed)
+    if "groupnorm" in parts or any(p.startswith("norm") for p in parts):
+        args.block = "groupnorm"  # the earlier blocks, or (norm<kind>) those with their normalisation replaced
     for part in parts:
         for prefix, name, kind in TRAINER_OPTIONS:
             rest = part[len(prefix):]
@@ -174,7 +272,7 @@ def main(argv=None) -> list[dict]:
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality_variants", description=__doc__.split("\n\n")[0])
     p.add_argument("variant")
     p.add_argument("seed", type=int)
-    p.add_argument("--split", choices=("validation", "test"), default="validation")
+    p.add_argument("--split", choices=("validation", "test") + tuple(f"cv{k}" for k in range(CV_FOLDS)), default="validation")
     p.add_argument("--baselines", action="store_true", help="also the constant median and the pixel MLP")
     p.add_argument("--out", type=Path, default=Path("quality_variants.jsonl"))
     a = p.parse_args(argv)
@@ -185,13 +283,15 @@ def main(argv=None) -> list[dict]:
         work = Path(tmp)
         write_demo_tiles(work / "demo")
         paths = bq.gather_tiles([work / "demo"] + ([bq.BENV1] if bq.BENV1.is_dir() else []))
-        train_paths, tests = bq.split_tiles(paths, a.split == "validation")
+        train_paths, tests = split(paths, a.split)
         train_clear = [q for q in train_paths if not bq.flagged(q)]
         sets = {"clear": [q for q in tests if bq.clear(q)], "all": tests}
         if a.baselines:
             for name, fit in (("median", bq.fit_median(train_clear)), ("pixel MLP", bq.fit_pixel_mlp(train_clear))):
                 rows += [{"variant": name, "weights": "", "seed": 0, "split": a.split, "set": s,
-                          **summary(bq.evaluate_pixel_model(fit, tiles))} for s, tiles in sets.items()]
+                          **summary(bq.evaluate_pixel_model(fit, tiles)),
+                          "per_tile": {q.stem: bq.evaluate_pixel_model(fit, [q])["overall"]["mae"] for q in tiles}}
+                         for s, tiles in sets.items()]
         holder: dict = {}
         install(parts, train_clear, holder)
         ckpt = bq.train_unet(bq.materialise_train_dir(train_paths, work / "train"), work / "run", trainer_args(parts, a.seed))
@@ -201,7 +301,9 @@ def main(argv=None) -> list[dict]:
             if state is not None:
                 model.load_state_dict(state)
             rows += [{"variant": a.variant, "weights": label, "seed": a.seed, "split": a.split, "set": s,
-                      **summary(evaluate_model(model, tiles))} for s, tiles in sets.items()]
+                      **summary(evaluate_model(model, tiles)),
+                      "per_tile": {q.stem: evaluate_model(model, [q])["overall"]["mae"] for q in tiles}}
+                     for s, tiles in sets.items() if s == "clear" or label == "final"]
     with a.out.open("a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     for r in rows:

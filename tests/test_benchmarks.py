@@ -198,6 +198,7 @@ def test_quality_variants_pass_trainer_options_by_prefix():
 
     args = trainer_args(["median", "wd0.5", "w8", "bs6", "drop0.1", "gain1"], seed=7)
     assert vars(args) == {"seed": 7, "weight_decay": 0.5, "width": 8, "batch_size": 6, "dropout": 0.1}
+    assert vars(trainer_args(["groupnorm", "steps250"], seed=1)) == {"seed": 1, "block": "groupnorm", "steps": 250}
 
 
 def test_quality_variants_hook_into_the_step_the_trainer_runs(synth_tiles, tmp_path, monkeypatch):

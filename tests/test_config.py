@@ -405,3 +405,11 @@ def test_the_resume_rule_keeps_what_was_given_and_takes_the_rest_from_the_checkp
     assert resumed.output_dir == str(tmp_path / "run") and resumed.data_dir == "tiles"
     fresh = request.fresh()  # no run.json to read: the default micro-batch size
     assert (fresh.width, fresh.batch_size * fresh.accum_steps) == (build_config({}).width, 12)
+
+
+def test_checkpoints_older_than_the_residual_blocks_count_as_groupnorm_blocks():
+    current = build_config({"block": "groupnorm"}).result_fields()
+    stored = {k: v for k, v in current.items() if k != "block"}
+    assert diff_result_fields(stored, current) == []
+    assert any(line.startswith("block:") for line in diff_result_fields(stored, build_config({}).result_fields()))
+    assert build_config({}, base=stored).block == "groupnorm"

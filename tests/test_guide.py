@@ -450,7 +450,7 @@ TREATMENTS: dict[str, Treatment] = {
         "The second ('Bad') command, as written, reuses runs/exp1/: our trainer refuses a used output directory "
         "(exit 2, nothing touched) and still prints the missing-seed notice.",
         subs=(Sub("--output-dir runs/exp1/ --seed 42", f"--output-dir runs/exp1/ --seed 42 --steps {FAST_STEPS}",
-                  "the default is 1000 steps; two steps are enough to write a checkpoint", fast=True),),
+                  "the default is 45 passes over the training tiles (at least 200 steps); two steps are enough to write a checkpoint", fast=True),),
         exit_codes=(0, 2), check=check_bad_command_refused),
     "Best Practices > 2. Document Seed in Experiments [1]": Treatment("text", "A directory layout, not code."),
     "Best Practices > 3. Validate Before Comparing [1]": Treatment(

@@ -146,12 +146,13 @@ def test_evaluate_split_without_such_tiles_is_one_line(ckpt, synth_tiles, capsys
 def test_a_checkpoint_of_the_earlier_sigmoid_model_still_loads_and_predicts(ckpt, demo_tiles, tmp_path):
     old = load_checkpoint(ckpt)
     torch.manual_seed(0)
-    sigmoid = UNet(width=8, dropout=0.1, head="sigmoid", output_bias=(0.05, 0.08, 0.07, 0.3))
+    sigmoid = UNet(width=8, dropout=0.1, head="sigmoid", output_bias=(0.05, 0.08, 0.07, 0.3), block="groupnorm")
     old["model_state_dict"] = sigmoid.state_dict()
-    old["config"] = {k: v for k, v in old["config"].items() if k not in ("head", "clear_sky")}  # as written before
+    old["config"] = {k: v for k, v in old["config"].items() if k not in ("head", "clear_sky", "block")}  # as written before
     save_checkpoint(old, tmp_path / "old.pt")
     model, _ = load_model(tmp_path / "old.pt")
     assert model.head_kind == "sigmoid"
+    assert not any(".shortcut." in name for name in model.state_dict())  # the GroupNorm blocks it was trained with
     result = evaluate_checkpoint(tmp_path / "old.pt", list_tiles(demo_tiles)[:1])
     assert 0 < result["overall"]["mae"] < 10000
 

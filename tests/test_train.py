@@ -348,17 +348,17 @@ def test_plots_samples_and_tensorboard_events_are_written(demo_tiles, tmp_path):
 
 
 def test_a_run_from_before_the_linear_head_resumes_as_it_was_trained(demo_tiles, tmp_path):
-    """Its checkpoints' configs have no ``head`` or ``clear_sky``: a resume without flags keeps the
-    sigmoid head and every tile, and ends byte-identical to the run that never stopped."""
+    """Its checkpoints' configs have no ``head``, ``clear_sky`` or ``block``: a resume without flags keeps
+    the sigmoid head, every tile and the GroupNorm blocks, and ends byte-identical to the run that never stopped."""
     from axs_lib.checkpoint import save_checkpoint
 
-    old = ("--head", "sigmoid", "--keep-flagged")
+    old = ("--head", "sigmoid", "--keep-flagged", "--block", "groupnorm")
     whole, cut = tmp_path / "whole", tmp_path / "cut"
     assert train(*args(demo_tiles, whole, *old, steps=4)) == 0
     assert train(*args(demo_tiles, cut, *old, steps=4)) == 0
     step2 = cut / "checkpoints" / "checkpoint_step_2.pt"
     ckpt = load_checkpoint(step2)
-    ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in ("head", "clear_sky")}
+    ckpt["config"] = {k: v for k, v in ckpt["config"].items() if k not in ("head", "clear_sky", "block")}
     save_checkpoint(ckpt, step2)  # as the earlier version wrote it
     for name in ("checkpoint_step_4.pt", "best.pt"):
         (cut / "checkpoints" / name).unlink(missing_ok=True)

@@ -6,7 +6,7 @@ import argparse
 import sys
 
 from axs_lib.stage1.config import (AUTO_EPOCHS, AUTO_MAX_STEPS, AUTO_MIN_STEPS, AUTO_WARMUP_FRACTION, CHECKPOINT_MODES,
-                                   DEFAULT_SPLIT_SEED, ES_METRICS, FIELD_NAMES, HEADS, MAXIMA, ON_NONFINITE, PRECISIONS,
+                                   BLOCKS, DEFAULT_SPLIT_SEED, ES_METRICS, FIELD_NAMES, HEADS, MAXIMA, ON_NONFINITE, PRECISIONS,
                                    ConfigRequest, config_text, config_warnings, read_config_file)
 from axs_lib import argtypes
 from axs_lib.cli import add_debug_flag
@@ -66,7 +66,10 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
     train.add_argument("--head", choices=HEADS, default=S,
                        help="linear: bands standardised by the training targets' mean and std, each band weighing the "
                             "same in the loss (default); sigmoid: the earlier [0, 1] output")
-    train.add_argument("--dropout", type=argtypes.finite_number, default=S, help="bottleneck dropout (default 0.1)")
+    train.add_argument("--block", choices=BLOCKS, default=S,
+                       help="residual: GroupNorm blocks with an unnormalised 1x1 shortcut that keeps each tile's "
+                            "backscatter level (default); groupnorm: the earlier blocks without it")
+    train.add_argument("--dropout", type=argtypes.finite_number, default=S, help="bottleneck dropout (default 0: off)")
     train.add_argument("--l1-weight", type=argtypes.finite_number, default=S, help="weight of the masked L1 loss (default 1.0)")
     train.add_argument("--ssim-weight", type=argtypes.finite_number, default=S, help="weight of 1 - SSIM in the loss (default 0: off)")
     train.add_argument("--precision", choices=PRECISIONS, default=S,

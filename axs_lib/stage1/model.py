@@ -63,6 +63,28 @@ def _block(cin: int, cout: int) -> nn.Sequential:
     )
 
 
+class ResidualBlock(nn.Module):
+    """`_block` plus a 1x1 convolution of the block's input, summed and not normalised again.
+
+    GroupNorm takes each tile's mean out of every feature map, so in a plain GroupNorm U-Net a
+    tile that is all -25 dB (calm water) and one that is all -10 dB (vegetation) reach the head
+    alike, and the model has to tell them apart from texture alone. The shortcut carries the
+    absolute backscatter level past every normalisation to the head.
+    """
+
+    def __init__(self, cin: int, cout: int):
+        super().__init__()
+        self.body = _block(cin, cout)
+        self.shortcut = nn.Conv2d(cin, cout, 1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x) + self.shortcut(x)
+
+
+BLOCK_TYPES = {"residual": ResidualBlock, "groupnorm": _block}
+BLOCKS = tuple(BLOCK_TYPES)
+
+
 class UNet(nn.Module):
     """U-Net of ``width`` base channels (doubling per level) with dropout at the bottleneck.
 
@@ -71,18 +93,22 @@ class UNet(nn.Module):
     """
 
     def __init__(self, width: int = 16, dropout: float = 0.1, output_bias: Sequence[float] | None = None,
-                 head: str = "linear", target_stats: tuple[Sequence[float], Sequence[float]] | None = None):
+                 head: str = "linear", target_stats: tuple[Sequence[float], Sequence[float]] | None = None,
+                 block: str = "residual"):
         super().__init__()
         if width < 1:
             raise ValueError(f"width must be >= 1, got {width}")
         if head not in HEADS:
             raise ValueError(f"head must be one of {HEADS}, got {head!r}")
+        if block not in BLOCK_TYPES:
+            raise ValueError(f"block must be one of {BLOCKS}, got {block!r}")
         self.head_kind = head
+        make = BLOCK_TYPES[block]
         widths = [width * 2**i for i in range(DEPTH + 1)]
-        self.down = nn.ModuleList([_block(IN_CHANNELS, widths[0])] + [_block(widths[i], widths[i + 1]) for i in range(DEPTH)])
+        self.down = nn.ModuleList([make(IN_CHANNELS, widths[0])] + [make(widths[i], widths[i + 1]) for i in range(DEPTH)])
         self.dropout = nn.Dropout2d(dropout)
         self.up = nn.ModuleList([nn.ConvTranspose2d(widths[i + 1], widths[i], 2, stride=2) for i in reversed(range(DEPTH))])
-        self.merge = nn.ModuleList([_block(2 * widths[i], widths[i]) for i in reversed(range(DEPTH))])
+        self.merge = nn.ModuleList([make(2 * widths[i], widths[i]) for i in reversed(range(DEPTH))])
         self.head = nn.Conv2d(widths[0], OUT_CHANNELS, 1)
         if head == "linear":
             # buffers, not parameters: in the state dict (so in every checkpoint), never trained

@@ -55,7 +55,7 @@ def load_model(checkpoint: os.PathLike | str, device: str | torch.device = "cpu"
     """
     from axs_lib.checkpoint import load_checkpoint
     from axs_lib.stage1.config import IMPLICIT_IN_OLDER_CHECKPOINTS
-    from axs_lib.stage1.model import HEADS, UNet
+    from axs_lib.stage1.model import BLOCKS, HEADS, UNet
 
     path = Path(checkpoint)
     device = _device(device)
@@ -64,15 +64,18 @@ def load_model(checkpoint: os.PathLike | str, device: str | torch.device = "cpu"
         raise CheckpointError(path, "has no model_state_dict: not a Stage-1 checkpoint")
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     head = config.get("head", IMPLICIT_IN_OLDER_CHECKPOINTS["head"])
+    block = config.get("block", IMPLICIT_IN_OLDER_CHECKPOINTS["block"])
     width, dropout = config.get("width", 16), config.get("dropout", 0.1)
-    if head not in HEADS or not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= 256:
-        raise CheckpointError(path, f"its config (head {head!r}, width {width!r}) is not a Stage-1 U-Net this version builds")
-    model = UNet(width=width, dropout=float(dropout), head=head)
+    if head not in HEADS or block not in BLOCKS or not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= 256:
+        raise CheckpointError(path, f"its config (head {head!r}, block {block!r}, width {width!r}) is not a Stage-1 U-Net "
+                                    "this version builds")
+    model = UNet(width=width, dropout=float(dropout), head=head, block=block)
     try:
         model.load_state_dict(ckpt["model_state_dict"])
     except (RuntimeError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(path, f"its weights do not fit a Stage-1 U-Net of width {width} with a {head} head ({first})") from None
+        raise CheckpointError(path, f"its weights do not fit a Stage-1 U-Net of width {width} with a {head} head and {block} "
+                                    f"blocks ({first})") from None
     return model.to(device).eval(), config
 
 

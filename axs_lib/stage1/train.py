@@ -143,7 +143,7 @@ def _check_state_shapes(ckpt: dict, path: Path, config: TrainConfig) -> None:
     sampler_state = ckpt["sampler_state"]
     if not all(isinstance(sampler_state.get(k), int) and sampler_state[k] >= 0 for k in ("epoch", "position")):
         raise CheckpointError(path, f"sampler_state {sampler_state!r} is not an (epoch, position) pair")
-    model = UNet(width=config.width, dropout=config.dropout, head=config.head)
+    model = UNet(width=config.width, dropout=config.dropout, head=config.head, block=config.block)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     stored = ckpt.get("model_state_dict")
     if not isinstance(stored, dict):
@@ -151,7 +151,7 @@ def _check_state_shapes(ckpt: dict, path: Path, config: TrainConfig) -> None:
     got = {k: tuple(v.shape) for k, v in stored.items() if isinstance(v, torch.Tensor)}
     if got != expected:
         diff = sorted(set(got) ^ set(expected)) or [k for k in expected if got.get(k) != expected[k]]
-        raise CheckpointError(path, f"its model does not fit a Stage-1 U-Net of width {config.width} with a {config.head} head "
+        raise CheckpointError(path, f"its model does not fit a Stage-1 U-Net of width {config.width} with a {config.head} head and {config.block} blocks "
                                     f"(first difference: {diff[0]})")
     check_optimizer_state(torch.optim.AdamW(model.parameters()), ckpt["optimizer_state_dict"], path)  # before anything is written
 
@@ -249,8 +249,10 @@ class Stage1Trainer(Trainer):
             self.output_means = band_means(self.train_set)
         seed_globals(derive_seed(config.seed, "init"))
         if config.head == "linear":
-            return UNet(width=config.width, dropout=config.dropout, head="linear", target_stats=self.target_stats).to(self.device)
-        return UNet(width=config.width, dropout=config.dropout, head="sigmoid", output_bias=self.output_means).to(self.device)
+            return UNet(width=config.width, dropout=config.dropout, head="linear", target_stats=self.target_stats,
+                        block=config.block).to(self.device)
+        return UNet(width=config.width, dropout=config.dropout, head="sigmoid", output_bias=self.output_means,
+                    block=config.block).to(self.device)
 
     def _resume_position(self, ckpt: dict) -> tuple[int, int]:
         epoch, position = int(ckpt["sampler_state"]["epoch"]), int(ckpt["sampler_state"]["position"])

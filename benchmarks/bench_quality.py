@@ -60,6 +60,7 @@ VALIDATION_MODULUS = 4
 CLEAR_B2_MAX = 2000.0  # reflectance 0.2 x 10000: median blue above it is cloud or snow
 CLOUD_SNOW_FLAGS = ("cloud_or_shadow", "seasonal_snow")
 MLP_STEPS = 3000
+ENSEMBLE = "U-Net, mean of the seeds"  # the row of the runs' averaged predictions (with --seeds)
 MLP_BATCH = 4096
 QUICK = {"steps": 6, "width": 4, "mlp_steps": 50}
 
@@ -267,8 +268,8 @@ def parse_args(argv=None):
                    help="tune mode: leave the test scenes out, hold out the validation scenes and report on them")
     p.add_argument("--seed", type=int, default=42)
     p.add_argument("--seeds", type=lambda text: [int(x) for x in text.split(",")],
-                   help="train the U-Net once per seed (e.g. 42,7,123) and report each and their spread: a single "
-                        "seed's margin over the per-pixel models can be luck")
+                   help="train the U-Net once per seed (e.g. 42,7,123) and report each, their spread, and the mean "
+                        "of their predictions: a single seed's margin over the per-pixel models can be luck")
     p.add_argument("--steps", type=int, help="U-Net steps (default: the trainer's, scaled to the training tiles)")
     p.add_argument("--width", type=int)
     p.add_argument("--batch-size", type=int)
@@ -323,6 +324,8 @@ def main(argv=None) -> dict:
             res = {m: evaluate_pixel_model(f, tiles) for m, f in fits.items()}
             for seed, ckpt in ckpts.items():
                 res[unet_name(seed, seeds)] = evaluate_checkpoint(ckpt, tiles)
+            if len(seeds) > 1:  # the mean of the runs' predictions (`axs predict CKPT CKPT ...`)
+                res[ENSEMBLE] = evaluate_checkpoint(list(ckpts.values()), tiles)
             results[name] = res
         config = torch.load(ckpts[seeds[0]], weights_only=True)["config"]
     out = {"split": "validation" if args.validation else "test", "tiles": {"train": len(train_clear), **{k: len(v) for k, v in test_sets.items()}},
@@ -330,14 +333,18 @@ def main(argv=None) -> dict:
                     "head": config["head"], "seconds": unet_seconds},
            "seeds": seeds, "results": results,
            "verdict": {k: verdict(v) for k, v in results.items()} if len(seeds) == 1 else
-                      {k: {str(seed): verdict({**v, "U-Net": v[unet_name(seed, seeds)]}) for seed in seeds} for k, v in results.items()}}
+                      {k: {**{str(seed): verdict({**v, "U-Net": v[unet_name(seed, seeds)]}) for seed in seeds},
+                           "mean": verdict({**v, "U-Net": v[ENSEMBLE]})} for k, v in results.items()}}
     print(f"U-Net: {config['steps']} steps, width {config['width']}, batch {config['batch_size']}, {config['head']} head, "
           f"{unet_seconds:.0f} s to train")
     for name, res in results.items():
         print(f"\nheld-out {out['split']} tiles: {name} ({out['tiles'][name]})\n{summary_table(res)}\n\n{band_table(res)}")
         verdicts = {seeds[0]: out["verdict"][name]} if len(seeds) == 1 else {s: out["verdict"][name][str(s)] for s in seeds}
+        if len(seeds) > 1:
+            verdicts["mean"] = out["verdict"][name]["mean"]
         for seed, v in verdicts.items():
-            print(f"{unet_name(seed, seeds)} vs best per-pixel model: MAE {v['mae_gain']:+.1%}, RMSE {v['rmse_gain']:+.1%} better; "
+            label = ENSEMBLE if seed == "mean" else unet_name(seed, seeds)
+            print(f"{label} vs best per-pixel model: MAE {v['mae_gain']:+.1%}, RMSE {v['rmse_gain']:+.1%} better; "
                   + ", ".join(f"{b} MAE x{v[f'{b}_mae_vs_median']:.2f} RMSE x{v[f'{b}_rmse_vs_median']:.2f}" for b in ("B2", "B3", "B4"))
                   + " of the median's")
         if len(seeds) > 1:

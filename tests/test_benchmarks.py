@@ -138,10 +138,12 @@ def test_bench_quality_with_several_seeds_reports_each_and_their_spread(demo_til
     results = bench_quality.main(["--quick", "--seeds", "1,2", "--data-dir", str(demo_tiles), "--data-dir",
                                   str(bench_quality.BENV1)])
     test = results["results"]["all"]
-    assert set(test) == {"median", "ridge", "pixel MLP", "U-Net seed 1", "U-Net seed 2"}
+    assert set(test) == {"median", "ridge", "pixel MLP", "U-Net seed 1", "U-Net seed 2", bench_quality.ENSEMBLE}
     assert test["U-Net seed 1"]["overall"]["mae"] != test["U-Net seed 2"]["overall"]["mae"]  # the seeds really differ
-    assert set(results["verdict"]["all"]) == {"1", "2"}
-    assert "U-Net MAE gain over 2 seeds: mean" in capsys.readouterr().out
+    assert test[bench_quality.ENSEMBLE]["overall"]["mae"] not in {test[f"U-Net seed {s}"]["overall"]["mae"] for s in (1, 2)}
+    assert set(results["verdict"]["all"]) == {"1", "2", "mean"}
+    out = capsys.readouterr().out
+    assert "U-Net MAE gain over 2 seeds: mean" in out and f"{bench_quality.ENSEMBLE} vs best per-pixel model" in out
 
 
 def test_held_out_scenes_follow_the_documented_hash_rule_and_keep_a_scene_together():

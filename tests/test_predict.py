@@ -190,3 +190,50 @@ def test_a_prediction_is_never_written_through_a_planted_link(ckpt, demo_tiles, 
     (out / f".{tile.stem}.npz.tmp").symlink_to(outside)  # the fixed temp name an earlier version used
     predict_tiles(ckpt, tiles, out)
     assert outside.read_text() == "not yours" and not (out / f"{tile.stem}.npz").is_symlink()
+
+
+@pytest.fixture(scope="module")
+def other_ckpt(stage1_reference, ckpt) -> Path:
+    """A second checkpoint of the same run (other weights): stands in for a run of another seed."""
+    return next(p for p in sorted((stage1_reference / "checkpoints").glob("checkpoint_step_*.pt")) if p != ckpt)
+
+
+def test_several_checkpoints_predict_the_mean_of_their_predictions(ckpt, other_ckpt, demo_tiles, tmp_path):
+    from axs_lib.stage1.predict import predict_array
+
+    tile = list_tiles(demo_tiles)[0]
+    a, b = (predict_array(load_model(p)[0], tile) for p in (ckpt, other_ckpt))
+    assert not np.allclose(a, b)  # the control: the members do differ
+    written = predict_tiles([ckpt, other_ckpt], demo_tiles, tmp_path / "mean")
+    with rasterio.open(written[0]) as src:
+        assert np.allclose(src.read(), (a + b) / 2, rtol=1e-5, atol=1e-2)
+    again = predict_tiles([ckpt, other_ckpt], demo_tiles, tmp_path / "again")
+    assert all(x.read_bytes() == y.read_bytes() for x, y in zip(written, again))
+
+
+def test_evaluate_several_checkpoints_names_them_and_matches_the_library(ckpt, other_ckpt, demo_tiles, capsys):
+    code, stdout, _ = _run(capsys, "evaluate", str(ckpt), str(other_ckpt), "--data-dir", str(demo_tiles))
+    assert code == 0 and "the mean of 2 checkpoints on 6 tiles" in stdout
+    code, stdout, _ = _run(capsys, "evaluate", str(ckpt), str(other_ckpt), "--data-dir", str(demo_tiles), "--json")
+    result = json.loads(stdout)
+    assert result["checkpoints"] == [str(ckpt), str(other_ckpt)] and "checkpoint" not in result
+    mean = evaluate_checkpoint([ckpt, other_ckpt], list_tiles(demo_tiles))
+    assert result["overall"] == pytest.approx(mean["overall"])
+    assert mean["overall"]["mae"] != pytest.approx(evaluate_checkpoint(ckpt, list_tiles(demo_tiles))["overall"]["mae"])
+
+
+def test_the_same_checkpoint_twice_is_one_line_and_writes_nothing(ckpt, demo_tiles, tmp_path, capsys):
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "predict", str(ckpt), str(ckpt), "--data-dir", str(demo_tiles), "--output-dir", str(out))
+    assert code == 2
+    _one_error_line(err, ckpt.name, "given twice")
+    assert not out.exists()
+
+
+def test_a_bad_second_checkpoint_is_refused_by_name_before_any_output(ckpt, demo_tiles, tmp_path, capsys):
+    bad, out = tmp_path / "bad.pt", tmp_path / "out"
+    save_checkpoint({"step": 1}, bad)
+    code, _, err = _run(capsys, "predict", str(ckpt), str(bad), "--data-dir", str(demo_tiles), "--output-dir", str(out))
+    assert code == 2
+    _one_error_line(err, "bad.pt", "not a Stage-1 checkpoint")
+    assert not out.exists()

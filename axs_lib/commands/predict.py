@@ -11,10 +11,12 @@ from axs_lib.errors import EXIT_OK
 EPILOG = """examples:
   axs predict runs/exp1/checkpoints/best.pt --data-dir tiles/ --output-dir predictions/
   axs predict runs/exp1/checkpoints/checkpoint_step_100.pt --data-dir tiles/ --output-dir out/ --split test --overwrite
+  axs predict runs/seed42/checkpoints/best.pt runs/seed7/checkpoints/best.pt --data-dir tiles/ --output-dir mean/
 
 Each tile <stem> gives <stem>.tif (B2, B3, B4, B8 as float32 reflectance x 10000, with the CRS and
 bounds of the tile's sidecar) or, without them in the sidecar, <stem>.npz (s2_b2 .. s2_b8).
-Two predictions from one checkpoint are byte-identical. Every input is checked before the output
+Two predictions from the same checkpoints are byte-identical; with several checkpoints each tile
+gets the mean of their predictions. Every input is checked before the output
 folder is created; existing outputs are refused unless --overwrite, which replaces only them.
 """
 
@@ -24,7 +26,9 @@ def register(sub: argparse._SubParsersAction) -> None:
                        description="Predict Sentinel-2 B2, B3, B4, B8 from the SAR of every tile with a trained "
                                    "Stage-1 checkpoint, one GeoTIFF (or NPZ) per tile.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("checkpoint", metavar="CKPT", help="a Stage-1 trainer checkpoint (checkpoint_step_N.pt or best.pt)")
+    p.add_argument("checkpoint", metavar="CKPT", nargs="+",
+                   help="a Stage-1 trainer checkpoint (checkpoint_step_N.pt or best.pt); several: their predictions "
+                        "are averaged (runs of other seeds)")
     p.add_argument("--data-dir", required=True, help="directory of <stem>.npz tiles")
     p.add_argument("--output-dir", required=True, help="where the predictions go (created when missing)")
     p.add_argument("--split", choices=("train", "val", "test"), help="only the tiles whose sidecar has this split")

@@ -4,7 +4,8 @@
 its config describes: the ``linear`` head with its target statistics, or the ``sigmoid`` head of
 checkpoints written before it (their config has no ``head``). `evaluate_checkpoint` runs it over
 tiles and returns `axs_lib.stage1.metrics.QualityMetrics` (what ``axs evaluate`` prints);
-`predict_tiles` writes one file per tile (what ``axs predict`` does).
+`predict_tiles` writes one file per tile (what ``axs predict`` does). Both take one checkpoint or
+several, whose predictions are averaged (`MeanOfModels`: runs of other seeds, for example).
 
 Outputs of `predict_tiles`, per input tile ``<stem>``:
 
@@ -79,6 +80,45 @@ def load_model(checkpoint: os.PathLike | str, device: str | torch.device = "cpu"
     return model.to(device).eval(), config
 
 
+class MeanOfModels(torch.nn.Module):
+    """The mean of several models' predictions (each in eval mode), summed in the order given.
+
+    Runs of one configuration under other seeds each land in their own minimum; on places none
+    of them saw, a single run can take a whole tile for water or for land by chance, where their
+    mean hedges (benchmarks/README.md). The sum is float32 in a fixed order, so the result is
+    as deterministic as each model's.
+    """
+
+    def __init__(self, models: list[torch.nn.Module]):
+        super().__init__()
+        self.members = torch.nn.ModuleList(models)
+
+    def forward(self, sar: torch.Tensor) -> torch.Tensor:
+        total = self.members[0](sar)
+        for member in self.members[1:]:
+            total = total + member(sar)
+        return total / len(self.members)
+
+
+Checkpoints = os.PathLike | str | list[os.PathLike | str] | tuple[os.PathLike | str, ...]
+
+
+def load_predictor(checkpoints: Checkpoints, device: str | torch.device = "cpu") -> torch.nn.Module:
+    """The model of one checkpoint, or `MeanOfModels` of several (each loaded and checked as by
+    `load_model`; the same file twice is refused)."""
+    paths = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
+    if not paths:
+        raise UsageError("no checkpoint given")
+    seen: dict[Path, str] = {}
+    for path in paths:
+        key = Path(path).resolve()
+        if key in seen:
+            raise UsageError(f"{path}: given twice (as {seen[key]} too): each checkpoint counts once in the mean")
+        seen[key] = str(path)
+    models = [load_model(path, device)[0] for path in paths]
+    return models[0] if len(models) == 1 else MeanOfModels(models).eval()
+
+
 def _device(name: str | torch.device) -> torch.device:
     if str(name).startswith("cuda") and not torch.cuda.is_available():
         raise UsageError(f"--device {name}: CUDA is not available on this machine")
@@ -113,10 +153,11 @@ def _sample(path: Path) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return sample["sar"][None], sample["optical"][None], sample["mask"][None]
 
 
-def evaluate_checkpoint(checkpoint: os.PathLike | str, tiles: Iterable[os.PathLike | str], device: str = "cpu",
+def evaluate_checkpoint(checkpoint: Checkpoints, tiles: Iterable[os.PathLike | str], device: str = "cpu",
                         progress: bool = False) -> dict:
-    """`QualityMetrics` of the checkpoint's model over ``tiles`` (per band and overall)."""
-    model, _ = load_model(checkpoint, device)
+    """`QualityMetrics` of the checkpoint's model (or the mean of several, `load_predictor`) over
+    ``tiles`` (per band and overall)."""
+    model = load_predictor(checkpoint, device)
     return evaluate_model(model, tiles, device, progress)
 
 
@@ -194,10 +235,11 @@ def plan_outputs(tiles: list[Path], output_dir: Path) -> list[tuple[Path, Path, 
     return plan
 
 
-def predict_tiles(checkpoint: os.PathLike | str, data_dir: os.PathLike | str, output_dir: os.PathLike | str, *,
+def predict_tiles(checkpoint: Checkpoints, data_dir: os.PathLike | str, output_dir: os.PathLike | str, *,
                   overwrite: bool = False, split: str | None = None, device: str = "cpu", progress: bool = False) -> list[Path]:
     """Write one prediction file per tile of ``data_dir`` into ``output_dir``; return the files written.
 
+    ``checkpoint`` is one checkpoint, or several whose predictions are averaged (`load_predictor`).
     Every input is checked first (see the module docstring); then the folder is created and each
     file written atomically. With ``overwrite`` only the files of this prediction are replaced.
     """
@@ -206,7 +248,7 @@ def predict_tiles(checkpoint: os.PathLike | str, data_dir: os.PathLike | str, ou
     from axs_lib.reproducibility import set_seed
 
     output_dir = Path(output_dir)
-    model, _ = load_model(checkpoint, device)
+    model = load_predictor(checkpoint, device)
     tiles = select_tiles(data_dir, split)
     _check(tiles)
     if output_dir.exists() and not output_dir.is_dir():

@@ -9,7 +9,8 @@ The variants replace trainer internals by assignment (``axs_lib.stage1.train.sta
 ``band_stats``, ``Stage1Trainer.train_step``, ``TileDataset.__getitem__``): a prototype, to be
 measured before anything moves into the trainer, and tied to the trainer's current names.
 
-``python -m benchmarks.quality_variants VARIANT SEED [--baselines] [--out FILE.jsonl]``; VARIANT is
+``python -m benchmarks.quality_variants VARIANT SEED[,SEED...] [--baselines] [--out FILE.jsonl]``
+(with several seeds, the mean of their final models' predictions is scored as weights ``mean``); VARIANT is
 one or more of these, joined by commas:
 
 * ``default``: nothing switched (the linear head centred on each band's training mean);
@@ -267,11 +268,12 @@ def summary(result: dict) -> dict:
 
 def main(argv=None) -> list[dict]:
     from axs_lib.ingest import write_demo_tiles
-    from axs_lib.stage1.predict import evaluate_model, load_model
+    from axs_lib.stage1.predict import evaluate_model, load_model, load_predictor
 
     p = argparse.ArgumentParser(prog="python -m benchmarks.quality_variants", description=__doc__.split("\n\n")[0])
     p.add_argument("variant")
-    p.add_argument("seed", type=int)
+    p.add_argument("seed", type=lambda text: [int(x) for x in text.split(",")],
+                   help="a seed, or several (42,7,123): each trains, and the mean of their predictions is scored too")
     p.add_argument("--split", choices=("validation", "test") + tuple(f"cv{k}" for k in range(CV_FOLDS)), default="validation")
     p.add_argument("--baselines", action="store_true", help="also the constant median and the pixel MLP")
     p.add_argument("--out", type=Path, default=Path("quality_variants.jsonl"))
@@ -294,21 +296,29 @@ def main(argv=None) -> list[dict]:
                          for s, tiles in sets.items()]
         holder: dict = {}
         install(parts, train_clear, holder)
-        ckpt = bq.train_unet(bq.materialise_train_dir(train_paths, work / "train"), work / "run", trainer_args(parts, a.seed))
-        model, _ = load_model(ckpt)
-        weights = {"final": None, **{f"ema{d}": holder["ema"].state_dict(holder["model"], d) for d in EMA_DECAYS}}
-        for label, state in weights.items():
-            if state is not None:
-                model.load_state_dict(state)
-            rows += [{"variant": a.variant, "weights": label, "seed": a.seed, "split": a.split, "set": s,
-                      **summary(evaluate_model(model, tiles)),
-                      "per_tile": {q.stem: evaluate_model(model, [q])["overall"]["mae"] for q in tiles}}
-                     for s, tiles in sets.items() if s == "clear" or label == "final"]
+        train_dir = bq.materialise_train_dir(train_paths, work / "train")
+        ckpts = []
+        for seed in a.seed:
+            holder.clear()  # this seed's weight averages
+            ckpts.append(bq.train_unet(train_dir, work / f"run_{seed}", trainer_args(parts, seed)))
+            model, _ = load_model(ckpts[-1])
+            weights = {"final": None, **{f"ema{d}": holder["ema"].state_dict(holder["model"], d) for d in EMA_DECAYS}}
+            for label, state in weights.items():
+                if state is not None:
+                    model.load_state_dict(state)
+                rows += [{"variant": a.variant, "weights": label, "seed": seed, "split": a.split, "set": s,
+                          **summary(evaluate_model(model, tiles)),
+                          "per_tile": {q.stem: evaluate_model(model, [q])["overall"]["mae"] for q in tiles}}
+                         for s, tiles in sets.items() if s == "clear" or label == "final"]
+        if len(ckpts) > 1:
+            mean = load_predictor(ckpts)
+            rows += [{"variant": a.variant, "weights": "mean", "seed": ",".join(map(str, a.seed)), "split": a.split,
+                      "set": s, **summary(evaluate_model(mean, tiles))} for s, tiles in sets.items()]
     with a.out.open("a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     for r in rows:
         if r["set"] == "clear":
-            print(f"{r['variant']:>12} {r['weights']:>9} seed {r['seed']:<4} MAE {r['mae']:.0f} RMSE {r['rmse']:.0f}  "
+            print(f"{r['variant']:>12} {r['weights']:>9} seed {r['seed']!s:<4} MAE {r['mae']:.0f} RMSE {r['rmse']:.0f}  "
                   + " ".join(f"{b} {r[b + '_mae']:.0f}" for b in ("B2", "B3", "B4", "B8")))
     print(f"({time.perf_counter() - started:.0f} s)")
     return rows

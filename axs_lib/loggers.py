@@ -167,8 +167,9 @@ class Loggers:
             self._call(name, "add_image", logger.add_image, tag, image, step)
 
     def close(self, status: str | None = None) -> None:
-        """Close every logger. ``status`` ``finished`` or ``failed``; by default ``failed`` while an
-        exception is propagating (a ``finally:`` after an error), else ``finished``."""
+        """Close every logger. ``status`` ``finished``, ``interrupted`` (stopped by a signal, to be
+        resumed) or ``failed``; by default ``failed`` while an exception is propagating (a
+        ``finally:`` after an error), else ``finished``."""
         if status is None:
             status = "failed" if sys.exc_info()[0] is not None else "finished"
         active, self.active = self.active, {}
@@ -464,7 +465,11 @@ class MLflowLogger:
             self.client.log_image(self.run_id, np.asarray(image), key=tag, step=step)
 
     def close(self, status: str = "finished") -> None:
-        self.client.set_terminated(self.run_id, "FINISHED" if status == "finished" else "FAILED")
+        # a run stopped by a signal is KILLED, MLflow's word for it; its resume sets it RUNNING again
+        self.client.set_terminated(self.run_id, MLFLOW_STATUS.get(status, "FAILED"))
+
+
+MLFLOW_STATUS = {"finished": "FINISHED", "interrupted": "KILLED", "failed": "FAILED"}
 
 
 def _param(value: Any) -> str:
@@ -505,4 +510,4 @@ class WandbLogger:
             self.run.log({tag: self.wandb.Image(np.asarray(image))}, step=step)
 
     def close(self, status: str = "finished") -> None:
-        self.run.finish(exit_code=0 if status == "finished" else 1)
+        self.run.finish(exit_code=1 if status == "failed" else 0)

@@ -422,7 +422,8 @@ class Trainer:
 
     def open_events(self):
         """The views of ``metrics.jsonl``: ``metrics.csv`` always, TensorBoard, MLflow and W&B as the
-        config asks (`axs_lib.loggers`)."""
+        config asks (`axs_lib.loggers`). An object of one's own needs ``add(record)`` and
+        ``close(status=None)`` (``interrupted`` after a stop signal)."""
         return open_loggers(self.output_dir, self.state.step, requested(self.config), params=self.config.to_dict(),
                             quiet=self.config.quiet)
 
@@ -683,16 +684,17 @@ class Trainer:
             self.save_run_info(status="failed", ended_at=now(), final_step=state.step)
             raise
         finally:
-            self.close()
+            self.close("interrupted" if status == "interrupted" else None)
         return self.finish(status)
 
-    def close(self) -> None:
-        """Stop the data workers and close the event log, however the run ended."""
+    def close(self, status: str | None = None) -> None:
+        """Stop the data workers and close the event log, however the run ended (``status``: what
+        the loggers are told; None: failed while an exception propagates, else finished)."""
         self.batches.close()
         self.loader.close()
         shutdown_workers(self.val_loader)
         if self.events is not None:
-            self.events.close()
+            self.events.close(status) if status is not None else self.events.close()
 
     def finish(self, status: str) -> RunResult:
         """Phase 5: the status, the best metric and the speed to ``run.json``; the result."""

@@ -135,13 +135,17 @@ def test_mlflow_gets_params_and_metrics_in_the_run_directory_and_a_resume_contin
     assert mlflow_points(client, run, "val/psnr") == [(4, 24.0), (6, 26.0)]
     assert any("samples" in a.path for a in client.list_artifacts(run.info.run_id, "images"))
 
+    fanout = loggers.open_loggers(root, 6, ["mlflow"], params={"seed": 42, "lr": 0.001, "threads": None})
+    fanout.close("interrupted")  # stopped by a signal: MLflow's KILLED, and a resume reopens it
+    assert mlflow_run(root)[1].info.status == "KILLED"
+
     # killed after step 6, resumed from the checkpoint of step 4: the same MLflow run, no step twice
     resumed = loggers.open_loggers(root, 4, ["mlflow"], params={"seed": 42, "lr": 0.001, "threads": None, "new": 1})
     for record in records(range(5, 9), val_at=(6, 8)):
         resumed.add(record)
     resumed.close()
     again, run2 = mlflow_run(root)
-    assert run2.info.run_id == run.info.run_id and run2.data.params["new"] == "1"
+    assert run2.info.run_id == run.info.run_id and run2.data.params["new"] == "1" and run2.info.status == "FINISHED"
     assert mlflow_points(again, run2, "train/loss") == [(s, 1.0 / s) for s in range(1, 9)]
     assert mlflow_points(again, run2, "val/psnr") == [(4, 24.0), (6, 26.0), (8, 28.0)]
 

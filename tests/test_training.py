@@ -170,3 +170,30 @@ def test_a_second_trainer_refuses_an_optimizer_state_that_does_not_fit_its_param
     save_checkpoint(ckpt, path)
     with pytest.raises(CheckpointError, match=r"exp_avg_sq has shape \(5,\)"):
         run_training(example.LandCoverTrainer, config(tiles, run), ResumeRequest(str(path)), log=lambda line: None)
+
+
+def test_the_loggers_hear_that_a_run_stopped_by_a_signal_was_interrupted(tiles, tmp_path, monkeypatch):
+    """MLflow marks such a run KILLED (not FINISHED); its resume runs on and closes normally."""
+    closed = []
+
+    class Recorder:
+        def add(self, record):
+            pass
+
+        def close(self, status=None):
+            closed.append(status)
+
+    original = example.LandCoverTrainer.micro_batch_loss
+
+    def loss_then_stop(self, batch):
+        if self.state.step == 2 and not getattr(self, "stopped", False):
+            self.stopped = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, batch)
+
+    monkeypatch.setattr(example.LandCoverTrainer, "open_events", lambda self: Recorder())
+    monkeypatch.setattr(example.LandCoverTrainer, "micro_batch_loss", loss_then_stop)
+    assert train(config(tiles, tmp_path)).status == "interrupted"
+    monkeypatch.setattr(example.LandCoverTrainer, "micro_batch_loss", original)
+    assert train(config(tiles, tmp_path), resume="auto").status == "completed"
+    assert closed == ["interrupted", None]  # None: the loggers' own rule (finished, or failed on an exception)

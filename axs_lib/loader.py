@@ -178,6 +178,7 @@ class ResumableLoader:
         self.num_workers = num_workers
         self._plan = _BatchPlan(self)
         self._active: object | None = None
+        self._streams: weakref.WeakSet = weakref.WeakSet()  # the iterators handed out, closed by close()
         self._loader = DataLoader(
             dataset,
             batch_sampler=self._plan,
@@ -218,11 +219,15 @@ class ResumableLoader:
             self._move_to(self.epoch + 1, 0)  # what is left of this epoch makes no full batch
         if self.plan is not None and len(self.sampler) - self.position < self.plan.global_batch_size:
             self._move_to(self.epoch + 1, 0)  # what is left of this epoch makes no full step
-        return self._run(endless=False)
+        return self._hand_out(self._run(endless=False))
 
     def endless(self) -> Iterator[Any]:
         """Batches from the current state on, forever, across epoch ends (never a partial batch)."""
-        return self._run(endless=True)
+        return self._hand_out(self._run(endless=True))
+
+    def _hand_out(self, stream: Iterator[Any]) -> Iterator[Any]:
+        self._streams.add(stream)
+        return stream
 
     def _run(self, endless: bool) -> Iterator[Any]:
         token = self._active = object()
@@ -286,7 +291,8 @@ class ResumableLoader:
         self._active = None  # an iteration in progress must not move the new state
 
     def close(self) -> None:
-        """Stop persistent worker processes now.
+        """End every iterator this loader handed out (``next`` on one then stops) and stop persistent
+        worker processes now.
 
         They also stop when the loader is freed, promptly when by reference counting. A loader held
         in a reference cycle (a framework's trainer, say) is freed by the cycle collector, which may
@@ -295,6 +301,8 @@ class ResumableLoader:
         when its owner is such an object; `axs_lib.lightning.ExactResume` does.
         """
         self._active = None
+        for stream in list(self._streams):  # each lets go of its DataLoader iterator (and its worker queues)
+            stream.close()
         shutdown_workers(self._loader)
 
     def __enter__(self) -> "ResumableLoader":

@@ -343,3 +343,20 @@ def test_a_plan_is_refused_with_a_sharded_sampler_another_batch_size_or_a_step_l
     with pytest.raises(ValueError, match="larger than the 8 samples of an epoch"):
         ResumableLoader(data, 3, seed=0, plan=MicroBatchPlan(3, 3))
     assert len(ResumableLoader(data, 2, seed=0, plan=MicroBatchPlan(2, 2, 2, 1))) == 2  # this rank's micro-batches
+
+
+@pytest.mark.parametrize("num_workers", [0, 2])
+def test_close_ends_the_streams_the_loader_handed_out(num_workers):
+    """A user's loop that keeps its batch iterator past ``close()`` holds no DataLoader iterator (and
+    no worker queues) any more: the iterator stops, and the loader's state stays where it was."""
+    loader = ResumableLoader(KeyDataset(10), 2, seed=3, num_workers=num_workers)
+    stream, epoch_pass = loader.endless(), iter(loader)
+    next(stream)
+    state = loader.state_dict()
+    loader.close()
+    for handed_out in (stream, epoch_pass):
+        with pytest.raises(StopIteration):
+            next(handed_out)
+    assert loader.state_dict() == state
+    assert next(loader.endless()) is not None  # the loader itself can start again
+    loader.close()

@@ -242,7 +242,7 @@ class ResumableLoader:
             return
         for batch in batches:
             if self._active is not token:
-                raise RuntimeError("another iteration of this ResumableLoader started; this one has ended")
+                raise RuntimeError("this iteration of the ResumableLoader has ended: another one started, or the loader was closed")
             position = self.position + self.batch_size
             if endless:
                 self._move_to(*self.sampler.advance(self.epoch, self.position, self.batch_size))
@@ -257,7 +257,7 @@ class ResumableLoader:
         size, per_rank = self.plan.global_batch_size, self.plan.per_rank
         for count, batch in enumerate(batches, 1):
             if self._active is not token:
-                raise RuntimeError("another iteration of this ResumableLoader started; this one has ended")
+                raise RuntimeError("this iteration of the ResumableLoader has ended: another one started, or the loader was closed")
             if count % per_rank == 0:
                 if endless:
                     self._move_to(*self.sampler.advance(self.epoch, self.position, size))
@@ -301,9 +301,14 @@ class ResumableLoader:
         when its owner is such an object; `axs_lib.lightning.ExactResume` does.
         """
         self._active = None
-        for stream in list(self._streams):  # each lets go of its DataLoader iterator (and its worker queues)
-            stream.close()
-        shutdown_workers(self._loader)
+        try:
+            for stream in list(self._streams):  # each lets go of its DataLoader iterator (and its worker queues)
+                try:
+                    stream.close()
+                except ValueError:  # running right now (another thread, or close() from inside it): the
+                    pass            # token check refuses its next batch instead
+        finally:
+            shutdown_workers(self._loader)
 
     def __enter__(self) -> "ResumableLoader":
         return self

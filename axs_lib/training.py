@@ -38,6 +38,7 @@ in `SessionConfig`.
 from __future__ import annotations
 
 import contextlib
+import inspect
 import logging
 import math
 import signal
@@ -683,8 +684,8 @@ class Trainer:
                 self.manager.close()  # a write in flight finishes; its file is complete or absent
             self.save_run_info(status="failed", ended_at=now(), final_step=state.step)
             raise
-        finally:
-            self.close("interrupted" if status == "interrupted" else None)
+        finally:  # a stop that then failed (its last checkpoint write, say) is a failure, not a stop
+            self.close("interrupted" if status == "interrupted" and sys.exc_info()[0] is None else None)
         return self.finish(status)
 
     def close(self, status: str | None = None) -> None:
@@ -694,7 +695,8 @@ class Trainer:
         self.loader.close()
         shutdown_workers(self.val_loader)
         if self.events is not None:
-            self.events.close(status) if status is not None else self.events.close()
+            takes_status = status is not None and len(inspect.signature(self.events.close).parameters) > 0
+            self.events.close(status) if takes_status else self.events.close()  # a task's own close() may take none
 
     def finish(self, status: str) -> RunResult:
         """Phase 5: the status, the best metric and the speed to ``run.json``; the result."""

@@ -139,7 +139,7 @@ def test_a_second_iteration_ends_the_first():
     next(first)
     second = loader.endless()
     next(second)
-    with pytest.raises(RuntimeError, match="another iteration"):
+    with pytest.raises(RuntimeError, match="another one started"):
         next(first)
 
 
@@ -360,3 +360,23 @@ def test_close_ends_the_streams_the_loader_handed_out(num_workers):
     assert loader.state_dict() == state
     assert next(loader.endless()) is not None  # the loader itself can start again
     loader.close()
+
+
+def test_close_from_inside_a_running_stream_still_stops_the_workers_and_refuses_the_rest():
+    """close() called while a stream is computing its batch (here from the dataset itself) cannot end
+    that generator; it skips it, stops the workers, and the stream refuses its next batch."""
+
+    class ClosingDataset(KeyDataset):
+        loader = None
+
+        def __getitem__(self, key):
+            if int(key) == 5 and self.loader is not None:
+                self.loader.close()
+            return super().__getitem__(key)
+
+    dataset = ClosingDataset(10)
+    loader = ResumableLoader(dataset, 10, seed=0, num_workers=0)
+    dataset.loader = loader
+    stream = loader.endless()
+    with pytest.raises(RuntimeError, match="the loader was closed"):
+        next(stream)

@@ -226,7 +226,7 @@ def test_the_same_checkpoint_twice_is_one_line_and_writes_nothing(ckpt, demo_til
     out = tmp_path / "out"
     code, _, err = _run(capsys, "predict", str(ckpt), str(ckpt), "--data-dir", str(demo_tiles), "--output-dir", str(out))
     assert code == 2
-    _one_error_line(err, ckpt.name, "given twice")
+    _one_error_line(err, ckpt.name, "the same file as")
     assert not out.exists()
 
 
@@ -237,3 +237,14 @@ def test_a_bad_second_checkpoint_is_refused_by_name_before_any_output(ckpt, demo
     assert code == 2
     _one_error_line(err, "bad.pt", "not a Stage-1 checkpoint")
     assert not out.exists()
+
+
+def test_one_file_under_two_names_is_refused_like_the_same_name_twice(ckpt, demo_tiles, tmp_path, capsys):
+    """best.pt is a hard link to a step checkpoint: averaging the two would count one model twice."""
+    import os
+
+    linked = tmp_path / "best.pt"
+    os.link(ckpt, linked)
+    code, _, err = _run(capsys, "evaluate", str(ckpt), str(linked), "--data-dir", str(demo_tiles))
+    assert code == 2
+    _one_error_line(err, "best.pt", "the same file as", ckpt.name)

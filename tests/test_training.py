@@ -197,3 +197,28 @@ def test_the_loggers_hear_that_a_run_stopped_by_a_signal_was_interrupted(tiles, 
     monkeypatch.setattr(example.LandCoverTrainer, "micro_batch_loss", original)
     assert train(config(tiles, tmp_path), resume="auto").status == "completed"
     assert closed == ["interrupted", None]  # None: the loggers' own rule (finished, or failed on an exception)
+
+
+def test_a_task_whose_event_log_closes_without_a_status_still_stops_cleanly(tiles, tmp_path, monkeypatch):
+    closed = []
+
+    class PlainEvents:  # an events object of one's own, from before close() took a status
+        def add(self, record):
+            pass
+
+        def close(self):
+            closed.append(True)
+
+    original = example.LandCoverTrainer.micro_batch_loss
+
+    def loss_then_stop(self, batch):
+        if self.state.step == 2 and not getattr(self, "stopped", False):
+            self.stopped = True
+            os.kill(os.getpid(), signal.SIGUSR1)
+        return original(self, batch)
+
+    monkeypatch.setattr(example.LandCoverTrainer, "open_events", lambda self: PlainEvents())
+    monkeypatch.setattr(example.LandCoverTrainer, "micro_batch_loss", loss_then_stop)
+    result = train(config(tiles, tmp_path))
+    assert result.status == "interrupted" and closed == [True]
+    assert json.loads((tmp_path / "run.json").read_text())["status"] == "interrupted"

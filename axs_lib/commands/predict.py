@@ -15,8 +15,8 @@ EPILOG = """examples:
 
 Each tile <stem> gives <stem>.tif (B2, B3, B4, B8 as float32 reflectance x 10000, with the CRS and
 bounds of the tile's sidecar) or, without them in the sidecar, <stem>.npz (s2_b2 .. s2_b8).
-Two predictions from the same checkpoints are byte-identical; with several checkpoints each tile
-gets the mean of their predictions. Every input is checked before the output
+Two predictions from the same checkpoints (in the same order) are byte-identical; with several
+checkpoints each tile gets the mean of their predictions. Every input is checked before the output
 folder is created; existing outputs are refused unless --overwrite, which replaces only them.
 """
 

@@ -105,15 +105,20 @@ Checkpoints = os.PathLike | str | list[os.PathLike | str] | tuple[os.PathLike | 
 
 def load_predictor(checkpoints: Checkpoints, device: str | torch.device = "cpu") -> torch.nn.Module:
     """The model of one checkpoint, or `MeanOfModels` of several (each loaded and checked as by
-    `load_model`; the same file twice is refused)."""
+    `load_model`; the same file twice, under any name, is refused: ``best.pt`` is a hard link to a
+    step checkpoint)."""
     paths = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
     if not paths:
         raise UsageError("no checkpoint given")
-    seen: dict[Path, str] = {}
+    seen: dict[tuple[int, int], str] = {}
     for path in paths:
-        key = Path(path).resolve()
+        try:
+            info = os.stat(path)
+        except OSError:
+            continue  # missing or unreadable: load_model names it below
+        key = (info.st_dev, info.st_ino)  # one file by any name: a link, or best.pt beside the step it links to
         if key in seen:
-            raise UsageError(f"{path}: given twice (as {seen[key]} too): each checkpoint counts once in the mean")
+            raise UsageError(f"{path}: the same file as {seen[key]}: each checkpoint counts once in the mean")
         seen[key] = str(path)
     models = [load_model(path, device)[0] for path in paths]
     return models[0] if len(models) == 1 else MeanOfModels(models).eval()

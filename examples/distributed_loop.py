@@ -84,8 +84,7 @@ def main(argv: list[str] | None = None) -> int:
         optimizer.step()
         if world.is_main:
             print(f"step {step + 1}: loss {float(total):.6f}")
-    batches.close()  # before the process group goes: a batch stream left open is closed at interpreter exit
-    loader.close()
+    loader.close()  # before the process group goes: ends the batch stream (else closed at interpreter exit) and the workers
     if world.is_main:
         buffer = io.BytesIO()
         torch.save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "loader": loader.state_dict()}, buffer)

@@ -74,17 +74,24 @@ def test_a_second_trainer_with_another_seed_writes_other_bytes(tiles, reference,
     assert other.keys() == ref.keys() and all(other[name] != ref[name] for name in ref)  # the control: bits do move
 
 
-def test_a_second_trainer_stopped_by_a_signal_resumes_to_the_same_bytes(tiles, reference, tmp_path, monkeypatch):
-    stop_at = 5  # mid-epoch (8 training tiles, 4 a step) and between two checkpoints: the stop writes step 5
+def stop_by_signal_at(monkeypatch, stop_at: int):
+    """Make the example trainer send itself SIGUSR1 (as `scancel --signal=USR1` would) in the step that
+    starts at ``stop_at - 1``, once; returns the unpatched loss for the resume to put back."""
     original = example.LandCoverTrainer.micro_batch_loss
 
     def loss_then_stop(self, batch):
         if self.state.step == stop_at - 1 and not getattr(self, "stopped", False):
             self.stopped = True
-            os.kill(os.getpid(), signal.SIGUSR1)  # as `scancel --signal=USR1` would
+            os.kill(os.getpid(), signal.SIGUSR1)
         return original(self, batch)
 
     monkeypatch.setattr(example.LandCoverTrainer, "micro_batch_loss", loss_then_stop)
+    return original
+
+
+def test_a_second_trainer_stopped_by_a_signal_resumes_to_the_same_bytes(tiles, reference, tmp_path, monkeypatch):
+    stop_at = 5  # mid-epoch (8 training tiles, 4 a step) and between two checkpoints: the stop writes step 5
+    original = stop_by_signal_at(monkeypatch, stop_at)
     stopped = train(config(tiles, tmp_path))
     assert (stopped.exit_code, stopped.final_step, stopped.status) == (128 + signal.SIGUSR1, stop_at, "interrupted")
     monkeypatch.setattr(example.LandCoverTrainer, "micro_batch_loss", original)
@@ -183,16 +190,8 @@ def test_the_loggers_hear_that_a_run_stopped_by_a_signal_was_interrupted(tiles, 
         def close(self, status=None):
             closed.append(status)
 
-    original = example.LandCoverTrainer.micro_batch_loss
-
-    def loss_then_stop(self, batch):
-        if self.state.step == 2 and not getattr(self, "stopped", False):
-            self.stopped = True
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return original(self, batch)
-
     monkeypatch.setattr(example.LandCoverTrainer, "open_events", lambda self: Recorder())
-    monkeypatch.setattr(example.LandCoverTrainer, "micro_batch_loss", loss_then_stop)
+    original = stop_by_signal_at(monkeypatch, 3)
     assert train(config(tiles, tmp_path)).status == "interrupted"
     monkeypatch.setattr(example.LandCoverTrainer, "micro_batch_loss", original)
     assert train(config(tiles, tmp_path), resume="auto").status == "completed"
@@ -209,16 +208,8 @@ def test_a_task_whose_event_log_closes_without_a_status_still_stops_cleanly(tile
         def close(self):
             closed.append(True)
 
-    original = example.LandCoverTrainer.micro_batch_loss
-
-    def loss_then_stop(self, batch):
-        if self.state.step == 2 and not getattr(self, "stopped", False):
-            self.stopped = True
-            os.kill(os.getpid(), signal.SIGUSR1)
-        return original(self, batch)
-
     monkeypatch.setattr(example.LandCoverTrainer, "open_events", lambda self: PlainEvents())
-    monkeypatch.setattr(example.LandCoverTrainer, "micro_batch_loss", loss_then_stop)
+    stop_by_signal_at(monkeypatch, 3)
     result = train(config(tiles, tmp_path))
     assert result.status == "interrupted" and closed == [True]
     assert json.loads((tmp_path / "run.json").read_text())["status"] == "interrupted"

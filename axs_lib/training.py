@@ -691,7 +691,8 @@ class Trainer:
     def close(self, status: str | None = None) -> None:
         """Stop the data workers and close the event log, however the run ended (``status``: what
         the loggers are told; None: failed while an exception propagates, else finished)."""
-        self.loader.close()  # ends self.batches too
+        self.batches.close()  # the iterator as this session holds it (it may wrap the loader's own stream)
+        self.loader.close()
         shutdown_workers(self.val_loader)
         if self.events is not None:
             takes_status = status is not None and len(inspect.signature(self.events.close).parameters) > 0

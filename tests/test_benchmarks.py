@@ -134,6 +134,7 @@ def test_bench_quality_quick_trains_every_method_on_held_out_scenes(demo_tiles, 
     assert "| U-Net | B2 |" in out and "U-Net vs best per-pixel model" in out
 
 
+@pytest.mark.skipif(not bench_quality.BENV1.is_dir(), reason=f"needs the real tile pairs in {bench_quality.BENV1}")
 def test_bench_quality_with_several_seeds_reports_each_and_their_spread(demo_tiles, capsys):
     results = bench_quality.main(["--quick", "--seeds", "1,2", "--data-dir", str(demo_tiles), "--data-dir",
                                   str(bench_quality.BENV1)])

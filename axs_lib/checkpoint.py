@@ -496,6 +496,24 @@ def read_latest(checkpoint_dir: os.PathLike | str) -> Path | None:
     return Path(checkpoint_dir) / name
 
 
+def follow_latest(path: os.PathLike | str) -> Path:
+    """``path``, or the checkpoint it names when it is a ``latest`` pointer (`read_latest`).
+
+    So ``axs evaluate run/checkpoints/latest`` reads the checkpoint a resume would start from. A
+    missing pointer is returned as it is, for the loader to name; a malformed one, or one naming a
+    file that does not exist, raises `CheckpointError` naming the pointer.
+    """
+    path = Path(path)
+    if path.name != LATEST_POINTER:
+        return path
+    target = read_latest(path.parent)
+    if target is None:
+        return path
+    if not os.path.lexists(target):
+        raise CheckpointError(path, f"names {target.name}, which does not exist")
+    return target
+
+
 def load_noting_trust(path: os.PathLike | str, *, trust: bool, verify: bool = False) -> tuple[Any, list[str]]:
     """Load a checkpoint memory-mapped; return it with the warnings a ``--trust`` load gave.
 

@@ -248,3 +248,32 @@ def test_one_file_under_two_names_is_refused_like_the_same_name_twice(ckpt, demo
     code, _, err = _run(capsys, "evaluate", str(ckpt), str(linked), "--data-dir", str(demo_tiles))
     assert code == 2
     _one_error_line(err, "best.pt", "the same file as", ckpt.name)
+
+
+def test_a_latest_pointer_is_read_as_the_checkpoint_it_names(ckpt, demo_tiles, tmp_path, capsys):
+    """``checkpoints/latest`` is a one-line text file; evaluating it used to fail as 'not a PyTorch checkpoint'."""
+    import os
+
+    from axs_lib.checkpoint import write_latest
+
+    folder = tmp_path / "checkpoints"
+    folder.mkdir()
+    os.link(ckpt, folder / ckpt.name)
+    write_latest(folder, ckpt.name)
+    code, stdout, _ = _run(capsys, "evaluate", str(folder / "latest"), "--data-dir", str(demo_tiles), "--json")
+    assert code == 0
+    assert json.loads(stdout)["overall"] == pytest.approx(evaluate_checkpoint(ckpt, list_tiles(demo_tiles))["overall"])
+    code, _, err = _run(capsys, "evaluate", str(folder / "latest"), str(folder / ckpt.name), "--data-dir", str(demo_tiles))
+    assert code == 2
+    _one_error_line(err, ckpt.name, "the same file as", "latest")
+
+
+def test_a_latest_pointer_to_a_missing_file_is_one_line_naming_the_pointer(demo_tiles, tmp_path, capsys):
+    from axs_lib.checkpoint import write_latest
+
+    write_latest(tmp_path, "checkpoint_step_99.pt")
+    out = tmp_path / "out"
+    code, _, err = _run(capsys, "predict", str(tmp_path / "latest"), "--data-dir", str(demo_tiles), "--output-dir", str(out))
+    assert code == 2
+    _one_error_line(err, str(tmp_path / "latest"), "checkpoint_step_99.pt", "does not exist")
+    assert not out.exists()

@@ -26,7 +26,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "SAM per band (B2, B3, B4, B8) and overall.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="CKPT", nargs="+",
-                   help="a Stage-1 trainer checkpoint; several: their predictions are averaged (runs of other seeds)")
+                   help="a Stage-1 trainer checkpoint (or checkpoints/latest: the one it names); several: their predictions are averaged (runs of other seeds)")
     p.add_argument("--data-dir", required=True, help="directory of <stem>.npz tiles")
     p.add_argument("--split", choices=("train", "val", "test"), help="only the tiles whose sidecar has this split")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda[:N]")

@@ -27,7 +27,7 @@ def register(sub: argparse._SubParsersAction) -> None:
                                    "Stage-1 checkpoint, one GeoTIFF (or NPZ) per tile.",
                        epilog=EPILOG, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint", metavar="CKPT", nargs="+",
-                   help="a Stage-1 trainer checkpoint (checkpoint_step_N.pt or best.pt); several: their predictions "
+                   help="a Stage-1 trainer checkpoint (checkpoint_step_N.pt, best.pt, or latest: the one it names); several: their predictions "
                         "are averaged (runs of other seeds)")
     p.add_argument("--data-dir", required=True, help="directory of <stem>.npz tiles")
     p.add_argument("--output-dir", required=True, help="where the predictions go (created when missing)")

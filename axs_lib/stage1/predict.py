@@ -49,16 +49,17 @@ ZIP_DATE = (1980, 1, 1, 0, 0, 0)  # the earliest a zip can say: fixed, so the by
 
 
 def load_model(checkpoint: os.PathLike | str, device: str | torch.device = "cpu"):
-    """(model in eval mode, checkpoint config) from a Stage-1 trainer checkpoint.
+    """(model in eval mode, checkpoint config) from a Stage-1 trainer checkpoint (or the ``latest``
+    pointer of a checkpoint folder, followed to the checkpoint it names).
 
     Raises `CheckpointError` naming the file when it does not load safely, fails its checksum, or
     holds no Stage-1 model that fits its config.
     """
-    from axs_lib.checkpoint import load_checkpoint
+    from axs_lib.checkpoint import follow_latest, load_checkpoint
     from axs_lib.stage1.config import IMPLICIT_IN_OLDER_CHECKPOINTS
     from axs_lib.stage1.model import BLOCKS, HEADS, UNet
 
-    path = Path(checkpoint)
+    path = follow_latest(checkpoint)  # ``checkpoints/latest``: the checkpoint a resume would start from
     device = _device(device)
     ckpt = load_checkpoint(path)
     if not isinstance(ckpt, dict) or not isinstance(ckpt.get("model_state_dict"), dict):
@@ -107,19 +108,22 @@ def load_predictor(checkpoints: Checkpoints, device: str | torch.device = "cpu")
     """The model of one checkpoint, or `MeanOfModels` of several (each loaded and checked as by
     `load_model`; the same file twice, under any name, is refused: ``best.pt`` is a hard link to a
     step checkpoint)."""
-    paths = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
-    if not paths:
+    from axs_lib.checkpoint import follow_latest
+
+    given = [checkpoints] if isinstance(checkpoints, (str, os.PathLike)) else list(checkpoints)
+    if not given:
         raise UsageError("no checkpoint given")
+    paths = [follow_latest(path) for path in given]  # a ``latest`` pointer counts as the checkpoint it names
     seen: dict[tuple[int, int], str] = {}
-    for path in paths:
+    for name, path in zip(given, paths):
         try:
             info = os.stat(path)
         except OSError:
             continue  # missing or unreadable: load_model names it below
         key = (info.st_dev, info.st_ino)  # one file by any name: a link, or best.pt beside the step it links to
         if key in seen:
-            raise UsageError(f"{path}: the same file as {seen[key]}: each checkpoint counts once in the mean")
-        seen[key] = str(path)
+            raise UsageError(f"{name}: the same file as {seen[key]}: each checkpoint counts once in the mean")
+        seen[key] = str(name)
     models = [load_model(path, device)[0] for path in paths]
     return models[0] if len(models) == 1 else MeanOfModels(models).eval()
 

@@ -402,6 +402,15 @@ class Trainer:
         """The loss of one micro-batch (not yet divided by the number of micro-batches), on the device."""
         raise NotImplementedError
 
+    def gradient_groups(self) -> list[list[nn.Parameter]]:
+        """The parameters whose gradient norm is clipped together (``grad_clip``), one list per group.
+
+        One group by default: the whole model. A task that trains several independent networks
+        side by side (Stage-1 ``--members``) gives one group per network, so each is clipped as a
+        run of its own would be.
+        """
+        return [self.parameters]
+
     def validate(self) -> dict[str, float]:
         """The validation metrics (no randomness); called only when a validation loader was attached."""
         raise NotImplementedError
@@ -569,7 +578,8 @@ class Trainer:
             self.skipped += 1
         else:
             if config.grad_clip:
-                nn.utils.clip_grad_norm_(self.parameters, config.grad_clip)
+                for group in self.gradient_groups():
+                    nn.utils.clip_grad_norm_(group, config.grad_clip)
             try:
                 self.optimizer.step()
             except RuntimeError as exc:  # AdamW turns lr / (1 - beta1**step) into a float: 1e38 overflows it

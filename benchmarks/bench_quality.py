@@ -212,7 +212,7 @@ def train_unet(train_dir: Path, out: Path, args, seed: int | None = None) -> Pat
     explicit = {"data_dir": str(train_dir), "output_dir": str(out), "seed": seed, "split_source": "sidecar",
                 "plots": False, "tensorboard": False, "quiet": True, "checkpoint_every": 10**9}
     for name in ("steps", "width", "batch_size", "lr", "ssim_weight", "head", "block", "dropout", "l1_weight", "weight_decay",
-                 "warmup_steps"):
+                 "warmup_steps", "speckle_std", "members"):
         if getattr(args, name, None) is not None:
             explicit[name] = getattr(args, name)
     config = build_config(explicit)
@@ -272,6 +272,7 @@ def parse_args(argv=None):
                         "of their predictions: a single seed's margin over the per-pixel models can be luck")
     p.add_argument("--steps", type=int, help="U-Net steps (default: the trainer's, scaled to the training tiles)")
     p.add_argument("--width", type=int)
+    p.add_argument("--members", type=int, help="U-Nets trained side by side in each run (the trainer's --members)")
     p.add_argument("--batch-size", type=int)
     p.add_argument("--lr", type=float)
     p.add_argument("--ssim-weight", type=float)

@@ -24,14 +24,31 @@ one or more of these, joined by commas:
   of that log over the training pixels;
 * ``gain<S>``: per-tile SAR radiometric augmentation: N(0, S dB) added to VV and VH alike and a
   further N(0, S/2 dB) to VH alone, drawn from ``derive_seed(seed, "gain", epoch, index)``;
-* ``wd<X>``, ``w<N>``, ``bs<N>``, ``drop<X>``, ``lr<X>``, ``steps<N>``: the trainer's
-  ``--weight-decay``, ``--width``, ``--batch-size``, ``--dropout``, ``--lr``, ``--steps``;
+* ``wd<X>``, ``w<N>``, ``bs<N>``, ``drop<X>``, ``lr<X>``, ``steps<N>``, ``speckle<X>``, ``members<K>``:
+  the trainer's ``--weight-decay``, ``--width``, ``--batch-size``, ``--dropout``, ``--lr``,
+  ``--steps``, ``--speckle-std``, ``--members``;
+* ``cutmix<P>``: with probability P a training sample gets a rectangle (each side 30-70 % of the
+  tile's) of another training tile pasted in, SAR, optical and mask alike: a tile that is part
+  water and part land, so that the model has to decide locally rather than tile by tile;
 * ``groupnorm``: the trainer's ``--block groupnorm`` (the blocks before the residual shortcut);
 * ``norm<kind>``: the GroupNorm blocks with their normalisation replaced: ``none`` (convolutions with
   bias, nothing normalised), ``first`` (no normalisation in the first block only), ``ln`` (LayerNorm
   over the channels of each pixel);
 * ``l2mix<W>``: the loss ``|e| + W e^2`` on the standardised error ``e`` of each band;
-* ``crop<N>``: training samples cropped to N x N at an offset drawn per (epoch, tile).
+* ``crop<N>``: training samples cropped to N x N at an offset drawn per (epoch, tile);
+* ``bandpow<A>``: each band's error divided by ``std_b ** (1 - A) * g ** A`` (``g`` the geometric
+  mean of the bands' standard deviations) instead of ``std_b``: A = 0 is the trainer's loss, A = 1
+  weighs every band in reflectance units, as the overall MAE does (where B8 is most of the error);
+* ``instd``: the SAR input standardised per channel (mean and standard deviation of the training
+  pixels) before the first block, as the pixel MLP's inputs are; the normalised dB values otherwise
+  span about 0.2 per 10 dB;
+* ``pix``: a per-pixel branch (1x1 convolutions 2 -> 64 -> 64 -> 4, SiLU) from the input straight
+  to the head's output, added to it: the pixel MLP inside the U-Net;
+* ``mse``: the squared standardised error instead of its absolute value (the conditional mean, as
+  the pixel MLP fits, instead of the median).
+
+Every final model is also scored as ``tta``: the mean of its predictions over the eight flips and
+quarter turns of the tile (the training augmentation's group), each mapped back.
 
 ``--split cv<k>`` (k = 0, 1, 2) is cross-validation over the *training* scenes: a training scene's
 fold is ``sha256(CV_SALT + scene) % 3``; fold k is evaluated and the other two train, and the test
@@ -63,7 +80,7 @@ from benchmarks import bench_quality as bq
 EMA_DECAYS = (0.99, 0.995, 0.998, 0.999, 0.9995, 0.9998)
 LOG_EPS = 0.01  # reflectance 100: the log's offset, so water (reflectance near 0) stays finite
 TRAINER_OPTIONS = (("wd", "weight_decay", float), ("w", "width", int), ("bs", "batch_size", int), ("drop", "dropout", float),
-                   ("lr", "lr", float), ("steps", "steps", int))
+                   ("lr", "lr", float), ("steps", "steps", int), ("speckle", "speckle_std", float), ("members", "members", int))
 CV_FOLDS = 3
 CV_SALT = "cv11:"  # the first salt (of cv0: .. cv39:) that splits the 25 training tiles 8 / 8 / 9
 
@@ -140,9 +157,28 @@ def install(parts: list[str], train_paths, holder: dict) -> None:
             count = (mask.sum() * pred.shape[1]).clamp_min(1.0)
             return ((err.abs() + weight * err**2) * mask).sum() / count
         train.stage1_loss = mix_loss
+    pows = [p for p in parts if p.startswith("bandpow")]
+    if pows:
+        alpha = float(pows[0][len("bandpow"):])
+
+        def pow_loss(pred, target, mask, l1_weight=1.0, ssim_weight=0.0, band_scale=None):
+            std = band_scale.double()
+            scale = (std ** (1 - alpha) * std.log().mean().exp() ** alpha).to(band_scale.dtype)
+            return stage1_loss(pred, target, mask, l1_weight, ssim_weight, scale)
+        train.stage1_loss = pow_loss
+    if "instd" in parts or "pix" in parts:
+        _install_input_paths(train_paths, "instd" in parts, "pix" in parts)
+    if "mse" in parts:
+        def mse_loss(pred, target, mask, l1_weight=1.0, ssim_weight=0.0, band_scale=None):
+            err = (pred - target) / band_scale.to(pred.dtype).reshape(1, -1, 1, 1)
+            return (err**2 * mask).sum() / (mask.sum() * pred.shape[1]).clamp_min(1.0)
+        train.stage1_loss = mse_loss
     crops = [p for p in parts if p.startswith("crop")]
     if crops:
         _install_crop(data, train, int(crops[0][len("crop"):]))
+    mixes = [p for p in parts if p.startswith("cutmix")]
+    if mixes:
+        _install_cutmix(data, train, float(mixes[0][len("cutmix"):]))
     gains = [p for p in parts if p.startswith("gain")]
     if gains:
         _install_gain(data, train, float(gains[0][len("gain"):]))
@@ -158,6 +194,26 @@ def install(parts: list[str], train_paths, holder: dict) -> None:
     train.Stage1Trainer.train_step = train_step
 
 
+class DihedralMean(torch.nn.Module):
+    """The mean of a model's predictions over the 8 flips and quarter turns of its input, each mapped back."""
+
+    def __init__(self, model: torch.nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, sar: torch.Tensor) -> torch.Tensor:
+        total = None
+        for turns in range(4):
+            for flip in (False, True):
+                x = torch.rot90(sar, turns, (-2, -1))
+                x = x.flip(-1) if flip else x
+                y = self.model(x)
+                y = y.flip(-1) if flip else y
+                y = torch.rot90(y, -turns, (-2, -1))
+                total = y if total is None else total + y
+        return total / 8
+
+
 def _centred_on_medians(band_stats, dataset, max_tiles: int, bands: int):
     """`band_stats` with the first ``bands`` centres replaced by the median over the same tiles and pixels."""
     means, stds = band_stats(dataset, max_tiles)
@@ -168,6 +224,71 @@ def _centred_on_medians(band_stats, dataset, max_tiles: int, bands: int):
         pixels.append(sample["optical"].numpy().astype(np.float64)[:, sample["mask"].numpy()[0] > 0])
     medians = np.median(np.concatenate(pixels, axis=1), axis=1)
     return tuple(float(m) for m in medians[:bands]) + tuple(means[bands:]), stds
+
+
+def _install_input_paths(train_paths, standardise: bool, pixel_branch: bool) -> None:
+    import axs_lib.stage1.model as model_module
+    from torch import nn
+    from torch.nn import functional as F
+
+    sar = bq.pixels(train_paths)[0][:, :2]  # (P, 2) dB, valid pixels
+    normalised = (sar - bq.SAR_DB_RANGE[0]) / (bq.SAR_DB_RANGE[1] - bq.SAR_DB_RANGE[0])
+    mean = torch.tensor(normalised.mean(0), dtype=torch.float32).reshape(1, -1, 1, 1)
+    std = torch.tensor(normalised.std(0), dtype=torch.float32).reshape(1, -1, 1, 1)
+    cls = model_module.UNet
+    original_init = cls.__init__
+
+    def init(self, *args, **kwargs):
+        original_init(self, *args, **kwargs)
+        if pixel_branch:
+            self.pixel = nn.Sequential(nn.Conv2d(2, 64, 1), nn.SiLU(), nn.Conv2d(64, 64, 1), nn.SiLU(), nn.Conv2d(64, 4, 1))
+            with torch.no_grad():
+                self.pixel[-1].weight.mul_(model_module.HEAD_WEIGHT_SCALE)
+                self.pixel[-1].bias.zero_()
+
+    def forward(self, sar):
+        h, w = sar.shape[-2:]
+        if standardise:
+            sar = (sar - mean) / std
+        pad_h, pad_w = (-h) % model_module.STRIDE, (-w) % model_module.STRIDE
+        x = F.pad(sar, (0, pad_w, 0, pad_h), mode="replicate") if pad_h or pad_w else sar
+        skips = []
+        for i, block in enumerate(self.down):
+            x = block(x if i == 0 else F.max_pool2d(x, 2))
+            skips.append(x)
+        x = self.dropout(skips.pop())
+        for up, merge in zip(self.up, self.merge):
+            x = merge(torch.cat([up(x), skips.pop()], dim=1))
+        out = self.head(x)[..., :h, :w]
+        if pixel_branch:
+            out = out + self.pixel(sar)
+        return out * self.target_std[:, None, None] + self.target_mean[:, None, None]
+    cls.__init__ = init
+    cls.forward = forward
+
+
+def _install_cutmix(data, train, prob: float) -> None:
+    original = data.TileDataset.__getitem__
+
+    def getitem(self, key):
+        out = original(self, key)
+        epoch, index = int(getattr(key, "epoch", -1)), int(key)
+        if self.augment and epoch >= 0 and len(self) > 1:
+            g = torch.Generator().manual_seed(train.derive_seed(self.seed, "cutmix", epoch, index))
+            draw = torch.rand(6, generator=g, dtype=torch.float64).tolist()
+            if draw[0] < prob:
+                other = min(int(draw[1] * (len(self) - 1)), len(self) - 2)
+                other += other >= index
+                donor = original(self, other)
+                h, w = out["sar"].shape[-2:]
+                if donor["sar"].shape[-2:] == (h, w):
+                    ch, cw = int(h * (0.3 + 0.4 * draw[2])), int(w * (0.3 + 0.4 * draw[3]))
+                    top, left = int(draw[4] * (h - ch + 1)), int(draw[5] * (w - cw + 1))
+                    for name in ("sar", "optical", "mask"):
+                        out[name] = out[name].clone()
+                        out[name][..., top:top + ch, left:left + cw] = donor[name][..., top:top + ch, left:left + cw]
+        return out
+    data.TileDataset.__getitem__ = getitem
 
 
 def _install_gain(data, train, sigma: float) -> None:
@@ -310,10 +431,19 @@ def main(argv=None) -> list[dict]:
                           **summary(evaluate_model(model, tiles)),
                           "per_tile": {q.stem: evaluate_model(model, [q])["overall"]["mae"] for q in tiles}}
                          for s, tiles in sets.items() if s == "clear" or label == "final"]
+            model.load_state_dict(holder["model"].state_dict())
+            tta = DihedralMean(model)
+            rows += [{"variant": a.variant, "weights": "tta", "seed": seed, "split": a.split, "set": s,
+                      **summary(evaluate_model(tta, tiles)),
+                      "per_tile": {q.stem: evaluate_model(tta, [q])["overall"]["mae"] for q in tiles}}
+                     for s, tiles in sets.items()]
         if len(ckpts) > 1:
             mean = load_predictor(ckpts)
             rows += [{"variant": a.variant, "weights": "mean", "seed": ",".join(map(str, a.seed)), "split": a.split,
                       "set": s, **summary(evaluate_model(mean, tiles))} for s, tiles in sets.items()]
+            mean_tta = DihedralMean(mean)
+            rows += [{"variant": a.variant, "weights": "mean+tta", "seed": ",".join(map(str, a.seed)), "split": a.split,
+                      "set": s, **summary(evaluate_model(mean_tta, tiles))} for s, tiles in sets.items()]
     with a.out.open("a") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     for r in rows:

@@ -413,3 +413,17 @@ def test_checkpoints_older_than_the_residual_blocks_count_as_groupnorm_blocks():
     assert diff_result_fields(stored, current) == []
     assert any(line.startswith("block:") for line in diff_result_fields(stored, build_config({}).result_fields()))
     assert build_config({}, base=stored).block == "groupnorm"
+
+
+def test_checkpoints_older_than_members_count_as_one_member():
+    current = build_config({}).result_fields()
+    stored = {k: v for k, v in current.items() if k != "members"}
+    assert diff_result_fields(stored, current) == []
+    assert any(line.startswith("members:") for line in diff_result_fields(stored, build_config({"members": 2}).result_fields()))
+    assert build_config({}, base=stored).members == 1
+
+
+@pytest.mark.parametrize("value", [0, 17])
+def test_members_outside_one_to_sixteen_are_refused(value):
+    with pytest.raises(UsageError, match="--members"):
+        build_config({"members": value})

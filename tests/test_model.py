@@ -44,3 +44,28 @@ def test_every_block_type_keeps_the_tile_size(block):
 def test_an_unknown_block_type_is_refused_by_name():
     with pytest.raises(ValueError, match="block must be one of"):
         UNet(width=4, block="batchnorm")
+
+
+def test_members_predict_the_mean_of_their_own_predictions_in_eval_mode():
+    from axs_lib.stage1.model import UNetMembers, build_unet
+
+    torch.manual_seed(0)
+    model = build_unet(3, width=4, dropout=0.0)
+    assert isinstance(model, UNetMembers) and len(model.members) == 3
+    sar = torch.rand(2, 2, 24, 24)
+    with torch.no_grad():
+        stacked = model.train()(sar)
+        each = [member.eval()(sar) for member in model.members]
+        mean = model.eval()(sar)
+    assert stacked.shape == (3, 2, 4, 24, 24)
+    assert all(torch.equal(stacked[k], each[k]) for k in range(3))
+    assert not torch.equal(each[0], each[1])  # each member has its own initial weights
+    assert torch.equal(mean, (each[0] + each[1] + each[2]) / 3)
+
+
+def test_one_member_is_the_plain_unet_and_zero_members_are_refused():
+    from axs_lib.stage1.model import build_unet
+
+    assert type(build_unet(1, width=4)) is UNet
+    with pytest.raises(ValueError, match="members must be >= 1"):
+        build_unet(0, width=4)

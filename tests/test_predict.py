@@ -277,3 +277,30 @@ def test_a_latest_pointer_to_a_missing_file_is_one_line_naming_the_pointer(demo_
     assert code == 2
     _one_error_line(err, str(tmp_path / "latest"), "checkpoint_step_99.pt", "does not exist")
     assert not out.exists()
+
+
+def test_a_members_checkpoint_predicts_the_mean_of_its_members(demo_tiles, tmp_path, capsys):
+    from axs_lib.stage1.model import UNetMembers
+    from axs_lib.stage1.predict import predict_array
+
+    out = tmp_path / "run"
+    code, _, _ = _run(capsys, "train", "stage1", "--data-dir", str(demo_tiles), "--output-dir", str(out), "--seed", "3",
+                      "--steps", "2", "--width", "4", "--members", "2", "--no-plots", "--quiet")
+    assert code == 0
+    model, config = load_model(out / "checkpoints" / "latest")
+    assert isinstance(model, UNetMembers) and config["members"] == 2
+    tile = list_tiles(demo_tiles)[0]
+    first, second = (predict_array(member, tile) for member in model.members)
+    assert not np.array_equal(first, second)
+    assert np.allclose(predict_array(model, tile), (first + second) / 2, atol=1e-3, equal_nan=True)  # reflectance x 10000
+
+
+def test_a_checkpoint_whose_config_names_impossible_members_is_refused_by_name(ckpt, tmp_path):
+    from axs_lib.errors import CheckpointError
+
+    bad = tmp_path / "bad.pt"
+    state = load_checkpoint(ckpt)
+    state["config"] = {**state["config"], "members": 10**6}
+    save_checkpoint(state, bad)
+    with pytest.raises(CheckpointError, match="members 1000000"):
+        load_model(bad)

@@ -63,6 +63,9 @@ def add_train_arguments(p: argparse.ArgumentParser) -> None:
                             "steps; a warning when >= --steps)")
     train.add_argument("--grad-clip", type=argtypes.finite_number, default=S, help="max gradient norm, 0 for none (default 1.0)")
     train.add_argument("--width", type=argtypes.integer, default=S, help=f"U-Net base channels (default 16, at most {MAXIMA['width']})")
+    train.add_argument("--members", type=argtypes.integer, default=S,
+                       help="U-Nets trained side by side from their own initial weights, predicting their mean: the "
+                            f"mean of several seeds' runs in one run (default 1, at most {MAXIMA['members']})")
     train.add_argument("--head", choices=HEADS, default=S,
                        help="linear: bands standardised by the training targets' mean and std, each band weighing the "
                             "same in the loss (default); sigmoid: the earlier [0, 1] output")

@@ -70,6 +70,7 @@ AUTO_WARMUP_FRACTION = 0.05
 # the keyboard is refused at once: a U-Net of width 256 already has about 120 M parameters.
 MAXIMA = {
     "width": 256,
+    "members": 16,
     "batch_size": 4096,
     "accum_steps": 1024,
     "steps": 10**9,
@@ -90,7 +91,8 @@ MAX_CONFIG_BYTES = 1 << 20  # a config is a few dozen lines; anything larger is 
 # implicitly had: a checkpoint that lacks the key agrees with a run that uses this value.
 # (``split_seed`` is not here: older runs split with ``seed``, so they do differ.)
 IMPLICIT_IN_OLDER_CHECKPOINTS = {"precision": "32", "on_nonfinite": "stop", "head": "sigmoid", "clear_sky": False,
-                                 "portable": False, "threads": None, "block": "groupnorm"}
+                                 "portable": False, "threads": None, "block": "groupnorm",
+                                 "members": 1}
 
 
 @dataclass
@@ -121,6 +123,7 @@ class TrainConfig:
     head: str = "linear"
     block: str = "residual"  # GroupNorm blocks with an unnormalised 1x1 shortcut (axs_lib.stage1.model.ResidualBlock)
     width: int = 16
+    members: int = 1  # U-Nets trained side by side, predicting their mean (axs_lib.stage1.model.UNetMembers)
     dropout: float = 0.0  # off: on validation scenes 0.1 cost 4 % MAE (3 seeds), in each visible band too
     l1_weight: float = 1.0
     ssim_weight: float = 0.0  # off: on validation scenes the SSIM term cost twice the step time and did not help
@@ -167,7 +170,7 @@ class TrainConfig:
 FIELD_NAMES = {f.name for f in fields(TrainConfig)}
 RESULT_FIELD_NAMES = {f.name for f in fields(TrainConfig) if not f.metadata.get("run")}
 
-_POSITIVE = ("batch_size", "accum_steps", "val_every", "patience", "checkpoint_every", "log_every", "width")
+_POSITIVE = ("batch_size", "accum_steps", "val_every", "patience", "checkpoint_every", "log_every", "width", "members")
 _NON_NEGATIVE = ("num_workers", "lr", "weight_decay", "grad_clip", "min_delta", "speckle_std",
                  "l1_weight", "ssim_weight")
 _CHOICES = {

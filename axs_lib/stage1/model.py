@@ -27,6 +27,13 @@ The output head (``head``), in both cases in the unit of the targets (reflectanc
   Kept so that checkpoints written before the linear head still load, predict and resume; their
   config has no ``head`` and counts as ``sigmoid``.
 
+Members (``members``): the model can be K U-Nets of one configuration (`UNetMembers`), each from
+its own initial weights, trained side by side on the same batches and predicting the mean of their
+outputs. On places it never saw a single U-Net trained on a few dozen tiles can take a whole tile
+for water or for land depending on its seed; the mean of independently started members hedges
+where they disagree, as the mean of several runs does, in one run and one checkpoint. ``members``
+1 is the plain `UNet` (its state dict, and every earlier checkpoint, unchanged).
+
 Sigmoid output initialisation. With default weights the head's output is spread around sigmoid(0) = 0.5,
 i.e. reflectance 5000 of 10000: far brighter than land (BigEarthNet bands average a few hundred
 to a few thousand), so early sample pictures are white and early steps are spent just learning the
@@ -148,6 +155,51 @@ class UNet(nn.Module):
     def band_scale(self) -> torch.Tensor | None:
         """Per-band divisor of the loss's errors: ``target_std`` for the linear head, None for sigmoid."""
         return self.target_std if self.head_kind == "linear" else None
+
+
+class UNetMembers(nn.Module):
+    """``count`` U-Nets built with the same arguments, one after the other (so each draws its own
+    initial weights), in ``members``.
+
+    In training mode ``forward`` returns every member's prediction, stacked (K, N, C, H, W), for a
+    loss per member (`member_predictions`); in eval mode the mean of the members' predictions,
+    summed in member order, so it is as deterministic as each member.
+    """
+
+    def __init__(self, count: int, **unet_kwargs):
+        super().__init__()
+        if count < 2:
+            raise ValueError(f"UNetMembers needs at least 2 members, got {count}; build a UNet for one")
+        self.members = nn.ModuleList([UNet(**unet_kwargs) for _ in range(count)])
+
+    @property
+    def band_scale(self) -> torch.Tensor | None:
+        return self.members[0].band_scale
+
+    def forward(self, sar: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            return torch.stack([member(sar) for member in self.members])
+        total = self.members[0](sar)
+        for member in self.members[1:]:
+            total = total + member(sar)
+        return total / len(self.members)
+
+
+def build_unet(members: int = 1, **unet_kwargs) -> UNet | UNetMembers:
+    """The Stage-1 model: a `UNet`, or `UNetMembers` of ``members`` of them (each built from ``unet_kwargs``)."""
+    if members < 1:
+        raise ValueError(f"members must be >= 1, got {members}")
+    return UNet(**unet_kwargs) if members == 1 else UNetMembers(members, **unet_kwargs)
+
+
+def member_modules(model: nn.Module) -> list[nn.Module]:
+    """The networks trained side by side in ``model``: its members, or the model itself."""
+    return list(model.members) if isinstance(model, UNetMembers) else [model]
+
+
+def member_predictions(model: nn.Module, pred: torch.Tensor) -> list[torch.Tensor]:
+    """The training-mode output of ``model`` as one prediction per member."""
+    return list(pred.unbind(0)) if isinstance(model, UNetMembers) else [pred]
 
 
 def init_standardised_output(model: UNet, means: Sequence[float], stds: Sequence[float]) -> UNet:

@@ -56,8 +56,8 @@ def load_model(checkpoint: os.PathLike | str, device: str | torch.device = "cpu"
     holds no Stage-1 model that fits its config.
     """
     from axs_lib.checkpoint import follow_latest, load_checkpoint
-    from axs_lib.stage1.config import IMPLICIT_IN_OLDER_CHECKPOINTS
-    from axs_lib.stage1.model import BLOCKS, HEADS, UNet
+    from axs_lib.stage1.config import IMPLICIT_IN_OLDER_CHECKPOINTS, MAXIMA
+    from axs_lib.stage1.model import BLOCKS, HEADS, build_unet
 
     path = follow_latest(checkpoint)  # ``checkpoints/latest``: the checkpoint a resume would start from
     device = _device(device)
@@ -67,18 +67,24 @@ def load_model(checkpoint: os.PathLike | str, device: str | torch.device = "cpu"
     config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
     head = config.get("head", IMPLICIT_IN_OLDER_CHECKPOINTS["head"])
     block = config.get("block", IMPLICIT_IN_OLDER_CHECKPOINTS["block"])
+    members = config.get("members", IMPLICIT_IN_OLDER_CHECKPOINTS["members"])
     width, dropout = config.get("width", 16), config.get("dropout", 0.1)
-    if head not in HEADS or block not in BLOCKS or not isinstance(width, int) or isinstance(width, bool) or not 1 <= width <= 256:
-        raise CheckpointError(path, f"its config (head {head!r}, block {block!r}, width {width!r}) is not a Stage-1 U-Net "
-                                    "this version builds")
-    model = UNet(width=width, dropout=float(dropout), head=head, block=block)
+    if head not in HEADS or block not in BLOCKS or not _size(width, MAXIMA["width"]) or not _size(members, MAXIMA["members"]):
+        raise CheckpointError(path, f"its config (head {head!r}, block {block!r}, width {width!r}, members {members!r}) is not "
+                                    "a Stage-1 U-Net this version builds")
+    model = build_unet(members, width=width, dropout=float(dropout), head=head, block=block)
+    shape = f"{members} U-Nets" if members > 1 else "a Stage-1 U-Net"
     try:
         model.load_state_dict(ckpt["model_state_dict"])
     except (RuntimeError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0]
-        raise CheckpointError(path, f"its weights do not fit a Stage-1 U-Net of width {width} with a {head} head and {block} "
+        raise CheckpointError(path, f"its weights do not fit {shape} of width {width} with a {head} head and {block} "
                                     f"blocks ({first})") from None
     return model.to(device).eval(), config
+
+
+def _size(value, most: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 1 <= value <= most
 
 
 class MeanOfModels(torch.nn.Module):

@@ -57,7 +57,7 @@ from axs_lib.stage1.config import TrainConfig, config_warnings, diff_result_fiel
 from axs_lib.early_stopping import EarlyStopping
 from axs_lib.stage1.losses import stage1_loss
 from axs_lib.stage1.metrics import QualityMetrics, flat
-from axs_lib.stage1.model import UNet, band_means, band_stats
+from axs_lib.stage1.model import band_means, band_stats, build_unet, member_modules, member_predictions
 from axs_lib.state import TrainingState
 from axs_lib.tiles import check_tiles, list_tiles
 from axs_lib.training import (DataCheck, ResumeRequest, RunResult, Setup, Trainer, check_optimizer_state, device_name, lr_factor,
@@ -143,7 +143,7 @@ def _check_state_shapes(ckpt: dict, path: Path, config: TrainConfig) -> None:
     sampler_state = ckpt["sampler_state"]
     if not all(isinstance(sampler_state.get(k), int) and sampler_state[k] >= 0 for k in ("epoch", "position")):
         raise CheckpointError(path, f"sampler_state {sampler_state!r} is not an (epoch, position) pair")
-    model = UNet(width=config.width, dropout=config.dropout, head=config.head, block=config.block)
+    model = build_unet(config.members, width=config.width, dropout=config.dropout, head=config.head, block=config.block)
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     stored = ckpt.get("model_state_dict")
     if not isinstance(stored, dict):
@@ -151,8 +151,8 @@ def _check_state_shapes(ckpt: dict, path: Path, config: TrainConfig) -> None:
     got = {k: tuple(v.shape) for k, v in stored.items() if isinstance(v, torch.Tensor)}
     if got != expected:
         diff = sorted(set(got) ^ set(expected)) or [k for k in expected if got.get(k) != expected[k]]
-        raise CheckpointError(path, f"its model does not fit a Stage-1 U-Net of width {config.width} with a {config.head} head and {config.block} blocks "
-                                    f"(first difference: {diff[0]})")
+        raise CheckpointError(path, f"its model does not fit a Stage-1 U-Net of width {config.width} with a {config.head} head and {config.block} blocks"
+                                    f"{members_note(config.members)} (first difference: {diff[0]})")
     check_optimizer_state(torch.optim.AdamW(model.parameters()), ckpt["optimizer_state_dict"], path)  # before anything is written
 
 
@@ -237,7 +237,7 @@ class Stage1Trainer(Trainer):
         self.autocast = functools.partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16,
                                           enabled=config.precision == "bf16-mixed")
 
-    def _build_model(self, fresh: bool) -> UNet:
+    def _build_model(self, fresh: bool) -> nn.Module:
         """The U-Net with its output started at the training targets (no random draw; the statistics
         are skipped on resume, where the weights and buffers are loaded anyway)."""
         config = self.config
@@ -247,12 +247,10 @@ class Stage1Trainer(Trainer):
             self.output_means = self.target_stats[0] if self.target_stats else None
         elif fresh:
             self.output_means = band_means(self.train_set)
-        seed_globals(derive_seed(config.seed, "init"))
-        if config.head == "linear":
-            return UNet(width=config.width, dropout=config.dropout, head="linear", target_stats=self.target_stats,
-                        block=config.block).to(self.device)
-        return UNet(width=config.width, dropout=config.dropout, head="sigmoid", output_bias=self.output_means,
-                    block=config.block).to(self.device)
+        seed_globals(derive_seed(config.seed, "init"))  # members are built in turn: each draws its own weights
+        start = {"target_stats": self.target_stats} if config.head == "linear" else {"output_bias": self.output_means}
+        return build_unet(config.members, width=config.width, dropout=config.dropout, head=config.head, block=config.block,
+                          **start).to(self.device)
 
     def _resume_position(self, ckpt: dict) -> tuple[int, int]:
         epoch, position = int(ckpt["sampler_state"]["epoch"]), int(ckpt["sampler_state"]["position"])
@@ -270,7 +268,19 @@ class Stage1Trainer(Trainer):
         with self.autocast():
             pred = self.model(sar)
         config = self.config
-        return stage1_loss(pred.float(), target, mask, config.l1_weight, config.ssim_weight, self.model.band_scale)
+        losses = [stage1_loss(p.float(), target, mask, config.l1_weight, config.ssim_weight, self.model.band_scale)
+                  for p in member_predictions(self.model, pred)]
+        if len(losses) == 1:
+            return losses[0]
+        # The gradient is that of the members' summed losses, so each member gets exactly the gradient
+        # of its own loss and trains bit for bit as a one-member run from its initial weights would;
+        # the value is their mean, on the scale of a one-member run's loss in the logs.
+        total = torch.stack(losses).sum()
+        return total - (total - total.detach() / len(losses)).detach()
+
+    def gradient_groups(self) -> list[list[nn.Parameter]]:
+        """One group per member, each clipped at ``grad_clip`` as a run of its own would be."""
+        return [list(member.parameters()) for member in member_modules(self.model)]
 
     def validate(self) -> dict[str, float]:
         return evaluate(self.model, self.val_loader, self.device, self.config, self.autocast)
@@ -306,6 +316,10 @@ class Stage1Trainer(Trainer):
 
     def finish_note(self) -> str:
         return f"; plots in {self.output_dir / PLOTS}" if self.config.plots and self.val_set else ""
+
+
+def members_note(members: int) -> str:
+    return f" ({members} members)" if members > 1 else ""
 
 
 def _metrics_line(step: int, total: int, loss: float, metrics: dict[str, float]) -> str:

@@ -31,6 +31,7 @@ import errno
 import hashlib
 import os
 import pickle
+import stat
 import struct
 import sys
 import warnings
@@ -499,19 +500,43 @@ def read_latest(checkpoint_dir: os.PathLike | str) -> Path | None:
 def follow_latest(path: os.PathLike | str) -> Path:
     """``path``, or the checkpoint it names when it is a ``latest`` pointer (`read_latest`).
 
-    So ``axs evaluate run/checkpoints/latest`` reads the checkpoint a resume would start from. A
-    missing pointer is returned as it is, for the loader to name; a malformed one, or one naming a
-    file that does not exist, raises `CheckpointError` naming the pointer.
+    So ``axs evaluate run/checkpoints/latest`` reads the checkpoint a resume would start from. Only
+    a small regular file that is not itself a checkpoint counts as a pointer: a symbolic link called
+    ``latest`` (a common way to mark the newest checkpoint) or a checkpoint copied to that name is
+    returned as it is, as is a missing path, for the loader to name. A malformed pointer, or one
+    naming a file that does not exist, raises `CheckpointError` naming the pointer.
     """
     path = Path(path)
-    if path.name != LATEST_POINTER:
+    if path.name != LATEST_POINTER or not _may_be_pointer(path):
         return path
     target = read_latest(path.parent)
     if target is None:
         return path
-    if not os.path.lexists(target):
+    if not os.path.exists(target):
         raise CheckpointError(path, f"names {target.name}, which does not exist")
     return target
+
+
+def _may_be_pointer(path: Path) -> bool:
+    """False for a link, a missing path, a file longer than a pointer and one that starts as a
+    checkpoint does (zip or pickle); True otherwise, FIFOs and devices included (`read_latest`
+    refuses those in one line, without reading them)."""
+    try:
+        info = os.lstat(path)
+    except OSError:
+        return False
+    if stat.S_ISLNK(info.st_mode):
+        return False
+    if not stat.S_ISREG(info.st_mode):
+        return True
+    if info.st_size > LATEST_MAX_BYTES:
+        return False
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+    except OSError:
+        return True  # read_latest names the problem
+    return not (head == b"PK" or head[:1] == b"\x80")
 
 
 def load_noting_trust(path: os.PathLike | str, *, trust: bool, verify: bool = False) -> tuple[Any, list[str]]:

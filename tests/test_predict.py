@@ -304,3 +304,36 @@ def test_a_checkpoint_whose_config_names_impossible_members_is_refused_by_name(c
     save_checkpoint(state, bad)
     with pytest.raises(CheckpointError, match="members 1000000"):
         load_model(bad)
+
+
+@pytest.mark.parametrize("kind", ["symlink", "copy"])
+def test_a_checkpoint_named_latest_is_read_as_itself_not_as_a_pointer(ckpt, demo_tiles, tmp_path, kind):
+    """A link called ``latest`` to the newest checkpoint, or a checkpoint copied to that name, is a
+    checkpoint: only a small text file is followed as a pointer."""
+    named = tmp_path / "latest"
+    if kind == "symlink":
+        named.symlink_to(ckpt)
+    else:
+        shutil.copyfile(ckpt, named)
+    assert evaluate_checkpoint(named, list_tiles(demo_tiles))["overall"] == pytest.approx(
+        evaluate_checkpoint(ckpt, list_tiles(demo_tiles))["overall"])
+
+
+def test_a_config_asking_for_a_huge_model_is_refused_before_it_is_built(ckpt, tmp_path, monkeypatch):
+    """16 members of width 256 would be 2 G parameters (8 GiB): the shapes are compared on the meta
+    device first, so the refusal allocates nothing."""
+    import axs_lib.stage1.model as model_module
+    from axs_lib.errors import CheckpointError
+
+    build = model_module.build_unet
+
+    def shapes_only(*args, **kwargs):
+        assert torch.get_default_device().type == "meta", "a model was built in memory"
+        return build(*args, **kwargs)
+    monkeypatch.setattr(model_module, "build_unet", shapes_only)
+    bad = tmp_path / "huge.pt"
+    state = load_checkpoint(ckpt)
+    state["config"] = {**state["config"], "members": 16, "width": 256}
+    save_checkpoint(state, bad)
+    with pytest.raises(CheckpointError, match="do not fit 16 U-Nets of width 256"):
+        load_model(bad)

@@ -370,17 +370,19 @@ def test_a_run_from_before_the_linear_head_resumes_as_it_was_trained(demo_tiles,
 def test_members_resume_byte_identical_and_each_trains_as_a_run_of_its_own(demo_tiles, tmp_path):
     """Two members: an interrupted run resumes to the same bytes, and member 0 (built first, from the
     run's initial weights) ends bit for bit where a one-member run ends: each member gets the gradient
-    of its own loss and its own gradient clipping."""
+    of its own loss and its own gradient clipping (a clipping limit that every step reaches, so
+    clipping all members together would show)."""
     whole, cut, single = tmp_path / "whole", tmp_path / "cut", tmp_path / "single"
-    assert train(*args(demo_tiles, whole, "--members", "2", steps=4)) == 0
-    assert train(*args(demo_tiles, cut, "--members", "2", steps=4)) == 0
+    clip = ("--grad-clip", "0.01")
+    assert train(*args(demo_tiles, whole, "--members", "2", *clip, steps=4)) == 0
+    assert train(*args(demo_tiles, cut, "--members", "2", *clip, steps=4)) == 0
     for name in ("checkpoint_step_4.pt", "best.pt"):
         (cut / "checkpoints" / name).unlink(missing_ok=True)
     (cut / "checkpoints" / "latest").write_text("checkpoint_step_2.pt\n")
-    assert train(*args(demo_tiles, cut, "--members", "2", steps=4), "--resume", "auto") == 0
+    assert train(*args(demo_tiles, cut, "--members", "2", *clip, steps=4), "--resume", "auto") == 0
     assert shas(cut)["checkpoint_step_4.pt"] == shas(whole)["checkpoint_step_4.pt"]
 
-    assert train(*args(demo_tiles, single, steps=4)) == 0
+    assert train(*args(demo_tiles, single, *clip, steps=4)) == 0
     pair = load_checkpoint(whole / "checkpoints" / "checkpoint_step_4.pt")["model_state_dict"]
     alone = load_checkpoint(single / "checkpoints" / "checkpoint_step_4.pt")["model_state_dict"]
     first = {k[len("members.0."):]: v for k, v in pair.items() if k.startswith("members.0.")}
@@ -388,3 +390,12 @@ def test_members_resume_byte_identical_and_each_trains_as_a_run_of_its_own(demo_
     assert first.keys() == alone.keys() == second.keys()
     assert all(torch.equal(first[k], alone[k]) for k in alone)
     assert not all(torch.allclose(second[k], alone[k], rtol=1e-3, atol=1e-4) for k in alone)  # the control: 0.4 apart
+
+
+def test_resuming_a_members_checkpoint_as_one_network_says_how_many_members_it_has(demo_tiles, tmp_path, capsys):
+    out = tmp_path / "pair"
+    assert train(*args(demo_tiles, out, "--members", "2", steps=2)) == 0
+    capsys.readouterr()
+    code = train(*args(demo_tiles, out, "--members", "1", steps=2), "--resume", "auto", "--force-resume")
+    err = capsys.readouterr().err
+    assert code == 2 and "its config says 2 members" in err, err

@@ -72,10 +72,18 @@ def load_model(checkpoint: os.PathLike | str, device: str | torch.device = "cpu"
     if head not in HEADS or block not in BLOCKS or not _size(width, MAXIMA["width"]) or not _size(members, MAXIMA["members"]):
         raise CheckpointError(path, f"its config (head {head!r}, block {block!r}, width {width!r}, members {members!r}) is not "
                                     "a Stage-1 U-Net this version builds")
-    model = build_unet(members, width=width, dropout=float(dropout), head=head, block=block)
     shape = f"{members} U-Nets" if members > 1 else "a Stage-1 U-Net"
+    with torch.device("meta"):  # shapes only: a config edited to ask for 16 x width 256 allocates nothing
+        expected = {k: tuple(v.shape) for k, v in build_unet(members, width=width, head=head, block=block).state_dict().items()}
+    stored = ckpt["model_state_dict"]
+    got = {k: tuple(v.shape) for k, v in stored.items() if isinstance(v, torch.Tensor)}
+    if got != expected:
+        diff = sorted(set(got) ^ set(expected)) or [k for k in expected if got[k] != expected[k]]
+        raise CheckpointError(path, f"its weights do not fit {shape} of width {width} with a {head} head and {block} "
+                                    f"blocks (first difference: {diff[0]})")
+    model = build_unet(members, width=width, dropout=float(dropout), head=head, block=block)
     try:
-        model.load_state_dict(ckpt["model_state_dict"])
+        model.load_state_dict(stored)
     except (RuntimeError, KeyError, TypeError) as exc:
         first = str(exc).strip().splitlines()[0]
         raise CheckpointError(path, f"its weights do not fit {shape} of width {width} with a {head} head and {block} "

@@ -53,7 +53,14 @@ from axs_lib.reproducibility import derive_seed, seed_globals
 from axs_lib.run_dir import LOSS_PLOT, PLOTS, SPLIT_JSON, sample_image
 from axs_lib.sampling import ResumableSampler
 from axs_lib.split import leave_out_flagged, make_split
-from axs_lib.stage1.config import TrainConfig, config_warnings, diff_result_fields, resolve_auto_schedule, write_config_file
+from axs_lib.stage1.config import (
+    IMPLICIT_IN_OLDER_CHECKPOINTS,
+    TrainConfig,
+    config_warnings,
+    diff_result_fields,
+    resolve_auto_schedule,
+    write_config_file,
+)
 from axs_lib.early_stopping import EarlyStopping
 from axs_lib.stage1.losses import stage1_loss
 from axs_lib.stage1.metrics import QualityMetrics, flat
@@ -151,8 +158,11 @@ def _check_state_shapes(ckpt: dict, path: Path, config: TrainConfig) -> None:
     got = {k: tuple(v.shape) for k, v in stored.items() if isinstance(v, torch.Tensor)}
     if got != expected:
         diff = sorted(set(got) ^ set(expected)) or [k for k in expected if got.get(k) != expected[k]]
+        stored_config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
+        stored_members = stored_config.get("members", IMPLICIT_IN_OLDER_CHECKPOINTS["members"])
+        its = f"; its config says {stored_members} members" if stored_members != config.members else ""
         raise CheckpointError(path, f"its model does not fit a Stage-1 U-Net of width {config.width} with a {config.head} head and {config.block} blocks"
-                                    f"{members_note(config.members)} (first difference: {diff[0]})")
+                                    f"{members_note(config.members)} (first difference: {diff[0]}{its})")
     check_optimizer_state(torch.optim.AdamW(model.parameters()), ckpt["optimizer_state_dict"], path)  # before anything is written
 
 
@@ -276,7 +286,7 @@ class Stage1Trainer(Trainer):
         # of its own loss and trains bit for bit as a one-member run from its initial weights would;
         # the value is their mean, on the scale of a one-member run's loss in the logs.
         total = torch.stack(losses).sum()
-        return total - (total - total.detach() / len(losses)).detach()
+        return total.detach() / len(losses) + (total - total.detach())  # value: exactly sum / K
 
     def gradient_groups(self) -> list[list[nn.Parameter]]:
         """One group per member, each clipped at ``grad_clip`` as a run of its own would be."""

@@ -518,14 +518,14 @@ def follow_latest(path: os.PathLike | str) -> Path:
 
 
 def _may_be_pointer(path: Path) -> bool:
-    """False for a link, a missing path, a file longer than a pointer and one that starts as a
-    checkpoint does (zip or pickle); True otherwise, FIFOs and devices included (`read_latest`
-    refuses those in one line, without reading them)."""
+    """False for a link, a directory, a missing path, a file longer than a pointer and one that
+    starts as a checkpoint does (zip or pickle); True otherwise, FIFOs and devices included
+    (`read_latest` refuses those in one line, without reading them)."""
     try:
         info = os.lstat(path)
     except OSError:
         return False
-    if stat.S_ISLNK(info.st_mode):
+    if stat.S_ISLNK(info.st_mode) or stat.S_ISDIR(info.st_mode):  # a run directory may be called latest too
         return False
     if not stat.S_ISREG(info.st_mode):
         return True

@@ -50,7 +50,7 @@ import torch
 
 from axs_lib.bitdiff import same_value
 from axs_lib.report import describe_leaf, format_number, format_shape, format_table, json_safe, short_repr
-from axs_lib.checkpoint import (CHECKSUM_KEY, CHECKSUM_KEYS, LEGACY_CHECKSUM_KEY, check_content, iter_leaves,
+from axs_lib.checkpoint import (CHECKSUM_KEY, CHECKSUM_KEYS, LEGACY_CHECKSUM_KEY, check_content, follow_latest, iter_leaves,
                                 load_noting_trust)
 from axs_lib.run_dir import step_checkpoints
 from axs_lib.errors import CheckpointError, InputError, UsageError
@@ -784,8 +784,9 @@ def compare_runs(a: os.PathLike | str, b: os.PathLike | str, options: Options = 
 
 
 def compare_paths(a: os.PathLike | str, b: os.PathLike | str, options: Options = Options()) -> CheckpointComparison | RunComparison:
-    """Compare two checkpoint files, or two run directories."""
-    a, b = Path(a), Path(b)
+    """Compare two checkpoint files (a ``latest`` pointer counts as the checkpoint it names), or two
+    run directories."""
+    a, b = follow_latest(a), follow_latest(b)
     for p in (a, b):
         if not p.exists():
             raise CheckpointError(p, "no such file or directory")

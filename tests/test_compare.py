@@ -523,3 +523,24 @@ def test_compare_puts_the_likely_cause_first_and_names_config_differences_withou
     assert cli(a, other_steps) == 2
     err = capsys.readouterr().err
     assert "no checkpoint step in common" in err and "their configs differ: steps 2 vs 3, checkpoint_every 2 vs 3" in err
+
+
+def test_a_latest_pointer_is_compared_as_the_checkpoint_it_names_and_inspected_as_it(pair, capsys):
+    from axs_lib.checkpoint import write_latest
+
+    a, b = pair()
+    write_latest(b.parent, b.name)
+    result = compare_paths(a, b.parent / "latest")
+    assert result.verdict == IDENTICAL_BYTES
+    assert main(["inspect", str(b.parent / "latest"), "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["path"] == str(b)
+
+
+def test_run_directories_called_latest_are_compared_as_directories(tmp_path):
+    """Only a small file is a pointer: a directory named latest stays a directory."""
+    a, b = tmp_path / "latest", tmp_path / "other"
+    a.mkdir(), b.mkdir()
+    from axs_lib.errors import AxsError
+
+    with pytest.raises(AxsError, match="no checkpoint step in common"):
+        compare_paths(a, b)

@@ -29,7 +29,7 @@ def register(sub: argparse._SubParsersAction) -> None:
         epilog="example:\n  axs inspect runs/exp1/checkpoints/checkpoint_step_100.pt --json",
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file")
+    p.add_argument("checkpoint", metavar="CKPT", help="checkpoint file (or checkpoints/latest: the one it names)")
     p.add_argument("--json", action="store_true", help="print JSON instead of text")
     p.add_argument("--trust", action="store_true",
                    help="load legacy pickles that can run code (only for files you made yourself)")
@@ -118,6 +118,8 @@ def render_text(info: dict) -> str:
 
 
 def run(args: argparse.Namespace) -> int:
-    info = describe(Path(args.checkpoint), trust=args.trust, allow_unverified=args.allow_unverified)
+    from axs_lib.checkpoint import follow_latest
+
+    info = describe(follow_latest(args.checkpoint), trust=args.trust, allow_unverified=args.allow_unverified)
     print(json.dumps(info, indent=2) if args.json else render_text(info))
     return EXIT_OK

@@ -212,7 +212,7 @@ def train_unet(train_dir: Path, out: Path, args, seed: int | None = None) -> Pat
     explicit = {"data_dir": str(train_dir), "output_dir": str(out), "seed": seed, "split_source": "sidecar",
                 "plots": False, "tensorboard": False, "quiet": True, "checkpoint_every": 10**9}
     for name in ("steps", "width", "batch_size", "lr", "ssim_weight", "head", "block", "dropout", "l1_weight", "weight_decay",
-                 "warmup_steps", "speckle_std", "members"):
+                 "warmup_steps", "speckle_std", "members", "grad_clip"):
         if getattr(args, name, None) is not None:
             explicit[name] = getattr(args, name)
     config = build_config(explicit)

@@ -24,9 +24,9 @@ one or more of these, joined by commas:
   of that log over the training pixels;
 * ``gain<S>``: per-tile SAR radiometric augmentation: N(0, S dB) added to VV and VH alike and a
   further N(0, S/2 dB) to VH alone, drawn from ``derive_seed(seed, "gain", epoch, index)``;
-* ``wd<X>``, ``w<N>``, ``bs<N>``, ``drop<X>``, ``lr<X>``, ``steps<N>``, ``speckle<X>``, ``members<K>``:
-  the trainer's ``--weight-decay``, ``--width``, ``--batch-size``, ``--dropout``, ``--lr``,
-  ``--steps``, ``--speckle-std``, ``--members``;
+* ``wd<X>``, ``w<N>``, ``bs<N>``, ``drop<X>``, ``lr<X>``, ``steps<N>``, ``speckle<X>``, ``members<K>``,
+  ``clip<X>``: the trainer's ``--weight-decay``, ``--width``, ``--batch-size``, ``--dropout``, ``--lr``,
+  ``--steps``, ``--speckle-std``, ``--members``, ``--grad-clip``;
 * ``cutmix<P>``: with probability P a training sample gets a rectangle (each side 30-70 % of the
   tile's) of another training tile pasted in, SAR, optical and mask alike: a tile that is part
   water and part land, so that the model has to decide locally rather than tile by tile;
@@ -80,7 +80,8 @@ from benchmarks import bench_quality as bq
 EMA_DECAYS = (0.99, 0.995, 0.998, 0.999, 0.9995, 0.9998)
 LOG_EPS = 0.01  # reflectance 100: the log's offset, so water (reflectance near 0) stays finite
 TRAINER_OPTIONS = (("wd", "weight_decay", float), ("w", "width", int), ("bs", "batch_size", int), ("drop", "dropout", float),
-                   ("lr", "lr", float), ("steps", "steps", int), ("speckle", "speckle_std", float), ("members", "members", int))
+                   ("lr", "lr", float), ("steps", "steps", int), ("speckle", "speckle_std", float), ("members", "members", int),
+                   ("clip", "grad_clip", float))
 CV_FOLDS = 3
 CV_SALT = "cv11:"  # the first salt (of cv0: .. cv39:) that splits the 25 training tiles 8 / 8 / 9
 

@@ -254,44 +254,50 @@ def _install_input_paths(train_paths, standardise: bool, pixel_branch: bool) -> 
     cls.forward = forward
 
 
-def _install_cutmix(data, train, prob: float) -> None:
+def _augment_samples(data, train, stream: str, change) -> None:
+    """Wrap ``TileDataset.__getitem__``: every training sample (augmented, with an epoch) is handed
+    to ``change(dataset, sample, generator, index, read)``, with a generator seeded from
+    ``derive_seed(seed, stream, epoch, index)`` and ``read(dataset, i)`` the unwrapped reader."""
     original = data.TileDataset.__getitem__
 
     def getitem(self, key):
         out = original(self, key)
         epoch, index = int(getattr(key, "epoch", -1)), int(key)
-        if self.augment and epoch >= 0 and len(self) > 1:
-            g = torch.Generator().manual_seed(train.derive_seed(self.seed, "cutmix", epoch, index))
-            draw = torch.rand(6, generator=g, dtype=torch.float64).tolist()
-            if draw[0] < prob:
-                other = min(int(draw[1] * (len(self) - 1)), len(self) - 2)
-                other += other >= index
-                donor = original(self, other)
-                h, w = out["sar"].shape[-2:]
-                if donor["sar"].shape[-2:] == (h, w):
-                    ch, cw = int(h * (0.3 + 0.4 * draw[2])), int(w * (0.3 + 0.4 * draw[3]))
-                    top, left = int(draw[4] * (h - ch + 1)), int(draw[5] * (w - cw + 1))
-                    for name in ("sar", "optical", "mask"):
-                        out[name] = out[name].clone()
-                        out[name][..., top:top + ch, left:left + cw] = donor[name][..., top:top + ch, left:left + cw]
+        if self.augment and epoch >= 0:
+            change(self, out, torch.Generator().manual_seed(train.derive_seed(self.seed, stream, epoch, index)), index, original)
         return out
     data.TileDataset.__getitem__ = getitem
+
+
+def _install_cutmix(data, train, prob: float) -> None:
+    def paste(dataset, out, g, index, read):
+        if len(dataset) < 2:
+            return
+        draw = torch.rand(6, generator=g, dtype=torch.float64).tolist()
+        if draw[0] >= prob:
+            return
+        other = min(int(draw[1] * (len(dataset) - 1)), len(dataset) - 2)
+        other += other >= index
+        donor = read(dataset, other)
+        h, w = out["sar"].shape[-2:]
+        if donor["sar"].shape[-2:] != (h, w):
+            return
+        ch, cw = int(h * (0.3 + 0.4 * draw[2])), int(w * (0.3 + 0.4 * draw[3]))
+        top, left = int(draw[4] * (h - ch + 1)), int(draw[5] * (w - cw + 1))
+        for name in ("sar", "optical", "mask"):
+            out[name] = out[name].clone()
+            out[name][..., top:top + ch, left:left + cw] = donor[name][..., top:top + ch, left:left + cw]
+    _augment_samples(data, train, "cutmix", paste)
 
 
 def _install_gain(data, train, sigma: float) -> None:
     span = bq.SAR_DB_RANGE[1] - bq.SAR_DB_RANGE[0]
-    original = data.TileDataset.__getitem__
 
-    def getitem(self, key):
-        out = original(self, key)
-        epoch = int(getattr(key, "epoch", -1))
-        if self.augment and epoch >= 0:
-            g = torch.Generator().manual_seed(train.derive_seed(self.seed, "gain", epoch, int(key)))
-            shared, vh = torch.randn(2, generator=g, dtype=torch.float64).tolist()
-            offsets = torch.tensor([sigma * shared, sigma * shared + sigma / 2 * vh], dtype=torch.float32) / span
-            out["sar"] = torch.where(out["mask"] > 0, (out["sar"] + offsets[:, None, None]).clamp(0, 1), out["sar"])
-        return out
-    data.TileDataset.__getitem__ = getitem
+    def shift(dataset, out, g, index, read):
+        shared, vh = torch.randn(2, generator=g, dtype=torch.float64).tolist()
+        offsets = torch.tensor([sigma * shared, sigma * shared + sigma / 2 * vh], dtype=torch.float32) / span
+        out["sar"] = torch.where(out["mask"] > 0, (out["sar"] + offsets[:, None, None]).clamp(0, 1), out["sar"])
+    _augment_samples(data, train, "gain", shift)
 
 
 def _install_norm(kind: str) -> None:
@@ -324,20 +330,13 @@ def _install_norm(kind: str) -> None:
 
 def _install_crop(data, train, size: int) -> None:
     """Training samples cropped to ``size`` x ``size`` at an offset drawn per (epoch, tile)."""
-    original = data.TileDataset.__getitem__
-
-    def getitem(self, key):
-        out = original(self, key)
-        epoch = int(getattr(key, "epoch", -1))
-        if self.augment and epoch >= 0:
-            g = torch.Generator().manual_seed(train.derive_seed(self.seed, "crop", epoch, int(key)))
-            h, w = out["sar"].shape[-2:]
-            top = int(torch.randint(0, h - size + 1, (1,), generator=g))
-            left = int(torch.randint(0, w - size + 1, (1,), generator=g))
-            for name in ("sar", "optical", "mask"):
-                out[name] = out[name][..., top:top + size, left:left + size].contiguous()
-        return out
-    data.TileDataset.__getitem__ = getitem
+    def crop(dataset, out, g, index, read):
+        h, w = out["sar"].shape[-2:]
+        top = int(torch.randint(0, h - size + 1, (1,), generator=g))
+        left = int(torch.randint(0, w - size + 1, (1,), generator=g))
+        for name in ("sar", "optical", "mask"):
+            out[name] = out[name][..., top:top + size, left:left + size].contiguous()
+    _augment_samples(data, train, "crop", crop)
 
 
 def cv_fold(stem: str) -> int:

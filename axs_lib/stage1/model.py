@@ -179,10 +179,26 @@ class UNetMembers(nn.Module):
     def forward(self, sar: torch.Tensor) -> torch.Tensor:
         if self.training:
             return torch.stack([member(sar) for member in self.members])
-        total = self.members[0](sar)
-        for member in self.members[1:]:
-            total = total + member(sar)
-        return total / len(self.members)
+        return mean_prediction(self.members, sar)
+
+
+def mean_prediction(models, sar: torch.Tensor) -> torch.Tensor:
+    """The mean of ``models``' predictions for ``sar``, summed in the order given (float, so the
+    order is part of the result: fixed, it is as deterministic as each model)."""
+    total = models[0](sar)
+    for model in models[1:]:
+        total = total + model(sar)
+    return total / len(models)
+
+
+def state_difference(model: nn.Module, state: dict) -> str | None:
+    """The first key that ``state`` lacks, has in excess or holds in another shape than ``model``'s
+    state dict; None when every key and shape fits."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    got = {k: tuple(v.shape) for k, v in state.items() if isinstance(v, torch.Tensor)}
+    if got == expected:
+        return None
+    return (sorted(set(got) ^ set(expected)) or [k for k in expected if got[k] != expected[k]])[0]
 
 
 def build_unet(members: int = 1, **unet_kwargs) -> UNet | UNetMembers:

@@ -57,7 +57,7 @@ def load_model(checkpoint: os.PathLike | str, device: str | torch.device = "cpu"
     """
     from axs_lib.checkpoint import follow_latest, load_checkpoint
     from axs_lib.stage1.config import IMPLICIT_IN_OLDER_CHECKPOINTS, MAXIMA
-    from axs_lib.stage1.model import BLOCKS, HEADS, build_unet
+    from axs_lib.stage1.model import BLOCKS, HEADS, build_unet, state_difference
 
     path = follow_latest(checkpoint)  # ``checkpoints/latest``: the checkpoint a resume would start from
     device = _device(device)
@@ -73,14 +73,12 @@ def load_model(checkpoint: os.PathLike | str, device: str | torch.device = "cpu"
         raise CheckpointError(path, f"its config (head {head!r}, block {block!r}, width {width!r}, members {members!r}) is not "
                                     "a Stage-1 U-Net this version builds")
     shape = f"{members} U-Nets" if members > 1 else "a Stage-1 U-Net"
-    with torch.device("meta"):  # shapes only: a config edited to ask for 16 x width 256 allocates nothing
-        expected = {k: tuple(v.shape) for k, v in build_unet(members, width=width, head=head, block=block).state_dict().items()}
     stored = ckpt["model_state_dict"]
-    got = {k: tuple(v.shape) for k, v in stored.items() if isinstance(v, torch.Tensor)}
-    if got != expected:
-        diff = sorted(set(got) ^ set(expected)) or [k for k in expected if got[k] != expected[k]]
+    with torch.device("meta"):  # shapes only: a config edited to ask for 16 x width 256 allocates nothing
+        difference = state_difference(build_unet(members, width=width, head=head, block=block), stored)
+    if difference is not None:
         raise CheckpointError(path, f"its weights do not fit {shape} of width {width} with a {head} head and {block} "
-                                    f"blocks (first difference: {diff[0]})")
+                                    f"blocks (first difference: {difference})")
     model = build_unet(members, width=width, dropout=float(dropout), head=head, block=block)
     try:
         model.load_state_dict(stored)
@@ -109,10 +107,9 @@ class MeanOfModels(torch.nn.Module):
         self.members = torch.nn.ModuleList(models)
 
     def forward(self, sar: torch.Tensor) -> torch.Tensor:
-        total = self.members[0](sar)
-        for member in self.members[1:]:
-            total = total + member(sar)
-        return total / len(self.members)
+        from axs_lib.stage1.model import mean_prediction
+
+        return mean_prediction(self.members, sar)
 
 
 Checkpoints = os.PathLike | str | list[os.PathLike | str] | tuple[os.PathLike | str, ...]

@@ -64,7 +64,7 @@ from axs_lib.stage1.config import (
 from axs_lib.early_stopping import EarlyStopping
 from axs_lib.stage1.losses import stage1_loss
 from axs_lib.stage1.metrics import QualityMetrics, flat
-from axs_lib.stage1.model import band_means, band_stats, build_unet, member_modules, member_predictions
+from axs_lib.stage1.model import band_means, band_stats, build_unet, member_modules, member_predictions, state_difference
 from axs_lib.state import TrainingState
 from axs_lib.tiles import check_tiles, list_tiles
 from axs_lib.training import (DataCheck, ResumeRequest, RunResult, Setup, Trainer, check_optimizer_state, device_name, lr_factor,
@@ -151,18 +151,16 @@ def _check_state_shapes(ckpt: dict, path: Path, config: TrainConfig) -> None:
     if not all(isinstance(sampler_state.get(k), int) and sampler_state[k] >= 0 for k in ("epoch", "position")):
         raise CheckpointError(path, f"sampler_state {sampler_state!r} is not an (epoch, position) pair")
     model = build_unet(config.members, width=config.width, dropout=config.dropout, head=config.head, block=config.block)
-    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
     stored = ckpt.get("model_state_dict")
     if not isinstance(stored, dict):
         raise CheckpointError(path, "has no model_state_dict: not a Stage-1 checkpoint")
-    got = {k: tuple(v.shape) for k, v in stored.items() if isinstance(v, torch.Tensor)}
-    if got != expected:
-        diff = sorted(set(got) ^ set(expected)) or [k for k in expected if got.get(k) != expected[k]]
+    difference = state_difference(model, stored)
+    if difference is not None:
         stored_config = ckpt.get("config") if isinstance(ckpt.get("config"), dict) else {}
         stored_members = stored_config.get("members", IMPLICIT_IN_OLDER_CHECKPOINTS["members"])
         its = f"; its config says {stored_members} members" if stored_members != config.members else ""
         raise CheckpointError(path, f"its model does not fit a Stage-1 U-Net of width {config.width} with a {config.head} head and {config.block} blocks"
-                                    f"{members_note(config.members)} (first difference: {diff[0]}{its})")
+                                    f"{members_note(config.members)} (first difference: {difference}{its})")
     check_optimizer_state(torch.optim.AdamW(model.parameters()), ckpt["optimizer_state_dict"], path)  # before anything is written
 
 

@@ -4,6 +4,7 @@
     python examples/lightning_stage1.py --data-dir tiles/ --output-dir runs/pl1 --seed 42 --steps 20 \\
         --checkpoint-every 5 --num-workers 2
     python examples/lightning_stage1.py ... --resume auto      # continue after a kill
+    python examples/lightning_stage1.py ... --devices 2        # DDP, one process per device
 
 Checkpoints land in ``<output-dir>/checkpoints/checkpoint_step_<N>.pt`` (with ``latest``); two runs
 with the same flags write byte-identical files whatever ``--num-workers`` and however often they
@@ -100,6 +101,7 @@ def build_module(args, train_set, val_set):
 
 def split_tiles(args):
     """Train and validation tiles: the Stage-1 trainer's split (a ``test`` tile never trains)."""
+    from axs_lib.sampling import shard_size
     from axs_lib.split import leave_out_flagged, make_split
     from axs_lib.stage1.config import DEFAULT_SPLIT_SEED
     from axs_lib.tiles import list_tiles
@@ -107,8 +109,10 @@ def split_tiles(args):
     split = leave_out_flagged(make_split(list_tiles(args.data_dir, args.max_tiles), DEFAULT_SPLIT_SEED, args.val_fraction))
     if not split.train:
         raise UsageError(f"no training tile left in {args.data_dir} (every tile is held out for test or flagged)")
-    if args.batch_size > len(split.train):
-        raise UsageError(f"--batch-size {args.batch_size} is larger than the {len(split.train)} training tiles in {args.data_dir}")
+    per_rank = shard_size(len(split.train), args.devices)  # each rank's share of an epoch (ResumableSampler)
+    if args.batch_size > per_rank:
+        share = "" if args.devices == 1 else f" each of the {args.devices} ranks gets of the {len(split.train)}"
+        raise UsageError(f"--batch-size {args.batch_size} is larger than the {per_rank} training tiles{share} in {args.data_dir}")
     return split
 
 
@@ -124,6 +128,7 @@ def train(args) -> int:
         import lightning.pytorch as pl
         from lightning.fabric.utilities.exceptions import MisconfigurationException
         from lightning.pytorch.loggers import CSVLogger
+        from lightning.pytorch.utilities import rank_zero_only
 
         from axs_lib.lightning import ExactResume
     except ImportError as exc:
@@ -135,11 +140,16 @@ def train(args) -> int:
     output = Path(args.output_dir)
     config = {"width": args.width, "dropout": args.dropout, "lr": args.lr, "batch_size": args.batch_size,
               "augment": not args.no_augment, "max_tiles": args.max_tiles, "val_fraction": args.val_fraction}
-    exact = ExactResume(output, seed=args.seed, config=config, checkpoint_every=args.checkpoint_every)
+    exact = ExactResume(output, seed=args.seed, config=config, checkpoint_every=args.checkpoint_every,
+                        allow_world_size_change=args.allow_world_size_change)
     # refused (UsageError, one line): a checkpoint of another seed or config, one written in the
     # middle of an accumulated step, and a fresh start over an earlier run's checkpoints
-    say = lambda line: print(line, file=sys.stderr)  # noqa: E731
-    ckpt_path = exact.resume(args.resume, log=say)
+    # every rank runs this script; rank 0 speaks for them (Lightning sets the rank of the copies
+    # it starts in their environment, read by rank_zero_only at import)
+    say = lambda line: print(line, file=sys.stderr) if rank_zero_only.rank == 0 else None  # noqa: E731
+    # every rank runs this (Lightning's DDP launcher starts the other ranks as copies of this
+    # command); the checkpoint's world size is checked against --devices before anything starts
+    ckpt_path = exact.resume(args.resume, world_size=args.devices, log=say)
     split = split_tiles(args)
     say(f"{len(split.train)} train / {len(split.val)} val tiles"
         + (f"; {_tiles(split.excluded)} held out for test" if split.excluded else "")
@@ -153,7 +163,10 @@ def train(args) -> int:
     validate = val_set is not None and not args.no_validation
     try:
         trainer = pl.Trainer(
-            max_steps=args.steps, max_epochs=-1, accelerator=args.accelerator, devices=1, deterministic=True,
+            max_steps=args.steps, max_epochs=-1, accelerator=args.accelerator, devices=args.devices, deterministic=True,
+            # several devices: one process per device, the others started as copies of this command
+            # (not ddp_spawn, which would have to pickle the module's closures)
+            strategy="ddp" if args.devices > 1 else "auto",
             callbacks=[exact], plugins=[exact.checkpoint_io], enable_checkpointing=False,
             logger=CSVLogger(output) if not args.no_logger else False, log_every_n_steps=args.log_every,
             enable_progress_bar=not args.no_progress_bar, enable_model_summary=False,
@@ -167,7 +180,8 @@ def train(args) -> int:
     if ckpt_path is not None:
         say(f"resuming from {ckpt_path}")
     trainer.fit(module, ckpt_path=ckpt_path)
-    print(f"done: {trainer.global_step} steps, checkpoints in {exact.manager.folder}")
+    if trainer.is_global_zero:
+        print(f"done: {trainer.global_step} steps, checkpoints in {exact.manager.folder}")
     return 0
 
 
@@ -198,6 +212,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-logger", action="store_true", help="no CSV log in <output-dir>/lightning_logs (the bits do not change)")
     parser.add_argument("--no-progress-bar", action="store_true", help="no progress bar (the bits do not change)")
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator (cpu, gpu, auto)")
+    parser.add_argument("--devices", type=argtypes.positive_int, default=1,
+                        help="processes (CPU) or GPUs, one rank each (DDP); --batch-size is per rank")
+    parser.add_argument("--allow-world-size-change", action="store_true",
+                        help="resume a checkpoint of another --devices (re-sharded deterministically, with other bits)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")
     return parser
 

@@ -2,8 +2,8 @@
 
 The Stage-1 example (``examples/lightning_stage1.py``) runs in-process on eight synthetic 32 x 32
 tiles (seven train, one validates), width 4, 12 steps, a checkpoint every 4, with Lightning's CSV
-logger, progress bar and validation every 2 steps on; only the SIGKILL and SIGTERM tests start a
-subprocess (the signal is the point). A tiny model on random vectors shows, side by side and in a few seconds, that plain
+logger, progress bar and validation every 2 steps on; only the SIGKILL and SIGTERM tests (the signal is the point) and the runs on two devices
+(Lightning starts the second rank as a copy of the command) start a subprocess. A tiny model on random vectors shows, side by side and in a few seconds, that plain
 Lightning differs after a mid-epoch resume and that the same module with `ExactResume` does not.
 """
 
@@ -424,6 +424,105 @@ def test_sigterm_to_the_process_group_checkpoints_the_step_reached_exits_143_and
     assert example.main(_args(tiles, out, 0, "--resume", "auto")) == 0
     reference = _digests(root / "a")
     assert {k: v for k, v in _digests(out).items() if k in reference} == reference
+
+
+# --------------------------------------------------------------------------- several devices (DDP, gloo on CPU)
+# The example on 2 devices: Lightning starts rank 1 as a copy of the command, so these runs are
+# subprocesses. Each rank reads its shard of every epoch (ResumableSampler) with its own step seeds.
+
+
+def _run_example(args: list[str], **popen) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(EXAMPLE), *args], cwd=REPO, capture_output=True, text=True, timeout=300, **popen)
+
+
+@pytest.fixture(scope="module")
+def two_devices(runs):
+    """An uninterrupted run of the example on 2 devices with 2 workers each."""
+    root, tiles, _ = runs
+    out = root / "dev2"
+    proc = _run_example(_args(tiles, out, 2, "--devices", "2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, proc
+
+
+def test_two_devices_write_the_same_bytes_with_0_and_2_workers_and_rank_0_speaks_for_both(runs, two_devices, tmp_path):
+    root, tiles, _ = runs
+    out, first = two_devices
+    proc = _run_example(_args(tiles, tmp_path / "dev2_w0", 0, "--devices", "2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    reference = _digests(out)
+    assert sorted(reference) == [f"checkpoint_step_{s}.pt" for s in (12, 4, 8)]
+    assert _digests(tmp_path / "dev2_w0") == reference
+    # the control: one device, the same flags, other bits (each rank draws its own batches and
+    # seeds, and DDP averages two gradients where one device computes one)
+    assert _digests(root / "a") != reference
+    assert torch.load(out / "checkpoints" / "checkpoint_step_12.pt", weights_only=True)["world_size"] == 2
+    assert first.stdout.count("done: 12 steps") == 1 and first.stderr.count("train / 1 val tiles") == 1
+
+
+def test_sigterm_to_the_process_group_of_a_two_device_run_stops_both_ranks_at_one_step_and_resumes_exactly(
+        runs, two_devices, tmp_path):
+    """Slurm's stop for a 2-rank job: SIGTERM to both ranks and their workers. Both write nothing
+    but rank 0's checkpoint of the same step, exit 143, and a resume on 2 devices ends in the
+    uninterrupted run's bytes."""
+    root, tiles, _ = runs
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen([sys.executable, str(EXAMPLE), *_args(tiles, out, 2, "--devices", "2")], cwd=REPO,
+                            start_new_session=True, env={**os.environ, "AXS_FAULT": "slow:checkpoint_step_8.pt"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    first = out / "checkpoints" / "checkpoint_step_4.pt"
+    deadline = time.monotonic() + 300
+    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.communicate()[1][-2000:]
+    os.killpg(proc.pid, signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143, err[-2000:]
+    assert "Traceback" not in err, err[-2000:]
+    steps = {int(part.split(":")[0]) for part in err.split("stopped by SIGTERM at step ")[1:]}
+    assert len(steps) == 1 and 4 <= min(steps) <= 8, err[-2000:]  # one step for both ranks
+    stopped = steps.pop()
+    assert (out / "checkpoints" / "latest").read_text().strip() == f"checkpoint_step_{stopped}.pt"
+    resumed = _run_example(_args(tiles, out, 0, "--devices", "2", "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    reference = _digests(two_devices[0])
+    assert {k: v for k, v in _digests(out).items() if k in reference} == reference
+
+
+def test_a_two_device_checkpoint_on_one_device_is_refused_in_one_line_before_anything_is_written(runs, two_devices, tmp_path):
+    _, tiles, example = runs
+    out = tmp_path / "moved"
+    shutil.copytree(two_devices[0] / "checkpoints", out / "checkpoints")
+    (out / "checkpoints" / "checkpoint_step_12.pt").unlink()
+    (out / "checkpoints" / "latest").unlink()
+    before = sorted(p.relative_to(out) for p in out.rglob("*"))
+    proc = _run_example(_args(tiles, out, 0, "--resume", "auto"))
+    assert proc.returncode == 2
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "checkpoint_step_8.pt: cannot resume exactly: world size: checkpoint 2, now 1" in lines[0], proc.stderr
+    assert "--allow-world-size-change" in lines[0]  # a flag the example has
+    assert sorted(p.relative_to(out) for p in out.rglob("*")) == before
+
+
+@pytest.mark.slow
+def test_allow_world_size_change_continues_a_two_device_checkpoint_on_one_device_to_the_end(runs, two_devices, tmp_path):
+    _, tiles, example = runs
+    out = tmp_path / "moved"
+    shutil.copytree(two_devices[0] / "checkpoints", out / "checkpoints")
+    for name in ("checkpoint_step_12.pt", "latest"):
+        (out / "checkpoints" / name).unlink()
+    assert example.main(_args(tiles, out, 2, "--resume", "auto", "--allow-world-size-change")) == 0
+    resumed = torch.load(out / "checkpoints" / "checkpoint_step_12.pt", weights_only=True)
+    assert resumed["step"] == 12 and resumed["world_size"] == 1
+
+
+def test_a_batch_larger_than_each_ranks_share_of_the_tiles_is_one_line_exit_2(runs, tmp_path, capsys):
+    _, tiles, example = runs
+    args = _args(tiles, tmp_path / "big", 0, "--devices", "2")
+    args[args.index("--batch-size") + 1] = "5"  # 7 training tiles: 4 per rank
+    assert example.main(args) == 2
+    assert "--batch-size 5 is larger than the 4 training tiles each of the 2 ranks gets of the 7" in capsys.readouterr().err
+    assert not (tmp_path / "big").exists()
 
 
 class _TinyValidated(_Tiny):

@@ -50,6 +50,14 @@ in where Lightning already offers a seam (read from ``lightning/pytorch/loops/fi
   (``tests/test_lightning.py``). A file saved between the
   micro-batches of a step (``ModelCheckpoint`` after a resume, a manual ``trainer.save_checkpoint``)
   lacks the gradients gathered so far: it is marked when written and a resume from it is refused.
+* **Several devices**: under Lightning's DDP each rank trains on its own shard (`resumable_loader`
+  shards by the trainer's rank, the step seeds carry the rank, rank 0 writes, a stop signal on any
+  rank stops all at the same step), exact for a fixed world size, which the checkpoint records.
+  With ``global_batch_size`` the steps do not depend on the number of devices at all: a
+  `StepLoader` hands each rank its micro-batches of the step (`axs_lib.distributed.MicroBatchPlan`),
+  `ExactResume.backward` computes their gradients with per-micro-batch seeds and sums them in
+  `axs_lib.distributed.GradientTree`'s fixed tree, and `GradientTreeStrategy` keeps
+  DistributedDataParallel's own all-reduce out of the way.
 * **Validation, loggers, progress bar**: none reaches the step checkpoints. Loggers and the
   progress bar keep no state there; validation runs after the step's checkpoint, in eval mode,
   and what it draws from the global generators is overwritten by the next batch's re-seeding.
@@ -72,6 +80,7 @@ of which some are not resumable.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import os
 import signal
@@ -81,15 +90,18 @@ from typing import Any, Callable
 try:
     import lightning.pytorch as pl
     from lightning.fabric.plugins.io.checkpoint_io import CheckpointIO
+    from lightning.pytorch.strategies import DDPStrategy
 except ImportError:  # the one clear error; nothing else in axs_lib needs Lightning
     raise ImportError(
         "axs_lib.lightning needs PyTorch Lightning, which is not installed: pip install 'axs-lib[lightning]'"
     ) from None
 
 import torch
+from torch.nn.parallel import DistributedDataParallel
 from torch.utils.data import Dataset
 
 from axs_lib.checkpoint import load_checkpoint, save_checkpoint
+from axs_lib.distributed import GradientTree, MicroBatchPlan, World
 from axs_lib.errors import AxsError, UsageError
 from axs_lib.loader import ResumableLoader
 from axs_lib.reproducibility import add_seed_to_checkpoint, check_seed, derive_seed, last_seed_info, seed_globals
@@ -101,6 +113,7 @@ log = logging.getLogger(__name__)
 
 RUN_MARK = "<run>"  # stands for the run directory in stored strings
 ACCUMULATING_KEY = "axs_mid_accumulation"  # in a file saved between the micro-batches of one step
+GLOBAL_BATCH_KEY = "global_batch_size"  # in a checkpoint of steps summed over micro-batches (`ExactResume.backward`)
 VALIDATION_PROGRESS = "epoch_loop.val_loop."  # prefix of the validation loop's entries in the fit loop's state
 
 
@@ -237,16 +250,66 @@ class AxsCheckpointIO(CheckpointIO):
 
 
 def resumable_loader(dataset: Dataset, batch_size: int, *, seed: int, trainer: "pl.Trainer | None" = None,
-                     shuffle: bool = True, **kwargs: Any) -> ResumableLoader:
+                     shuffle: bool = True, global_batch_size: int | None = None, **kwargs: Any) -> ResumableLoader:
     """The training dataloader for `ExactResume`: a `ResumableLoader` sharded by the trainer's rank.
 
     Call it from ``LightningModule.train_dataloader`` (``trainer=self.trainer``). Wrap a dataset
     whose augmentation uses the global generators in `axs_lib.samples.SeededDataset` first.
     Other keyword arguments go to `ResumableLoader` (``num_workers``, ``drop_last``, ...).
+
+    ``global_batch_size`` G (with ``ExactResume(..., global_batch_size=G)``): a `StepLoader`
+    instead, for steps whose bits do not depend on the number of devices. Every batch it hands
+    out is one optimizer step: this rank's micro-batches of ``batch_size`` samples out of the next
+    G samples of the unsharded epoch order. Raises `axs_lib.distributed.PlanError` when the world
+    size does not divide the G / ``batch_size`` micro-batches.
     """
     rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
+    if global_batch_size is not None:
+        plan = MicroBatchPlan.from_global(global_batch_size, batch_size, world, rank)
+        return StepLoader(dataset, batch_size, seed=seed, sampler=ResumableSampler(dataset, seed, shuffle=shuffle),
+                          plan=plan, **kwargs)
     sampler = ResumableSampler(dataset, seed, shuffle=shuffle, num_replicas=world, rank=rank)  # type: ignore[arg-type]
     return ResumableLoader(dataset, batch_size, seed=seed, sampler=sampler, **kwargs)
+
+
+class StepLoader(ResumableLoader):
+    """A `ResumableLoader` over a micro-batch plan whose every batch is one optimizer step: the list
+    of this rank's ``plan.per_rank`` micro-batches of it, in slot order.
+
+    One Lightning batch per step, so Lightning's own counters (batches, steps, the ``loops`` state
+    in every checkpoint) are the same for every number of devices; the loader's state moves one
+    whole step per batch and is the same on every rank (`ResumableLoader` with ``plan``).
+    """
+
+    def __len__(self) -> int:
+        return super().__len__() // self.plan.per_rank
+
+    def __iter__(self):
+        return _steps(super().__iter__(), self.plan.per_rank)
+
+
+def _steps(micro_batches, per_rank: int):
+    """Groups of ``per_rank`` micro-batches (the plan hands out whole steps only)."""
+    while group := list(itertools.islice(micro_batches, per_rank)):
+        yield group
+
+
+class GradientTreeStrategy(DDPStrategy):
+    """Lightning's DDP (one process per device, the process group, rank-aware logging and
+    checkpointing) without ``DistributedDataParallel``, for `ExactResume.backward`.
+
+    DistributedDataParallel averages the ranks' gradients with a bucketed all-reduce whose order
+    depends on the world size; here nothing reduces behind the module's back:
+    `ExactResume.backward` sums every micro-batch's gradient in `axs_lib.distributed.GradientTree`'s
+    one fixed tree, the same floating-point expression on 1, 2 or 8 devices. The parameters and
+    buffers are broadcast from rank 0 once, as DistributedDataParallel does when it wraps them.
+    """
+
+    def configure_ddp(self) -> None:
+        assert isinstance(self.model, pl.LightningModule)
+        with torch.no_grad():
+            for tensor in itertools.chain(self.model.parameters(), self.model.buffers()):
+                torch.distributed.broadcast(tensor, src=0)
 
 
 # --------------------------------------------------------------------------- the callback
@@ -265,14 +328,27 @@ class ExactResume(pl.Callback):
     ``config``: the flat dict of settings that change the result (checked on resume, stored as
     the checkpoint's ``config``). The training dataloader must be a `ResumableLoader`
     (`resumable_loader`); the callback refuses to train otherwise.
+
+    ``global_batch_size`` G: steps whose bits do not depend on the number of devices. The module
+    trains with manual optimization and computes each step's gradients with `backward`; the
+    training loader is ``resumable_loader(..., global_batch_size=G)``; on several devices the
+    strategy is `GradientTreeStrategy`. Checkpoints then hold G and no world size, and resume on
+    any number of devices that divides the G / micro-batch-size micro-batches. Without it, each
+    rank trains on its own shard under Lightning's DDP, and a checkpoint resumes on its own world
+    size only.
     """
 
     def __init__(self, output_dir: os.PathLike | str, *, seed: int, config: dict[str, Any] | None = None,
                  checkpoint_every: int | None = None, keep_last: int | None = None,
-                 allow_world_size_change: bool = False, environment: bool = True):
+                 allow_world_size_change: bool = False, environment: bool = True, global_batch_size: int | None = None):
         if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
                                              or checkpoint_every < 1):
             raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
+        if global_batch_size is not None and (isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int)
+                                              or global_batch_size < 1):
+            raise ValueError(f"global_batch_size must be a positive int or None, got {global_batch_size!r}")
+        self.global_batch_size = global_batch_size
+        self._tree: GradientTree | None = None
         self.seed = check_seed(seed)
         self.config = dict(config or {})
         self.checkpoint_every = checkpoint_every
@@ -316,8 +392,13 @@ class ExactResume(pl.Callback):
         if checkpoint.get(ACCUMULATING_KEY):
             raise UsageError(f"{path}: cannot resume exactly: written in the middle of an accumulated step (its "
                              "gradients are not in the file); resume from a checkpoint_step_<N>.pt of ExactResume")
+        stored = checkpoint.get(GLOBAL_BATCH_KEY)
+        tree = self.global_batch_size is not None
         problems = check_resume(checkpoint, seed=self.seed, config=self.config, world_size=world_size,
-                                allow_world_size_change=self.allow_world_size_change)
+                                allow_world_size_change=self.allow_world_size_change or tree)
+        if not _same_int(stored, self.global_batch_size):
+            name = lambda g: "none (steps sharded by rank)" if g is None else repr(g)  # noqa: E731
+            problems.append(f"global batch: checkpoint {name(stored)}, now {name(self.global_batch_size)}")
         if problems:
             raise UsageError(f"{path}: cannot resume exactly: " + "; ".join(problems))
 
@@ -339,6 +420,7 @@ class ExactResume(pl.Callback):
         if wrong:
             raise UsageError(f"ExactResume needs the training dataloader to be an axs_lib.loader.ResumableLoader "
                              f"(see axs_lib.lightning.resumable_loader), got {', '.join(wrong)}")
+        self._check_steps(trainer, pl_module)
         # Lightning has resolved ckpt_path by now ("last" with no last file becomes None): a fresh
         # start must not write step after step over an earlier run's checkpoints
         if trainer.ckpt_path is None:
@@ -358,7 +440,72 @@ class ExactResume(pl.Callback):
             self._stop.signum = signal.SIGTERM  # ours to act on, at the first step boundary
             connector.received_sigterm = False
 
+    def _check_steps(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule") -> None:
+        """A global batch (``global_batch_size``) needs its loader, manual optimization and no
+        DistributedDataParallel; steps sharded by rank need no `StepLoader`."""
+        steps = [dl for dl in self._loaders if isinstance(dl, StepLoader)]
+        g = self.global_batch_size
+        if g is None:
+            if steps:
+                raise UsageError("the training loader hands out global batches (resumable_loader(..., global_batch_size=G)): "
+                                 "pass the same global_batch_size to ExactResume")
+            return
+        self._tree = None
+        if len(steps) != 1 or len(self._loaders) != 1 or steps[0].plan.global_batch_size != g:
+            got = ", ".join(str(dl.plan.global_batch_size) if isinstance(dl, StepLoader) else type(dl).__name__ + " (no global batch)"
+                            for dl in self._loaders)
+            raise UsageError(f"ExactResume(global_batch_size={g}) needs one training loader from "
+                             f"resumable_loader(..., global_batch_size={g}), got {got or 'none'}")
+        if pl_module.automatic_optimization:
+            raise UsageError("ExactResume(global_batch_size=...) computes each step's gradients in ExactResume.backward: "
+                             "set automatic_optimization = False in the LightningModule")
+        if isinstance(trainer.strategy.model, DistributedDataParallel):
+            raise UsageError("ExactResume(global_batch_size=...) sums the gradients itself: on several devices use "
+                             "strategy=axs_lib.lightning.GradientTreeStrategy(), not DistributedDataParallel")
+
+    def backward(self, module: "pl.LightningModule", micro_batches: list, loss_fn: Callable[[Any], torch.Tensor]) -> torch.Tensor:
+        """This step's gradients, the same bits on any number of devices; returns the step's loss.
+
+        ``micro_batches`` is the batch the `StepLoader` handed to ``training_step``: this rank's
+        micro-batches of the step. Each goes through ``loss_fn`` (its mean loss) and
+        ``manual_backward`` with the global generators seeded from its slot in the step (dropout
+        belongs to the micro-batch, not to the rank), and `axs_lib.distributed.GradientTree` sums
+        the gradients of all ranks' micro-batches in its fixed tree. ``.grad`` then holds the
+        gradient of the global batch's mean loss (set, not added to: no ``zero_grad`` needed);
+        call ``optimizer.step()`` next. The returned loss is the global batch's mean, the same on
+        every rank.
+        """
+        if self.global_batch_size is None or not self._loaders:
+            raise UsageError("ExactResume.backward needs ExactResume(global_batch_size=G) and "
+                             "resumable_loader(..., global_batch_size=G) as the training loader")
+        plan = self._loaders[0].plan
+        if len(micro_batches) != plan.per_rank:
+            raise UsageError(f"ExactResume.backward got {len(micro_batches)} micro-batches; this rank computes "
+                             f"{plan.per_rank} per step: pass the batch the training loader handed out")
+        if self._tree is None:
+            self._tree = GradientTree(module.parameters(), plan, World(rank=plan.rank, size=plan.world_size))
+        for parameter in self._tree.parameters:
+            parameter.grad = None  # the tree takes each slot's gradient from an empty .grad
+        step = module.trainer.global_step
+        try:
+            for slot, micro in zip(plan.slots, micro_batches):
+                seed_globals(derive_seed(self.seed, "step", step, "micro", slot))
+                loss = loss_fn(micro) / plan.micro_batches
+                module.manual_backward(loss)
+                self._tree.add(loss)
+        except BaseException:
+            self._tree.reset()
+            raise
+        loss = self._tree.reduce()
+        # the generators as the step began, on every rank: rank 0 saves their state in the checkpoint,
+        # and after its last micro-batch it would hold the state of another slot for every world size
+        seed_globals(derive_seed(self.seed, "step", step))
+        return loss
+
     def on_train_batch_start(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", batch: Any, batch_idx: int) -> None:
+        if self.global_batch_size is not None:  # `backward` seeds each micro-batch from its slot; nothing from the rank
+            seed_globals(derive_seed(self.seed, "step", trainer.global_step))
+            return
         keys: tuple[str | int, ...] = ("step", trainer.global_step, trainer.global_rank)
         if trainer.accumulate_grad_batches > 1:  # each micro-batch of a step draws its own numbers
             keys += ("micro", batch_idx % trainer.accumulate_grad_batches)
@@ -416,7 +563,10 @@ class ExactResume(pl.Callback):
     def on_save_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
         checkpoint["step"] = trainer.global_step
         checkpoint["config"] = dict(self.config)
-        checkpoint["world_size"] = trainer.world_size
+        if self.global_batch_size is None:
+            checkpoint["world_size"] = trainer.world_size
+        else:  # the steps do not depend on the ranks, and the file says nothing about them
+            checkpoint[GLOBAL_BATCH_KEY] = self.global_batch_size
         if self._fingerprint is not None:
             checkpoint["environment"] = self._fingerprint
         info = last_seed_info()
@@ -467,6 +617,11 @@ class ExactResume(pl.Callback):
         self.manager.close()  # a write in flight finishes (or reports its error)
 
 
+def _same_int(a: Any, b: Any) -> bool:
+    """Equal, and both None or both integers (a crafted 16.0 or True is not a global batch)."""
+    return (a is None and b is None) or (type(a) is int and type(b) is int and a == b)
+
+
 def _clear_validation_progress(checkpoint: dict[str, Any]) -> None:
     """The validation loop's progress counters in a step checkpoint, as if validation had never run.
 
@@ -515,4 +670,5 @@ def _finish_epoch_boundary_restart(fit_loop: Any) -> None:
         fit_loop.reset_restart_stage()
 
 
-__all__ = ["AxsCheckpointIO", "ExactResume", "RUN_MARK", "expand", "portable", "resumable_loader"]
+__all__ = ["AxsCheckpointIO", "ExactResume", "GradientTreeStrategy", "RUN_MARK", "StepLoader", "expand", "portable",
+           "resumable_loader"]

@@ -5,6 +5,8 @@
         --checkpoint-every 5 --num-workers 2
     python examples/lightning_stage1.py ... --resume auto      # continue after a kill
     python examples/lightning_stage1.py ... --devices 2        # DDP, one process per device
+    python examples/lightning_stage1.py ... --batch-size 1 --global-batch-size 4 --devices 2
+                                                   # the same bits as on one device (docs/lightning.md)
 
 Checkpoints land in ``<output-dir>/checkpoints/checkpoint_step_<N>.pt`` (with ``latest``); two runs
 with the same flags write byte-identical files whatever ``--num-workers`` and however often they
@@ -50,7 +52,7 @@ from axs_lib.errors import UsageError  # noqa: E402
 from axs_lib.signals import StopRequested  # noqa: E402
 
 
-def build_module(args, train_set, val_set):
+def build_module(args, train_set, val_set, exact):
     import lightning.pytorch as pl
 
     from axs_lib.data import validation_loader
@@ -64,11 +66,20 @@ def build_module(args, train_set, val_set):
             super().__init__()
             self.model = UNet(width=args.width, dropout=args.dropout)
             self.quality = QualityMetrics()
+            # --global-batch-size: each batch is a step's micro-batches, whose gradients
+            # ExactResume.backward sums in one fixed tree (the same bits on any number of devices)
+            self.automatic_optimization = args.global_batch_size is None
+
+        def loss(self, batch):
+            return stage1_loss(self.model(batch["sar"]), batch["optical"], batch["mask"])
 
         def training_step(self, batch, batch_idx):
-            pred = self.model(batch["sar"])
-            loss = stage1_loss(pred, batch["optical"], batch["mask"])
-            self.log("train_loss", loss, prog_bar=True, batch_size=batch["sar"].shape[0])
+            if self.automatic_optimization:
+                loss, size = self.loss(batch), batch["sar"].shape[0]
+            else:
+                loss, size = exact.backward(self, batch, self.loss), args.global_batch_size
+                self.optimizers().step()
+            self.log("train_loss", loss, prog_bar=True, batch_size=size)
             return loss
 
         def on_validation_epoch_start(self):
@@ -89,7 +100,7 @@ def build_module(args, train_set, val_set):
 
         def train_dataloader(self):
             return resumable_loader(train_set, args.batch_size, seed=args.seed, trainer=self.trainer,
-                                    num_workers=args.num_workers)
+                                    num_workers=args.num_workers, global_batch_size=args.global_batch_size)
 
         def val_dataloader(self):
             # index order, plain int keys (no augmentation), its own seeded generator, workers that
@@ -109,6 +120,11 @@ def split_tiles(args):
     split = leave_out_flagged(make_split(list_tiles(args.data_dir, args.max_tiles), DEFAULT_SPLIT_SEED, args.val_fraction))
     if not split.train:
         raise UsageError(f"no training tile left in {args.data_dir} (every tile is held out for test or flagged)")
+    if args.global_batch_size is not None:
+        if args.global_batch_size > len(split.train):
+            raise UsageError(f"--global-batch-size {args.global_batch_size} is larger than the {len(split.train)} "
+                             f"training tiles in {args.data_dir}")
+        return split
     per_rank = shard_size(len(split.train), args.devices)  # each rank's share of an epoch (ResumableSampler)
     if args.batch_size > per_rank:
         share = "" if args.devices == 1 else f" each of the {args.devices} ranks gets of the {len(split.train)}"
@@ -122,6 +138,7 @@ def _tiles(paths) -> str:
 
 def train(args) -> int:
     from axs_lib.data import TileDataset
+    from axs_lib.distributed import MicroBatchPlan
     from axs_lib.reproducibility import derive_seed, seed_globals, set_seed
 
     try:
@@ -130,9 +147,11 @@ def train(args) -> int:
         from lightning.pytorch.loggers import CSVLogger
         from lightning.pytorch.utilities import rank_zero_only
 
-        from axs_lib.lightning import ExactResume
+        from axs_lib.lightning import ExactResume, GradientTreeStrategy
     except ImportError as exc:
         raise UsageError(str(exc)) from None
+    if args.global_batch_size is not None:  # the sizes checked before any process starts (PlanError: one line)
+        MicroBatchPlan.from_global(args.global_batch_size, args.batch_size, args.devices)
 
     # Lightning warns when an epoch has fewer batches than --log-every; with max_epochs=-1 it counts
     # the interval across epochs (_LoggerConnector.should_update_logs), so the losses are logged anyway
@@ -141,7 +160,7 @@ def train(args) -> int:
     config = {"width": args.width, "dropout": args.dropout, "lr": args.lr, "batch_size": args.batch_size,
               "augment": not args.no_augment, "max_tiles": args.max_tiles, "val_fraction": args.val_fraction}
     exact = ExactResume(output, seed=args.seed, config=config, checkpoint_every=args.checkpoint_every,
-                        allow_world_size_change=args.allow_world_size_change)
+                        allow_world_size_change=args.allow_world_size_change, global_batch_size=args.global_batch_size)
     # refused (UsageError, one line): a checkpoint of another seed or config, one written in the
     # middle of an accumulated step, and a fresh start over an earlier run's checkpoints
     # every rank runs this script; rank 0 speaks for them (Lightning sets the rank of the copies
@@ -159,14 +178,14 @@ def train(args) -> int:
     train_set = TileDataset(split.train, args.seed, augment=not args.no_augment)
     val_set = TileDataset(split.val, args.seed, augment=False) if split.val else None
     seed_globals(derive_seed(args.seed, "init"))  # the initial weights depend on the seed alone
-    module = build_module(args, train_set, val_set)
+    module = build_module(args, train_set, val_set, exact)
     validate = val_set is not None and not args.no_validation
     try:
         trainer = pl.Trainer(
             max_steps=args.steps, max_epochs=-1, accelerator=args.accelerator, devices=args.devices, deterministic=True,
             # several devices: one process per device, the others started as copies of this command
             # (not ddp_spawn, which would have to pickle the module's closures)
-            strategy="ddp" if args.devices > 1 else "auto",
+            strategy="auto" if args.devices == 1 else "ddp" if args.global_batch_size is None else GradientTreeStrategy(),
             callbacks=[exact], plugins=[exact.checkpoint_io], enable_checkpointing=False,
             logger=CSVLogger(output) if not args.no_logger else False, log_every_n_steps=args.log_every,
             enable_progress_bar=not args.no_progress_bar, enable_model_summary=False,
@@ -214,6 +233,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--accelerator", default="auto", help="Lightning accelerator (cpu, gpu, auto)")
     parser.add_argument("--devices", type=argtypes.positive_int, default=1,
                         help="processes (CPU) or GPUs, one rank each (DDP); --batch-size is per rank")
+    parser.add_argument("--global-batch-size", type=argtypes.positive_int, default=None,
+                        help="tiles per optimizer step, in micro-batches of --batch-size summed in one fixed tree: the "
+                             "same bits on any --devices that divides the micro-batches (default: --batch-size per rank, "
+                             "Lightning's DDP)")
     parser.add_argument("--allow-world-size-change", action="store_true",
                         help="resume a checkpoint of another --devices (re-sharded deterministically, with other bits)")
     parser.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors")

@@ -16,6 +16,7 @@ import json
 import multiprocessing
 import os
 import random
+import re
 import shutil
 import signal
 import subprocess
@@ -428,47 +429,24 @@ def test_sigterm_to_the_process_group_checkpoints_the_step_reached_exits_143_and
 
 # --------------------------------------------------------------------------- several devices (DDP, gloo on CPU)
 # The example on 2 devices: Lightning starts rank 1 as a copy of the command, so these runs are
-# subprocesses. Each rank reads its shard of every epoch (ResumableSampler) with its own step seeds.
+# subprocesses, with one intra-op thread each (Lightning would give each of 2 ranks half the cores,
+# and the thread count is part of the result). Without DataLoader workers: on Python <= 3.11 a
+# worker forked in a rank whose gloo threads run can hang at start (docs/lightning.md).
+
+ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 
 
-def _run_example(args: list[str], **popen) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, str(EXAMPLE), *args], cwd=REPO, capture_output=True, text=True, timeout=300, **popen)
+def _run_example(args: list[str]) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, str(EXAMPLE), *args], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env=ONE_THREAD)
 
 
-@pytest.fixture(scope="module")
-def two_devices(runs):
-    """An uninterrupted run of the example on 2 devices with 2 workers each."""
-    root, tiles, _ = runs
-    out = root / "dev2"
-    proc = _run_example(_args(tiles, out, 2, "--devices", "2"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    return out, proc
-
-
-def test_two_devices_write_the_same_bytes_with_0_and_2_workers_and_rank_0_speaks_for_both(runs, two_devices, tmp_path):
-    root, tiles, _ = runs
-    out, first = two_devices
-    proc = _run_example(_args(tiles, tmp_path / "dev2_w0", 0, "--devices", "2"))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    reference = _digests(out)
-    assert sorted(reference) == [f"checkpoint_step_{s}.pt" for s in (12, 4, 8)]
-    assert _digests(tmp_path / "dev2_w0") == reference
-    # the control: one device, the same flags, other bits (each rank draws its own batches and
-    # seeds, and DDP averages two gradients where one device computes one)
-    assert _digests(root / "a") != reference
-    assert torch.load(out / "checkpoints" / "checkpoint_step_12.pt", weights_only=True)["world_size"] == 2
-    assert first.stdout.count("done: 12 steps") == 1 and first.stderr.count("train / 1 val tiles") == 1
-
-
-def test_sigterm_to_the_process_group_of_a_two_device_run_stops_both_ranks_at_one_step_and_resumes_exactly(
-        runs, two_devices, tmp_path):
-    """Slurm's stop for a 2-rank job: SIGTERM to both ranks and their workers. Both write nothing
-    but rank 0's checkpoint of the same step, exit 143, and a resume on 2 devices ends in the
-    uninterrupted run's bytes."""
-    root, tiles, _ = runs
-    out = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, str(EXAMPLE), *_args(tiles, out, 2, "--devices", "2")], cwd=REPO,
-                            start_new_session=True, env={**os.environ, "AXS_FAULT": "slow:checkpoint_step_8.pt"},
+def _stop_with_sigterm(args: list[str]) -> tuple[int, str]:
+    """Start the example, SIGTERM its process group once checkpoint_step_4.pt exists (step 8's write
+    held 3 s, so the signal lands before the run ends); (stopped step, stderr)."""
+    out = Path(args[args.index("--output-dir") + 1])
+    proc = subprocess.Popen([sys.executable, str(EXAMPLE), *args], cwd=REPO, start_new_session=True,
+                            env={**ONE_THREAD, "AXS_FAULT": "slow:checkpoint_step_8.pt"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     first = out / "checkpoints" / "checkpoint_step_4.pt"
     deadline = time.monotonic() + 300
@@ -480,9 +458,41 @@ def test_sigterm_to_the_process_group_of_a_two_device_run_stops_both_ranks_at_on
     assert proc.returncode == 143, err[-2000:]
     assert "Traceback" not in err, err[-2000:]
     steps = {int(part.split(":")[0]) for part in err.split("stopped by SIGTERM at step ")[1:]}
-    assert len(steps) == 1 and 4 <= min(steps) <= 8, err[-2000:]  # one step for both ranks
+    assert len(steps) == 1 and 4 <= min(steps) <= 8, err[-2000:]  # one step for every rank
     stopped = steps.pop()
     assert (out / "checkpoints" / "latest").read_text().strip() == f"checkpoint_step_{stopped}.pt"
+    return stopped, err
+
+
+@pytest.fixture(scope="module")
+def two_devices(runs):
+    """An uninterrupted run of the example on 2 devices (Lightning's DDP: each rank its own shard)."""
+    root, tiles, _ = runs
+    out = root / "dev2"
+    proc = _run_example(_args(tiles, out, 0, "--devices", "2"))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    return out, proc
+
+
+def test_two_devices_write_step_checkpoints_of_world_size_2_and_rank_0_speaks_for_both(runs, two_devices):
+    root, _, _ = runs
+    out, first = two_devices
+    reference = _digests(out)
+    assert sorted(reference) == [f"checkpoint_step_{s}.pt" for s in (12, 4, 8)]
+    assert torch.load(out / "checkpoints" / "checkpoint_step_12.pt", weights_only=True)["world_size"] == 2
+    # one device, the same flags: other bits (each rank draws its own batches and seeds, and DDP
+    # averages two gradients where one device computes one)
+    assert _digests(root / "a") != reference
+    assert first.stdout.count("done: 12 steps") == 1 and first.stderr.count("train / 1 val tiles") == 1
+
+
+def test_sigterm_to_the_process_group_of_a_two_device_run_stops_both_ranks_at_one_step_and_resumes_exactly(
+        runs, two_devices, tmp_path):
+    """Slurm's stop for a 2-rank job: both ranks stop at one step, rank 0 writes its checkpoint,
+    exit 143; a resume on 2 devices ends in the uninterrupted run's bytes."""
+    _, tiles, _ = runs
+    out = tmp_path / "stopped"
+    _stop_with_sigterm(_args(tiles, out, 0, "--devices", "2"))
     resumed = _run_example(_args(tiles, out, 0, "--devices", "2", "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     reference = _digests(two_devices[0])
@@ -490,7 +500,7 @@ def test_sigterm_to_the_process_group_of_a_two_device_run_stops_both_ranks_at_on
 
 
 def test_a_two_device_checkpoint_on_one_device_is_refused_in_one_line_before_anything_is_written(runs, two_devices, tmp_path):
-    _, tiles, example = runs
+    _, tiles, _ = runs
     out = tmp_path / "moved"
     shutil.copytree(two_devices[0] / "checkpoints", out / "checkpoints")
     (out / "checkpoints" / "checkpoint_step_12.pt").unlink()
@@ -523,6 +533,171 @@ def test_a_batch_larger_than_each_ranks_share_of_the_tiles_is_one_line_exit_2(ru
     assert example.main(args) == 2
     assert "--batch-size 5 is larger than the 4 training tiles each of the 2 ranks gets of the 7" in capsys.readouterr().err
     assert not (tmp_path / "big").exists()
+
+
+# Global batches (--global-batch-size): 4 tiles per step in micro-batches of 1, summed in one tree.
+
+
+def _global_args(tiles: Path, out: Path, *extra: str) -> list[str]:
+    args = _args(tiles, out, 0, "--global-batch-size", "4", *extra)
+    args[args.index("--batch-size") + 1] = "1"
+    return args
+
+
+@pytest.fixture(scope="module")
+def global_batch_runs(runs):
+    """Uninterrupted runs with a global batch of 4 in micro-batches of 1: on one device and on two."""
+    root, tiles, _ = runs
+    for name, devices in (("g1", "1"), ("g2", "2")):
+        proc = _run_example(_global_args(tiles, root / name, "--devices", devices))
+        assert proc.returncode == 0, proc.stderr[-2000:]
+    return root / "g1", root / "g2"
+
+
+def test_a_global_batch_writes_the_same_bytes_on_one_and_on_two_devices(global_batch_runs):
+    one, two = global_batch_runs
+    reference = _digests(one)
+    assert sorted(reference) == [f"checkpoint_step_{s}.pt" for s in (12, 4, 8)]
+    assert _digests(two) == reference
+    checkpoint = torch.load(two / "checkpoints" / "checkpoint_step_12.pt", weights_only=True)
+    assert checkpoint["global_batch_size"] == 4 and "world_size" not in checkpoint
+
+
+def test_a_global_batch_run_stopped_on_two_devices_resumes_on_one_device_to_the_same_bytes(runs, global_batch_runs, tmp_path):
+    """The run moves: SIGTERM to a 2-device job's process group, then `--resume auto` on one device."""
+    _, tiles, _ = runs
+    out = tmp_path / "moved"
+    _stop_with_sigterm(_global_args(tiles, out, "--devices", "2"))
+    resumed = _run_example(_global_args(tiles, out, "--resume", "auto"))
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    reference = _digests(global_batch_runs[0])
+    assert {k: v for k, v in _digests(out).items() if k in reference} == reference
+
+
+def test_a_global_batch_the_devices_cannot_share_or_a_checkpoint_without_one_is_one_line_exit_2(
+        runs, global_batch_runs, tmp_path, capsys):
+    _, tiles, example = runs
+    args = _global_args(tiles, tmp_path / "three", "--devices", "2")
+    args[args.index("--global-batch-size") + 1] = "3"
+    assert example.main(args) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "2 ranks cannot share 3 micro-batches per step exactly" in err[0], err
+    assert not (tmp_path / "three").exists()
+    out = tmp_path / "sharded"
+    shutil.copytree(global_batch_runs[1] / "checkpoints", out / "checkpoints")
+    (out / "checkpoints" / "checkpoint_step_12.pt").unlink()
+    (out / "checkpoints" / "latest").unlink()
+    assert example.main(_args(tiles, out, 0, "--resume", "auto")) == 2
+    assert "global batch: checkpoint 4, now none (steps sharded by rank)" in capsys.readouterr().err
+
+
+class _TinyTree(_Tiny):
+    """`_Tiny` with global batches of 4 in micro-batches of 2, stepped through `ExactResume.backward`."""
+
+    def __init__(self, exact_resume: ExactResume, sharded_loader: bool = False):
+        super().__init__(exact=True)
+        self.exact_resume, self.sharded_loader = exact_resume, sharded_loader
+        self.automatic_optimization = False
+        self.workers = 0
+
+    def training_step(self, batch, batch_idx):
+        loss = self.exact_resume.backward(self, batch, lambda micro: self.net(micro).pow(2).mean())
+        self.optimizers().step()
+        return loss
+
+    def train_dataloader(self):
+        if self.sharded_loader:
+            return resumable_loader(self.data, 2, seed=5, trainer=self.trainer)
+        return resumable_loader(self.data, 2, seed=5, trainer=self.trainer, global_batch_size=4, num_workers=self.workers)
+
+
+def _tree_fit(out: Path, steps: int, ckpt_path: str | None = None, global_batch_size: int | None = 4, workers: int = 0,
+              **module_kwargs) -> dict:
+    exact = ExactResume(out, seed=5, checkpoint_every=3, environment=False, global_batch_size=global_batch_size)
+    trainer = pl.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, deterministic=True, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=[exact], plugins=[exact.checkpoint_io])
+    torch.manual_seed(0)  # the initial weights
+    module = _TinyTree(exact, **module_kwargs)
+    module.workers = workers
+    trainer.fit(module, ckpt_path=ckpt_path)
+    return {k: v.clone() for k, v in module.state_dict().items()}
+
+
+def test_a_step_loader_hands_out_each_step_as_this_ranks_micro_batches_and_counts_whole_steps():
+    data = list(range(10))
+    one = resumable_loader(data, 2, seed=5, global_batch_size=4)
+    steps = list(one)
+    assert len(one) == len(steps) == 2  # 10 samples: two whole steps of 4 per epoch
+    assert all(len(step) == 2 and all(len(micro) == 2 for micro in step) for step in steps)
+    assert one.state_dict()["epoch"] == 1 and one.state_dict()["position"] == 0
+    # two ranks: each gets one of the two micro-batches of the same global batch
+    ranks = [resumable_loader(data, 2, seed=5, global_batch_size=4, trainer=_FakeTrainer(rank, 2)) for rank in (0, 1)]
+    halves = [list(loader) for loader in ranks]
+    assert [[m.tolist() for m in (*a, *b)] for a, b in zip(*halves)] == [[m.tolist() for m in step] for step in steps]
+    assert all(loader.state_dict() == one.state_dict() for loader in ranks)
+
+
+class _FakeTrainer:
+    def __init__(self, rank: int, world: int):
+        self.global_rank, self.world_size = rank, world
+
+
+def test_global_batch_steps_resume_exactly_from_a_checkpoint_and_differ_from_other_micro_batches(tmp_path):
+    full = _tree_fit(tmp_path / "full", 6)
+    checkpoint = tmp_path / "full" / "checkpoints" / "checkpoint_step_3.pt"
+    assert torch.load(checkpoint, weights_only=True)["global_batch_size"] == 4
+    assert "world_size" not in torch.load(checkpoint, weights_only=True)  # nothing about the ranks
+    (tmp_path / "resumed" / "checkpoints").mkdir(parents=True)
+    shutil.copy(checkpoint, tmp_path / "resumed" / "checkpoints")
+    resumed = _tree_fit(tmp_path / "resumed", 6, ckpt_path=str(tmp_path / "resumed" / "checkpoints" / "checkpoint_step_3.pt"),
+                        workers=2)
+    assert _same(full, resumed)
+    assert (tmp_path / "full" / "checkpoints" / "checkpoint_step_6.pt").read_bytes() == \
+        (tmp_path / "resumed" / "checkpoints" / "checkpoint_step_6.pt").read_bytes()
+    # the control: the same samples per step in one micro-batch of 4 sum in another order (and draw
+    # dropout per micro-batch), so the comparison above can fail
+    class _OneMicroBatch(_TinyTree):
+        def train_dataloader(self):
+            return resumable_loader(self.data, 4, seed=5, trainer=self.trainer, global_batch_size=4)
+    exact = ExactResume(tmp_path / "one", seed=5, environment=False, global_batch_size=4)
+    trainer = pl.Trainer(max_steps=6, max_epochs=-1, accelerator="cpu", devices=1, deterministic=True, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         callbacks=[exact], plugins=[exact.checkpoint_io])
+    torch.manual_seed(0)
+    module = _OneMicroBatch(exact)
+    trainer.fit(module)
+    assert not _same(full, module.state_dict())
+
+
+def test_global_batches_are_refused_in_one_line_without_manual_optimization_their_loader_or_their_checkpoint(tmp_path):
+    class _Automatic(_TinyTree):
+        def __init__(self, exact_resume):
+            super().__init__(exact_resume)
+            self.automatic_optimization = True
+
+        def training_step(self, batch, batch_idx):
+            return self.net(batch[0]).pow(2).mean()
+
+    exact = ExactResume(tmp_path / "auto", seed=5, environment=False, global_batch_size=4)
+    trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, callbacks=[exact], plugins=[exact.checkpoint_io])
+    with pytest.raises(UsageError, match="set automatic_optimization = False"):
+        trainer.fit(_Automatic(exact))
+    with pytest.raises(UsageError, match=r"needs one training loader from resumable_loader\(\.\.\., global_batch_size=4\), "
+                                         r"got ResumableLoader \(no global batch\)"):
+        _tree_fit(tmp_path / "sharded", 2, sharded_loader=True)
+    with pytest.raises(UsageError, match="pass the same global_batch_size to ExactResume"):
+        _tree_fit(tmp_path / "no_g", 2, global_batch_size=None)
+    _tree_fit(tmp_path / "tree", 3)
+    checkpoint = tmp_path / "tree" / "checkpoints" / "checkpoint_step_3.pt"
+    for g, message in ((None, "global batch: checkpoint 4, now none (steps sharded by rank)"),
+                       (8, "global batch: checkpoint 4, now 8")):
+        with pytest.raises(UsageError, match=re.escape(message)):
+            ExactResume(tmp_path / "tree", seed=5, environment=False, global_batch_size=g).resume("auto")
+    assert sorted(p.name for p in (tmp_path / "tree" / "checkpoints").iterdir()) == ["checkpoint_step_3.pt", "latest"]
+    with pytest.raises(ValueError, match="global_batch_size must be a positive int"):
+        ExactResume(tmp_path, seed=5, global_batch_size=0)
 
 
 class _TinyValidated(_Tiny):

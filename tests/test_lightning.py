@@ -402,13 +402,12 @@ def test_without_lightning_the_module_names_the_extra_and_the_package_still_impo
 # --------------------------------------------------------------------------- stop signals, refusals, hostile state
 
 
-def test_sigterm_to_the_process_group_checkpoints_the_step_reached_exits_143_and_resumes_exactly(runs, tmp_path):
-    """As Slurm stops a job: SIGTERM to the trainer and its 2 workers. Step 8's write is held 3 s
-    (AXS_FAULT=slow), so the signal lands before the run can end, wherever it lands in steps 5-8."""
-    root, tiles, example = runs
-    out = tmp_path / "stopped"
-    proc = subprocess.Popen([sys.executable, str(EXAMPLE), *_args(tiles, out, 2)], cwd=REPO, start_new_session=True,
-                            env={**os.environ, "AXS_FAULT": "slow:checkpoint_step_8.pt"},
+def _stop_with_sigterm(args: list[str], env: dict | None = None) -> tuple[int, str]:
+    """Start the example, SIGTERM its process group once checkpoint_step_4.pt exists (step 8's write
+    held 3 s, so the signal lands before the run ends); (stopped step, stderr)."""
+    out = Path(args[args.index("--output-dir") + 1])
+    proc = subprocess.Popen([sys.executable, str(EXAMPLE), *args], cwd=REPO, start_new_session=True,
+                            env={**(env or os.environ), "AXS_FAULT": "slow:checkpoint_step_8.pt"},
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     first = out / "checkpoints" / "checkpoint_step_4.pt"
     deadline = time.monotonic() + 300
@@ -419,9 +418,18 @@ def test_sigterm_to_the_process_group_checkpoints_the_step_reached_exits_143_and
     _, err = proc.communicate(timeout=120)  # no hang at exit: the workers ignore SIGTERM, ExactResume stops them
     assert proc.returncode == 143, err[-2000:]
     assert "Traceback" not in err and "DataLoader worker" not in err, err[-2000:]
-    stopped = int(err.split("stopped by SIGTERM at step ")[1].split(":")[0])
-    assert 4 <= stopped <= 8
+    steps = {int(part.split(":")[0]) for part in err.split("stopped by SIGTERM at step ")[1:]}
+    assert len(steps) == 1 and 4 <= min(steps) <= 8, err[-2000:]  # one step for every rank
+    stopped = steps.pop()
     assert (out / "checkpoints" / "latest").read_text().strip() == f"checkpoint_step_{stopped}.pt"
+    return stopped, err
+
+
+def test_sigterm_to_the_process_group_checkpoints_the_step_reached_exits_143_and_resumes_exactly(runs, tmp_path):
+    """As Slurm stops a job: SIGTERM to the trainer and its 2 workers, wherever it lands in steps 5-8."""
+    root, tiles, example = runs
+    out = tmp_path / "stopped"
+    _stop_with_sigterm(_args(tiles, out, 2))
     assert example.main(_args(tiles, out, 0, "--resume", "auto")) == 0
     reference = _digests(root / "a")
     assert {k: v for k, v in _digests(out).items() if k in reference} == reference
@@ -439,29 +447,6 @@ ONE_THREAD = {**os.environ, "OMP_NUM_THREADS": "1"}
 def _run_example(args: list[str]) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, str(EXAMPLE), *args], cwd=REPO, capture_output=True, text=True, timeout=300,
                           env=ONE_THREAD)
-
-
-def _stop_with_sigterm(args: list[str]) -> tuple[int, str]:
-    """Start the example, SIGTERM its process group once checkpoint_step_4.pt exists (step 8's write
-    held 3 s, so the signal lands before the run ends); (stopped step, stderr)."""
-    out = Path(args[args.index("--output-dir") + 1])
-    proc = subprocess.Popen([sys.executable, str(EXAMPLE), *args], cwd=REPO, start_new_session=True,
-                            env={**ONE_THREAD, "AXS_FAULT": "slow:checkpoint_step_8.pt"},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    first = out / "checkpoints" / "checkpoint_step_4.pt"
-    deadline = time.monotonic() + 300
-    while not first.exists() and proc.poll() is None and time.monotonic() < deadline:
-        time.sleep(0.02)
-    assert proc.poll() is None, proc.communicate()[1][-2000:]
-    os.killpg(proc.pid, signal.SIGTERM)
-    _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err[-2000:]
-    assert "Traceback" not in err, err[-2000:]
-    steps = {int(part.split(":")[0]) for part in err.split("stopped by SIGTERM at step ")[1:]}
-    assert len(steps) == 1 and 4 <= min(steps) <= 8, err[-2000:]  # one step for every rank
-    stopped = steps.pop()
-    assert (out / "checkpoints" / "latest").read_text().strip() == f"checkpoint_step_{stopped}.pt"
-    return stopped, err
 
 
 @pytest.fixture(scope="module")
@@ -492,7 +477,7 @@ def test_sigterm_to_the_process_group_of_a_two_device_run_stops_both_ranks_at_on
     exit 143; a resume on 2 devices ends in the uninterrupted run's bytes."""
     _, tiles, _ = runs
     out = tmp_path / "stopped"
-    _stop_with_sigterm(_args(tiles, out, 0, "--devices", "2"))
+    _stop_with_sigterm(_args(tiles, out, 0, "--devices", "2"), ONE_THREAD)
     resumed = _run_example(_args(tiles, out, 0, "--devices", "2", "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     reference = _digests(two_devices[0])
@@ -567,7 +552,7 @@ def test_a_global_batch_run_stopped_on_two_devices_resumes_on_one_device_to_the_
     """The run moves: SIGTERM to a 2-device job's process group, then `--resume auto` on one device."""
     _, tiles, _ = runs
     out = tmp_path / "moved"
-    _stop_with_sigterm(_global_args(tiles, out, "--devices", "2"))
+    _stop_with_sigterm(_global_args(tiles, out, "--devices", "2"), ONE_THREAD)
     resumed = _run_example(_global_args(tiles, out, "--resume", "auto"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     reference = _digests(global_batch_runs[0])

@@ -80,6 +80,7 @@ of which some are not resumable.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import itertools
 import logging
 import os
@@ -114,6 +115,7 @@ log = logging.getLogger(__name__)
 RUN_MARK = "<run>"  # stands for the run directory in stored strings
 ACCUMULATING_KEY = "axs_mid_accumulation"  # in a file saved between the micro-batches of one step
 GLOBAL_BATCH_KEY = "global_batch_size"  # in a checkpoint of steps summed over micro-batches (`ExactResume.backward`)
+MICRO_BATCH_KEY = "micro_batch_size"  # beside it: the micro-batches shape the sum's tree and draw their own numbers
 VALIDATION_PROGRESS = "epoch_loop.val_loop."  # prefix of the validation loop's entries in the fit loop's state
 
 
@@ -287,6 +289,9 @@ class StepLoader(ResumableLoader):
     def __iter__(self):
         return _steps(super().__iter__(), self.plan.per_rank)
 
+    def endless(self):
+        return _steps(super().endless(), self.plan.per_rank)
+
 
 def _steps(micro_batches, per_rank: int):
     """Groups of ``per_rank`` micro-batches (the plan hands out whole steps only)."""
@@ -349,6 +354,8 @@ class ExactResume(pl.Callback):
             raise ValueError(f"global_batch_size must be a positive int or None, got {global_batch_size!r}")
         self.global_batch_size = global_batch_size
         self._tree: GradientTree | None = None
+        self._backward_at: int | None = None  # the step whose gradients `backward` computed last
+        self._restored: tuple[str, Any] | None = None  # (file, its micro-batch size), checked when the loader is known
         self.seed = check_seed(seed)
         self.config = dict(config or {})
         self.checkpoint_every = checkpoint_every
@@ -393,11 +400,12 @@ class ExactResume(pl.Callback):
             raise UsageError(f"{path}: cannot resume exactly: written in the middle of an accumulated step (its "
                              "gradients are not in the file); resume from a checkpoint_step_<N>.pt of ExactResume")
         stored = checkpoint.get(GLOBAL_BATCH_KEY)
-        tree = self.global_batch_size is not None
+        # global batches record no world size: a file of either kind is judged on its global batch alone
+        any_world = self.allow_world_size_change or self.global_batch_size is not None or stored is not None
         problems = check_resume(checkpoint, seed=self.seed, config=self.config, world_size=world_size,
-                                allow_world_size_change=self.allow_world_size_change or tree)
+                                allow_world_size_change=any_world)
         if not _same_int(stored, self.global_batch_size):
-            name = lambda g: "none (steps sharded by rank)" if g is None else repr(g)  # noqa: E731
+            name = lambda g: "none (steps sharded by rank)" if g is None else repr(g)[:40]  # noqa: E731
             problems.append(f"global batch: checkpoint {name(stored)}, now {name(self.global_batch_size)}")
         if problems:
             raise UsageError(f"{path}: cannot resume exactly: " + "; ".join(problems))
@@ -449,16 +457,32 @@ class ExactResume(pl.Callback):
             if steps:
                 raise UsageError("the training loader hands out global batches (resumable_loader(..., global_batch_size=G)): "
                                  "pass the same global_batch_size to ExactResume")
+            if isinstance(trainer.strategy, GradientTreeStrategy):
+                raise UsageError("GradientTreeStrategy leaves the sum of the ranks' gradients to ExactResume.backward: "
+                                 "pass global_batch_size to ExactResume (or train with strategy='ddp')")
             return
-        self._tree = None
+        self._tree, self._backward_at = None, None
         if len(steps) != 1 or len(self._loaders) != 1 or steps[0].plan.global_batch_size != g:
             got = ", ".join(str(dl.plan.global_batch_size) if isinstance(dl, StepLoader) else type(dl).__name__ + " (no global batch)"
                             for dl in self._loaders)
             raise UsageError(f"ExactResume(global_batch_size={g}) needs one training loader from "
                              f"resumable_loader(..., global_batch_size={g}), got {got or 'none'}")
+        plan = steps[0].plan
+        if (plan.world_size, plan.rank) != (trainer.world_size, trainer.global_rank):
+            raise UsageError(f"the training loader was planned for rank {plan.rank} of {plan.world_size}, this is rank "
+                             f"{trainer.global_rank} of {trainer.world_size}: pass trainer=self.trainer to resumable_loader")
+        if self._restored is not None and not _same_int(self._restored[1], plan.micro_batch_size):
+            raise UsageError(f"{self._restored[0]}: cannot resume exactly: micro-batch size: checkpoint "
+                             f"{repr(self._restored[1])[:40]}, now {plan.micro_batch_size}")
         if pl_module.automatic_optimization:
             raise UsageError("ExactResume(global_batch_size=...) computes each step's gradients in ExactResume.backward: "
                              "set automatic_optimization = False in the LightningModule")
+        running = next((name for name, m in pl_module.named_modules()
+                        if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats), None)
+        if running is not None:
+            raise UsageError(f"ExactResume(global_batch_size=...): {running} keeps running statistics of the micro-batches "
+                             "each device sees, which depend on the number of devices: use GroupNorm or LayerNorm, or "
+                             "BatchNorm with track_running_stats=False")
         if isinstance(trainer.strategy.model, DistributedDataParallel):
             raise UsageError("ExactResume(global_batch_size=...) sums the gradients itself: on several devices use "
                              "strategy=axs_lib.lightning.GradientTreeStrategy(), not DistributedDataParallel")
@@ -482,8 +506,10 @@ class ExactResume(pl.Callback):
         if len(micro_batches) != plan.per_rank:
             raise UsageError(f"ExactResume.backward got {len(micro_batches)} micro-batches; this rank computes "
                              f"{plan.per_rank} per step: pass the batch the training loader handed out")
-        if self._tree is None:
-            self._tree = GradientTree(module.parameters(), plan, World(rank=plan.rank, size=plan.world_size))
+        trainable = [p for p in module.parameters() if p.requires_grad]
+        if self._tree is None or len(trainable) != len(self._tree.parameters) or any(
+                a is not b for a, b in zip(trainable, self._tree.parameters)):  # first step, or (un)frozen since
+            self._tree = GradientTree(trainable, plan, World(rank=plan.rank, size=plan.world_size))
         for parameter in self._tree.parameters:
             parameter.grad = None  # the tree takes each slot's gradient from an empty .grad
         step = module.trainer.global_step
@@ -497,6 +523,7 @@ class ExactResume(pl.Callback):
             self._tree.reset()
             raise
         loss = self._tree.reduce()
+        self._backward_at = step
         # the generators as the step began, on every rank: rank 0 saves their state in the checkpoint,
         # and after its last micro-batch it would hold the state of another slot for every world size
         seed_globals(derive_seed(self.seed, "step", step))
@@ -521,6 +548,9 @@ class ExactResume(pl.Callback):
         if self._accumulating:
             return
         self._stepped_at = step
+        if self.global_batch_size is not None and self._backward_at != step - 1:
+            raise UsageError(f"step {step}: its gradients did not come from ExactResume.backward (with "
+                             "global_batch_size, training_step computes them there, then calls optimizer.step())")
         stop = self._stop_requested(trainer)
         every = self.checkpoint_every
         if step != self._saved_step and ((every is not None and step % every == 0) or step == trainer.max_steps or stop):
@@ -552,6 +582,8 @@ class ExactResume(pl.Callback):
 
     def save(self, trainer: "pl.Trainer", step: int) -> None:
         """Write ``checkpoints/checkpoint_step_<step>.pt`` (all ranks call it; rank 0 writes)."""
+        if self.global_batch_size is not None and trainer.world_size > 1:
+            _check_ranks_agree(trainer.lightning_module, step)
         # weights_only=False said outright: the full state (left unset, Lightning logs that it chose it at every save)
         self._writing_step = True
         try:
@@ -567,6 +599,7 @@ class ExactResume(pl.Callback):
             checkpoint["world_size"] = trainer.world_size
         else:  # the steps do not depend on the ranks, and the file says nothing about them
             checkpoint[GLOBAL_BATCH_KEY] = self.global_batch_size
+            checkpoint[MICRO_BATCH_KEY] = self._loaders[0].plan.micro_batch_size if self._loaders else None
         if self._fingerprint is not None:
             checkpoint["environment"] = self._fingerprint
         info = last_seed_info()
@@ -578,6 +611,8 @@ class ExactResume(pl.Callback):
 
     def on_load_checkpoint(self, trainer: "pl.Trainer", pl_module: "pl.LightningModule", checkpoint: dict[str, Any]) -> None:
         self._refuse_mismatch(checkpoint, trainer.ckpt_path or "<checkpoint>", trainer.world_size)
+        if self.global_batch_size is not None:  # compared with the loader's at on_train_start
+            self._restored = (str(trainer.ckpt_path or "<checkpoint>"), checkpoint.get(MICRO_BATCH_KEY))
 
     def state_dict(self) -> dict[str, Any]:
         return {"seed": self.seed, "checkpoint_every": self.checkpoint_every}
@@ -615,6 +650,25 @@ class ExactResume(pl.Callback):
         for loader in loaders:
             loader.close()
         self.manager.close()  # a write in flight finishes (or reports its error)
+
+
+def _check_ranks_agree(module: torch.nn.Module, step: int) -> None:
+    """Refuse to save when the ranks' weights or buffers differ (`UsageError`, on every rank alike).
+
+    With global batches every rank applies the same summed gradient, so they stay identical unless
+    something rank-local changed them (a buffer updated in ``forward``, a gradient that did not go
+    through `ExactResume.backward`); rank 0 would then save one rank's model as the run's.
+    """
+    digests = [(name, hashlib.sha256(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()).hexdigest())
+               for name, t in module.state_dict().items() if isinstance(t, torch.Tensor)]
+    every = [None] * torch.distributed.get_world_size()
+    torch.distributed.all_gather_object(every, digests)
+    for rank, theirs in enumerate(every[1:], 1):
+        differ = next((a for (a, x), (_, y) in zip(every[0], theirs) if x != y), None)
+        if differ is not None or len(theirs) != len(every[0]):
+            raise UsageError(f"step {step}: rank {rank} holds another {differ or 'state dict'} than rank 0: something "
+                             "rank-local changed the model (a buffer updated in forward, a gradient not summed by "
+                             "ExactResume.backward); nothing was saved")
 
 
 def _same_int(a: Any, b: Any) -> bool:

@@ -459,15 +459,18 @@ def two_devices(runs):
     return out, proc
 
 
-def test_two_devices_write_step_checkpoints_of_world_size_2_and_rank_0_speaks_for_both(runs, two_devices):
-    root, _, _ = runs
+def test_two_devices_train_other_weights_than_one_device_and_rank_0_speaks_for_both(runs, two_devices, tmp_path):
+    _, tiles, _ = runs
     out, first = two_devices
-    reference = _digests(out)
-    assert sorted(reference) == [f"checkpoint_step_{s}.pt" for s in (12, 4, 8)]
-    assert torch.load(out / "checkpoints" / "checkpoint_step_12.pt", weights_only=True)["world_size"] == 2
-    # one device, the same flags: other bits (each rank draws its own batches and seeds, and DDP
-    # averages two gradients where one device computes one)
-    assert _digests(root / "a") != reference
+    assert sorted(_digests(out)) == [f"checkpoint_step_{s}.pt" for s in (12, 4, 8)]
+    two = torch.load(out / "checkpoints" / "checkpoint_step_12.pt", weights_only=True)
+    assert two["world_size"] == 2
+    # one device, the same flags and thread count: other weights (each rank draws its own batches
+    # and seeds, and DDP averages two gradients where one device computes one): the reason for
+    # global batches, and the control that the global-batch test below can fail
+    assert _run_example(_args(tiles, tmp_path / "one", 0)).returncode == 0
+    one = torch.load(tmp_path / "one" / "checkpoints" / "checkpoint_step_12.pt", weights_only=True)
+    assert not all(torch.equal(one["state_dict"][k], two["state_dict"][k]) for k in two["state_dict"])
     assert first.stdout.count("done: 12 steps") == 1 and first.stderr.count("train / 1 val tiles") == 1
 
 
@@ -520,18 +523,19 @@ def test_a_batch_larger_than_each_ranks_share_of_the_tiles_is_one_line_exit_2(ru
     assert not (tmp_path / "big").exists()
 
 
-# Global batches (--global-batch-size): 4 tiles per step in micro-batches of 1, summed in one tree.
+# Global batches (--global-batch-size): 2 tiles per step in micro-batches of 1, summed in one tree;
+# 7 training tiles make 3 steps an epoch, so a stop at step 4-8 is mostly in the middle of one.
 
 
 def _global_args(tiles: Path, out: Path, *extra: str) -> list[str]:
-    args = _args(tiles, out, 0, "--global-batch-size", "4", *extra)
+    args = _args(tiles, out, 0, "--global-batch-size", "2", *extra)
     args[args.index("--batch-size") + 1] = "1"
     return args
 
 
 @pytest.fixture(scope="module")
 def global_batch_runs(runs):
-    """Uninterrupted runs with a global batch of 4 in micro-batches of 1: on one device and on two."""
+    """Uninterrupted runs with a global batch of 2 in micro-batches of 1: on one device and on two."""
     root, tiles, _ = runs
     for name, devices in (("g1", "1"), ("g2", "2")):
         proc = _run_example(_global_args(tiles, root / name, "--devices", devices))
@@ -545,7 +549,7 @@ def test_a_global_batch_writes_the_same_bytes_on_one_and_on_two_devices(global_b
     assert sorted(reference) == [f"checkpoint_step_{s}.pt" for s in (12, 4, 8)]
     assert _digests(two) == reference
     checkpoint = torch.load(two / "checkpoints" / "checkpoint_step_12.pt", weights_only=True)
-    assert checkpoint["global_batch_size"] == 4 and "world_size" not in checkpoint
+    assert checkpoint["global_batch_size"] == 2 and checkpoint["micro_batch_size"] == 1 and "world_size" not in checkpoint
 
 
 def test_a_global_batch_run_stopped_on_two_devices_resumes_on_one_device_to_the_same_bytes(runs, global_batch_runs, tmp_path):
@@ -573,7 +577,7 @@ def test_a_global_batch_the_devices_cannot_share_or_a_checkpoint_without_one_is_
     (out / "checkpoints" / "checkpoint_step_12.pt").unlink()
     (out / "checkpoints" / "latest").unlink()
     assert example.main(_args(tiles, out, 0, "--resume", "auto")) == 2
-    assert "global batch: checkpoint 4, now none (steps sharded by rank)" in capsys.readouterr().err
+    assert "global batch: checkpoint 2, now none (steps sharded by rank)" in capsys.readouterr().err
 
 
 class _TinyTree(_Tiny):
@@ -653,6 +657,87 @@ def test_global_batch_steps_resume_exactly_from_a_checkpoint_and_differ_from_oth
     module = _OneMicroBatch(exact)
     trainer.fit(module)
     assert not _same(full, module.state_dict())
+
+
+def test_global_batches_refuse_batchnorm_another_micro_batch_on_resume_and_steps_not_from_backward(tmp_path):
+    class _Normed(_TinyTree):
+        def __init__(self, exact_resume):
+            super().__init__(exact_resume)
+            self.net = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8), torch.nn.Linear(8, 1))
+
+    class _PlainBackward(_TinyTree):
+        def training_step(self, batch, batch_idx):
+            loss = torch.stack([self.net(micro).pow(2).mean() for micro in batch]).mean()
+            self.manual_backward(loss)
+            self.optimizers().step()
+
+    class _Micro1(_TinyTree):
+        def train_dataloader(self):
+            return resumable_loader(self.data, 1, seed=5, trainer=self.trainer, global_batch_size=4)
+
+    def fit(cls, out, ckpt_path=None):
+        exact = ExactResume(out, seed=5, checkpoint_every=3, environment=False, global_batch_size=4)
+        trainer = pl.Trainer(max_steps=6, max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False, callbacks=[exact],
+                             plugins=[exact.checkpoint_io])
+        trainer.fit(cls(exact), ckpt_path=ckpt_path)
+
+    with pytest.raises(UsageError, match=r"net\.1 keeps running statistics of the micro-batches each device sees"):
+        fit(_Normed, tmp_path / "bn")
+    with pytest.raises(UsageError, match=r"step 1: its gradients did not come from ExactResume\.backward"):
+        fit(_PlainBackward, tmp_path / "plain")
+    for name in ("bn", "plain"):
+        assert not (tmp_path / name / "checkpoints").exists() or not any((tmp_path / name / "checkpoints").iterdir())
+    _tree_fit(tmp_path / "micro2", 3)  # micro-batches of 2
+    with pytest.raises(UsageError, match="checkpoint_step_3.pt: cannot resume exactly: micro-batch size: checkpoint 2, now 1"):
+        fit(_Micro1, tmp_path / "micro2", ckpt_path=str(tmp_path / "micro2" / "checkpoints" / "checkpoint_step_3.pt"))
+    assert sorted(p.name for p in (tmp_path / "micro2" / "checkpoints").iterdir()) == ["checkpoint_step_3.pt", "latest"]
+
+
+RANKS_AGREE = """
+import sys, torch, torch.distributed as dist
+sys.path.insert(0, sys.argv[1])
+from axs_lib.errors import UsageError
+from axs_lib.lightning import _check_ranks_agree
+dist.init_process_group("gloo")
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(3, 2), torch.nn.BatchNorm1d(2))
+_check_ranks_agree(model, 4)  # the same on both ranks: nothing to say
+if dist.get_rank() == 1:
+    model[1].running_mean += 1  # a buffer updated on this rank only
+try:
+    _check_ranks_agree(model, 5)
+except UsageError as exc:
+    print(f"rank {dist.get_rank()}: {exc}")
+dist.destroy_process_group()
+"""
+
+
+def test_a_save_with_global_batches_is_refused_on_every_rank_when_the_ranks_models_differ(tmp_path):
+    script = tmp_path / "ranks.py"
+    script.write_text(RANKS_AGREE)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+                           str(REPO)], capture_output=True, text=True, timeout=300, env=ONE_THREAD)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for rank in (0, 1):
+        assert f"rank {rank}: step 5: rank 1 holds another 1.running_mean than rank 0" in proc.stdout, proc.stdout
+
+
+def test_gradient_tree_strategy_without_a_global_batch_and_a_loader_planned_for_another_rank_are_refused(tmp_path):
+    from axs_lib.lightning import GradientTreeStrategy
+
+    class _Trainer:
+        world_size, global_rank = 2, 1
+        strategy = GradientTreeStrategy()
+
+    exact = ExactResume(tmp_path, seed=5, environment=False)
+    exact._loaders = []
+    with pytest.raises(UsageError, match="GradientTreeStrategy leaves the sum of the ranks' gradients to ExactResume.backward"):
+        exact._check_steps(_Trainer(), _TinyTree(exact))
+    exact = ExactResume(tmp_path, seed=5, environment=False, global_batch_size=4)
+    exact._loaders = [resumable_loader(list(range(8)), 2, seed=5, global_batch_size=4)]  # planned without trainer=
+    with pytest.raises(UsageError, match="planned for rank 0 of 1, this is rank 1 of 2: pass trainer=self.trainer"):
+        exact._check_steps(_Trainer(), _TinyTree(exact))
 
 
 def test_global_batches_are_refused_in_one_line_without_manual_optimization_their_loader_or_their_checkpoint(tmp_path):

@@ -760,9 +760,9 @@ def test_global_batches_are_refused_in_one_line_without_manual_optimization_thei
     with pytest.raises(UsageError, match="pass the same global_batch_size to ExactResume"):
         _tree_fit(tmp_path / "no_g", 2, global_batch_size=None)
     _tree_fit(tmp_path / "tree", 3)
-    checkpoint = tmp_path / "tree" / "checkpoints" / "checkpoint_step_3.pt"
-    for g, message in ((None, "global batch: checkpoint 4, now none (steps sharded by rank)"),
-                       (8, "global batch: checkpoint 4, now 8")):
+    for g, message in ((None, "checkpoint_step_3.pt: cannot resume exactly: global batch: checkpoint 4, now none (steps "
+                              "sharded by rank)"),
+                       (8, "checkpoint_step_3.pt: cannot resume exactly: global batch: checkpoint 4, now 8")):
         with pytest.raises(UsageError, match=re.escape(message)):
             ExactResume(tmp_path / "tree", seed=5, environment=False, global_batch_size=g).resume("auto")
     assert sorted(p.name for p in (tmp_path / "tree" / "checkpoints").iterdir()) == ["checkpoint_step_3.pt", "latest"]

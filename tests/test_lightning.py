@@ -474,6 +474,7 @@ def test_two_devices_train_other_weights_than_one_device_and_rank_0_speaks_for_b
     assert first.stdout.count("done: 12 steps") == 1 and first.stderr.count("train / 1 val tiles") == 1
 
 
+@pytest.mark.slow  # the global-batch test below stops a 2-device run by SIGTERM in every `make test`
 def test_sigterm_to_the_process_group_of_a_two_device_run_stops_both_ranks_at_one_step_and_resumes_exactly(
         runs, two_devices, tmp_path):
     """Slurm's stop for a 2-rank job: both ranks stop at one step, rank 0 writes its checkpoint,

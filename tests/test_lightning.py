@@ -224,7 +224,7 @@ def test_the_docs_kill_and_resume_waits_for_the_first_checkpoint_and_resumes_to_
     """docs/lightning.md's two shell blocks of the example, as written, on eight synthetic tiles: the
     SIGKILL lands after the first checkpoint and before the run's end (a fixed wait could land
     before the first checkpoint, or after the end), and the resumed run matches the others."""
-    blocks = [b for b in parse_blocks(REPO / "docs" / "lightning.md") if b.is_shell and "lightning_stage1.py" in b.code]
+    blocks = [b for b in parse_blocks(REPO / "docs" / "lightning.md") if b.is_shell and "runs/pl" in b.code]
     assert len(blocks) == 2 and "--resume auto" in blocks[1].code
     write_synthetic_tiles(tmp_path / "tiles", 8, 32, seed=3)
     (tmp_path / "examples").symlink_to(REPO / "examples")
@@ -234,6 +234,19 @@ def test_the_docs_kill_and_resume_waits_for_the_first_checkpoint_and_resumes_to_
     assert "resuming from runs/pl3/checkpoints/checkpoint_step_" in out and "the run had already finished" not in out
     assert out.count("done: 20 steps") == 3, out[-3000:]  # pl1, pl2 and the resumed pl3; the killed one never ended
     assert out.count("verdict: IDENTICAL BYTES") == 2, out[-3000:]
+
+
+@pytest.mark.slow
+def test_the_docs_global_batch_block_writes_the_same_bytes_on_one_and_two_devices(tmp_path):
+    """docs/lightning.md's global-batch block, as written, on eight synthetic tiles."""
+    blocks = [b for b in parse_blocks(REPO / "docs" / "lightning.md") if b.is_shell and "--global-batch-size" in b.code]
+    assert len(blocks) == 1 and "--devices 2" in blocks[0].code
+    write_synthetic_tiles(tmp_path / "tiles", 8, 32, seed=3)
+    (tmp_path / "examples").symlink_to(REPO / "examples")
+    proc = run_shell("set -e -o pipefail\n" + blocks[0].code, tmp_path, timeout=900)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert out.count("done: 20 steps") == 2 and "verdict: IDENTICAL BYTES" in out, out[-3000:]
 
 
 # --------------------------------------------------------------------------- plain Lightning vs ExactResume

@@ -471,9 +471,10 @@ class ExactResume(pl.Callback):
         if (plan.world_size, plan.rank) != (trainer.world_size, trainer.global_rank):
             raise UsageError(f"the training loader was planned for rank {plan.rank} of {plan.world_size}, this is rank "
                              f"{trainer.global_rank} of {trainer.world_size}: pass trainer=self.trainer to resumable_loader")
-        if self._restored is not None and not _same_int(self._restored[1], plan.micro_batch_size):
-            raise UsageError(f"{self._restored[0]}: cannot resume exactly: micro-batch size: checkpoint "
-                             f"{repr(self._restored[1])[:40]}, now {plan.micro_batch_size}")
+        restored, self._restored = self._restored, None  # this fit's checkpoint only
+        if restored is not None and not _same_int(restored[1], plan.micro_batch_size):
+            raise UsageError(f"{restored[0]}: cannot resume exactly: micro-batch size: checkpoint "
+                             f"{repr(restored[1])[:40]}, now {plan.micro_batch_size}")
         if pl_module.automatic_optimization:
             raise UsageError("ExactResume(global_batch_size=...) computes each step's gradients in ExactResume.backward: "
                              "set automatic_optimization = False in the LightningModule")

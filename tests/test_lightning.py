@@ -737,6 +737,40 @@ def test_a_save_with_global_batches_is_refused_on_every_rank_when_the_ranks_mode
         assert f"rank {rank}: step 5: rank 1 holds another 1.running_mean than rank 0" in proc.stdout, proc.stdout
 
 
+def test_a_layer_unfrozen_during_a_global_batch_run_gets_the_summed_gradient_from_then_on(tmp_path):
+    """Frozen for step 1, trainable after: as if trainable throughout with a zero gradient in step 1
+    (plain SGD leaves it unchanged either way). The gradient tree is rebuilt with the layer in it;
+    left out, its .grad would pile up across steps."""
+    class _Unfreeze(_TinyTree):
+        def __init__(self, exact_resume, frozen: bool):
+            super().__init__(exact_resume)
+            self.frozen = frozen
+
+        def training_step(self, batch, batch_idx):
+            first = self.trainer.global_step == 0
+            self.net[0].requires_grad_(not (self.frozen and first))
+            loss = self.exact_resume.backward(self, batch, lambda micro: self.net(micro).pow(2).mean())
+            if first and not self.frozen:
+                for p in self.net[0].parameters():
+                    p.grad.zero_()
+            self.optimizers().step()
+            return loss
+
+    states = []
+    for frozen in (True, False):
+        exact = ExactResume(tmp_path / str(frozen), seed=5, environment=False, global_batch_size=4)
+        trainer = pl.Trainer(max_steps=4, max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False, callbacks=[exact],
+                             plugins=[exact.checkpoint_io])
+        torch.manual_seed(0)
+        module = _Unfreeze(exact, frozen)
+        start = module.net[0].weight.detach().clone()
+        trainer.fit(module)
+        states.append({k: v.clone() for k, v in module.state_dict().items()})
+        assert not torch.equal(module.net[0].weight, start)  # it trained after step 1
+    assert _same(*states)
+
+
 def test_gradient_tree_strategy_without_a_global_batch_and_a_loader_planned_for_another_rank_are_refused(tmp_path):
     from axs_lib.lightning import GradientTreeStrategy
 

@@ -346,12 +346,9 @@ class ExactResume(pl.Callback):
     def __init__(self, output_dir: os.PathLike | str, *, seed: int, config: dict[str, Any] | None = None,
                  checkpoint_every: int | None = None, keep_last: int | None = None,
                  allow_world_size_change: bool = False, environment: bool = True, global_batch_size: int | None = None):
-        if checkpoint_every is not None and (isinstance(checkpoint_every, bool) or not isinstance(checkpoint_every, int)
-                                             or checkpoint_every < 1):
-            raise ValueError(f"checkpoint_every must be a positive int or None, got {checkpoint_every!r}")
-        if global_batch_size is not None and (isinstance(global_batch_size, bool) or not isinstance(global_batch_size, int)
-                                              or global_batch_size < 1):
-            raise ValueError(f"global_batch_size must be a positive int or None, got {global_batch_size!r}")
+        for name, value in (("checkpoint_every", checkpoint_every), ("global_batch_size", global_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         self.global_batch_size = global_batch_size
         self._tree: GradientTree | None = None
         self._backward_at: int | None = None  # the step whose gradients `backward` computed last

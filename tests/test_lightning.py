@@ -615,13 +615,14 @@ class _TinyTree(_Tiny):
 
 
 def _tree_fit(out: Path, steps: int, ckpt_path: str | None = None, global_batch_size: int | None = 4, workers: int = 0,
-              **module_kwargs) -> dict:
+              module_cls: type = _TinyTree, **module_kwargs) -> dict:
+    """Fit ``module_cls`` (a `_TinyTree`) with global batches; the trained state dict."""
     exact = ExactResume(out, seed=5, checkpoint_every=3, environment=False, global_batch_size=global_batch_size)
     trainer = pl.Trainer(max_steps=steps, max_epochs=-1, accelerator="cpu", devices=1, deterministic=True, logger=False,
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          callbacks=[exact], plugins=[exact.checkpoint_io])
     torch.manual_seed(0)  # the initial weights
-    module = _TinyTree(exact, **module_kwargs)
+    module = module_cls(exact, **module_kwargs)
     module.workers = workers
     trainer.fit(module, ckpt_path=ckpt_path)
     return {k: v.clone() for k, v in module.state_dict().items()}
@@ -663,14 +664,7 @@ def test_global_batch_steps_resume_exactly_from_a_checkpoint_and_differ_from_oth
     class _OneMicroBatch(_TinyTree):
         def train_dataloader(self):
             return resumable_loader(self.data, 4, seed=5, trainer=self.trainer, global_batch_size=4)
-    exact = ExactResume(tmp_path / "one", seed=5, environment=False, global_batch_size=4)
-    trainer = pl.Trainer(max_steps=6, max_epochs=-1, accelerator="cpu", devices=1, deterministic=True, logger=False,
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         callbacks=[exact], plugins=[exact.checkpoint_io])
-    torch.manual_seed(0)
-    module = _OneMicroBatch(exact)
-    trainer.fit(module)
-    assert not _same(full, module.state_dict())
+    assert not _same(full, _tree_fit(tmp_path / "one", 6, module_cls=_OneMicroBatch))
 
 
 def test_global_batches_refuse_batchnorm_another_micro_batch_on_resume_and_steps_not_from_backward(tmp_path):
@@ -690,11 +684,7 @@ def test_global_batches_refuse_batchnorm_another_micro_batch_on_resume_and_steps
             return resumable_loader(self.data, 1, seed=5, trainer=self.trainer, global_batch_size=4)
 
     def fit(cls, out, ckpt_path=None):
-        exact = ExactResume(out, seed=5, checkpoint_every=3, environment=False, global_batch_size=4)
-        trainer = pl.Trainer(max_steps=6, max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, enable_checkpointing=False, callbacks=[exact],
-                             plugins=[exact.checkpoint_io])
-        trainer.fit(cls(exact), ckpt_path=ckpt_path)
+        _tree_fit(out, 6, ckpt_path, module_cls=cls)
 
     with pytest.raises(UsageError, match=r"net\.1 keeps running statistics of the micro-batches each device sees"):
         fit(_Normed, tmp_path / "bn")
@@ -756,19 +746,10 @@ def test_a_layer_unfrozen_during_a_global_batch_run_gets_the_summed_gradient_fro
             self.optimizers().step()
             return loss
 
-    states = []
-    for frozen in (True, False):
-        exact = ExactResume(tmp_path / str(frozen), seed=5, environment=False, global_batch_size=4)
-        trainer = pl.Trainer(max_steps=4, max_epochs=-1, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                             enable_model_summary=False, enable_checkpointing=False, callbacks=[exact],
-                             plugins=[exact.checkpoint_io])
-        torch.manual_seed(0)
-        module = _Unfreeze(exact, frozen)
-        start = module.net[0].weight.detach().clone()
-        trainer.fit(module)
-        states.append({k: v.clone() for k, v in module.state_dict().items()})
-        assert not torch.equal(module.net[0].weight, start)  # it trained after step 1
-    assert _same(*states)
+    frozen, trainable = (_tree_fit(tmp_path / str(f), 4, module_cls=_Unfreeze, frozen=f) for f in (True, False))
+    torch.manual_seed(0)
+    assert not torch.equal(frozen["net.0.weight"], _TinyTree(None).net[0].weight)  # it trained after step 1
+    assert _same(frozen, trainable)
 
 
 def test_gradient_tree_strategy_without_a_global_batch_and_a_loader_planned_for_another_rank_are_refused(tmp_path):
@@ -797,11 +778,8 @@ def test_global_batches_are_refused_in_one_line_without_manual_optimization_thei
         def training_step(self, batch, batch_idx):
             return self.net(batch[0]).pow(2).mean()
 
-    exact = ExactResume(tmp_path / "auto", seed=5, environment=False, global_batch_size=4)
-    trainer = pl.Trainer(max_steps=2, accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                         enable_model_summary=False, enable_checkpointing=False, callbacks=[exact], plugins=[exact.checkpoint_io])
     with pytest.raises(UsageError, match="set automatic_optimization = False"):
-        trainer.fit(_Automatic(exact))
+        _tree_fit(tmp_path / "auto", 2, module_cls=_Automatic)
     with pytest.raises(UsageError, match=r"needs one training loader from resumable_loader\(\.\.\., global_batch_size=4\), "
                                          r"got ResumableLoader \(no global batch\)"):
         _tree_fit(tmp_path / "sharded", 2, sharded_loader=True)
